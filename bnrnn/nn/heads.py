@@ -1,0 +1,45 @@
+"""Task heads around the recurrent layer."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bnrnn.nn.lstm import BNLSTM, State
+
+
+class SequenceClassifier(nn.Module):
+    """Classify a whole sequence from the last hidden state (sequential / permuted MNIST).
+
+    forward: x (T, B, I) -> logits (B, C).
+    """
+
+    def __init__(self, rnn: BNLSTM, num_classes: int) -> None:
+        super().__init__()
+        self.rnn = rnn
+        self.classifier = nn.Linear(rnn.hidden_size, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, (h_last, _) = self.rnn(x)
+        return self.classifier(h_last)
+
+
+class CharLanguageModel(nn.Module):
+    """Next-symbol prediction (Penn Treebank characters).
+
+    forward: tokens (T, B) int64 -> logits (T, B, V) and the final state, so that a long
+    sequence can be streamed in chunks (pass the state and the chunk's time offset back in).
+    """
+
+    def __init__(self, rnn: BNLSTM, vocab_size: int, embedding_size: int | None) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        # One-hot input is an embedding whose table is the identity; a learned table of the
+        # same width is the more common choice and costs the same.
+        self.embedding = nn.Embedding(vocab_size, embedding_size or vocab_size)
+        self.rnn = rnn
+        self.decoder = nn.Linear(rnn.hidden_size, vocab_size)
+
+    def forward(self, tokens: torch.Tensor, state: State | None = None, t0: int = 0) -> tuple[torch.Tensor, State]:
+        output, state = self.rnn(self.embedding(tokens), state, t0)
+        return self.decoder(output), state

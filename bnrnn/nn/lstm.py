@@ -1,0 +1,145 @@
+"""The LSTM layer with optional recurrent batch normalisation (Cooijmans et al., eqs. 6-8).
+
+    (i~, f~, g~, o~) = BN_t(W_h h_{t-1}; gamma_h) + BN_t(W_x x_t; gamma_x) + b
+    c_t = sigmoid(f~) * c_{t-1} + sigmoid(i~) * tanh(g~)
+    h_t = sigmoid(o~) * tanh(BN_t(c_t; gamma_c, beta_c))
+
+Each of the three normalisations is a switch (``bn_x``, ``bn_h``, ``bn_c``): all off is a
+vanilla LSTM, ``bn_x`` alone is Laurent et al.'s BN-input LSTM, all on is the paper's
+BN-LSTM. The cell *update* is never normalised. The x and h terms carry no beta of their own:
+the single bias ``b`` (forget part initialised to 1) plays that role.
+
+Gate order along the 4H axis is (i, f, g, o), as in ``torch.nn.LSTM``, so weights can be
+copied between the two (``b`` equals ``bias_ih + bias_hh``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bnrnn.nn.timebn import TimeBatchNorm
+
+State = tuple[torch.Tensor, torch.Tensor]
+
+
+class BNLSTM(nn.Module):
+    """Single-layer, time-major LSTM with switchable per-time-step batch normalisation.
+
+    Args:
+        input_size: I, features per time step.
+        hidden_size: H.
+        max_steps: T_max, the number of population-statistics slots (training length).
+        bn_x, bn_h, bn_c: normalise W_x x_t, W_h h_{t-1}, c_t.
+        gamma_init: initial gamma of every normalisation (paper: 0.1).
+        momentum: EMA rate of the population statistics (paper: 0.01 MNIST, 0.05 PTB).
+        eps: added to the variance (paper: 1e-5).
+        forget_bias: initial forget-gate bias (1.0).
+        h0_noise: std of Gaussian noise added to the learned h0 in training. The first
+            ~70 pixels of every MNIST image are black, so without it every example has the
+            same state, W_h h has zero batch variance and BN's backward gain gamma/sqrt(eps)
+            compounds over those steps until the gradient overflows.
+
+    Parameters:
+        weight_ih (4H, I), weight_hh (4H, H), bias (4H,), h0 (H,), c0 (H,).
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        max_steps: int,
+        bn_x: bool = True,
+        bn_h: bool = True,
+        bn_c: bool = True,
+        gamma_init: float = 0.1,
+        momentum: float | None = 0.01,
+        eps: float = 1e-5,
+        forget_bias: float = 1.0,
+        h0_noise: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.max_steps = max_steps
+        self.forget_bias = forget_bias
+        self.h0_noise = h0_noise
+        gates = 4 * hidden_size
+        self.weight_ih = nn.Parameter(torch.empty(gates, input_size))
+        self.weight_hh = nn.Parameter(torch.empty(gates, hidden_size))
+        self.bias = nn.Parameter(torch.empty(gates))
+        self.h0 = nn.Parameter(torch.zeros(hidden_size))
+        self.c0 = nn.Parameter(torch.zeros(hidden_size))
+
+        def norm(features: int, learn_bias: bool) -> TimeBatchNorm:
+            return TimeBatchNorm(features, max_steps, gamma_init, learn_bias, momentum, eps)
+
+        self.bn_x = norm(gates, False) if bn_x else None
+        self.bn_h = norm(gates, False) if bn_h else None
+        self.bn_c = norm(hidden_size, True) if bn_c else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Orthogonal weights per gate block, zero bias except forget gate, zero h0/c0."""
+        H = self.hidden_size
+        with torch.no_grad():
+            for weight in (self.weight_ih, self.weight_hh):
+                for block in weight.split(H, dim=0):
+                    nn.init.orthogonal_(block)
+            self.bias.zero_()
+            self.bias[H : 2 * H].fill_(self.forget_bias)
+            self.h0.zero_()
+            self.c0.zero_()
+        for bn in self.norms():
+            bn.reset_parameters()
+
+    def norms(self) -> list[TimeBatchNorm]:
+        return [bn for bn in (self.bn_x, self.bn_h, self.bn_c) if bn is not None]
+
+    def extra_repr(self) -> str:
+        return f"{self.input_size}, {self.hidden_size}, max_steps={self.max_steps}"
+
+    def initial_state(self, batch_size: int) -> State:
+        """Learned (h0, c0) broadcast to the batch, each (B, H); h0 noisy in training."""
+        h0 = self.h0.expand(batch_size, -1)
+        c0 = self.c0.expand(batch_size, -1)
+        if self.training and self.h0_noise > 0:
+            h0 = h0 + self.h0_noise * torch.randn_like(h0)
+        return h0, c0
+
+    def forward(self, x: torch.Tensor, state: State | None = None, t0: int = 0) -> tuple[torch.Tensor, State]:
+        """Run the layer over a sequence.
+
+        Args:
+            x: (T, B, I) inputs, time-major.
+            state: (h, c), each (B, H), or None for the learned initial state.
+            t0: time index of x[0], for the per-step statistics when a long sequence is
+                processed in consecutive chunks with the state carried over.
+        Returns:
+            output (T, B, H) of all hidden states, and the final (h_T, c_T).
+        """
+        return self.forward_reference(x, state, t0)
+
+    def forward_reference(self, x: torch.Tensor, state: State | None = None, t0: int = 0) -> tuple[torch.Tensor, State]:
+        """The readable step-by-step implementation (the reference for faster paths)."""
+        if state is None:
+            state = self.initial_state(x.shape[1])
+        h, c = state
+        # The input projection (and its statistics) for all steps at once: one GEMM.
+        wx = torch.matmul(x, self.weight_ih.t())
+        if self.bn_x is not None:
+            wx = self.bn_x.forward_sequence(wx, t0)
+        wx = wx + self.bias
+        outputs = []
+        # unbind(0), not wx[t]: indexing a tensor that needs grad makes every step's backward
+        # allocate a full (T, B, 4H) zero gradient.
+        for step, wx_t in enumerate(wx.unbind(0)):
+            wh = torch.mm(h, self.weight_hh.t())
+            if self.bn_h is not None:
+                wh = self.bn_h(wh, t0 + step)
+            i, f, g, o = (wx_t + wh).chunk(4, dim=1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            c_out = c if self.bn_c is None else self.bn_c(c, t0 + step)
+            h = torch.sigmoid(o) * torch.tanh(c_out)
+            outputs.append(h)
+        return torch.stack(outputs), (h, c)
