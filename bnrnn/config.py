@@ -1,0 +1,171 @@
+"""The typed configuration schema and its checks.
+
+Hydra composes the YAML in conf/; :func:`typed_config` merges the result onto these
+dataclasses (so a wrong type or an unknown key fails at start-up) and :func:`validate`
+checks ranges. Both raise :class:`ConfigError` with one sentence naming the key.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from bnrnn.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    root: str = "~/.cache/bnrnn/data"
+    download: bool = True
+
+
+@dataclass
+class TaskConfig:
+    name: str = "seqmnist"
+    kind: str = "mnist"  # mnist | ptb
+    batch_size: int = 100
+    eval_batch_size: int = 1000
+    # MNIST
+    permute: bool = False
+    permutation_seed: int = 0
+    permutation_with_replacement: bool = False
+    valid_size: int = 10000
+    train_limit: Optional[int] = None
+    # PTB
+    seq_len: int = 100
+    eval_chunk: int = 100
+
+
+@dataclass
+class BNSwitches:
+    x: bool = True
+    h: bool = True
+    c: bool = True
+
+
+@dataclass
+class ModelConfig:
+    name: str = "bnlstm"
+    hidden_size: int = 100
+    bn: BNSwitches = field(default_factory=BNSwitches)
+    gamma_init: float = 0.1
+    momentum: float = 0.01
+    eps: float = 1e-5
+    forget_bias: float = 1.0
+    h0_noise: float = 0.0
+    t_max: Optional[int] = None
+    embedding_size: Optional[int] = None
+
+
+@dataclass
+class TrainerConfig:
+    optimizer: str = "rmsprop"  # rmsprop | adam | sgd
+    lr: float = 1e-3
+    momentum: float = 0.9
+    rmsprop_alpha: float = 0.99
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    clip_norm: Optional[float] = 1.0
+    max_steps: Optional[int] = None
+    max_epochs: Optional[int] = 200
+    eval_every: int = 500
+    eval_batches: Optional[int] = None
+    log_every: int = 20
+    checkpoint_every: Optional[int] = None
+    max_bad_steps: int = 5
+    resume: bool = False
+    progress: str = "auto"  # auto | on | off
+    test_at_end: bool = True
+
+
+@dataclass
+class DeviceConfig:
+    name: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 1
+    data: DataConfig = field(default_factory=DataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+
+
+def typed_config(cfg: DictConfig | dict) -> DictConfig:
+    """Merge a composed config onto the schema; ConfigError on a wrong type or unknown key."""
+    schema = OmegaConf.structured(TrainConfig)
+    try:
+        merged = OmegaConf.merge(schema, cfg)
+        OmegaConf.resolve(merged)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        reason = str(exc).splitlines()[0]
+        raise ConfigError(f"bad config value for '{key}': {reason}") from exc
+    return merged
+
+
+CHOICES = {
+    "task.kind": ("mnist", "ptb"),
+    "trainer.optimizer": ("rmsprop", "adam", "sgd"),
+    "trainer.progress": ("auto", "on", "off"),
+    "device.name": ("auto", "cpu", "cuda"),
+}
+POSITIVE = (
+    "task.batch_size", "task.eval_batch_size", "task.seq_len", "task.eval_chunk",
+    "model.hidden_size", "model.gamma_init", "model.eps", "trainer.lr",
+    "trainer.eval_every", "trainer.log_every", "trainer.max_bad_steps", "trainer.rmsprop_alpha",
+)
+POSITIVE_OR_NULL = (
+    "model.t_max", "model.embedding_size", "trainer.max_steps", "trainer.max_epochs",
+    "trainer.eval_batches", "trainer.checkpoint_every", "trainer.clip_norm", "task.train_limit",
+)
+NON_NEGATIVE = ("task.valid_size", "model.h0_noise", "trainer.weight_decay", "trainer.momentum")
+UNIT_INTERVAL = ("model.momentum",)  # (0, 1]
+
+
+def validate(cfg: DictConfig) -> None:
+    """Range checks; the first failure raises ConfigError naming the key and the rule."""
+
+    def get(key: str) -> Any:
+        return OmegaConf.select(cfg, key)
+
+    def bad(key: str, rule: str) -> None:
+        raise ConfigError(f"{key}={get(key)} is invalid: it must be {rule}")
+
+    for key, allowed in CHOICES.items():
+        if get(key) not in allowed:
+            bad(key, "one of " + ", ".join(allowed))
+    for key in POSITIVE:
+        if not get(key) > 0 or (isinstance(get(key), float) and not math.isfinite(get(key))):
+            bad(key, "a positive number")
+    for key in POSITIVE_OR_NULL:
+        if get(key) is not None and not get(key) > 0:
+            bad(key, "a positive number or null")
+    for key in NON_NEGATIVE:
+        if not get(key) >= 0:
+            bad(key, "zero or more")
+    for key in UNIT_INTERVAL:
+        if not 0 < get(key) <= 1:
+            bad(key, "in (0, 1]")
+    if not 0 < get("trainer.rmsprop_alpha") < 1:
+        bad("trainer.rmsprop_alpha", "in (0, 1)")
+    betas = get("trainer.betas")
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        bad("trainer.betas", "two numbers in [0, 1)")
+    if get("trainer.max_steps") is None and get("trainer.max_epochs") is None:
+        bad("trainer.max_steps", "set when trainer.max_epochs is null")
+    if cfg.task.kind == "mnist" and cfg.task.batch_size < 2 and (cfg.model.bn.x or cfg.model.bn.h or cfg.model.bn.c):
+        bad("task.batch_size", "at least 2 with batch norm (a batch of one has no variance)")
+
+
+def load_config(cfg: DictConfig | dict) -> DictConfig:
+    """typed_config + validate: the one entry point for a composed config."""
+    typed = typed_config(cfg)
+    validate(typed)
+    return typed

@@ -1,0 +1,1 @@
+"""Data sets and batching: MNIST pixel sequences, Penn Treebank characters."""

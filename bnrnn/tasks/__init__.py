@@ -1,0 +1,25 @@
+"""Tasks: each owns its data splits, its model head, its training loss and its evaluation.
+
+A task object offers:
+    name, selection = (metric, "max"|"min")  -- how the best checkpoint is chosen
+    train: batches with len() and iterate(epoch, seed, start)
+    build_model(model_cfg) -> nn.Module
+    train_loss(model, batch, device) -> (loss tensor, {metric: float})
+    evaluate(model, split, device, max_batches) -> {metric: float}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+
+def build_task(cfg: DictConfig, out_dir: Path):
+    if cfg.task.kind == "mnist":
+        from bnrnn.tasks.mnist import MnistTask
+
+        return MnistTask(cfg, out_dir)
+    from bnrnn.tasks.ptb import PtbTask
+
+    return PtbTask(cfg, out_dir)

@@ -1,0 +1,262 @@
+"""The training loop: ``train(cfg, out_dir) -> metrics``, called by the CLI, sweeps and tests alike."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from tqdm import tqdm
+
+from bnrnn.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from bnrnn.config import load_config
+from bnrnn.device import resolve_device
+from bnrnn.errors import BnrnnError, CheckpointError, ConfigError
+from bnrnn.runlog import RunLogger
+from bnrnn.tasks import build_task
+
+log = logging.getLogger("bnrnn")
+
+LAST, BEST = "last.pt", "best.pt"
+
+
+@dataclass
+class Progress:
+    """Counters that a checkpoint carries."""
+
+    step: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    elapsed: float = 0.0
+
+
+def build_optimizer(trainer: DictConfig, params) -> torch.optim.Optimizer:
+    if trainer.optimizer == "rmsprop":
+        return torch.optim.RMSprop(
+            params, lr=trainer.lr, alpha=trainer.rmsprop_alpha, momentum=trainer.momentum,
+            weight_decay=trainer.weight_decay,
+        )
+    if trainer.optimizer == "adam":
+        return torch.optim.Adam(params, lr=trainer.lr, betas=tuple(trainer.betas), weight_decay=trainer.weight_decay)
+    return torch.optim.SGD(params, lr=trainer.lr, momentum=trainer.momentum, weight_decay=trainer.weight_decay)
+
+
+def is_better(value: float, best: float | None, mode: str) -> bool:
+    if best is None:
+        return True
+    return value > best if mode == "max" else value < best
+
+
+def ensure_writable(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"the output folder {out_dir} is not writable ({exc.strerror})") from exc
+
+
+def gamma_summary(model: nn.Module) -> dict[str, float]:
+    """Mean gamma of each normalisation (x, h, c): watching these shows saturation coming."""
+    rnn = getattr(model, "rnn", None)
+    out = {}
+    for term in ("x", "h", "c"):
+        bn = getattr(rnn, f"bn_{term}", None)
+        if bn is not None:
+            out[f"gamma_{term}_mean"] = bn.weight.detach().abs().mean().item()
+    return out
+
+
+def buffers_snapshot(model: nn.Module) -> list[torch.Tensor]:
+    return [b.detach().clone() for b in model.buffers()]
+
+
+def restore_buffers(model: nn.Module, snapshot: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for buffer, saved in zip(model.buffers(), snapshot):
+            buffer.copy_(saved)
+
+
+def nonfinite_parameters(model: nn.Module) -> list[str]:
+    return [
+        name for name, p in model.named_parameters()
+        if p.grad is not None and not torch.isfinite(p.grad).all()
+    ]
+
+
+def progress_enabled(setting: str) -> bool:
+    if setting == "auto":
+        return sys.stderr.isatty()
+    return setting == "on"
+
+
+def train(cfg: DictConfig | dict, out_dir: str | Path) -> dict[str, Any]:
+    """Train one model on one task; write everything into ``out_dir``; return final metrics.
+
+    The metrics dict holds the step count, the best validation metric and its step, and the
+    test metrics of the best checkpoint (``test_<metric>``) when ``trainer.test_at_end``.
+    """
+    cfg = load_config(cfg)
+    out_dir = Path(out_dir)
+    ensure_writable(out_dir)
+    tcfg = cfg.trainer
+    device = resolve_device(cfg.device.name)
+    ckpt_dir = out_dir / "checkpoints"
+    if not tcfg.resume and (ckpt_dir / LAST).exists():
+        raise ConfigError(
+            f"{out_dir} already holds a run; pass trainer.resume=true to continue it, or choose "
+            f"another hydra.run.dir"
+        )
+    if tcfg.resume and not (ckpt_dir / LAST).exists():
+        raise CheckpointError(f"trainer.resume=true but {ckpt_dir / LAST} does not exist; nothing to resume")
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    task = build_task(cfg, out_dir)
+    model = task.build_model(cfg.model).to(device)
+    optimizer = build_optimizer(tcfg, model.parameters())
+    metric, mode = task.selection
+    steps_per_epoch = len(task.train)
+    max_steps = tcfg.max_steps or tcfg.max_epochs * steps_per_epoch
+    state = Progress()
+
+    if tcfg.resume:
+        state = restore(ckpt_dir / LAST, model, optimizer, device)
+        log.info("resumed %s at step %d", out_dir, state.step)
+    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+
+    logger = RunLogger(out_dir, purge_step=state.step + 1 if tcfg.resume else None, elapsed_offset=state.elapsed)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("%s / %s: %d parameters, %d steps (%d per epoch) on %s -> %s",
+             task.name, cfg.model.name, n_params, max_steps, steps_per_epoch, device, out_dir)
+
+    def checkpoint(name: str) -> None:
+        state.elapsed = logger.elapsed
+        save_checkpoint(ckpt_dir / name, {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "progress": vars(state).copy(),
+            "rng": rng_state(),
+            "config": OmegaConf.to_container(cfg),
+        })
+
+    def validate() -> dict[str, float]:
+        model.eval()
+        metrics = task.evaluate(model, "valid", device, tcfg.eval_batches)
+        model.train()
+        if is_better(metrics[metric], state.best_metric, mode):
+            state.best_metric, state.best_step = metrics[metric], state.step
+            checkpoint(BEST)
+        metrics["best_" + metric] = state.best_metric
+        logger.log("valid", state.step, metrics)
+        checkpoint(LAST)
+        logger.flush()
+        log.info("step %d: valid %s %.4f (loss %.4f), best %.4f at step %d",
+                 state.step, metric, metrics[metric], metrics["loss"], state.best_metric, state.best_step)
+        return metrics
+
+    params = [p for p in model.parameters()]
+    clip = tcfg.clip_norm if tcfg.clip_norm is not None else math.inf
+    bad_steps = 0
+    window: dict[str, float] = {}
+    window_steps = 0
+    bar = tqdm(total=max_steps, initial=state.step, disable=not progress_enabled(tcfg.progress),
+               dynamic_ncols=True, desc=f"{task.name}/{cfg.model.name}")
+    model.train()
+    try:
+        while state.step < max_steps:
+            epoch, start = divmod(state.step, steps_per_epoch)
+            for batch in task.train.iterate(epoch, cfg.seed, start):
+                snapshot = buffers_snapshot(model)
+                loss, batch_metrics = task.train_loss(model, batch, device)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+                if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+                    bad_steps += 1
+                    restore_buffers(model, snapshot)
+                    bad = nonfinite_parameters(model)
+                    log.warning("step %d: non-finite loss %s / gradient norm %s (in %s); update skipped",
+                                state.step + 1, loss.item(), grad_norm.item(), ", ".join(bad[:5]) or "-")
+                    logger.log("train", state.step + 1, {"nonfinite_step": 1, "nonfinite_params": bad})
+                    if bad_steps >= tcfg.max_bad_steps:
+                        raise BnrnnError(
+                            f"training diverged: {bad_steps} consecutive steps with a non-finite loss or "
+                            f"gradient (last at step {state.step + 1}); see {out_dir / 'metrics.jsonl'}; "
+                            f"the last good checkpoint is {ckpt_dir / LAST}"
+                        )
+                    continue
+                bad_steps = 0
+                optimizer.step()
+                state.step += 1
+                bar.update(1)
+
+                values = {"loss": loss.item(), "grad_norm": grad_norm.item()}
+                values.update({k: float(v) for k, v in batch_metrics.items()})
+                for k, v in values.items():
+                    window[k] = window.get(k, 0.0) + v
+                window_steps += 1
+                if state.step % tcfg.log_every == 0 or state.step == max_steps:
+                    averaged = {k: v / window_steps for k, v in window.items()}
+                    averaged["lr"] = optimizer.param_groups[0]["lr"]
+                    averaged["epoch"] = state.step / steps_per_epoch
+                    averaged.update(gamma_summary(model))
+                    logger.log("train", state.step, averaged)
+                    bar.set_postfix(loss=f"{averaged['loss']:.3f}")
+                    window, window_steps = {}, 0
+                if state.step % tcfg.eval_every == 0 or state.step == max_steps:
+                    validate()
+                elif tcfg.checkpoint_every and state.step % tcfg.checkpoint_every == 0:
+                    checkpoint(LAST)
+                if state.step >= max_steps:
+                    break
+        bar.close()
+        results = finish(cfg, task, model, device, ckpt_dir, state, logger)
+    finally:
+        bar.close()
+        logger.close()
+    return results
+
+
+def restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> Progress:
+    payload = load_checkpoint(path, map_location=device)
+    try:
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"{path} was written for a different model or optimiser ({first})") from exc
+    set_rng_state(payload["rng"])
+    return Progress(**payload["progress"])
+
+
+def finish(cfg, task, model, device, ckpt_dir: Path, state: Progress, logger: RunLogger) -> dict[str, Any]:
+    """Test the best checkpoint (by validation) and write results.json."""
+    metric, _ = task.selection
+    results: dict[str, Any] = {
+        "task": cfg.task.name, "model": cfg.model.name, "steps": state.step,
+        "best_step": state.best_step, f"valid_{metric}": state.best_metric,
+        "elapsed": round(logger.elapsed, 1),
+    }
+    if cfg.trainer.test_at_end and (ckpt_dir / BEST).exists():
+        model.load_state_dict(load_checkpoint(ckpt_dir / BEST, map_location=device)["model"])
+        model.eval()
+        test = task.evaluate(model, "test", device)
+        logger.log("test", state.best_step, test)
+        results.update({f"test_{k}": v for k, v in test.items()})
+        log.info("test (best checkpoint, step %s): %s %.4f", state.best_step, metric, test[metric])
+    out_dir = ckpt_dir.parent
+    tmp = out_dir / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, out_dir / "results.json")
+    return results
