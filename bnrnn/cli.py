@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -30,6 +31,30 @@ def config_dir() -> str:
     if spec is not None and spec.submodule_search_locations:
         return str(Path(next(iter(spec.submodule_search_locations))).resolve())
     return str((Path(__file__).resolve().parents[1] / "conf"))
+
+
+GROUPS = ("task", "model", "trainer", "device", "experiment")
+
+
+def group_choices(group: str) -> list[str]:
+    return sorted(p.stem for p in Path(config_dir(), group).glob("*.yaml"))
+
+
+def check_group_choices(args: list[str]) -> str | None:
+    """One sentence for the first ``group=option`` naming an option that does not exist.
+
+    Hydra would answer with its config search path; a researcher wants the valid choices.
+    Sweep lists (``model=lstm,bnlstm``) are checked option by option.
+    """
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep or key not in GROUPS or not re.fullmatch(r"[\w.,-]+", value):
+            continue
+        choices = group_choices(key)
+        for option in value.split(","):
+            if option not in choices and not (key == "experiment" and option == "null"):
+                return f"unknown {key} '{option}'; choose one of: {', '.join(choices)}"
+    return None
 
 
 def error(message: str) -> None:
@@ -71,6 +96,10 @@ class TrainApp:
 def run_train(args: list[str]) -> int:
     import hydra
 
+    problem = check_group_choices(args)
+    if problem:
+        error(problem)
+        return 2
     app = TrainApp()
     entry = hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")(app)
     sys.argv = ["bnrnn train", *args]

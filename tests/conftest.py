@@ -1,0 +1,76 @@
+"""Shared fixtures: small generated data in the real formats, the real data when present,
+and Hydra composition of the shipped configs."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+# CI checks the repository out with the project's shared/ folder beside it.
+SHARED_DATA = Path(os.environ.get("BNRNN_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def write_idx(path: Path, array: torch.Tensor) -> None:
+    """Write a uint8 tensor as a gzip'd IDX file (MNIST's format)."""
+    magic = {3: 2051, 1: 2049}[array.dim()]
+    header = struct.pack(f">{1 + array.dim()}I", magic, *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.contiguous().numpy().tobytes())
+
+
+def make_fake_mnist(root: Path, n_train: int = 96, n_test: int = 32, seed: int = 0) -> Path:
+    """root/MNIST/raw/ with the four files, random 28x28 images and labels."""
+    g = torch.Generator().manual_seed(seed)
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = torch.randint(0, 256, (n, 28, 28), generator=g, dtype=torch.uint8)
+        images[:, :3] = 0  # black leading rows, as in real MNIST
+        write_idx(raw / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte.gz", torch.randint(0, 10, (n,), generator=g, dtype=torch.uint8))
+    return root
+
+
+@pytest.fixture(scope="session")
+def fake_mnist(tmp_path_factory) -> Path:
+    return make_fake_mnist(tmp_path_factory.mktemp("fake-mnist"))
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    if not (SHARED_DATA / "MNIST" / "raw").is_dir():
+        pytest.skip(f"real data not found at {SHARED_DATA} (set BNRNN_SHARED_DATA)")
+    return SHARED_DATA
+
+
+def compose(overrides: list[str]):
+    """The config `bnrnn train <overrides>` would get (Hydra's compose API)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from bnrnn.cli import config_dir
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return hydra_compose("train", overrides=overrides)
+
+
+SMALL_MNIST = [
+    "model.hidden_size=8", "task.batch_size=16", "task.eval_batch_size=16", "task.valid_size=32",
+    "trainer.log_every=1", "trainer.eval_every=2", "trainer.progress=off",
+]
+
+
+@pytest.fixture
+def small_mnist_cfg(fake_mnist):
+    """A composed config for a tiny, fast MNIST run on the generated data."""
+
+    def make(*overrides: str):
+        return compose([f"data.root={fake_mnist}", "data.download=false", *SMALL_MNIST, *overrides])
+
+    return make
