@@ -65,3 +65,13 @@ def test_run_folder_is_named_after_task_and_model(tmp_path, fake_mnist):
     runs = list((tmp_path / "runs" / "pmnist-lstm").iterdir())
     assert len(runs) == 1 and (runs[0] / ".hydra" / "config.yaml").is_file()
     assert (runs[0] / "results.json").is_file()
+
+
+def test_multirun_sweep_lands_in_readable_folders(tmp_path, fake_mnist):
+    result = bnrnn("train", "-m", "model=lstm,bnlstm", f"data.root={fake_mnist}", "model.hidden_size=4",
+                   "task.batch_size=16", "task.valid_size=32", "trainer.max_steps=1", "trainer.test_at_end=false",
+                   cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    jobs = sorted(p.parent.name for p in (tmp_path / "runs" / "multirun").glob("*/*/results.json"))
+    assert len(jobs) == 2
+    assert any("model=lstm" in j for j in jobs) and any("model=bnlstm" in j for j in jobs)
