@@ -119,7 +119,7 @@ CHOICES = {
 POSITIVE = (
     "task.batch_size", "task.eval_batch_size", "task.seq_len", "task.eval_chunk",
     "model.hidden_size", "model.gamma_init", "model.eps", "trainer.lr",
-    "trainer.eval_every", "trainer.log_every", "trainer.max_bad_steps", "trainer.rmsprop_alpha",
+    "trainer.eval_every", "trainer.log_every", "trainer.max_bad_steps",
 )
 POSITIVE_OR_NULL = (
     "model.t_max", "model.embedding_size", "trainer.max_steps", "trainer.max_epochs",

@@ -165,7 +165,7 @@ def train(cfg: DictConfig | dict, out_dir: str | Path) -> dict[str, Any]:
                  state.step, metric, metrics[metric], metrics["loss"], state.best_metric, state.best_step)
         return metrics
 
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     clip = tcfg.clip_norm if tcfg.clip_norm is not None else math.inf
     bad_steps = 0
     window: dict[str, float] = {}
@@ -220,7 +220,6 @@ def train(cfg: DictConfig | dict, out_dir: str | Path) -> dict[str, Any]:
                     checkpoint(LAST)
                 if state.step >= max_steps:
                     break
-        bar.close()
         results = finish(cfg, task, model, device, ckpt_dir, state, logger)
     finally:
         bar.close()
