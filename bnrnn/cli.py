@@ -20,6 +20,9 @@ commands:
   train [overrides]   train a model; Hydra overrides, -m for sweeps, --help for the config
                       e.g. bnrnn train task=seqmnist model=bnlstm
                            bnrnn train -m task=pmnist model=lstm,bnlstm model.gamma_init=0.1,1.0
+  eval RUN_DIR [opts]  score a run's checkpoint; --reestimate population statistics over the
+                      training set; --lengths paper: PTB bpc against sequence length (Fig. 3b)
+                      e.g. bnrnn eval runs/ptb-bnlstm/2026-11-22_10-00-00 --reestimate --lengths paper
 """
 
 log = logging.getLogger("bnrnn")
@@ -112,15 +115,77 @@ def run_train(args: list[str]) -> int:
     return 0
 
 
+def parse_lengths(text: str) -> list[int]:
+    import argparse
+
+    from bnrnn.evaluate import PAPER_LENGTHS
+
+    if text == "paper":
+        return list(PAPER_LENGTHS)
+    try:
+        lengths = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not 'paper' or a comma-separated list of lengths") from None
+    if any(n < 1 for n in lengths):
+        raise argparse.ArgumentTypeError("sequence lengths must be positive")
+    return lengths
+
+
+def run_eval(args: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="bnrnn eval", description="Score a run's checkpoint.")
+    parser.add_argument("run_dir", help="a run folder (holding config.yaml and checkpoints/)")
+    parser.add_argument("--checkpoint", default="best", choices=("best", "last"))
+    parser.add_argument("--split", default="test", choices=("valid", "test"))
+    parser.add_argument("--reestimate", action="store_true",
+                        help="re-estimate population statistics over the training set first (weights frozen)")
+    parser.add_argument("--reestimate-batches", type=int, default=None, metavar="N",
+                        help="use only the first N training batches for --reestimate")
+    parser.add_argument("--lengths", type=parse_lengths, default=None, metavar="L1,L2,..|paper",
+                        help="PTB: bpc against sequence length with population vs batch statistics (Fig. 3b); "
+                             "'paper' = 50,100,200,...,1000")
+    parser.add_argument("--batch-size", type=int, default=None, help="sequences per batch for --lengths")
+    parser.add_argument("--data-root", default=None, help="override the run's data.root")
+    parser.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--out", default=None, help="output folder (default RUN_DIR/eval)")
+    opts = parser.parse_args(args)
+    for name in ("reestimate_batches", "batch_size"):
+        value = getattr(opts, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+
+    from bnrnn.errors import BnrnnError
+    from bnrnn.evaluate import evaluate_run
+
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    try:
+        result = evaluate_run(
+            opts.run_dir, opts.checkpoint, opts.split, opts.reestimate, opts.reestimate_batches,
+            opts.lengths, opts.batch_size, opts.data_root, opts.device, opts.out,
+        )
+    except BnrnnError as exc:
+        error(str(exc))
+        return 2
+    for key in ("ema", "reestimated"):
+        if key in result:
+            scores = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result[key].items())
+            print(f"{result['split']} ({key} statistics): {scores}")
+    return 0
+
+
+COMMANDS = {"train": run_train, "eval": run_eval}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE, end="")
         return 0
     command, args = argv[0], argv[1:]
-    if command == "train":
-        return run_train(args)
-    error(f"unknown command '{command}'; choose one of: train")
+    if command in COMMANDS:
+        return COMMANDS[command](args)
+    error(f"unknown command '{command}'; choose one of: {', '.join(COMMANDS)}")
     print(USAGE, end="", file=sys.stderr)
     return 2
 

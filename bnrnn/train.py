@@ -21,6 +21,7 @@ from bnrnn.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rn
 from bnrnn.config import load_config
 from bnrnn.device import resolve_device
 from bnrnn.errors import BnrnnError, CheckpointError, ConfigError
+from bnrnn.evaluate import reestimate
 from bnrnn.runlog import RunLogger
 from bnrnn.tasks import build_task
 
@@ -251,6 +252,10 @@ def finish(cfg, task, model, device, ckpt_dir: Path, state: Progress, logger: Ru
         model.load_state_dict(load_checkpoint(ckpt_dir / BEST, map_location=device)["model"])
         model.eval()
         test = task.evaluate(model, "test", device)
+        if cfg.trainer.reestimate_stats and reestimate(task, model, device, cfg.seed, cfg.trainer.reestimate_batches):
+            logger.log("test_ema", state.best_step, test)
+            results.update({f"test_ema_{k}": v for k, v in test.items()})
+            test = task.evaluate(model, "test", device)
         logger.log("test", state.best_step, test)
         results.update({f"test_{k}": v for k, v in test.items()})
         log.info("test (best checkpoint, step %s): %s %.4f", state.best_step, metric, test[metric])

@@ -37,6 +37,49 @@ def make_fake_mnist(root: Path, n_train: int = 96, n_test: int = 32, seed: int =
     return root
 
 
+# 48 symbols + '_' (between words) + the line end = 50, the size of the real PTB vocabulary.
+PTB_ALPHABET = list("abcdefghijklmnopqrstuvwxyz0123456789N$&'*-./<>#\\")
+
+
+def make_fake_ptb(root: Path, sizes=(4000, 600, 700), seed: int = 0) -> Path:
+    """root/ptb/ptb.char.{train,valid,test}.txt in Mikolov's layout: each line ' c c _ c c\\n'.
+
+    The training split uses every symbol of PTB_ALPHABET and '_', so valid/test never hold
+    an unknown one. Sizes are approximate symbol counts.
+    """
+    g = torch.Generator().manual_seed(seed)
+    folder = root / "ptb"
+    folder.mkdir(parents=True, exist_ok=True)
+    letters = PTB_ALPHABET
+    for split, size in zip(("train", "valid", "test"), sizes):
+        lines, count = [], 0
+        if split == "train":
+            lines.append(" " + " ".join(letters) + " _ " + " ".join(letters))
+            count += 2 * len(letters) + 2
+        while count < size:
+            words = []
+            for _ in range(int(torch.randint(1, 8, (1,), generator=g))):
+                word = torch.randint(0, len(letters), (int(torch.randint(1, 7, (1,), generator=g)),), generator=g)
+                words.append(" ".join(letters[i] for i in word.tolist()))
+            line = " " + " _ ".join(words)
+            lines.append(line)
+            count += len(line.split()) + 1
+        (folder / f"ptb.char.{split}.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def fake_ptb(tmp_path_factory) -> Path:
+    return make_fake_ptb(tmp_path_factory.mktemp("fake-ptb"))
+
+
+@pytest.fixture(scope="session")
+def real_ptb() -> Path:
+    if not (SHARED_DATA / "ptb" / "ptb.char.train.txt").is_file():
+        pytest.skip(f"real PTB not found at {SHARED_DATA}/ptb (set BNRNN_SHARED_DATA)")
+    return SHARED_DATA
+
+
 @pytest.fixture(scope="session")
 def fake_mnist(tmp_path_factory) -> Path:
     return make_fake_mnist(tmp_path_factory.mktemp("fake-mnist"))
@@ -64,6 +107,22 @@ SMALL_MNIST = [
     "model.hidden_size=8", "task.batch_size=16", "task.eval_batch_size=16", "task.valid_size=32",
     "trainer.log_every=1", "trainer.eval_every=2", "trainer.progress=off",
 ]
+
+
+SMALL_PTB = [
+    "task=ptb", "model.hidden_size=8", "task.batch_size=4", "task.eval_batch_size=3", "task.seq_len=20",
+    "task.eval_chunk=16", "trainer.log_every=1", "trainer.eval_every=2", "trainer.progress=off",
+]
+
+
+@pytest.fixture
+def small_ptb_cfg(fake_ptb):
+    """A composed config for a tiny, fast PTB run on the generated text."""
+
+    def make(*overrides: str):
+        return compose([f"data.root={fake_ptb}", "data.download=false", *SMALL_PTB, *overrides])
+
+    return make
 
 
 @pytest.fixture

@@ -31,6 +31,10 @@ class TimeBatchNorm(nn.Module):
     weights, as the authors did for their final numbers). The population variance is the
     *biased* batch variance, the quantity the normalisation itself uses.
 
+    ``batch_stats_in_eval`` (a plain attribute, off by default) makes evaluation mode use the
+    batch statistics of each step too, without touching the population: the "batch
+    statistics" arm of the paper's Fig. 3b (see :func:`bnrnn.nn.population.batch_statistics`).
+
     In training mode, steps t >= max_steps are normalised with their own batch statistics
     but do not update any population slot (slot max_steps - 1 holds step max_steps - 1's).
     """
@@ -52,6 +56,7 @@ class TimeBatchNorm(nn.Module):
         self.gamma_init = gamma_init
         self.momentum = momentum
         self.eps = eps
+        self.batch_stats_in_eval = False
         self.weight = nn.Parameter(torch.empty(num_features))
         self.bias = nn.Parameter(torch.empty(num_features)) if learn_bias else None
         self.register_buffer("running_mean", torch.zeros(max_steps, num_features))
@@ -82,6 +87,10 @@ class TimeBatchNorm(nn.Module):
         """Population slot for each of the time steps t0 .. t0+steps-1: (steps,) int64."""
         return torch.arange(t0, t0 + steps, device=device).clamp_(max=self.max_steps - 1)
 
+    @property
+    def uses_batch_stats(self) -> bool:
+        return self.training or self.batch_stats_in_eval
+
     @torch.no_grad()
     def update_running_stats(self, t0: int, mean: torch.Tensor, var: torch.Tensor) -> None:
         """Fold batch statistics of steps t0.. (each (steps, F)) into the population slots."""
@@ -103,11 +112,13 @@ class TimeBatchNorm(nn.Module):
         """Mean and variance to normalise ``x`` (T, B, F) with: each (T, 1, F).
 
         Training: batch statistics of each step (and the population update as a side effect).
-        Evaluation: population statistics, slot min(t, max_steps - 1).
+        Evaluation: population statistics, slot min(t, max_steps - 1), unless
+        ``batch_stats_in_eval``.
         """
-        if self.training:
+        if self.uses_batch_stats:
             var, mean = torch.var_mean(x, dim=1, unbiased=False)
-            self.update_running_stats(t0, mean.detach(), var.detach())
+            if self.training:
+                self.update_running_stats(t0, mean.detach(), var.detach())
         else:
             slots = self.slot_indices(t0, x.shape[0], x.device)
             mean, var = self.running_mean[slots], self.running_var[slots]

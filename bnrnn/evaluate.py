@@ -1,0 +1,148 @@
+"""Evaluating a finished (or running) run: ``bnrnn eval RUN_DIR``.
+
+Loads a run's config and checkpoint, optionally re-estimates the population statistics over
+the training set (the authors' final-number protocol), scores a split, and for PTB runs the
+length-generalisation experiment of the paper's Fig. 3b (bpc against sequence length with
+population vs batch statistics), written as a markdown table, TensorBoard scalars and, when
+matplotlib is installed, a PNG.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from bnrnn.checkpoint import load_checkpoint
+from bnrnn.config import load_config
+from bnrnn.device import resolve_device
+from bnrnn.errors import BnrnnError, CheckpointError
+from bnrnn.nn.population import reestimate_population_statistics, time_norms
+from bnrnn.tasks import build_task
+
+log = logging.getLogger("bnrnn")
+
+PAPER_LENGTHS = (50, 100, 200, 300, 400, 500, 600, 700, 800, 900, 1000)
+
+
+def reestimate(task, model: nn.Module, device: torch.device, seed: int, max_batches: int | None) -> int:
+    """Re-estimate ``model``'s population statistics over the training batches of epoch 0
+    (or the first ``max_batches``); returns the number of batches used (0: no batch norm)."""
+    if not time_norms(model):
+        return 0
+    batches = itertools.islice(task.train.iterate(0, seed), max_batches)
+    used = reestimate_population_statistics(model, batches, lambda m, b: task.train_loss(m, b, device))
+    log.info("re-estimated population statistics over %d training batches", used)
+    return used
+
+
+def lengths_table(rows: list[dict[str, float]]) -> str:
+    lines = [
+        "| sequence length | sequences | test bpc, population statistics | test bpc, batch statistics |",
+        "|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['length']} | {row['sequences']} | {row['bpc_population']:.4f} | {row['bpc_batch']:.4f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_lengths(rows: list[dict[str, float]], train_length: int, path: Path, title: str) -> bool:
+    """Fig. 3b as a PNG; False (and nothing written) when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    lengths = [r["length"] for r in rows]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(lengths, [r["bpc_population"] for r in rows], "o-", label="population statistics")
+    ax.plot(lengths, [r["bpc_batch"] for r in rows], "s--", label="batch statistics")
+    ax.axvline(train_length, color="grey", lw=0.8, ls=":", label=f"T_max = {train_length}")
+    ax.set_xlabel("sequence length")
+    ax.set_ylabel("bits per character")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    checkpoint: str = "best",
+    split: str = "test",
+    reestimate_stats: bool = False,
+    reestimate_batches: int | None = None,
+    lengths: list[int] | None = None,
+    batch_size: int | None = None,
+    data_root: str | None = None,
+    device_name: str | None = None,
+    out_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Score one run's checkpoint; write eval.json (and the Fig. 3b outputs) into ``out_dir``
+    (default RUN_DIR/eval); return what was written to eval.json."""
+    run_dir = Path(run_dir)
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise BnrnnError(f"{run_dir} is not a bnrnn run folder (no config.yaml)")
+    cfg = OmegaConf.load(config_file)
+    if data_root is not None:
+        cfg.data.root = data_root
+    if device_name is not None:
+        cfg.device.name = device_name
+    cfg = load_config(cfg)
+    if split not in ("valid", "test"):
+        raise BnrnnError(f"unknown split '{split}'; choose valid or test")
+    ckpt_path = run_dir / "checkpoints" / f"{checkpoint}.pt"
+    device = resolve_device(cfg.device.name)
+    task = build_task(cfg, run_dir)
+    if lengths and not hasattr(task, "evaluate_lengths"):
+        raise BnrnnError(f"--lengths needs a language-modelling task; {run_dir} trained on {cfg.task.name}")
+    model = task.build_model(cfg.model).to(device)
+    payload = load_checkpoint(ckpt_path, map_location=device)
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{ckpt_path} does not fit the model in {config_file}") from exc
+    model.eval()
+    out_dir = Path(out_dir) if out_dir is not None else run_dir / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    metric, _ = task.selection
+    result: dict[str, Any] = {
+        "run": str(run_dir), "checkpoint": checkpoint, "step": payload["progress"]["step"], "split": split,
+        "ema": task.evaluate(model, split, device),
+    }
+    log.info("%s, EMA population statistics: %s %.4f", split, metric, result["ema"][metric])
+    if reestimate_stats:
+        result["reestimate_batches"] = reestimate(task, model, device, cfg.seed, reestimate_batches)
+        result["reestimated"] = task.evaluate(model, split, device)
+        log.info("%s, re-estimated statistics: %s %.4f", split, metric, result["reestimated"][metric])
+    if lengths:
+        rows = task.evaluate_lengths(model, split, list(lengths), device, batch_size)
+        result["lengths"] = rows
+        table = lengths_table(rows)
+        (out_dir / "lengths.md").write_text(table)
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(str(out_dir)) as writer:
+            for row in rows:
+                writer.add_scalars("fig3b/bpc", {"population": row["bpc_population"], "batch": row["bpc_batch"]},
+                                   row["length"])
+        title = f"{cfg.task.name} {cfg.model.name}, {split} (step {result['step']})"
+        if plot_lengths(rows, task.train_length, out_dir / "lengths.png", title):
+            result["plot"] = str(out_dir / "lengths.png")
+        print(table, end="")
+    (out_dir / "eval.json").write_text(json.dumps(result, indent=2))
+    return result
