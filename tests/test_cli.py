@@ -21,7 +21,7 @@ def corrupt_root(tmp_path_factory):
 
 
 @pytest.mark.parametrize("args,expected", [
-    (["task=foo"], "unknown task 'foo'; choose one of: pmnist, seqmnist"),
+    (["task=foo"], "unknown task 'foo'; choose one of: pmnist, ptb, seqmnist"),
     (["model=bar"], "unknown model 'bar'"),
     (["-m", "model=lstm,bnlst"], "unknown model 'bnlst'"),
     (["device=tpu"], "unknown device 'tpu'"),
