@@ -59,6 +59,7 @@ class ModelConfig:
     h0_noise: float = 0.0
     t_max: Optional[int] = None
     embedding_size: Optional[int] = None
+    fused: bool = True
 
 
 @dataclass

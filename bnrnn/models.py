@@ -21,4 +21,5 @@ def build_rnn(model_cfg: DictConfig, input_size: int, train_length: int) -> BNLS
         eps=model_cfg.eps,
         forget_bias=model_cfg.forget_bias,
         h0_noise=model_cfg.h0_noise,
+        fused=model_cfg.fused,
     )

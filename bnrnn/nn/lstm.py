@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bnrnn.nn.fused import FusedLSTMRecurrence, Norms, population_recurrence, recurrence_forward
 from bnrnn.nn.timebn import TimeBatchNorm
 
 State = tuple[torch.Tensor, torch.Tensor]
@@ -39,6 +40,8 @@ class BNLSTM(nn.Module):
             ~70 pixels of every MNIST image are black, so without it every example has the
             same state, W_h h has zero batch variance and BN's backward gain gamma/sqrt(eps)
             compounds over those steps until the gradient overflows.
+        fused: use the fast path (:mod:`bnrnn.nn.fused`); False runs the readable
+            step-by-step reference. Both compute the same function.
 
     Parameters:
         weight_ih (4H, I), weight_hh (4H, H), bias (4H,), h0 (H,), c0 (H,).
@@ -57,8 +60,10 @@ class BNLSTM(nn.Module):
         eps: float = 1e-5,
         forget_bias: float = 1.0,
         h0_noise: float = 0.0,
+        fused: bool = True,
     ) -> None:
         super().__init__()
+        self.fused = fused
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.max_steps = max_steps
@@ -118,7 +123,88 @@ class BNLSTM(nn.Module):
         Returns:
             output (T, B, H) of all hidden states, and the final (h_T, c_T).
         """
+        if self.fused:
+            return self.forward_fused(x, state, t0)
         return self.forward_reference(x, state, t0)
+
+    def forward_fused(self, x: torch.Tensor, state: State | None = None, t0: int = 0) -> tuple[torch.Tensor, State]:
+        """The fast path: the recurrence as one autograd Function (batch statistics) or a
+        folded no-grad loop (population statistics). Same arguments and results as forward."""
+        if state is None:
+            state = self.initial_state(x.shape[1])
+        h0, c0 = state
+        norms = self.norms()
+        batch_stats = [bn.uses_batch_stats for bn in norms]
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or h0.requires_grad or c0.requires_grad or any(p.requires_grad for p in self.parameters())
+        )
+        if any(batch_stats) and not all(batch_stats) or (not any(batch_stats) and norms and needs_grad):
+            # Mixed statistics modes, or gradients through population statistics (rare:
+            # analysis in eval mode): the reference path covers them.
+            return self.forward_reference(x, state, t0)
+        if norms and not any(batch_stats):
+            return self.forward_folded(torch.matmul(x, self.weight_ih.t()), h0, c0, t0)
+
+        # W_x x for all steps in one GEMM; b rides along unless it is BN_x's beta.
+        T, B, _ = x.shape
+        flat = x.reshape(T * B, -1)
+        if self.bn_x is None:
+            wx = torch.addmm(self.bias, flat, self.weight_ih.t()).view(T, B, -1)
+        else:
+            wx = torch.mm(flat, self.weight_ih.t()).view(T, B, -1)
+
+        def norm_args(bn: TimeBatchNorm | None, with_beta: bool):
+            if bn is None:
+                return None, None, 0.0
+            return bn.weight, (bn.bias if with_beta else None), bn.eps
+
+        gamma_x, _, eps_x = norm_args(self.bn_x, False)
+        gamma_h, _, eps_h = norm_args(self.bn_h, False)
+        gamma_c, beta_c, eps_c = norm_args(self.bn_c, True)
+        beta_x = self.bias if self.bn_x is not None else None
+        eps = (eps_x, eps_h, eps_c)
+        if needs_grad:
+            stats: dict[str, torch.Tensor] = {}
+            hs, c_last = FusedLSTMRecurrence.apply(
+                wx, self.weight_hh, gamma_x, beta_x, gamma_h, gamma_c, beta_c, h0, c0, eps, stats)
+        else:
+            with torch.no_grad():
+                norms_ = Norms(gamma_x, beta_x, gamma_h, gamma_c, beta_c, eps)
+                hs, cs, stats = recurrence_forward(wx, self.weight_hh, norms_, h0, c0, False)
+            c_last = cs[-1]
+        # Fold this sequence's batch statistics into the population (training mode only).
+        for term, bn in (("x", self.bn_x), ("h", self.bn_h), ("c", self.bn_c)):
+            if bn is not None and bn.training:
+                mean, invstd = stats["mean_" + term], stats["invstd_" + term]
+                var = invstd.pow(-2).sub_(bn.eps).clamp_(min=0.0)  # the biased batch variance
+                bn.update_running_stats(t0, mean, var)
+        return hs, (hs[-1], c_last)
+
+    def forward_folded(self, wx: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, t0: int) -> tuple[torch.Tensor, State]:
+        """Inference with population statistics, ``wx`` = W_x x (T, B, 4H).
+
+        BN_x and BN_h are affine per step: BN_x(W_x x) = (W_x x) * s_x + m_x is W_x with its rows
+        scaled (applied to the precomputed W_x x, which is the same product); its shift, BN_h's
+        shift and b become one per-step bias; BN_h's scale s_h is applied to W_h h in the same
+        fused multiply-add that adds the input term (T_max scaled copies of W_h would cost
+        T_max times its memory for no fewer operations). BN_c stays one affine op per step.
+        """
+        steps = wx.shape[0]
+        with torch.no_grad():
+            bias = self.bias
+            if self.bn_x is not None:
+                scale, shift = self.bn_x.affine_at(t0, steps)
+                xin = torch.addcmul((shift + bias).unsqueeze(1), wx, scale.unsqueeze(1))
+            else:
+                xin = wx + bias
+            h_scale = c_scale = c_shift = None
+            if self.bn_h is not None:
+                h_scale, h_shift = self.bn_h.affine_at(t0, steps)
+                xin += h_shift.unsqueeze(1)
+            if self.bn_c is not None:
+                c_scale, c_shift = self.bn_c.affine_at(t0, steps)
+            hs, c_last = population_recurrence(xin, self.weight_hh, h_scale, c_scale, c_shift, h0, c0)
+        return hs, (hs[-1], c_last)
 
     def forward_reference(self, x: torch.Tensor, state: State | None = None, t0: int = 0) -> tuple[torch.Tensor, State]:
         """The readable step-by-step implementation (the reference for faster paths)."""

@@ -1,0 +1,271 @@
+"""The fast path of :class:`~bnrnn.nn.lstm.BNLSTM`: the recurrence as one autograd Function.
+
+At the paper's sizes (hidden 100, batch 64-100) a time step is a few dozen small ops, and
+per-op overhead (Python, dispatch, autograd bookkeeping) dominates the arithmetic. Here the
+whole recurrence is one ``torch.autograd.Function``:
+
+- forward: a no-grad loop writing into preallocated (T, B, .) buffers; each batch norm is
+  one fused ``native_batch_norm`` call (mean, biased variance, normalise, gamma, beta);
+- backward: one reverse loop with the hand-derived gradients (``native_batch_norm_backward``
+  for each norm), and the recurrent weight gradient as one GEMM over all time steps, as
+  cuDNN does, instead of one small GEMM per step.
+
+The input projection W_x x and its batch norm stay outside, in ordinary autograd ops
+vectorised over time (one op each for the whole sequence), so the Function receives
+``xin = BN_x(W_x x) + b`` of shape (T, B, 4H).
+
+Inference with population statistics uses :func:`population_recurrence`: the x and h
+normalisations are affine maps folded into the input projection, the bias and a per-step
+column scale of W_h h (applied in the same fused multiply-add that adds the input term), so
+only the normalisation of c remains a separate (one-op) affine step.
+
+The readable reference is :meth:`BNLSTM.forward_reference`; tests hold the two equal.
+"""
+
+from __future__ import annotations
+
+import torch
+
+aten = torch.ops.aten
+
+
+def split_gates(buffer: torch.Tensor, hidden: int) -> list[list[torch.Tensor]]:
+    """Per-step views of the four gate blocks of a (T, B, 4H) buffer: [i, f, g, o][t] -> (B, H).
+
+    Made once per sequence (a handful of ops) so that the time loop does no slicing.
+    """
+    T, B = buffer.shape[:2]
+    blocks = buffer.view(T, B, 4, hidden).permute(2, 0, 1, 3).unbind(0)
+    return [list(block.unbind(0)) for block in blocks]
+
+
+class Norms:
+    """The three optional normalisations as the Function sees them.
+
+    gamma_x (4H,) with beta_x = the LSTM bias b (4H,); gamma_h (4H,) without beta;
+    gamma_c, beta_c (H,). A missing gamma means that term is not normalised (and, for x,
+    that b was already added to W_x x). eps is one float per norm.
+    """
+
+    def __init__(self, gamma_x, beta_x, gamma_h, gamma_c, beta_c, eps):
+        self.gamma_x, self.beta_x, self.gamma_h, self.gamma_c, self.beta_c = gamma_x, beta_x, gamma_h, gamma_c, beta_c
+        self.eps_x, self.eps_h, self.eps_c = eps
+
+
+def recurrence_forward(wx, weight_hh, norms: Norms, h0, c0, keep_for_backward: bool):
+    """The LSTM recurrence with batch statistics for the normalised terms.
+
+    Args:
+        wx: (T, B, 4H) = W_x x of every step (plus b when x is not normalised).
+        weight_hh: (4H, H).
+        h0, c0: (B, H).
+    Returns:
+        hs (T, B, H), cs (T, B, H) (the cell states), and a dict holding the per-step
+        statistics ``mean_x, invstd_x, mean_h, invstd_h, mean_c, invstd_c`` ((T, F) each,
+        for the norms in use) and, with ``keep_for_backward``, the buffers backward needs.
+    """
+    T, B, G = wx.shape
+    H = G // 4
+    n = norms
+    w_t = weight_hh.t()
+    hs = wx.new_empty(T, B, H)
+    cs = wx.new_empty(T, B, H)
+    sig = wx.new_empty(T, B, G)  # sigmoid of every pre-activation (the g block is unused)
+    tanh_g = wx.new_empty(T, B, H)
+    tanh_c = wx.new_empty(T, B, H)
+    wh = wx.new_empty(T, B, G) if n.gamma_h is not None else None
+    stats = {}
+    for term, gamma, width in (("x", n.gamma_x, G), ("h", n.gamma_h, G), ("c", n.gamma_c, H)):
+        if gamma is not None:
+            stats["mean_" + term] = wx.new_empty(T, width)
+            stats["invstd_" + term] = wx.new_empty(T, width)
+    sig_i, sig_f, _, sig_o = split_gates(sig, H)
+    wx_t, hs_t, cs_t, sig_t = wx.unbind(0), hs.unbind(0), cs.unbind(0), sig.unbind(0)
+    tg_t, tc_t = tanh_g.unbind(0), tanh_c.unbind(0)
+    wh_t = wh.unbind(0) if wh is not None else None
+    mx, ix, mh, ih, mc, ic = (stats[k].unbind(0) if k in stats else None for k in
+                              ("mean_x", "invstd_x", "mean_h", "invstd_h", "mean_c", "invstd_c"))
+    cn = wx.new_empty(B, H) if n.gamma_c is not None else None
+    ax = wx.new_empty(B, G) if n.gamma_x is not None else None
+    h, c = h0, c0
+    for t in range(T):
+        if n.gamma_x is None:
+            ax = wx_t[t]
+        else:
+            aten.native_batch_norm.out(wx_t[t], n.gamma_x, n.beta_x, None, None, True, 0.0, n.eps_x,
+                                       out=ax, save_mean=mx[t], save_invstd=ix[t])
+        if n.gamma_h is None:
+            a = torch.addmm(ax, h, w_t, out=sig_t[t])
+        else:
+            torch.mm(h, w_t, out=wh_t[t])
+            a, _, _ = aten.native_batch_norm.out(wh_t[t], n.gamma_h, None, None, None, True, 0.0, n.eps_h,
+                                                 out=sig_t[t], save_mean=mh[t], save_invstd=ih[t])
+            a.add_(ax)
+        torch.tanh(a[:, 2 * H : 3 * H], out=tg_t[t])
+        torch.sigmoid(a, out=sig_t[t])
+        c = torch.mul(sig_f[t], c, out=cs_t[t]).addcmul_(sig_i[t], tg_t[t])
+        if n.gamma_c is None:
+            torch.tanh(c, out=tc_t[t])
+        else:
+            aten.native_batch_norm.out(c, n.gamma_c, n.beta_c, None, None, True, 0.0, n.eps_c,
+                                       out=cn, save_mean=mc[t], save_invstd=ic[t])
+            torch.tanh(cn, out=tc_t[t])
+        h = torch.mul(sig_o[t], tc_t[t], out=hs_t[t])
+    if keep_for_backward:
+        stats.update(sig=sig, tanh_g=tanh_g, tanh_c=tanh_c, wh=wh)
+    return hs, cs, stats
+
+
+class FusedLSTMRecurrence(torch.autograd.Function):
+    """(wx, W_h, gamma_x, b, gamma_h, gamma_c, beta_c, h0, c0, eps, stats) -> (hs, c_T).
+
+    hs (T, B, H) and c_T (B, H). ``stats``, a dict, receives the per-step batch statistics
+    (``mean_x``, ``invstd_x``, ...) for the caller to fold into the population.
+    """
+
+    @staticmethod
+    def forward(ctx, wx, weight_hh, gamma_x, beta_x, gamma_h, gamma_c, beta_c, h0, c0, eps, stats):
+        norms = Norms(gamma_x, beta_x, gamma_h, gamma_c, beta_c, eps)
+        hs, cs, saved = recurrence_forward(wx, weight_hh, norms, h0, c0, True)
+        stats.update({k: v for k, v in saved.items() if k.startswith(("mean_", "invstd_"))})
+        ctx.eps = eps
+        ctx.saved = saved
+        ctx.save_for_backward(wx, weight_hh, gamma_x, beta_x, gamma_h, gamma_c, beta_c, h0, c0, hs, cs)
+        return hs, cs[-1].clone()
+
+    @staticmethod
+    def backward(ctx, grad_hs, grad_c_last):
+        wx, weight_hh, gamma_x, beta_x, gamma_h, gamma_c, beta_c, h0, c0, hs, cs = ctx.saved_tensors
+        saved = ctx.saved
+        eps_x, eps_h, eps_c = ctx.eps
+        T, B, H = hs.shape
+        G = 4 * H
+        sig, tanh_g, tanh_c, wh = saved["sig"], saved["tanh_g"], saved["tanh_c"], saved["wh"]
+        sig_i, sig_f, _, sig_o = split_gates(sig, H)
+        grad_gates = torch.empty_like(sig)  # dL/d(pre-activation), (T, B, 4H)
+        d_i, d_f, d_g, d_o = split_gates(grad_gates, H)
+        dgates_t, sig_t = grad_gates.unbind(0), sig.unbind(0)
+        tg_t, tc_t, cs_t, grad_hs_t = tanh_g.unbind(0), tanh_c.unbind(0), cs.unbind(0), grad_hs.unbind(0)
+
+        # Each norm's backward writes d input, d gamma, d beta of every step into these.
+        bx = NormGrads(gamma_x, wx, T, B, G, keep_input_grad=True)
+        bh = NormGrads(gamma_h, wx, T, B, G, keep_input_grad=True)
+        bc = NormGrads(gamma_c, wx, T, B, H, keep_input_grad=False)
+        mask = [True, True, True]
+        wh_t = wh.unbind(0) if wh is not None else None
+        wx_t = wx.unbind(0)
+        grad_wh_t = bh.d_input_t if gamma_h is not None else dgates_t  # dL/d(W_h h_{t-1})
+
+        dh = grad_hs_t[T - 1]
+        dc_next = grad_c_last
+        for t in range(T - 1, -1, -1):
+            c_prev = cs_t[t - 1] if t > 0 else c0
+            # h = o * tanh(cn)
+            torch.mul(dh, tc_t[t], out=d_o[t])
+            dcn = aten.tanh_backward(dh * sig_o[t], tc_t[t])
+            if gamma_c is None:
+                dc = dcn
+            else:
+                dc, _, _ = aten.native_batch_norm_backward.out(
+                    dcn, cs_t[t], gamma_c, None, None, saved["mean_c"][t], saved["invstd_c"][t], True, eps_c, mask,
+                    out0=bc.d_input_t[t], out1=bc.d_gamma_t[t], out2=bc.d_beta_t[t])
+            dc = dc.add_(dc_next)
+            # c = f * c_prev + i * g
+            torch.mul(dc, tg_t[t], out=d_i[t])
+            torch.mul(dc, c_prev, out=d_f[t])
+            dg = dc * sig_i[t]
+            dc_next = dc * sig_f[t]
+            # Through the activations: sigmoid for the whole row (wrong for the g block), then
+            # tanh for the g block, overwriting it.
+            aten.sigmoid_backward.grad_input(dgates_t[t], sig_t[t], grad_input=dgates_t[t])
+            aten.tanh_backward.grad_input(dg, tg_t[t], grad_input=d_g[t])
+            if gamma_h is not None:
+                aten.native_batch_norm_backward.out(
+                    dgates_t[t], wh_t[t], gamma_h, None, None, saved["mean_h"][t], saved["invstd_h"][t], True, eps_h,
+                    mask, out0=bh.d_input_t[t], out1=bh.d_gamma_t[t], out2=bh.d_beta_t[t])
+            if gamma_x is not None:
+                aten.native_batch_norm_backward.out(
+                    dgates_t[t], wx_t[t], gamma_x, None, None, saved["mean_x"][t], saved["invstd_x"][t], True, eps_x,
+                    mask, out0=bx.d_input_t[t], out1=bx.d_gamma_t[t], out2=bx.d_beta_t[t])
+            if t > 0:
+                dh = torch.addmm(grad_hs_t[t - 1], grad_wh_t[t], weight_hh)
+            else:
+                dh = grad_wh_t[0] @ weight_hh
+
+        # W_h gradient as one GEMM over all steps: sum_t dwh_t^T h_{t-1}
+        grad_weight_hh = None
+        if ctx.needs_input_grad[1]:
+            grad_wh = bh.d_input if gamma_h is not None else grad_gates
+            h_prev = torch.cat([h0.unsqueeze(0), hs[:-1]])
+            grad_weight_hh = grad_wh.view(T * B, G).t() @ h_prev.view(T * B, H)
+        grad_wx = bx.d_input if gamma_x is not None else grad_gates
+        return (grad_wx, grad_weight_hh, bx.gamma_grad(), bx.beta_grad(), bh.gamma_grad(), bc.gamma_grad(),
+                bc.beta_grad(), dh, dc_next, None, None)
+
+
+class NormGrads:
+    """Buffers for one norm's per-step backward results, and their per-step views.
+
+    d_input (T, B, F) is kept whole when the caller needs it after the loop (the x and h
+    norms feed a GEMM over all steps); otherwise one (B, F) buffer is reused every step.
+    d_gamma, d_beta (T, F) are summed over time at the end. All empty for a missing norm.
+    """
+
+    def __init__(self, gamma, like: torch.Tensor, T: int, B: int, F: int, keep_input_grad: bool) -> None:
+        self.present = gamma is not None
+        if not self.present:
+            return
+        if keep_input_grad:
+            self.d_input = like.new_empty(T, B, F)
+            self.d_input_t = self.d_input.unbind(0)
+        else:
+            self.d_input_t = [like.new_empty(B, F)] * T
+        self.d_gamma = like.new_empty(T, F)
+        self.d_beta = like.new_empty(T, F)
+        self.d_gamma_t = self.d_gamma.unbind(0)
+        self.d_beta_t = self.d_beta.unbind(0)
+
+    def gamma_grad(self) -> torch.Tensor | None:
+        return self.d_gamma.sum(0) if self.present else None
+
+    def beta_grad(self) -> torch.Tensor | None:
+        return self.d_beta.sum(0) if self.present else None
+
+
+@torch.no_grad()
+def population_recurrence(xin, weight_hh, h_scale, c_scale, c_shift, h0, c0):
+    """The recurrence with every normalisation an affine map (population statistics).
+
+    Args:
+        xin: (T, B, 4H) input term, with the x normalisation, the bias and the shift of the
+            h normalisation already folded in.
+        weight_hh: (4H, H).
+        h_scale: (T, 4H) per-step column scale of W_h h (gamma_h / sqrt(var_h + eps)) or None.
+        c_scale, c_shift: (T, H) per-step affine map of c, or None.
+        h0, c0: (B, H).
+    Returns:
+        hs (T, B, H), c_T (B, H).
+    """
+    T, B, G = xin.shape
+    H = G // 4
+    w_t = weight_hh.t()
+    hs = xin.new_empty(T, B, H)
+    gates = xin.new_empty(B, G)
+    tanh_g = xin.new_empty(B, H)
+    cn = xin.new_empty(B, H)
+    i, f, g, o = gates.view(B, 4, H).unbind(1)
+    h, c = h0, c0.clone()
+    for t, (x_t, h_out) in enumerate(zip(xin.unbind(0), hs.unbind(0))):
+        if h_scale is None:
+            torch.addmm(x_t, h, w_t, out=gates)
+        else:
+            torch.addcmul(x_t, torch.mm(h, w_t), h_scale[t], out=gates)
+        torch.tanh(g, out=tanh_g)
+        gates.sigmoid_()
+        c.mul_(f).addcmul_(i, tanh_g)
+        if c_scale is None:
+            torch.tanh(c, out=cn)
+        else:
+            torch.addcmul(c_shift[t], c, c_scale[t], out=cn).tanh_()
+        h = torch.mul(o, cn, out=h_out)
+    return hs, c

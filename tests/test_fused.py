@@ -1,0 +1,192 @@
+"""The fast path (bnrnn.nn.fused) against the readable reference path of the same layer.
+
+Two layers with identical parameters and buffers, one ``fused=True`` and one ``fused=False``,
+must give the same outputs, final state, gradients (inputs, weights, gammas, betas, initial
+state) and population statistics, in every statistics mode and beyond T_max.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from bnrnn.nn import BNLSTM
+from bnrnn.nn.population import batch_statistics
+
+SWITCHES = [(True, True, True), (True, False, False), (False, True, False), (False, False, True), (False, False, False)]
+SWITCH_IDS = ["bnlstm", "bn_x", "bn_h", "bn_c", "vanilla"]
+
+
+def twin_layers(switches, dtype, randomised: bool, seed: int = 0, max_steps: int = 6, I: int = 3, H: int = 5):
+    """(fused layer, reference layer) with equal parameters and buffers."""
+    torch.manual_seed(seed)
+    fast = BNLSTM(I, H, max_steps=max_steps, bn_x=switches[0], bn_h=switches[1], bn_c=switches[2], fused=True)
+    fast = fast.to(dtype)
+    if randomised:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in fast.parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=dtype) * 0.5)
+            for bn in fast.norms():
+                bn.weight.copy_(0.5 + torch.rand(bn.weight.shape, generator=g, dtype=dtype))
+                bn.running_mean.copy_(torch.randn(bn.running_mean.shape, generator=g, dtype=dtype))
+                bn.running_var.copy_(0.5 + torch.rand(bn.running_var.shape, generator=g, dtype=dtype))
+    ref = copy.deepcopy(fast)
+    ref.fused = False
+    return fast, ref
+
+
+def run_with_grads(layer, x, state=None, t0=0):
+    """Forward, then backward of a fixed random projection of (outputs, h_T, c_T).
+
+    Returns outputs, (h_T, c_T) and a dict of every gradient by name.
+    """
+    x = x.clone().requires_grad_()
+    if state is not None:
+        state = tuple(s.clone().requires_grad_() for s in state)
+    out, (h, c) = layer(x, state, t0)
+    g = torch.Generator().manual_seed(123)
+    w_out = torch.randn(out.shape, generator=g, dtype=out.dtype)
+    w_c = torch.randn(c.shape, generator=g, dtype=c.dtype)
+    w_h = torch.randn(h.shape, generator=g, dtype=h.dtype)
+    ((out * w_out).sum() + (c * w_c).sum() + (h * w_h).sum()).backward()
+    grads = {"x": x.grad}
+    if state is not None:
+        grads["h0"], grads["c0"] = state[0].grad, state[1].grad
+    grads.update({name: p.grad for name, p in layer.named_parameters()})
+    return out, (h, c), grads
+
+
+def assert_same_buffers(fast, ref, atol):
+    for (name, a), (_, b) in zip(fast.named_buffers(), ref.named_buffers()):
+        torch.testing.assert_close(a, b, atol=atol, rtol=atol, msg=lambda m: f"buffer {name}: {m}")
+
+
+@pytest.mark.parametrize("switches", SWITCHES, ids=SWITCH_IDS)
+def test_training_float64_randomised_parameters(switches):
+    """Every parameter and statistic away from 0 and 1, T > T_max, a carried-in state."""
+    fast, ref = twin_layers(switches, torch.float64, randomised=True)
+    x = torch.randn(9, 7, 3, dtype=torch.float64)  # 9 steps, T_max 6
+    state = (torch.randn(7, 5, dtype=torch.float64), torch.randn(7, 5, dtype=torch.float64))
+    out_f, (h_f, c_f), grads_f = run_with_grads(fast.train(), x, state)
+    out_r, (h_r, c_r), grads_r = run_with_grads(ref.train(), x, state)
+    tight = dict(atol=1e-11, rtol=1e-9)
+    torch.testing.assert_close(out_f, out_r, **tight)
+    torch.testing.assert_close(h_f, h_r, **tight)
+    torch.testing.assert_close(c_f, c_r, **tight)
+    assert grads_f.keys() == grads_r.keys()
+    for name in grads_r:
+        assert (grads_f[name] is None) == (grads_r[name] is None), name
+        if grads_r[name] is not None:
+            torch.testing.assert_close(grads_f[name], grads_r[name], **tight, msg=lambda m: f"grad {name}: {m}")
+    assert_same_buffers(fast, ref, atol=1e-12)
+
+
+@pytest.mark.parametrize("switches", SWITCHES, ids=SWITCH_IDS)
+def test_training_float32_paper_initialisation(switches):
+    """The production setting: float32, the paper's initialisation, learned h0 with noise."""
+    fast, ref = twin_layers(switches, torch.float32, randomised=False, max_steps=20, I=4, H=16)
+    fast.h0_noise = ref.h0_noise = 0.1
+    x = torch.randn(30, 32, 4)  # T = 30 > T_max = 20
+    torch.manual_seed(5)
+    out_f, (h_f, c_f), grads_f = run_with_grads(fast.train(), x)
+    torch.manual_seed(5)  # the same h0 noise
+    out_r, (h_r, c_r), grads_r = run_with_grads(ref.train(), x)
+    torch.testing.assert_close(out_f, out_r, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(c_f, c_r, atol=1e-5, rtol=1e-5)
+    for name in grads_r:
+        if grads_r[name] is not None:
+            scale = grads_r[name].abs().max().clamp(min=1.0)
+            torch.testing.assert_close(grads_f[name] / scale, grads_r[name] / scale, atol=1e-5, rtol=1e-5,
+                                       msg=lambda m: f"grad {name}: {m}")
+    assert_same_buffers(fast, ref, atol=1e-6)
+    if switches != (False, False, False):
+        # Steps beyond T_max are normalised but fold into no population slot.
+        for bn in fast.norms():
+            assert bn.num_batches_tracked.tolist() == [1] * 20
+
+
+@pytest.mark.parametrize("switches", SWITCHES, ids=SWITCH_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_inference_with_population_statistics_folded(switches, dtype):
+    """No-grad evaluation folds x and h normalisation into the weights; same outputs, buffers untouched."""
+    fast, ref = twin_layers(switches, dtype, randomised=True, seed=3)
+    x = torch.randn(10, 4, 3, dtype=dtype)  # 10 steps, T_max 6: the last slot is reused
+    before = copy.deepcopy(fast.state_dict())
+    with torch.no_grad():
+        out_f, (h_f, c_f) = fast.eval()(x, None, 2)
+        out_r, (h_r, c_r) = ref.eval()(x, None, 2)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(out_f, out_r, **tol)
+    torch.testing.assert_close(c_f, c_r, **tol)
+    for k, v in fast.state_dict().items():
+        torch.testing.assert_close(v, before[k], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_eval_with_batch_statistics_mode(grad):
+    """Fig. 3b's batch-statistics arm: batch statistics in eval mode, population untouched."""
+    fast, ref = twin_layers((True, True, True), torch.float64, randomised=True, seed=4)
+    x = torch.randn(8, 6, 3, dtype=torch.float64)
+    before = copy.deepcopy(fast.state_dict())
+    with torch.set_grad_enabled(grad), batch_statistics(fast), batch_statistics(ref):
+        out_f, _ = fast.eval()(x)
+        out_r, _ = ref.eval()(x)
+        expected_train, _ = copy.deepcopy(ref).train()(x)
+    torch.testing.assert_close(out_f, out_r, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(out_f, expected_train, atol=1e-12, rtol=1e-10)
+    for k, v in fast.state_dict().items():
+        torch.testing.assert_close(v, before[k], atol=0, rtol=0)
+
+
+def test_gradients_through_population_statistics_in_eval_mode():
+    """Analysis in eval mode with autograd on (e.g. gradient flow): same gradients as the reference."""
+    fast, ref = twin_layers((True, True, True), torch.float64, randomised=True, seed=6)
+    x = torch.randn(8, 5, 3, dtype=torch.float64)
+    out_f, _, grads_f = run_with_grads(fast.eval(), x)
+    out_r, _, grads_r = run_with_grads(ref.eval(), x)
+    torch.testing.assert_close(out_f, out_r, atol=1e-12, rtol=1e-10)
+    for name in grads_r:
+        if grads_r[name] is not None:
+            torch.testing.assert_close(grads_f[name], grads_r[name], atol=1e-12, rtol=1e-10)
+
+
+def test_mixed_statistics_modes_fall_back_to_the_reference():
+    """One norm in training mode, the others in eval: still the reference's function."""
+    fast, ref = twin_layers((True, True, True), torch.float64, randomised=True, seed=7)
+    for layer in (fast, ref):
+        layer.eval()
+        layer.bn_h.train()
+    x = torch.randn(8, 5, 3, dtype=torch.float64)
+    with torch.no_grad():
+        out_f, _ = fast(x)
+        out_r, _ = ref(x)
+    torch.testing.assert_close(out_f, out_r, atol=1e-12, rtol=1e-10)
+    assert_same_buffers(fast, ref, atol=1e-12)
+
+
+def test_training_forward_without_grad_updates_population_like_the_reference():
+    """A no-grad forward in training mode (population re-estimation) skips the autograd Function."""
+    fast, ref = twin_layers((True, True, True), torch.float32, randomised=False, seed=8, max_steps=5)
+    x = torch.randn(7, 16, 3)
+    with torch.no_grad():
+        out_f, _ = fast.train()(x)
+        out_r, _ = ref.train()(x)
+    torch.testing.assert_close(out_f, out_r, atol=1e-5, rtol=1e-5)
+    assert_same_buffers(fast, ref, atol=1e-6)
+
+
+def test_fused_gradcheck_float64():
+    """The hand-derived backward against finite differences, with a carried-in state."""
+    fast, _ = twin_layers((True, True, True), torch.float64, randomised=True, seed=9, max_steps=3, I=2, H=3)
+    fast.train()
+    x = torch.randn(5, 4, 2, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    params = list(fast.parameters())
+
+    def fn(x, h0, c0, *ps):
+        out, (h, c) = fast(x, (h0, c0))
+        return out, c
+
+    assert torch.autograd.gradcheck(fn, (x, h0, c0, *params), eps=1e-6, atol=1e-6)
