@@ -1,0 +1,344 @@
+"""``bnrnn bench``: training-step and inference timings of our LSTM paths against ``torch.nn.LSTM``.
+
+Everything is measured side by side in one process: the models are timed round-robin (one
+step of each in turn, repeated), so a slower or busier machine shifts all of them alike and
+the printed *ratios* are what to compare across machines. A training step is the layer's
+forward and backward over a whole (T, B, I) batch with a fixed random projection of every
+output as the loss: the part of a step that differs between the models.
+
+Before timing, a numerics check holds the fast paths to the plain reference at the same
+shapes (outputs, every gradient, the population statistics; folded against unfolded
+inference); the command exits with status 1 when it fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import gc
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from bnrnn.nn import BNLSTM
+
+TOLERANCE = 1e-5  # max |fast - reference| / max |reference| per tensor
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A benchmark shape: T steps, input width I, hidden H, batch B; one-hot inputs for PTB."""
+
+    name: str
+    T: int
+    I: int
+    H: int
+    B: int
+    one_hot: bool = False
+
+    def inputs(self, device: torch.device, seed: int = 0) -> torch.Tensor:
+        """(T, B, I) float32: Gaussian pixels, or one-hot symbols."""
+        g = torch.Generator().manual_seed(seed)
+        if self.one_hot:
+            symbols = torch.randint(self.I, (self.T, self.B), generator=g)
+            return nn.functional.one_hot(symbols, self.I).float().to(device)
+        return torch.randn(self.T, self.B, self.I, generator=g).to(device)
+
+
+SHAPES = {
+    "seqmnist": Shape("seqmnist", T=784, I=1, H=100, B=64),
+    "ptb": Shape("ptb", T=100, I=50, H=1000, B=64, one_hot=True),
+}
+
+# name -> BNLSTM switches (x, h, c) and path; "nn.LSTM" is torch's.
+MODELS = {
+    "nn.LSTM": None,
+    "ours vanilla": ((False, False, False), True),
+    "BN-input": ((True, False, False), True),
+    "BN-LSTM": ((True, True, True), True),
+    "BN-LSTM reference": ((True, True, True), False),
+}
+
+
+def parse_shape(text: str) -> Shape:
+    """A preset name, or ``T,I,H,B`` for a custom shape."""
+    if text in SHAPES:
+        return SHAPES[text]
+    try:
+        T, I, H, B = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape '{text}' is neither {' nor '.join(SHAPES)} nor T,I,H,B") from None
+    return Shape(text, T, I, H, B)
+
+
+def build(model: str, shape: Shape, device: torch.device, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    spec = MODELS[model]
+    if spec is None:
+        return nn.LSTM(shape.I, shape.H).to(device)
+    (x, h, c), fused = spec
+    # h0_noise 0: the timed work is the same, and the numerics check needs determinism.
+    return BNLSTM(shape.I, shape.H, max_steps=shape.T, bn_x=x, bn_h=h, bn_c=c, fused=fused).to(device)
+
+
+def training_step(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, state=None) -> torch.Tensor:
+    """Forward and backward of one batch (from ``state``, or the layer's initial state);
+    returns the outputs (T, B, H)."""
+    for p in layer.parameters():
+        p.grad = None
+    out, _ = layer(x, state)
+    (out * weight).sum().backward()
+    return out
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_round_robin(steps: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int) -> dict[str, float]:
+    """Median seconds of each callable, run in turn ``repeats`` times after ``warmup`` rounds."""
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    for round_ in range(warmup + repeats):
+        for name, step in steps.items():
+            synchronize(device)
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            if round_ >= warmup:
+                samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+# -- numerics -----------------------------------------------------------------------------------
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b| (0 when both are zero)."""
+    scale = b.abs().max().item()
+    diff = (a.double() - b.double()).abs().max().item()
+    return diff / scale if scale > 0 else diff
+
+
+def compare_training(fast: BNLSTM, ref: BNLSTM, x: torch.Tensor, weight: torch.Tensor) -> dict[str, float]:
+    """Largest relative error of outputs, gradients and buffers of one training step.
+
+    Both start from the same random per-example state: the learned h0 is the same for every
+    example, so W_h h0 has zero batch variance, BN_h removes it and its true gradient is
+    exactly 0; what either path computes for it is rounding noise, with nothing to compare.
+    """
+    g = torch.Generator().manual_seed(2)
+    state = tuple(torch.randn(x.shape[1], fast.hidden_size, generator=g).to(x.device) for _ in range(2))
+    out_f = training_step(fast, x, weight, state)
+    out_r = training_step(ref, x, weight, state)
+    errors = {"output": relative_error(out_f, out_r)}
+    for (name, p_f), (_, p_r) in zip(fast.named_parameters(), ref.named_parameters()):
+        if p_r.grad is not None:
+            errors["grad " + name] = relative_error(p_f.grad, p_r.grad)
+    for (name, b_f), (_, b_r) in zip(fast.named_buffers(), ref.named_buffers()):
+        if b_r.is_floating_point():
+            errors[name] = relative_error(b_f, b_r)
+    return errors
+
+
+def numerics_check(shape: Shape, device: torch.device) -> list[tuple[str, float]]:
+    """(what, worst relative error) for each fast path against its reference at this shape."""
+    x = shape.inputs(device)
+    weight = torch.randn(shape.T, shape.B, shape.H, generator=torch.Generator().manual_seed(1)).to(device)
+    results = []
+    # Our vanilla path against torch.nn.LSTM with the same weights.
+    ours = build("ours vanilla", shape, device)
+    torch_lstm = build("nn.LSTM", shape, device)
+    with torch.no_grad():
+        torch_lstm.weight_ih_l0.copy_(ours.weight_ih)
+        torch_lstm.weight_hh_l0.copy_(ours.weight_hh)
+        torch_lstm.bias_ih_l0.copy_(ours.bias)
+        torch_lstm.bias_hh_l0.zero_()
+    out_ours = training_step(ours, x, weight)
+    out_torch = training_step(torch_lstm, x, weight)
+    worst = max(relative_error(out_ours, out_torch), relative_error(ours.weight_hh.grad, torch_lstm.weight_hh_l0.grad),
+                relative_error(ours.weight_ih.grad, torch_lstm.weight_ih_l0.grad))
+    results.append(("ours vanilla vs nn.LSTM (output, weight grads)", worst))
+    # Fast BN-LSTM / BN-input against the step-by-step reference.
+    for model in ("BN-input", "BN-LSTM"):
+        fast = build(model, shape, device).train()
+        ref = copy.deepcopy(fast)
+        ref.fused = False
+        errors = compare_training(fast, ref, x, weight)
+        results.append((f"{model} fast vs reference (output, grads, population)", max(errors.values())))
+    # Folded inference against the unfolded reference, with the population from the step above.
+    fast.eval()
+    ref.eval()
+    with torch.no_grad():
+        out_folded, _ = fast(x)
+        out_plain, _ = ref(x)
+    results.append(("BN-LSTM folded vs unfolded inference", relative_error(out_folded, out_plain)))
+    return results
+
+
+# -- memory -------------------------------------------------------------------------------------
+
+
+def peak_memory_mb(model: str, shape: Shape, device: torch.device) -> float | None:
+    """Peak memory of one training step above what was in use before it, in MB (None if
+    this system cannot say).
+
+    CUDA: the caching allocator's peak. CPU: the peak resident set (VmHWM), reset through
+    /proc/self/clear_refs just before the step (Linux).
+    """
+    layer = build(model, shape, device)
+    x = shape.inputs(device)
+    weight = torch.randn(shape.T, shape.B, shape.H).to(device)
+    training_step(layer, x, weight)  # allocator and library warm-up
+    for p in layer.parameters():
+        p.grad = None
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        training_step(layer, x, weight)
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    try:
+        release_freed_memory()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        base = proc_status_kib("VmRSS")
+        training_step(layer, x, weight)
+        return (proc_status_kib("VmHWM") - base) / 1024
+    except OSError:
+        return None
+
+
+def release_freed_memory() -> None:
+    """Make freed memory leave the resident set, so that RSS tracks live allocations.
+
+    glibc keeps freed blocks for reuse and raises its mmap threshold after large frees;
+    a fixed threshold returns every large tensor to the system on free, and malloc_trim
+    hands back the rest. A no-op where glibc is not the allocator.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    M_MMAP_THRESHOLD = -3
+    libc.mallopt(M_MMAP_THRESHOLD, 1 << 16)
+    gc.collect()
+    libc.malloc_trim(0)
+
+
+def proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+# -- the report ---------------------------------------------------------------------------------
+
+
+def bench_shape(shape: Shape, models: list[str], device: torch.device, warmup: int, repeats: int, memory: bool) -> dict:
+    x = shape.inputs(device)
+    weight = torch.randn(shape.T, shape.B, shape.H, generator=torch.Generator().manual_seed(1)).to(device)
+    layers = {name: build(name, shape, device).train() for name in models}
+    train = time_round_robin({name: (lambda l=layer: training_step(l, x, weight)) for name, layer in layers.items()},
+                             device, warmup, repeats)
+    # Inference with population statistics: folded fast path, unfolded reference, nn.LSTM.
+    infer_layers = {"nn.LSTM": layers.get("nn.LSTM") or build("nn.LSTM", shape, device)}
+    folded = build("BN-LSTM", shape, device).eval()
+    unfolded = copy.deepcopy(folded)
+    unfolded.fused = False
+    infer_layers["BN-LSTM folded"] = folded
+    infer_layers["BN-LSTM unfolded"] = unfolded
+
+    def infer(layer: nn.Module) -> None:
+        with torch.no_grad():
+            layer(x)
+
+    inference = time_round_robin({name: (lambda l=layer: infer(l)) for name, layer in infer_layers.items()},
+                                 device, warmup, repeats)
+    peaks = {name: peak_memory_mb(name, shape, device) for name in models} if memory else {}
+    return {"shape": shape.__dict__, "train_s": train, "inference_s": inference, "peak_mb": peaks}
+
+
+def format_report(results: list[dict], checks: list[tuple[str, str, float]], header: str) -> str:
+    lines = [header, ""]
+    lines += ["| shape | model | train step (ms) | / nn.LSTM | / ours vanilla | peak memory (MB) |",
+              "|---|---|---:|---:|---:|---:|"]
+    for r in results:
+        train = r["train_s"]
+        base, vanilla = train.get("nn.LSTM"), train.get("ours vanilla")
+        for name, seconds in train.items():
+            ratio = f"{seconds / base:.2f}" if base else "-"
+            ratio_v = f"{seconds / vanilla:.2f}" if vanilla else "-"
+            peak = r["peak_mb"].get(name)
+            peak_text = f"{peak:.0f}" if peak is not None else "n/a"
+            lines.append(f"| {r['shape']['name']} | {name} | {seconds * 1e3:.1f} | {ratio} | {ratio_v} | {peak_text} |")
+    lines += ["", "| shape | inference, no grad | time (ms) | / nn.LSTM | / unfolded |", "|---|---|---:|---:|---:|"]
+    for r in results:
+        inf = r["inference_s"]
+        for name, seconds in inf.items():
+            lines.append(f"| {r['shape']['name']} | {name} | {seconds * 1e3:.1f} | {seconds / inf['nn.LSTM']:.2f} | "
+                         f"{seconds / inf['BN-LSTM unfolded']:.2f} |")
+    lines += ["", f"numerics (max |fast - reference| / max |reference|, tolerance {TOLERANCE:g}):"]
+    for shape, what, err in checks:
+        lines.append(f"  {'ok  ' if err <= TOLERANCE else 'FAIL'} {shape}: {what}: {err:.2e}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bnrnn bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", dest="shapes", action="append", type=parse_shape,
+                        help="seqmnist (T=784, I=1, H=100, B=64), ptb (T=100, I=50 one-hot, H=1000, B=64) "
+                             "or T,I,H,B; repeatable (default: both presets)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed steps per model (median reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
+    parser.add_argument("--reference", action="store_true", help="also time the step-by-step reference BN-LSTM")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--json", help="also write the raw figures to this file")
+    args = parser.parse_args(argv)
+    shapes = args.shapes or list(SHAPES.values())
+    if args.repeats < 1 or args.warmup < 0:
+        parser.error("--repeats must be at least 1 and --warmup at least 0")
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda was asked for, but PyTorch sees no CUDA device")
+    models = [m for m in MODELS if args.reference or m != "BN-LSTM reference"]
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    header = (f"bnrnn bench: torch {torch.__version__}, {where}; forward + backward per training step, "
+              f"median of {args.repeats} after {args.warmup} warm-up, models timed round-robin")
+    print(header, flush=True)
+    checks = []
+    for shape in shapes:
+        for what, err in numerics_check(shape, device):
+            checks.append((shape.name, what, err))
+    results = []
+    for shape in shapes:
+        print(f"timing {shape} ...", flush=True)
+        results.append(bench_shape(shape, models, device, args.warmup, args.repeats, not args.no_memory))
+    print(format_report(results, checks, ""), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"header": header, "results": results, "numerics": checks}, f, indent=2)
+    failed = [c for c in checks if not c[2] <= TOLERANCE]
+    if failed:
+        print(f"bnrnn bench: numerics check failed for {len(failed)} comparison(s); the timings above are not valid",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
