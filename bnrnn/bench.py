@@ -245,7 +245,7 @@ def proc_status_kib(field: str) -> int:
 # -- the report ---------------------------------------------------------------------------------
 
 
-def bench_shape(shape: Shape, models: list[str], device: torch.device, warmup: int, repeats: int, memory: bool) -> dict:
+def bench_shape(shape: Shape, models: list[str], device: torch.device, warmup: int, repeats: int) -> dict:
     x = shape.inputs(device)
     weight = torch.randn(shape.T, shape.B, shape.H, generator=torch.Generator().manual_seed(1)).to(device)
     layers = {name: build(name, shape, device).train() for name in models}
@@ -265,8 +265,7 @@ def bench_shape(shape: Shape, models: list[str], device: torch.device, warmup: i
 
     inference = time_round_robin({name: (lambda l=layer: infer(l)) for name, layer in infer_layers.items()},
                                  device, warmup, repeats)
-    peaks = {name: peak_memory_mb(name, shape, device) for name in models} if memory else {}
-    return {"shape": shape.__dict__, "train_s": train, "inference_s": inference, "peak_mb": peaks}
+    return {"shape": shape.__dict__, "train_s": train, "inference_s": inference, "peak_mb": {}}
 
 
 def format_report(results: list[dict], checks: list[tuple[str, str, float]], header: str) -> str:
@@ -327,7 +326,11 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for shape in shapes:
         print(f"timing {shape} ...", flush=True)
-        results.append(bench_shape(shape, models, device, args.warmup, args.repeats, not args.no_memory))
+        results.append(bench_shape(shape, models, device, args.warmup, args.repeats))
+    if not args.no_memory:
+        # After every timing: measuring CPU memory changes the allocator's settings.
+        for shape, result in zip(shapes, results):
+            result["peak_mb"] = {name: peak_memory_mb(name, shape, device) for name in models}
     print(format_report(results, checks, ""), flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -23,6 +23,8 @@ commands:
   eval RUN_DIR [opts]  score a run's checkpoint; --reestimate population statistics over the
                       training set; --lengths paper: PTB bpc against sequence length (Fig. 3b)
                       e.g. bnrnn eval runs/ptb-bnlstm/2026-11-22_10-00-00 --reestimate --lengths paper
+  bench [opts]        time a training step of nn.LSTM, our vanilla, BN-input and BN-LSTM side by
+                      side (seqMNIST and PTB shapes), with a numerics check; --help for options
 """
 
 log = logging.getLogger("bnrnn")
@@ -174,7 +176,13 @@ def run_eval(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": run_train, "eval": run_eval}
+def run_bench(args: list[str]) -> int:
+    from bnrnn.bench import main as bench_main
+
+    return bench_main(args)
+
+
+COMMANDS = {"train": run_train, "eval": run_eval, "bench": run_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

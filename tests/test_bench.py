@@ -1,0 +1,51 @@
+"""`bnrnn bench`: it runs end to end on a tiny shape, and its numerics check can fail."""
+
+import pytest
+import torch
+
+from bnrnn import bench
+from bnrnn.nn import fused
+
+
+def test_bench_prints_every_model_and_passes_its_numerics_check(capsys, tmp_path):
+    status = bench.main(["--shape", "12,3,8,6", "--repeats", "1", "--warmup", "0", "--reference",
+                         "--json", str(tmp_path / "bench.json")])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    for model in ("nn.LSTM", "ours vanilla", "BN-input", "BN-LSTM", "BN-LSTM reference"):
+        assert f"| 12,3,8,6 | {model} |" in out
+    for row in ("BN-LSTM folded", "BN-LSTM unfolded"):
+        assert f"| 12,3,8,6 | {row} |" in out
+    assert "FAIL" not in out and out.count("  ok   12,3,8,6") == 4
+    # ratios are relative to nn.LSTM's own row
+    assert "| 12,3,8,6 | nn.LSTM |" in out and "| 1.00 |" in out
+    assert (tmp_path / "bench.json").stat().st_size > 0
+
+
+def test_bench_exits_1_when_the_fast_path_disagrees_with_the_reference(monkeypatch, capsys):
+    real_forward = fused.recurrence_forward
+
+    def off_by_a_little(*args, **kwargs):
+        hs, cs, stats = real_forward(*args, **kwargs)
+        return hs * (1 + 1e-3), cs, stats
+
+    monkeypatch.setattr(fused, "recurrence_forward", off_by_a_little)
+    status = bench.main(["--shape", "12,3,8,6", "--repeats", "1", "--warmup", "0", "--no-memory"])
+    captured = capsys.readouterr()
+    assert status == 1
+    assert "FAIL 12,3,8,6: BN-LSTM fast vs reference" in captured.out
+    assert "numerics check failed" in captured.err
+
+
+def test_cpu_peak_memory_grows_with_the_sequence_length():
+    short = bench.peak_memory_mb("BN-LSTM", bench.Shape("s", 50, 1, 64, 32), torch.device("cpu"))
+    long = bench.peak_memory_mb("BN-LSTM", bench.Shape("l", 400, 1, 64, 32), torch.device("cpu"))
+    if short is None:
+        pytest.skip("this system has no /proc/self/clear_refs to reset the peak RSS")
+    # saved activations are linear in T: ~8x, allow for allocator slack
+    assert long > 4 * short > 0
+
+
+def test_custom_shape_parsing():
+    assert bench.parse_shape("ptb") == bench.SHAPES["ptb"]
+    assert bench.parse_shape("5,2,3,4") == bench.Shape("5,2,3,4", 5, 2, 3, 4)
