@@ -90,7 +90,7 @@ class TrainApp:
         except BnrnnError as exc:
             if not multirun:
                 error(str(exc))
-                sys.exit(2)
+                sys.exit(getattr(exc, "exit_code", 2))  # 128 + signal when preempted
             self.failures += 1
             log.error("job %s failed: %s", hydra_cfg.job.num, exc)
             return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -15,13 +16,20 @@ class RunLogger:
 
     Each metrics.jsonl line is {"split", "step", "time", "elapsed", <metrics>}; ``elapsed`` is
     training wall-clock seconds, carried over a resume so curves against time stay continuous.
-    On resume, TensorBoard events past ``purge_step`` (from the interrupted run) are dropped.
+    On resume, records at or past ``purge_step`` (written by the interrupted run after its
+    last checkpoint, and about to be redone) are dropped from both, so curves stay single.
+
+    metrics.jsonl is line-buffered (each record reaches the OS as it is written, so even a
+    SIGKILL loses nothing logged); TensorBoard is flushed at every validation and at exit.
     """
 
     def __init__(self, out_dir: Path, purge_step: int | None = None, elapsed_offset: float = 0.0) -> None:
         self.out_dir = out_dir
-        self.writer = SummaryWriter(log_dir=str(out_dir), purge_step=purge_step)
-        self.jsonl = open(out_dir / "metrics.jsonl", "a", encoding="utf-8")
+        self.writer = SummaryWriter(log_dir=str(out_dir), purge_step=purge_step, flush_secs=30)
+        path = out_dir / "metrics.jsonl"
+        if purge_step is not None and path.exists():
+            drop_records_from(path, purge_step)
+        self.jsonl = open(path, "a", encoding="utf-8", buffering=1)
         self.start = time.monotonic() - elapsed_offset
 
     @property
@@ -44,3 +52,18 @@ class RunLogger:
         self.flush()
         self.writer.close()
         self.jsonl.close()
+
+
+def drop_records_from(path: Path, step: int) -> None:
+    """Rewrite metrics.jsonl without the records at ``step`` or later (and torn last lines)."""
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+        if record.get("step", 0) < step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)

@@ -20,14 +20,21 @@ from tqdm import tqdm
 from bnrnn.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from bnrnn.config import load_config
 from bnrnn.device import resolve_device
+from bnrnn.diagnostics import divergence_report
 from bnrnn.errors import BnrnnError, CheckpointError, ConfigError
 from bnrnn.evaluate import reestimate
+from bnrnn.preemption import Preempted, StopRequest
 from bnrnn.runlog import RunLogger
 from bnrnn.tasks import build_task
 
 log = logging.getLogger("bnrnn")
 
 LAST, BEST = "last.pt", "best.pt"
+DIAGNOSTICS = "diagnostics"
+
+
+class DivergedError(BnrnnError):
+    """Too many consecutive non-finite steps."""
 
 
 @dataclass
@@ -88,11 +95,24 @@ def restore_buffers(model: nn.Module, snapshot: list[torch.Tensor]) -> None:
             buffer.copy_(saved)
 
 
-def nonfinite_parameters(model: nn.Module) -> list[str]:
-    return [
-        name for name, p in model.named_parameters()
-        if p.grad is not None and not torch.isfinite(p.grad).all()
-    ]
+def report_skipped_step(model: nn.Module, loss, grad_norm, batch, step: int, attempt: int, out_dir: Path,
+                        logger: RunLogger) -> dict:
+    """Write the diagnostics of a non-finite step to diagnostics/step-N-tryK.json (K counts the
+    consecutive failed tries at step N, each on the next batch), and log a summary."""
+    report = divergence_report(model, loss, grad_norm, batch, step)
+    path = out_dir / DIAGNOSTICS / f"step-{step:08d}-try{attempt}.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+    logger.log("diverge", step, {
+        "nonfinite_step": 1, "loss": report["loss"], "grad_norm": report["grad_norm"],
+        "nonfinite_grads": report["nonfinite_grads"], "likely_cause": report["likely_cause"],
+        "diagnostics": str(path),
+    })
+    logger.flush()
+    log.warning("step %d: non-finite loss %s / gradient norm %s (in %s); update skipped; likely cause: %s; see %s",
+                step, report["loss"], report["grad_norm"], ", ".join(report["nonfinite_grads"][:5]) or "-",
+                report["likely_cause"], path)
+    return report
 
 
 def progress_enabled(setting: str) -> bool:
@@ -174,54 +194,73 @@ def train(cfg: DictConfig | dict, out_dir: str | Path) -> dict[str, Any]:
     bar = tqdm(total=max_steps, initial=state.step, disable=not progress_enabled(tcfg.progress),
                dynamic_ncols=True, desc=f"{task.name}/{cfg.model.name}")
     model.train()
-    try:
-        while state.step < max_steps:
-            epoch, start = divmod(state.step, steps_per_epoch)
-            for batch in task.train.iterate(epoch, cfg.seed, start):
-                snapshot = buffers_snapshot(model)
-                loss, batch_metrics = task.train_loss(model, batch, device)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-                if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-                    bad_steps += 1
-                    restore_buffers(model, snapshot)
-                    bad = nonfinite_parameters(model)
-                    log.warning("step %d: non-finite loss %s / gradient norm %s (in %s); update skipped",
-                                state.step + 1, loss.item(), grad_norm.item(), ", ".join(bad[:5]) or "-")
-                    logger.log("train", state.step + 1, {"nonfinite_step": 1, "nonfinite_params": bad})
-                    if bad_steps >= tcfg.max_bad_steps:
-                        raise BnrnnError(
-                            f"training diverged: {bad_steps} consecutive steps with a non-finite loss or "
-                            f"gradient (last at step {state.step + 1}); see {out_dir / 'metrics.jsonl'}; "
-                            f"the last good checkpoint is {ckpt_dir / LAST}"
-                        )
-                    continue
-                bad_steps = 0
-                optimizer.step()
-                state.step += 1
-                bar.update(1)
+    stop = StopRequest()
 
-                values = {"loss": loss.item(), "grad_norm": grad_norm.item()}
-                values.update({k: float(v) for k, v in batch_metrics.items()})
-                for k, v in values.items():
-                    window[k] = window.get(k, 0.0) + v
-                window_steps += 1
-                if state.step % tcfg.log_every == 0 or state.step == max_steps:
-                    averaged = {k: v / window_steps for k, v in window.items()}
-                    averaged["lr"] = optimizer.param_groups[0]["lr"]
-                    averaged["epoch"] = state.step / steps_per_epoch
-                    averaged.update(gamma_summary(model))
-                    logger.log("train", state.step, averaged)
-                    bar.set_postfix(loss=f"{averaged['loss']:.3f}")
-                    window, window_steps = {}, 0
-                if state.step % tcfg.eval_every == 0 or state.step == max_steps:
-                    validate()
-                elif tcfg.checkpoint_every and state.step % tcfg.checkpoint_every == 0:
-                    checkpoint(LAST)
-                if state.step >= max_steps:
-                    break
-        results = finish(cfg, task, model, device, ckpt_dir, state, logger)
+    def stop_if_requested() -> None:
+        """Between steps: on SIGTERM/SIGINT, checkpoint the completed steps and stop."""
+        if stop.requested:
+            checkpoint(LAST)
+            logger.flush()
+            raise Preempted(
+                f"stopped by {stop.name} after step {state.step}; checkpoint written to {ckpt_dir / LAST}; "
+                f"continue with the same command plus hydra.run.dir={out_dir} trainer.resume=true",
+                stop.signum,
+            )
+
+    try:
+        with stop:
+            while state.step < max_steps:
+                epoch, start = divmod(state.step, steps_per_epoch)
+                for batch in task.train.iterate(epoch, cfg.seed, start):
+                    stop_if_requested()
+                    snapshot = buffers_snapshot(model)
+                    loss, batch_metrics = task.train_loss(model, batch, device)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    # The norm first, clipping only when it is finite: clipping an inf norm would
+                    # turn every gradient into NaN and hide which parameters overflowed.
+                    grads = [p.grad for p in params if p.grad is not None]
+                    grad_norm = torch.nn.utils.get_total_norm(grads)
+                    if torch.isfinite(grad_norm):
+                        torch.nn.utils.clip_grads_with_norm_(params, clip, grad_norm)
+                    if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+                        bad_steps += 1
+                        report = report_skipped_step(model, loss, grad_norm, batch, state.step + 1, bad_steps, out_dir, logger)
+                        restore_buffers(model, snapshot)  # the population must not see this step either
+                        if bad_steps >= tcfg.max_bad_steps:
+                            raise DivergedError(
+                                f"training diverged: {bad_steps} consecutive steps with a non-finite loss or "
+                                f"gradient (last at step {state.step + 1}); likely cause: "
+                                f"{report['likely_cause']}; diagnostics in {out_dir / DIAGNOSTICS}; "
+                                f"the last good checkpoint is {ckpt_dir / LAST}"
+                            )
+                        continue
+                    bad_steps = 0
+                    optimizer.step()
+                    state.step += 1
+                    bar.update(1)
+
+                    values = {"loss": loss.item(), "grad_norm": grad_norm.item()}
+                    values.update({k: float(v) for k, v in batch_metrics.items()})
+                    for k, v in values.items():
+                        window[k] = window.get(k, 0.0) + v
+                    window_steps += 1
+                    if state.step % tcfg.log_every == 0 or state.step == max_steps:
+                        averaged = {k: v / window_steps for k, v in window.items()}
+                        averaged["lr"] = optimizer.param_groups[0]["lr"]
+                        averaged["epoch"] = state.step / steps_per_epoch
+                        averaged.update(gamma_summary(model))
+                        logger.log("train", state.step, averaged)
+                        bar.set_postfix(loss=f"{averaged['loss']:.3f}")
+                        window, window_steps = {}, 0
+                    if state.step % tcfg.eval_every == 0 or state.step == max_steps:
+                        validate()
+                    elif tcfg.checkpoint_every and state.step % tcfg.checkpoint_every == 0:
+                        checkpoint(LAST)
+                    if state.step >= max_steps:
+                        break
+                stop_if_requested()
+            results = finish(cfg, task, model, device, ckpt_dir, state, logger)
     finally:
         bar.close()
         logger.close()

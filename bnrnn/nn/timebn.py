@@ -57,6 +57,9 @@ class TimeBatchNorm(nn.Module):
         self.momentum = momentum
         self.eps = eps
         self.batch_stats_in_eval = False
+        # Smallest batch variance of the last training forward (a 0-d tensor, for the
+        # divergence diagnostics: a collapsed variance makes BN's gain gamma/sqrt(eps) huge).
+        self.last_batch_var_min: torch.Tensor | None = None
         self.weight = nn.Parameter(torch.empty(num_features))
         self.bias = nn.Parameter(torch.empty(num_features)) if learn_bias else None
         self.register_buffer("running_mean", torch.zeros(max_steps, num_features))
@@ -94,6 +97,11 @@ class TimeBatchNorm(nn.Module):
     @torch.no_grad()
     def update_running_stats(self, t0: int, mean: torch.Tensor, var: torch.Tensor) -> None:
         """Fold batch statistics of steps t0.. (each (steps, F)) into the population slots."""
+        # t0 = 0 starts a new sequence; the reference path comes here once per step.
+        batch_min = var.min()
+        if t0 > 0 and self.last_batch_var_min is not None:
+            batch_min = torch.minimum(self.last_batch_var_min, batch_min)
+        self.last_batch_var_min = batch_min
         steps = min(mean.shape[0], self.max_steps - t0)
         if steps <= 0:
             return

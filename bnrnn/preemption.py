@@ -1,0 +1,66 @@
+"""SIGTERM / SIGINT as a request to stop cleanly: finish the step, checkpoint, exit.
+
+Clusters preempt with SIGTERM (SLURM, Kubernetes) and people press Ctrl-C; killing the
+process mid-step would lose everything since the last checkpoint. Inside
+:class:`StopRequest` these signals only set a flag that the training loop checks between
+steps. A second Ctrl-C stops at once (KeyboardInterrupt), for when a step hangs.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType
+
+from bnrnn.errors import BnrnnError
+
+log = logging.getLogger("bnrnn")
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Preempted(BnrnnError):
+    """Training stopped on a signal after writing a checkpoint; exit status 128 + signal."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class StopRequest:
+    """Context manager: while active, SIGTERM and SIGINT set ``signum`` instead of killing.
+
+    Only the main thread can install signal handlers; elsewhere (a launcher's worker
+    thread) it stays inactive and the signals keep their usual effect.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else ""
+
+    def handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("%s received: finishing the current step, then writing a checkpoint "
+                    "(Ctrl-C again to stop at once)", signal.Signals(signum).name)
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in SIGNALS:
+                self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous.clear()
