@@ -128,7 +128,7 @@ POSITIVE_OR_NULL = (
     "model.t_max", "model.embedding_size", "trainer.max_steps", "trainer.max_epochs",
     "trainer.eval_batches", "trainer.checkpoint_every", "trainer.reestimate_batches", "trainer.clip_norm", "task.train_limit",
 )
-NON_NEGATIVE = ("task.valid_size", "model.h0_noise", "trainer.weight_decay", "trainer.momentum")
+NON_NEGATIVE = ("seed", "task.valid_size", "model.h0_noise", "trainer.weight_decay", "trainer.momentum")
 UNIT_INTERVAL = ("model.momentum",)  # (0, 1]
 
 
@@ -163,6 +163,8 @@ def validate(cfg: DictConfig) -> None:
         bad("trainer.betas", "two numbers in [0, 1)")
     if get("trainer.max_steps") is None and get("trainer.max_epochs") is None:
         bad("trainer.max_steps", "set when trainer.max_epochs is null")
+    if cfg.task.kind == "ptb" and cfg.task.seq_len < 2:
+        bad("task.seq_len", "at least 2 for PTB (a window of L characters gives L - 1 predictions)")
     if cfg.task.batch_size < 2 and (cfg.model.bn.x or cfg.model.bn.h or cfg.model.bn.c):
         bad("task.batch_size", "at least 2 with batch norm (a batch of one has no variance)")
 

@@ -152,7 +152,7 @@ def train(cfg: DictConfig | dict, out_dir: str | Path) -> dict[str, Any]:
     state = Progress()
 
     if tcfg.resume:
-        state = restore(ckpt_dir / LAST, model, optimizer, device)
+        state = restore(ckpt_dir / LAST, model, optimizer, device, cfg)
         log.info("resumed %s at step %d", out_dir, state.step)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
 
@@ -267,8 +267,23 @@ def train(cfg: DictConfig | dict, out_dir: str | Path) -> dict[str, Any]:
     return results
 
 
-def restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> Progress:
+# Settings a run cannot change on resume: the checkpoint would not mean the same thing.
+# (Others, e.g. trainer.max_steps or trainer.lr, may change: extending a run is common.)
+FIXED_ON_RESUME = ("task.name", "model.name", "model.hidden_size", "model.bn.x", "model.bn.h", "model.bn.c",
+                   "trainer.optimizer")
+
+
+def restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+            cfg: DictConfig) -> Progress:
     payload = load_checkpoint(path, map_location=device)
+    saved = OmegaConf.create(payload.get("config", {}))
+    changed = [
+        f"{key} {OmegaConf.select(saved, key)} -> {OmegaConf.select(cfg, key)}" for key in FIXED_ON_RESUME
+        if OmegaConf.select(saved, key) != OmegaConf.select(cfg, key)
+    ]
+    if changed:
+        raise CheckpointError(f"{path} was written for a different run ({'; '.join(changed)}); "
+                              f"resume with the original settings or start a new run folder")
     try:
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])

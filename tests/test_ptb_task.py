@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from bnrnn.errors import DataError
 from bnrnn.evaluate import evaluate_run
 from bnrnn.tasks.ptb import PtbTask
 from bnrnn.train import train
@@ -132,3 +133,12 @@ def test_eval_command_rejects_bad_input(small_ptb_cfg, tmp_path, args, message):
     result = run_cli(*args)
     assert result.returncode == 2 and message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_resume_against_a_different_vocabulary_is_refused(small_ptb_cfg, tmp_path):
+    train(small_ptb_cfg("trainer.max_steps=2"), tmp_path / "run")
+    vocab_file = tmp_path / "run" / "vocab.json"
+    symbols = json.loads(vocab_file.read_text())
+    vocab_file.write_text(json.dumps(symbols[::-1] if isinstance(symbols, list) else {"symbols": ["x", "y"]}))
+    with pytest.raises(DataError, match="vocab.json differs from the vocabulary of the training split"):
+        train(small_ptb_cfg("trainer.max_steps=4", "trainer.resume=true"), tmp_path / "run")

@@ -85,7 +85,7 @@ def test_resume_without_a_checkpoint_says_so(small_mnist_cfg, tmp_path):
 
 def test_resume_with_a_different_model_shape_is_refused(small_mnist_cfg, tmp_path):
     train(small_mnist_cfg("trainer.max_steps=1"), tmp_path)
-    with pytest.raises(CheckpointError, match="different model"):
+    with pytest.raises(CheckpointError, match=r"different run \(model.hidden_size 8 -> 9\)"):
         train(small_mnist_cfg("trainer.max_steps=2", "trainer.resume=true", "model.hidden_size=9"), tmp_path)
 
 
