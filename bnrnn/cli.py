@@ -23,6 +23,10 @@ commands:
   eval RUN_DIR [opts]  score a run's checkpoint; --reestimate population statistics over the
                       training set; --lengths paper: PTB bpc against sequence length (Fig. 3b)
                       e.g. bnrnn eval runs/ptb-bnlstm/2026-11-22_10-00-00 --reestimate --lengths paper
+  report PATH... [--out DIR]  figures (validation metric vs steps and vs wall-clock time) and a
+                      table beside the paper's numbers, from run or sweep folders
+                      e.g. bnrnn report runs/multirun --out report
+  gradflow [--out DIR]  the paper's Fig. 1: gradient norm over time at initialisation against gamma
   bench [opts]        time a training step of nn.LSTM, our vanilla, BN-input and BN-LSTM side by
                       side (seqMNIST and PTB shapes), with a numerics check; --help for options
 """
@@ -182,7 +186,36 @@ def run_bench(args: list[str]) -> int:
     return bench_main(args)
 
 
-COMMANDS = {"train": run_train, "eval": run_eval, "bench": run_bench}
+def run_report(args: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="bnrnn report", description="Figures and a table comparing runs with the paper.")
+    parser.add_argument("paths", nargs="+", type=Path, help="run folders or folders holding runs (e.g. a sweep)")
+    parser.add_argument("--out", type=Path, default=Path("report"), help="output folder (default ./report)")
+    opts = parser.parse_args(args)
+
+    from bnrnn.errors import BnrnnError
+    from bnrnn.report import make_report
+
+    try:
+        written = make_report(opts.paths, opts.out)
+    except BnrnnError as exc:
+        error(str(exc))
+        return 2
+    print(written["table"], end="")
+    for figure in written["figures"]:
+        print(f"figure: {figure}")
+    print(f"report: {opts.out / 'report.md'}")
+    return 0
+
+
+def run_gradflow(args: list[str]) -> int:
+    from bnrnn.gradflow import main as gradflow_main
+
+    return gradflow_main(args)
+
+
+COMMANDS = {"train": run_train, "eval": run_eval, "bench": run_bench, "report": run_report, "gradflow": run_gradflow}
 
 
 def main(argv: list[str] | None = None) -> int:

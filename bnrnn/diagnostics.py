@@ -110,10 +110,14 @@ def likely_cause(report: dict[str, Any]) -> str:
                 f"resume from the last good checkpoint with a lower trainer.lr")
     collapsed = collapsed_norms(report)
     loss_finite = not isinstance(report["loss"], str)
-    if collapsed and loss_finite:
-        return (f"the batch variance collapsed to ~0 in {', '.join(collapsed)}, so batch norm's gain "
+    recurrent = [name for name in collapsed if not name.endswith("bn_x")]
+    if recurrent and loss_finite:
+        return (f"the batch variance collapsed to ~0 in {', '.join(recurrent)}, so batch norm's gain "
                 f"gamma/sqrt(eps) blew up the gradient: add noise to the initial state (model.h0_noise, "
                 f"e.g. 0.1) or use a larger batch")
+    if collapsed and loss_finite:
+        return (f"the input term has zero batch variance at some steps ({', '.join(collapsed)}: identical "
+                f"inputs such as black pixels) and the gradient overflowed: lower model.gamma_init or trainer.lr")
     if not loss_finite:
         return "the forward pass overflowed (non-finite loss with finite inputs): lower trainer.lr"
     return ("the gradient overflowed with a finite loss: lower trainer.lr or set trainer.clip_norm "

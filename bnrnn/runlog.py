@@ -44,6 +44,12 @@ class RunLogger:
         record = {"split": split, "step": step, "time": now, "elapsed": round(self.elapsed, 3), **metrics}
         self.jsonl.write(json.dumps(record) + "\n")
 
+    def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
+        """One HParams-tab entry for this run: its settings against its final metrics."""
+        numeric = {f"hparam/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        if numeric:
+            self.writer.add_hparams(hparams, numeric, run_name=".")
+
     def flush(self) -> None:
         self.writer.flush()
         self.jsonl.flush()

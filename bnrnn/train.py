@@ -115,6 +115,17 @@ def report_skipped_step(model: nn.Module, loss, grad_norm, batch, step: int, att
     return report
 
 
+# The settings a sweep varies, shown in TensorBoard's HParams tab against the final metrics.
+HPARAM_KEYS = ("task.name", "model.name", "model.hidden_size", "model.gamma_init", "model.momentum", "model.h0_noise",
+               "model.bn.x", "model.bn.h", "model.bn.c", "trainer.optimizer", "trainer.lr", "trainer.clip_norm",
+               "task.batch_size", "seed")
+
+
+def hparams_of(cfg: DictConfig) -> dict[str, Any]:
+    values = {key: OmegaConf.select(cfg, key) for key in HPARAM_KEYS}
+    return {key: ("none" if value is None else value) for key, value in values.items()}
+
+
 def progress_enabled(setting: str) -> bool:
     if setting == "auto":
         return sys.stderr.isatty()
@@ -313,6 +324,7 @@ def finish(cfg, task, model, device, ckpt_dir: Path, state: Progress, logger: Ru
         logger.log("test", state.best_step, test)
         results.update({f"test_{k}": v for k, v in test.items()})
         log.info("test (best checkpoint, step %s): %s %.4f", state.best_step, metric, test[metric])
+    logger.hparams(hparams_of(cfg), {k: v for k, v in results.items() if k.startswith(("valid_", "test_"))})
     out_dir = ckpt_dir.parent
     tmp = out_dir / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=2))

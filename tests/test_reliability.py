@@ -156,7 +156,15 @@ def test_a_collapsed_batch_variance_is_named_as_the_cause():
     out.sum().backward()
     report = divergence_report(layer, torch.tensor(1.0), torch.tensor(math.inf), (x,), 7)
     assert report["norms"]["bn_x"]["batch_var_min"] < 1e-9  # 0 up to the rounding of 1/invstd^2 - eps
-    assert "batch variance collapsed" in report["likely_cause"] and "bn_x" in report["likely_cause"]
+    assert report["norms"]["bn_h"]["batch_var_min"] < 1e-9
+    assert "batch variance collapsed to ~0 in bn_h" in report["likely_cause"]
+    assert "model.h0_noise" in report["likely_cause"]
+    # With per-example initial states only the input term is collapsed: another cause.
+    layer.zero_grad()
+    out, _ = layer(x, (torch.randn(8, 4), torch.randn(8, 4)))
+    out.sum().backward()
+    report = divergence_report(layer, torch.tensor(1.0), torch.tensor(math.inf), (x,), 7)
+    assert report["likely_cause"].startswith("the input term has zero batch variance at some steps (bn_x")
 
 
 # -- checkpoints ---------------------------------------------------------------------------------

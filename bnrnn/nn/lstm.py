@@ -15,6 +15,8 @@ copied between the two (``b`` equals ``bias_ih + bias_hh``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -206,8 +208,15 @@ class BNLSTM(nn.Module):
             hs, c_last = population_recurrence(xin, self.weight_hh, h_scale, c_scale, c_shift, h0, c0)
         return hs, (hs[-1], c_last)
 
-    def forward_reference(self, x: torch.Tensor, state: State | None = None, t0: int = 0) -> tuple[torch.Tensor, State]:
-        """The readable step-by-step implementation (the reference for faster paths)."""
+    def forward_reference(
+        self, x: torch.Tensor, state: State | None = None, t0: int = 0,
+        step_hook: Callable[[int, torch.Tensor], None] | None = None,
+    ) -> tuple[torch.Tensor, State]:
+        """The readable step-by-step implementation (the reference for faster paths).
+
+        ``step_hook(t, h_t)``, if given, sees every hidden state (B, H) as a node of the
+        graph, e.g. to ``retain_grad()`` it and read the total dL/dh_t (Fig. 1).
+        """
         if state is None:
             state = self.initial_state(x.shape[1])
         h, c = state
@@ -227,5 +236,7 @@ class BNLSTM(nn.Module):
             c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
             c_out = c if self.bn_c is None else self.bn_c(c, t0 + step)
             h = torch.sigmoid(o) * torch.tanh(c_out)
+            if step_hook is not None:
+                step_hook(t0 + step, h)
             outputs.append(h)
         return torch.stack(outputs), (h, c)
