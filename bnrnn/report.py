@@ -30,7 +30,8 @@ PAPER = {
 }
 METRIC = {"seqmnist": ("accuracy", "max"), "pmnist": ("accuracy", "max"), "ptb": ("bpc", "min")}
 # Settings that never distinguish runs in a legend (paths, bookkeeping).
-IGNORED_KEYS = ("data.", "trainer.resume", "trainer.progress", "device.", "trainer.eval_batches", "model.fused")
+IGNORED_KEYS = ("data.", "trainer.resume", "trainer.progress", "device.", "trainer.eval_batches", "model.fused",
+                "trainer.test_at_end", "trainer.log_every", "trainer.checkpoint_every", "trainer.max_bad_steps")
 
 
 @dataclass
@@ -192,7 +193,7 @@ def plot_task(task: str, runs: list[Run], path: Path) -> bool:
     curves = [(run, c) for run, c in curves if c]
     if not curves:
         return False
-    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(12, 4.5 + 0.25 * len(curves)))
     for run, curve in curves:
         steps, seconds, values = zip(*curve)
         scale = 100 if metric == "accuracy" else 1
@@ -205,9 +206,11 @@ def plot_task(task: str, runs: list[Run], path: Path) -> bool:
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    by_step.legend(fontsize="small")
+    handles, labels = by_step.get_legend_handles_labels()
+    rows = math.ceil(len(labels) / 2)
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize="small", frameon=False)
     fig.suptitle(f"{task}: validation {metric} (solid: batch-normalised, dashed: plain LSTM)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05 + 0.045 * rows, 1, 1))  # room for the legend below the panels
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True

@@ -66,18 +66,21 @@ class RecurrentProduct:
             self.packed_w_t = torch.ops.mkldnn._reorder_linear_weight(weight.detach().t().contiguous(), batch)
 
     def forward(self, h: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
-        if self.packed:
-            if add is None:
-                return torch.ops.mkldnn._linear_pointwise(h, self.packed_w, None, "none", [], "")
-            return torch.ops.mkldnn._linear_pointwise.binary(h, add, self.packed_w, None, "add")
-        return torch.mm(h, self.weight_t) if add is None else torch.addmm(add, h, self.weight_t)
+        """[add +] h W^T: (B, H) -> (B, 4H)."""
+        return self.product(h, add, self.packed_w if self.packed else None, self.weight_t)
 
     def backward(self, g: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
-        if self.packed:
+        """[add +] g W: (B, 4H) -> (B, H)."""
+        return self.product(g, add, self.packed_w_t if self.packed else None, self.weight)
+
+    @staticmethod
+    def product(a: torch.Tensor, add: torch.Tensor | None, packed: torch.Tensor | None, dense: torch.Tensor) -> torch.Tensor:
+        """[add +] a @ dense, through the packed oneDNN weight when there is one."""
+        if packed is not None:
             if add is None:
-                return torch.ops.mkldnn._linear_pointwise(g, self.packed_w_t, None, "none", [], "")
-            return torch.ops.mkldnn._linear_pointwise.binary(g, add, self.packed_w_t, None, "add")
-        return torch.mm(g, self.weight) if add is None else torch.addmm(add, g, self.weight)
+                return torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+            return torch.ops.mkldnn._linear_pointwise.binary(a, add, packed, None, "add")
+        return torch.mm(a, dense) if add is None else torch.addmm(add, a, dense)
 
 
 class Norms:
