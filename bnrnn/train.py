@@ -126,6 +126,15 @@ def hparams_of(cfg: DictConfig) -> dict[str, Any]:
     return {key: ("none" if value is None else value) for key, value in values.items()}
 
 
+def requeued() -> bool:
+    """True in a SLURM job that the scheduler restarted (preempted and requeued, e.g. by the
+    submitit launcher): the same command then continues its run instead of refusing it."""
+    try:
+        return int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0
+    except ValueError:
+        return False
+
+
 def progress_enabled(setting: str) -> bool:
     if setting == "auto":
         return sys.stderr.isatty()
@@ -144,12 +153,16 @@ def train(cfg: DictConfig | dict, out_dir: str | Path) -> dict[str, Any]:
     tcfg = cfg.trainer
     device = resolve_device(cfg.device.name)
     ckpt_dir = out_dir / "checkpoints"
-    if not tcfg.resume and (ckpt_dir / LAST).exists():
+    resume = tcfg.resume or (requeued() and (ckpt_dir / LAST).exists())
+    if resume and not tcfg.resume:
+        log.info("requeued by the scheduler (SLURM_RESTART_COUNT=%s): resuming from %s",
+                 os.environ.get("SLURM_RESTART_COUNT"), ckpt_dir / LAST)
+    if not resume and (ckpt_dir / LAST).exists():
         raise ConfigError(
             f"{out_dir} already holds a run; pass trainer.resume=true to continue it, or choose "
             f"another hydra.run.dir"
         )
-    if tcfg.resume and not (ckpt_dir / LAST).exists():
+    if resume and not (ckpt_dir / LAST).exists():
         raise CheckpointError(f"trainer.resume=true but {ckpt_dir / LAST} does not exist; nothing to resume")
 
     torch.manual_seed(cfg.seed)
@@ -162,12 +175,12 @@ def train(cfg: DictConfig | dict, out_dir: str | Path) -> dict[str, Any]:
     max_steps = tcfg.max_steps or tcfg.max_epochs * steps_per_epoch
     state = Progress()
 
-    if tcfg.resume:
+    if resume:
         state = restore(ckpt_dir / LAST, model, optimizer, device, cfg)
         log.info("resumed %s at step %d", out_dir, state.step)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
 
-    logger = RunLogger(out_dir, purge_step=state.step + 1 if tcfg.resume else None, elapsed_offset=state.elapsed)
+    logger = RunLogger(out_dir, purge_step=state.step + 1 if resume else None, elapsed_offset=state.elapsed)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("%s / %s: %d parameters, %d steps (%d per epoch) on %s -> %s",
              task.name, cfg.model.name, n_params, max_steps, steps_per_epoch, device, out_dir)

@@ -218,3 +218,15 @@ def test_a_crash_leaves_the_logs_of_every_completed_step(small_mnist_cfg, tmp_pa
         train(small_mnist_cfg("trainer.max_steps=50"), tmp_path / "run")
     assert [r["step"] for r in records(tmp_path / "run", "train")] == [1, 2, 3, 4, 5]
     assert [r["step"] for r in records(tmp_path / "run", "valid")] == [2, 4]
+
+
+def test_a_requeued_slurm_job_resumes_its_own_run(small_mnist_cfg, tmp_path, monkeypatch):
+    """SLURM (and submitit's requeue on preemption) restarts the same command in the same folder."""
+    run = tmp_path / "run"
+    train(small_mnist_cfg("trainer.max_steps=2"), run)
+    with pytest.raises(Exception, match="already holds a run"):  # a plain re-run is refused ...
+        train(small_mnist_cfg("trainer.max_steps=4"), run)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # ... a requeued one continues
+    results = train(small_mnist_cfg("trainer.max_steps=4"), run)
+    assert results["steps"] == 4
+    assert [r["step"] for r in records(run, "train")] == [1, 2, 3, 4]
