@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", dest="shapes", action="append", type=parse_shape,
                         help="seqmnist (T=784, I=1, H=100, B=64), ptb (T=100, I=50 one-hot, H=1000, B=64) "
                              "or T,I,H,B; repeatable (default: both presets)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default auto")
     parser.add_argument("--repeats", type=int, default=7, help="timed steps per model (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
     parser.add_argument("--reference", action="store_true", help="also time the step-by-step reference BN-LSTM")
