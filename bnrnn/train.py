@@ -95,6 +95,20 @@ def restore_buffers(model: nn.Module, snapshot: list[torch.Tensor]) -> None:
             buffer.copy_(saved)
 
 
+def total_gradient_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """L2 norm of all gradients together; non-finite only if a gradient is.
+
+    An exploding (but finite) gradient, e.g. 1e35 after 784 steps of a vanilla LSTM, has a
+    squared norm beyond float32's range: measured in float32 the norm would be inf and the
+    step would be skipped although clipping can rescue it. Such norms are measured again in
+    float64.
+    """
+    norm = torch.nn.utils.get_total_norm(grads)
+    if not torch.isfinite(norm) and all(torch.isfinite(g).all() for g in grads):
+        norm = torch.nn.utils.get_total_norm([g.double() for g in grads])
+    return norm
+
+
 def report_skipped_step(model: nn.Module, loss, grad_norm, batch, step: int, attempt: int, out_dir: Path,
                         logger: RunLogger) -> dict:
     """Write the diagnostics of a non-finite step to diagnostics/step-N-tryK.json (K counts the
@@ -243,8 +257,7 @@ def train(cfg: DictConfig | dict, out_dir: str | Path) -> dict[str, Any]:
                     loss.backward()
                     # The norm first, clipping only when it is finite: clipping an inf norm would
                     # turn every gradient into NaN and hide which parameters overflowed.
-                    grads = [p.grad for p in params if p.grad is not None]
-                    grad_norm = torch.nn.utils.get_total_norm(grads)
+                    grad_norm = total_gradient_norm([p.grad for p in params if p.grad is not None])
                     if torch.isfinite(grad_norm):
                         torch.nn.utils.clip_grads_with_norm_(params, clip, grad_norm)
                     if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):

@@ -230,3 +230,32 @@ def test_a_requeued_slurm_job_resumes_its_own_run(small_mnist_cfg, tmp_path, mon
     results = train(small_mnist_cfg("trainer.max_steps=4"), run)
     assert results["steps"] == 4
     assert [r["step"] for r in records(run, "train")] == [1, 2, 3, 4]
+
+
+def test_a_huge_but_finite_gradient_is_clipped_not_skipped(small_mnist_cfg, tmp_path, monkeypatch):
+    """A gradient of 1e30 has a float32 squared norm of inf; it is still a direction to clip to."""
+    calls = {"n": 0}
+
+    def inflate_weight_hh(model):
+        def hook(grad):
+            calls["n"] += 1
+            return grad * 1e30 if calls["n"] == 2 else grad
+
+        model.rnn.weight_hh.register_hook(hook)
+
+    tamper(monkeypatch, on_model=inflate_weight_hh)
+    results = train(small_mnist_cfg("model=lstm", "trainer.max_steps=3", "trainer.test_at_end=false"), tmp_path / "run")
+    assert results["steps"] == 3
+    assert records(tmp_path / "run", "diverge") == []
+    norms = [r["grad_norm"] for r in records(tmp_path / "run", "train")]
+    assert 1e25 < norms[1] < 1e35 and norms[0] < 1e3 and norms[2] < 1e3
+    weights = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["model"]
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+
+
+def test_total_gradient_norm_survives_float32_overflow():
+    from bnrnn.train import total_gradient_norm
+
+    grads = [torch.full((4,), 1e30), torch.ones(3)]
+    assert total_gradient_norm(grads).item() == pytest.approx(2e30, rel=1e-6)
+    assert not torch.isfinite(total_gradient_norm([torch.tensor([math.inf]), torch.ones(2)]))
