@@ -21,6 +21,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from bnrnn.errors import BnrnnError
+from bnrnn.tasks import task_class
 
 # Test numbers of Cooijmans et al. (2017), Table 1 / section 5 (see PAPER.md).
 PAPER = {
@@ -28,7 +29,6 @@ PAPER = {
     ("pmnist", "lstm"): 0.902, ("pmnist", "bnlstm"): 0.954,
     ("ptb", "lstm"): 1.38, ("ptb", "bnlstm"): 1.32,
 }
-METRIC = {"seqmnist": ("accuracy", "max"), "pmnist": ("accuracy", "max"), "ptb": ("bpc", "min")}
 # Settings that never distinguish runs in a legend (paths, bookkeeping).
 IGNORED_KEYS = ("data.", "trainer.resume", "trainer.progress", "device.", "trainer.eval_batches", "model.fused",
                 "trainer.test_at_end", "trainer.log_every", "trainer.checkpoint_every", "trainer.max_bad_steps")
@@ -48,6 +48,11 @@ class Run:
     @property
     def task(self) -> str:
         return str(self.config.get("task", {}).get("name", "?"))
+
+    @property
+    def selection(self) -> tuple[str, str]:
+        """(metric, "max" | "min"): the task's own model-selection rule."""
+        return task_class(str(self.config.get("task", {}).get("kind", "mnist"))).selection
 
     @property
     def model(self) -> str:
@@ -127,7 +132,7 @@ def assign_labels(runs: list[Run]) -> None:
 
 
 def best_validation(run: Run) -> tuple[float | None, int | None]:
-    metric, mode = METRIC.get(run.task, ("accuracy", "max"))
+    metric, mode = run.selection
     curve = run.curve("valid", metric)
     if not curve:
         return None, None
@@ -137,7 +142,7 @@ def best_validation(run: Run) -> tuple[float | None, int | None]:
 
 
 def test_value(run: Run) -> float | None:
-    metric, _ = METRIC.get(run.task, ("accuracy", "max"))
+    metric, _ = run.selection
     value = run.results.get(f"test_{metric}")
     if value is None:
         tests = run.curve("test", metric)
@@ -145,17 +150,17 @@ def test_value(run: Run) -> float | None:
     return value
 
 
-def format_metric(task: str, value: float | None) -> str:
+def format_metric(metric: str, value: float | None) -> str:
     if value is None:
         return "-"
-    return f"{100 * value:.2f} %" if METRIC.get(task, ("accuracy",))[0] == "accuracy" else f"{value:.3f}"
+    return f"{100 * value:.2f} %" if metric == "accuracy" else f"{value:.3f}"
 
 
-def format_delta(task: str, ours: float | None, paper: float | None) -> str:
+def format_delta(metric: str, ours: float | None, paper: float | None) -> str:
     if ours is None or paper is None:
         return "-"
     delta = ours - paper
-    return f"{100 * delta:+.2f} pt" if METRIC.get(task, ("accuracy",))[0] == "accuracy" else f"{delta:+.3f}"
+    return f"{100 * delta:+.2f} pt" if metric == "accuracy" else f"{delta:+.3f}"
 
 
 def markdown_table(runs: list[Run]) -> str:
@@ -175,9 +180,10 @@ def markdown_table(runs: list[Run]) -> str:
             status = "partial (no results.json: running or stopped)"
         if run.torn_lines:
             status += f"; {run.torn_lines} torn log line(s) skipped"
-        best_text = f"{format_metric(run.task, best)} ({best_step})" if best is not None else "-"
-        lines.append(f"| {run.task} | {run.label} | {steps} | {best_text} | {format_metric(run.task, test)} | "
-                     f"{format_metric(run.task, paper)} | {format_delta(run.task, test, paper)} | {status} |")
+        metric = run.selection[0]
+        best_text = f"{format_metric(metric, best)} ({best_step})" if best is not None else "-"
+        lines.append(f"| {run.task} | {run.label} | {steps} | {best_text} | {format_metric(metric, test)} | "
+                     f"{format_metric(metric, paper)} | {format_delta(metric, test, paper)} | {status} |")
     return "\n".join(lines) + "\n"
 
 
@@ -188,7 +194,7 @@ def plot_task(task: str, runs: list[Run], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metric, _ = METRIC.get(task, ("accuracy", "max"))
+    metric, _ = runs[0].selection
     curves = [(run, run.curve("valid", metric)) for run in runs]
     curves = [(run, c) for run, c in curves if c]
     if not curves:

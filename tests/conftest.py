@@ -73,11 +73,16 @@ def fake_ptb(tmp_path_factory) -> Path:
     return make_fake_ptb(tmp_path_factory.mktemp("fake-ptb"))
 
 
+def shared_data_with(relative: str, what: str) -> Path:
+    """SHARED_DATA if it holds ``relative``, else skip the test (CI always has it)."""
+    if not (SHARED_DATA / relative).exists():
+        pytest.skip(f"{what} not found at {SHARED_DATA / relative} (set BNRNN_SHARED_DATA)")
+    return SHARED_DATA
+
+
 @pytest.fixture(scope="session")
 def real_ptb() -> Path:
-    if not (SHARED_DATA / "ptb" / "ptb.char.train.txt").is_file():
-        pytest.skip(f"real PTB not found at {SHARED_DATA}/ptb (set BNRNN_SHARED_DATA)")
-    return SHARED_DATA
+    return shared_data_with("ptb/ptb.char.train.txt", "real PTB")
 
 
 @pytest.fixture(scope="session")
@@ -87,9 +92,18 @@ def fake_mnist(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def real_data() -> Path:
-    if not (SHARED_DATA / "MNIST" / "raw").is_dir():
-        pytest.skip(f"real data not found at {SHARED_DATA} (set BNRNN_SHARED_DATA)")
-    return SHARED_DATA
+    return shared_data_with("MNIST/raw", "real MNIST")
+
+
+def assert_same_final_weights(run_a: Path, run_b: Path) -> None:
+    """Two runs' last checkpoints hold bit-identical model state (weights and population statistics)."""
+    from bnrnn.checkpoint import load_checkpoint
+
+    a = load_checkpoint(run_a / "checkpoints" / "last.pt")["model"]
+    b = load_checkpoint(run_b / "checkpoints" / "last.pt")["model"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
 
 
 def compose(overrides: list[str]):

@@ -13,6 +13,7 @@ from bnrnn.errors import DataError
 from bnrnn.evaluate import evaluate_run
 from bnrnn.tasks.ptb import PtbTask
 from bnrnn.train import train
+from conftest import assert_same_final_weights
 
 MODELS = ["lstm", "bnlstm_input", "bnlstm"]
 
@@ -88,10 +89,7 @@ def test_a_resumed_ptb_run_matches_an_uninterrupted_one(small_ptb_cfg, tmp_path)
     train(small_ptb_cfg(*overrides, "trainer.max_steps=52"), tmp_path / "straight")
     train(small_ptb_cfg(*overrides, "trainer.max_steps=25"), tmp_path / "resumed")
     train(small_ptb_cfg(*overrides, "trainer.max_steps=52", "trainer.resume=true"), tmp_path / "resumed")
-    a = torch.load(tmp_path / "straight/checkpoints/last.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "resumed/checkpoints/last.pt", weights_only=True)["model"]
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    assert_same_final_weights(tmp_path / "straight", tmp_path / "resumed")
 
 
 def test_eval_reestimates_and_sweeps_lengths(small_ptb_cfg, tmp_path):

@@ -13,6 +13,7 @@ import bnrnn.train as train_module
 from bnrnn.checkpoint import load_checkpoint, save_checkpoint
 from bnrnn.errors import CheckpointError
 from bnrnn.train import DivergedError, train
+from conftest import assert_same_final_weights
 
 
 class TamperedBatches:
@@ -100,10 +101,7 @@ def test_a_nan_batch_is_skipped_like_a_missing_batch(small_mnist_cfg, tmp_path, 
     tamper(monkeypatch, change=drop_but_draw)
     train(small_mnist_cfg(*common), tmp_path / "dropped")
     assert draws
-    nan_state = load_checkpoint(tmp_path / "nan" / "checkpoints" / "last.pt")["model"]
-    dropped_state = load_checkpoint(tmp_path / "dropped" / "checkpoints" / "last.pt")["model"]
-    for key in nan_state:
-        assert torch.equal(nan_state[key], dropped_state[key]), key
+    assert_same_final_weights(tmp_path / "nan", tmp_path / "dropped")
 
 
 def test_persistent_nan_input_stops_the_run_naming_the_cause(small_mnist_cfg, tmp_path, monkeypatch):

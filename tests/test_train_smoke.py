@@ -7,6 +7,7 @@ import torch
 
 from bnrnn.errors import CheckpointError, ConfigError, DataError
 from bnrnn.train import train
+from conftest import assert_same_final_weights
 
 MNIST_TASKS = ["seqmnist", "pmnist"]
 MODELS = ["lstm", "bnlstm_input", "bnlstm"]
@@ -63,11 +64,7 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(small_mnist_cfg
     train(small_mnist_cfg(*overrides, "trainer.max_steps=5"), tmp_path / "straight")
     train(small_mnist_cfg(*overrides, "trainer.max_steps=2"), tmp_path / "resumed")
     train(small_mnist_cfg(*overrides, "trainer.max_steps=5", "trainer.resume=true"), tmp_path / "resumed")
-    a = torch.load(tmp_path / "straight/checkpoints/last.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "resumed/checkpoints/last.pt", weights_only=True)["model"]
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    assert_same_final_weights(tmp_path / "straight", tmp_path / "resumed")
 
 
 def test_an_existing_run_is_not_overwritten_without_resume(small_mnist_cfg, tmp_path):

@@ -155,16 +155,11 @@ class BNLSTM(nn.Module):
         else:
             wx = torch.mm(flat, self.weight_ih.t()).view(T, B, -1)
 
-        def norm_args(bn: TimeBatchNorm | None, with_beta: bool):
-            if bn is None:
-                return None, None, 0.0
-            return bn.weight, (bn.bias if with_beta else None), bn.eps
-
-        gamma_x, _, eps_x = norm_args(self.bn_x, False)
-        gamma_h, _, eps_h = norm_args(self.bn_h, False)
-        gamma_c, beta_c, eps_c = norm_args(self.bn_c, True)
-        beta_x = self.bias if self.bn_x is not None else None
-        eps = (eps_x, eps_h, eps_c)
+        all_norms = (self.bn_x, self.bn_h, self.bn_c)
+        gamma_x, gamma_h, gamma_c = (bn.weight if bn is not None else None for bn in all_norms)
+        eps = tuple(bn.eps if bn is not None else 0.0 for bn in all_norms)
+        beta_x = self.bias if self.bn_x is not None else None  # b is BN_x's beta
+        beta_c = self.bn_c.bias if self.bn_c is not None else None
         if needs_grad:
             stats: dict[str, torch.Tensor] = {}
             hs, c_last = FusedLSTMRecurrence.apply(

@@ -15,11 +15,16 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 
-def build_task(cfg: DictConfig, out_dir: Path):
-    if cfg.task.kind == "mnist":
+def task_class(kind: str) -> type:
+    """The task class for ``task.kind`` (mnist | ptb); its ``selection`` names the metric."""
+    if kind == "mnist":
         from bnrnn.tasks.mnist import MnistTask
 
-        return MnistTask(cfg, out_dir)
+        return MnistTask
     from bnrnn.tasks.ptb import PtbTask
 
-    return PtbTask(cfg, out_dir)
+    return PtbTask
+
+
+def build_task(cfg: DictConfig, out_dir: Path):
+    return task_class(cfg.task.kind)(cfg, out_dir)
