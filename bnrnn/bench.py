@@ -57,13 +57,22 @@ SHAPES = {
     "ptb": Shape("ptb", T=100, I=50, H=1000, B=64, one_hot=True),
 }
 
-# name -> BNLSTM switches (x, h, c) and path; "nn.LSTM" is torch's.
+# name -> BNLSTM keyword arguments; "nn.LSTM" is torch's (cuDNN on a GPU).
+VANILLA = dict(bn_x=False, bn_h=False, bn_c=False)
+BN_INPUT = dict(bn_x=True, bn_h=False, bn_c=False)
 MODELS = {
     "nn.LSTM": None,
-    "ours vanilla": ((False, False, False), True),
-    "BN-input": ((True, False, False), True),
-    "BN-LSTM": ((True, True, True), True),
-    "BN-LSTM reference": ((True, True, True), False),
+    "ours vanilla": VANILLA,
+    "BN-input": BN_INPUT,
+    "BN-LSTM": {},
+    "BN-LSTM reference": dict(fused=False),
+}
+# On a GPU, also the fast path's parts: the Triton kernels launched step by step (no CUDA
+# graphs), and the CPU fast path's ATen loop.
+GPU_VARIANTS = {
+    "ours vanilla, no graphs": dict(VANILLA, cuda_graphs=False),
+    "BN-LSTM, no graphs": dict(cuda_graphs=False),
+    "BN-LSTM, ATen loop": dict(gpu_kernels=False),
 }
 
 
@@ -80,12 +89,11 @@ def parse_shape(text: str) -> Shape:
 
 def build(model: str, shape: Shape, device: torch.device, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    spec = MODELS[model]
-    if spec is None:
+    options = {**MODELS, **GPU_VARIANTS}[model]
+    if options is None:
         return nn.LSTM(shape.I, shape.H).to(device)
-    (x, h, c), fused = spec
     # h0_noise 0: the timed work is the same, and the numerics check needs determinism.
-    return BNLSTM(shape.I, shape.H, max_steps=shape.T, bn_x=x, bn_h=h, bn_c=c, fused=fused).to(device)
+    return BNLSTM(shape.I, shape.H, max_steps=shape.T, **options).to(device)
 
 
 def training_step(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, state=None) -> torch.Tensor:
@@ -162,7 +170,9 @@ def numerics_check(shape: Shape, device: torch.device) -> list[tuple[str, float]
         torch_lstm.bias_ih_l0.copy_(ours.bias)
         torch_lstm.bias_hh_l0.zero_()
     out_ours = training_step(ours, x, weight)
-    out_torch = training_step(torch_lstm, x, weight)
+    # cuDNN's LSTM runs its products in TF32 by default (1e-4 relative error): compare in full float32.
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        out_torch = training_step(torch_lstm, x, weight)
     worst = max(relative_error(out_ours, out_torch), relative_error(ours.weight_hh.grad, torch_lstm.weight_hh_l0.grad),
                 relative_error(ours.weight_ih.grad, torch_lstm.weight_ih_l0.grad))
     results.append(("ours vanilla vs nn.LSTM (output, weight grads)", worst))
@@ -315,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda was asked for, but PyTorch sees no CUDA device")
     models = [m for m in MODELS if args.reference or m != "BN-LSTM reference"]
+    if device.type == "cuda":
+        models += list(GPU_VARIANTS)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     header = (f"bnrnn bench: torch {torch.__version__}, {where}; forward + backward per training step, "
               f"median of {args.repeats} after {args.warmup} warm-up, models timed round-robin")

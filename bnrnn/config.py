@@ -60,6 +60,8 @@ class ModelConfig:
     t_max: Optional[int] = None
     embedding_size: Optional[int] = None
     fused: bool = True
+    gpu_kernels: bool = True
+    cuda_graphs: bool = True
 
 
 @dataclass

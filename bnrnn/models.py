@@ -22,4 +22,6 @@ def build_rnn(model_cfg: DictConfig, input_size: int, train_length: int) -> BNLS
         forget_bias=model_cfg.forget_bias,
         h0_noise=model_cfg.h0_noise,
         fused=model_cfg.fused,
+        gpu_kernels=model_cfg.gpu_kernels,
+        cuda_graphs=model_cfg.cuda_graphs,
     )

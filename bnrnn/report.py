@@ -31,6 +31,7 @@ PAPER = {
 }
 # Settings that never distinguish runs in a legend (paths, bookkeeping).
 IGNORED_KEYS = ("data.", "trainer.resume", "trainer.progress", "device.", "trainer.eval_batches", "model.fused",
+                "model.gpu_kernels", "model.cuda_graphs",
                 "trainer.test_at_end", "trainer.log_every", "trainer.checkpoint_every", "trainer.max_bad_steps")
 
 

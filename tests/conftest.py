@@ -11,6 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    # The GPU path's Triton kernels then run in Triton's CPU interpreter (tests/test_triton_path.py).
+    # It must be chosen before triton is first imported: triton.jit reads it when decorating.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 # CI checks the repository out with the project's shared/ folder beside it.
 SHARED_DATA = Path(os.environ.get("BNRNN_SHARED_DATA", REPO.parent / "shared" / "data"))

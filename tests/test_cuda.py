@@ -40,3 +40,55 @@ def test_cuda_bench_runs_and_passes_its_numerics_check(capsys):
 
     assert bench.main(["--device", "cuda", "--shape", "50,3,64,32", "--repeats", "2", "--warmup", "1"]) == 0
     assert "| 50,3,64,32 | BN-LSTM |" in capsys.readouterr().out
+
+
+def train_step(layer, x, state, weight):
+    for p in layer.parameters():
+        p.grad = None
+    out, (h, c) = layer(x, state)
+    ((out * weight).sum() + c.sum()).backward()
+    return out, c, {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+
+
+def test_cuda_graph_replays_equal_step_by_step_launches():
+    """Graphs captured once, replayed with new weights and inputs: the same numbers as the
+    kernels launched step by step (same kernels, so equal to rounding)."""
+    from bnrnn.nn import gpu_recurrence
+
+    torch.manual_seed(1)
+    graphed = BNLSTM(3, 48, max_steps=30).cuda().train()
+    eager = copy.deepcopy(graphed)
+    eager.cuda_graphs = False
+    gpu_recurrence._graphs.clear()
+    for step in range(3):
+        x = torch.randn(40, 64, 3, device="cuda")
+        state = (torch.randn(64, 48, device="cuda"), torch.randn(64, 48, device="cuda"))
+        weight = torch.randn(40, 64, 48, device="cuda")
+        out_g, c_g, grads_g = train_step(graphed, x, state, weight)
+        out_e, c_e, grads_e = train_step(eager, x, state, weight)
+        torch.testing.assert_close(out_g, out_e, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(c_g, c_e, atol=1e-6, rtol=1e-6)
+        for name, grad in grads_e.items():
+            torch.testing.assert_close(grads_g[name], grad, atol=1e-6, rtol=1e-6, msg=lambda m: f"{name}: {m}")
+        with torch.no_grad():  # different weights for the next replay
+            for a, b in zip(graphed.parameters(), eager.parameters()):
+                a.add_(0.01 * torch.randn_like(a))
+                b.copy_(a)
+    assert len(gpu_recurrence._graphs) == 1
+
+
+def test_interleaved_sequences_of_one_shape_keep_their_own_saved_results():
+    """Two forwards of the same shape before either backward (e.g. two chunks, or a second
+    model): the second replay overwrites the graph's buffers, the first backward restores its own."""
+    torch.manual_seed(2)
+    graphed = BNLSTM(3, 32, max_steps=20).cuda().train()
+    eager = copy.deepcopy(graphed)
+    eager.cuda_graphs = False
+    xs = [torch.randn(20, 16, 3, device="cuda") for _ in range(2)]
+    results = []
+    for layer in (graphed, eager):
+        outs = [layer(x)[0] for x in xs]
+        (outs[0].square().sum() + 2 * outs[1].sum()).backward()
+        results.append({n: p.grad for n, p in layer.named_parameters()})
+    for name, grad in results[1].items():
+        torch.testing.assert_close(results[0][name], grad, atol=1e-6, rtol=1e-6, msg=lambda m: f"{name}: {m}")

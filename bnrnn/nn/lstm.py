@@ -20,7 +20,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from bnrnn.nn import triton_lstm
 from bnrnn.nn.fused import FusedLSTMRecurrence, Norms, population_recurrence, recurrence_forward
+from bnrnn.nn.gpu_recurrence import TritonLSTMRecurrence
 from bnrnn.nn.timebn import TimeBatchNorm
 
 State = tuple[torch.Tensor, torch.Tensor]
@@ -42,8 +44,13 @@ class BNLSTM(nn.Module):
             ~70 pixels of every MNIST image are black, so without it every example has the
             same state, W_h h has zero batch variance and BN's backward gain gamma/sqrt(eps)
             compounds over those steps until the gradient overflows.
-        fused: use the fast path (:mod:`bnrnn.nn.fused`); False runs the readable
+        fused: use the fast path (:mod:`bnrnn.nn.fused` on CPU, the Triton kernels of
+            :mod:`bnrnn.nn.triton_lstm` on a CUDA GPU); False runs the readable
             step-by-step reference. Both compute the same function.
+        gpu_kernels: on a CUDA GPU, the fast path runs on the Triton kernels; False keeps
+            the ATen loop of :mod:`bnrnn.nn.fused` there too (for comparison).
+        cuda_graphs: on the GPU fast path, replay each training sequence shape as captured
+            CUDA graphs (:mod:`bnrnn.nn.gpu_recurrence`) instead of launching every step.
 
     Parameters:
         weight_ih (4H, I), weight_hh (4H, H), bias (4H,), h0 (H,), c0 (H,).
@@ -63,9 +70,13 @@ class BNLSTM(nn.Module):
         forget_bias: float = 1.0,
         h0_noise: float = 0.0,
         fused: bool = True,
+        gpu_kernels: bool = True,
+        cuda_graphs: bool = True,
     ) -> None:
         super().__init__()
         self.fused = fused
+        self.gpu_kernels = gpu_kernels
+        self.cuda_graphs = cuda_graphs
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.max_steps = max_steps
@@ -147,6 +158,9 @@ class BNLSTM(nn.Module):
         if norms and not any(batch_stats):
             return self.forward_folded(torch.matmul(x, self.weight_ih.t()), h0, c0, t0)
 
+        if self.gpu_kernels and triton_lstm.available(x):
+            return self.forward_triton(x, h0, c0, t0, needs_grad)
+
         # W_x x for all steps in one GEMM; b rides along unless it is BN_x's beta.
         T, B, _ = x.shape
         flat = x.reshape(T * B, -1)
@@ -169,13 +183,44 @@ class BNLSTM(nn.Module):
                 norms_ = Norms(gamma_x, beta_x, gamma_h, gamma_c, beta_c, eps)
                 hs, cs, stats = recurrence_forward(wx, self.weight_hh, norms_, h0, c0, False)
             c_last = cs[-1]
-        # Fold this sequence's batch statistics into the population (training mode only).
-        for term, bn in (("x", self.bn_x), ("h", self.bn_h), ("c", self.bn_c)):
+        self.fold_into_population(stats, t0, ("x", self.bn_x), ("h", self.bn_h), ("c", self.bn_c))
+        return hs, (hs[-1], c_last)
+
+    def forward_triton(self, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, t0: int,
+                       needs_grad: bool) -> tuple[torch.Tensor, State]:
+        """The GPU fast path with batch statistics: the input term for all steps in
+        autograd ops (BN_x's statistics are over (T, B, 4H) at once, with no recurrence), the
+        recurrence on the Triton step kernels. Same arguments and results as forward."""
+        wx = torch.matmul(x, self.weight_ih.t())
+        xin = (wx if self.bn_x is None else self.bn_x.forward_sequence(wx, t0)) + self.bias
+        gamma_h = self.bn_h.weight if self.bn_h is not None else None
+        gamma_c, beta_c = (self.bn_c.weight, self.bn_c.bias) if self.bn_c is not None else (None, None)
+        eps = (self.bn_h.eps if self.bn_h is not None else 0.0, self.bn_c.eps if self.bn_c is not None else 0.0)
+        h0, c0 = h0.contiguous(), c0.contiguous()
+        if needs_grad:
+            stats: dict[str, torch.Tensor] = {}
+            hs, c_last = TritonLSTMRecurrence.apply(xin, self.weight_hh, gamma_h, gamma_c, beta_c, h0, c0, eps, stats,
+                                                    self.cuda_graphs)
+        else:
+            with torch.no_grad():
+                T, B, G = xin.shape
+                out = triton_lstm.Recurrence.allocate(xin, T, B, G // 4, gamma_h is not None, gamma_c is not None)
+                triton_lstm.run_forward(xin.contiguous(), triton_lstm.Parameters(
+                    self.weight_hh, gamma_h, gamma_c, beta_c, *eps), h0, c0, out)
+            hs, c_last = out.hs, out.cs[-1]
+            stats = dict(mean_h=out.mean_h, invstd_h=out.invstd_h, mean_c=out.mean_c, invstd_c=out.invstd_c)
+        self.fold_into_population(stats, t0, ("h", self.bn_h), ("c", self.bn_c))
+        return hs, (hs[-1], c_last)
+
+    @staticmethod
+    def fold_into_population(stats: dict[str, torch.Tensor], t0: int, *terms: tuple[str, TimeBatchNorm | None]) -> None:
+        """Fold a sequence's batch statistics (``mean_<term>``, ``invstd_<term>``, each
+        (T, F)) into the population of each (term, norm) given (training mode only)."""
+        for term, bn in terms:
             if bn is not None and bn.training:
-                mean, invstd = stats["mean_" + term], stats["invstd_" + term]
+                mean, invstd = stats["mean_" + term].detach(), stats["invstd_" + term].detach()
                 var = invstd.pow(-2).sub_(bn.eps).clamp_(min=0.0)  # the biased batch variance
                 bn.update_running_stats(t0, mean, var)
-        return hs, (hs[-1], c_last)
 
     def forward_folded(self, wx: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, t0: int) -> tuple[torch.Tensor, State]:
         """Inference with population statistics, ``wx`` = W_x x (T, B, 4H).

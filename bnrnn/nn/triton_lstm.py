@@ -1,0 +1,324 @@
+"""The GPU fast path of BNLSTM training: one Triton kernel per time step and direction.
+
+On a GPU the ATen fast path (:mod:`bnrnn.nn.fused`) is bound by kernel launches: a BN-LSTM
+step is ~14 small kernels forward and ~25 backward, each far shorter than its launch. Here
+a step is two launches each way:
+
+- forward: the cuBLAS GEMM ``W_h h_{t-1}``, then one Triton kernel for everything else
+  (BN_h's batch statistics and normalisation, the input term, the gate nonlinearities, the
+  cell update, BN_c's statistics and normalisation, the output);
+- backward: the cuBLAS GEMM ``dL/dh_t = grad_t + dWh_{t+1} W_h``, then one Triton kernel
+  for the whole cell backward including both BN backwards and the per-step gamma/beta
+  gradients.
+
+A program owns BLOCK_H hidden units: their four gate columns (k H + j, k = i, f, g, o) and
+their cell column, for *every* batch row. The statistics of BN_h (per gate column) and BN_c
+(per cell column) are over the batch, so they are reductions inside one program and the
+kernels need no synchronisation between programs. This limits the batch per program
+(:data:`MAX_BATCH`); larger batches take the ATen path.
+
+The input term ``xin = BN_x(W_x x) + b`` (T, B, 4H) has no recurrence: the caller computes
+it for all steps at once with ordinary autograd ops, and this Function returns its gradient.
+The weight gradient of W_h is one GEMM over all steps after the loop, as cuDNN does.
+
+On CUDA the two loops can be captured as CUDA graphs (:class:`GraphedRecurrence`), which
+removes the remaining per-launch CPU cost; on CPU the kernels run in Triton's interpreter,
+which is how the tests check them on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+try:  # Triton ships with PyTorch's CUDA builds for Linux; without it the ATen path is used.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the installation
+    triton = None
+
+# Largest batch one program holds in registers (its rows are reduced over for BN).
+MAX_BATCH = 256
+
+
+def available(x: torch.Tensor) -> bool:
+    """Whether this path can run a sequence ``x`` of this device, dtype and batch."""
+    return (triton is not None and x.is_cuda and x.dtype == torch.float32 and 0 < x.shape[1] <= MAX_BATCH)
+
+
+if triton is not None:
+
+    def _step_forward(
+        wh, ax, gamma_h, c_prev, gamma_c, beta_c,  # inputs
+        acts, c_out, tanh_c, h_out, mean_h, invstd_h, mean_c, invstd_c,  # outputs
+        B, H, eps_h, eps_c,
+        BN_H: tl.constexpr, BN_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+    ):
+        """One time step forward for hidden units [pid*BLOCK_H, (pid+1)*BLOCK_H), all rows.
+
+        wh, ax, acts: (B, 4H); c_prev, c_out, tanh_c, h_out: (B, H); mean_h, invstd_h,
+        gamma_h: (4H,); mean_c, invstd_c, gamma_c, beta_c: (H,). ``acts`` receives
+        sigmoid(i~), sigmoid(f~), tanh(g~), sigmoid(o~).
+        """
+        rows = tl.arange(0, BLOCK_B)
+        units = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+        gate = tl.arange(0, 4)
+        # (4, BLOCK_H) gate features k*H + j; (BLOCK_B, 4, BLOCK_H) tiles of (B, 4H) buffers;
+        # (BLOCK_B, BLOCK_H) tiles of (B, H) buffers.
+        feature = gate[:, None] * H + units[None, :]
+        feature_ok = (gate[:, None] < 4) & (units[None, :] < H)
+        tile = rows[:, None, None] * (4 * H) + feature[None, :, :]
+        tile_ok = (rows[:, None, None] < B) & feature_ok[None, :, :]
+        cell = rows[:, None] * H + units[None, :]
+        cell_ok = (rows[:, None] < B) & (units[None, :] < H)
+
+        a = tl.load(wh + tile, mask=tile_ok, other=0.0)
+        if BN_H:
+            mean = tl.sum(a, axis=0) / B
+            centred = tl.where(tile_ok, a - mean[None, :, :], 0.0)
+            invstd = tl.rsqrt(tl.sum(centred * centred, axis=0) / B + eps_h)
+            tl.store(mean_h + feature, mean, mask=feature_ok)
+            tl.store(invstd_h + feature, invstd, mask=feature_ok)
+            scale = invstd * tl.load(gamma_h + feature, mask=feature_ok, other=0.0)
+            a = centred * scale[None, :, :]
+        a = a + tl.load(ax + tile, mask=tile_ok, other=0.0)
+        is_g = (gate == 2)[None, :, None]
+        act = tl.where(is_g, 2.0 * tl.sigmoid(2.0 * a) - 1.0, tl.sigmoid(a))  # tanh(a) = 2 sigmoid(2a) - 1
+        tl.store(acts + tile, act, mask=tile_ok)
+        i = tl.sum(tl.where((gate == 0)[None, :, None], act, 0.0), axis=1)
+        f = tl.sum(tl.where((gate == 1)[None, :, None], act, 0.0), axis=1)
+        g = tl.sum(tl.where(is_g, act, 0.0), axis=1)
+        o = tl.sum(tl.where((gate == 3)[None, :, None], act, 0.0), axis=1)
+
+        c = f * tl.load(c_prev + cell, mask=cell_ok, other=0.0) + i * g
+        tl.store(c_out + cell, c, mask=cell_ok)
+        if BN_C:
+            unit_ok = units < H
+            mean = tl.sum(tl.where(cell_ok, c, 0.0), axis=0) / B
+            centred = tl.where(cell_ok, c - mean[None, :], 0.0)
+            invstd = tl.rsqrt(tl.sum(centred * centred, axis=0) / B + eps_c)
+            tl.store(mean_c + units, mean, mask=unit_ok)
+            tl.store(invstd_c + units, invstd, mask=unit_ok)
+            scale = invstd * tl.load(gamma_c + units, mask=unit_ok, other=0.0)
+            c = centred * scale[None, :] + tl.load(beta_c + units, mask=unit_ok, other=0.0)[None, :]
+        tc = 2.0 * tl.sigmoid(2.0 * c) - 1.0
+        tl.store(tanh_c + cell, tc, mask=cell_ok)
+        tl.store(h_out + cell, o * tc, mask=cell_ok)
+
+    def _step_backward(
+        dh, dc, acts, tanh_c, c, c_prev, wh, mean_h, invstd_h, gamma_h, mean_c, invstd_c, gamma_c,  # inputs
+        d_pre, d_wh, dgamma_h, dgamma_c, dbeta_c,  # outputs (and dc, updated in place)
+        B, H,
+        BN_H: tl.constexpr, BN_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+    ):
+        """One time step backward for the same block of hidden units as the forward.
+
+        dh (B, H): total dL/dh_t. dc (B, H): on entry dL/dc_t from step t+1, on exit
+        dL/dc_{t-1}. d_pre (B, 4H): dL/d(pre-activation), which is also dL/d(xin_t). d_wh
+        (B, 4H): dL/d(W_h h_{t-1}) (only written with BN_H; without it, it is d_pre).
+        dgamma_h (4H,), dgamma_c, dbeta_c (H,): this step's parameter gradients.
+        """
+        rows = tl.arange(0, BLOCK_B)
+        units = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+        gate = tl.arange(0, 4)
+        feature = gate[:, None] * H + units[None, :]
+        feature_ok = (gate[:, None] < 4) & (units[None, :] < H)
+        tile = rows[:, None, None] * (4 * H) + feature[None, :, :]
+        tile_ok = (rows[:, None, None] < B) & feature_ok[None, :, :]
+        cell = rows[:, None] * H + units[None, :]
+        cell_ok = (rows[:, None] < B) & (units[None, :] < H)
+        unit_ok = units < H
+
+        act = tl.load(acts + tile, mask=tile_ok, other=0.0)
+        i = tl.sum(tl.where((gate == 0)[None, :, None], act, 0.0), axis=1)
+        f = tl.sum(tl.where((gate == 1)[None, :, None], act, 0.0), axis=1)
+        g = tl.sum(tl.where((gate == 2)[None, :, None], act, 0.0), axis=1)
+        o = tl.sum(tl.where((gate == 3)[None, :, None], act, 0.0), axis=1)
+        grad_h = tl.load(dh + cell, mask=cell_ok, other=0.0)
+        tc = tl.load(tanh_c + cell, mask=cell_ok, other=0.0)
+
+        # h = o * tanh(cn), cn = BN_c(c)
+        d_o = grad_h * tc * o * (1.0 - o)
+        d_cn = tl.where(cell_ok, grad_h * o * (1.0 - tc * tc), 0.0)
+        if BN_C:
+            invstd = tl.load(invstd_c + units, mask=unit_ok, other=0.0)
+            xhat = tl.where(cell_ok, (tl.load(c + cell, mask=cell_ok, other=0.0)
+                                      - tl.load(mean_c + units, mask=unit_ok, other=0.0)[None, :]) * invstd[None, :], 0.0)
+            d_beta = tl.sum(d_cn, axis=0)
+            d_gamma = tl.sum(d_cn * xhat, axis=0)
+            tl.store(dbeta_c + units, d_beta, mask=unit_ok)
+            tl.store(dgamma_c + units, d_gamma, mask=unit_ok)
+            scale = invstd * tl.load(gamma_c + units, mask=unit_ok, other=0.0)
+            d_c = scale[None, :] * (d_cn - (d_beta[None, :] + xhat * d_gamma[None, :]) / B)
+        else:
+            d_c = d_cn
+        d_c += tl.load(dc + cell, mask=cell_ok, other=0.0)
+        # c = f * c_prev + i * g
+        tl.store(dc + cell, d_c * f, mask=cell_ok)
+        d_i = d_c * g * i * (1.0 - i)
+        d_f = d_c * tl.load(c_prev + cell, mask=cell_ok, other=0.0) * f * (1.0 - f)
+        d_g = d_c * i * (1.0 - g * g)
+        d = tl.where((gate == 0)[None, :, None], d_i[:, None, :],
+                     tl.where((gate == 1)[None, :, None], d_f[:, None, :],
+                              tl.where((gate == 2)[None, :, None], d_g[:, None, :], d_o[:, None, :])))
+        d = tl.where(tile_ok, d, 0.0)
+        tl.store(d_pre + tile, d, mask=tile_ok)
+        if BN_H:
+            invstd = tl.load(invstd_h + feature, mask=feature_ok, other=0.0)
+            xhat = tl.where(tile_ok, (tl.load(wh + tile, mask=tile_ok, other=0.0)
+                                      - tl.load(mean_h + feature, mask=feature_ok, other=0.0)[None, :, :])
+                            * invstd[None, :, :], 0.0)
+            d_sum = tl.sum(d, axis=0)
+            d_gamma = tl.sum(d * xhat, axis=0)
+            tl.store(dgamma_h + feature, d_gamma, mask=feature_ok)
+            scale = invstd * tl.load(gamma_h + feature, mask=feature_ok, other=0.0)
+            tl.store(d_wh + tile, scale[None, :, :] * (d - (d_sum[None, :, :] + xhat * d_gamma[None, :, :]) / B),
+                     mask=tile_ok)
+
+    # On CPU these run only in Triton's interpreter (TRITON_INTERPRET=1 before triton is first
+    # imported), as the tests without a GPU do.
+    STEP_FORWARD = triton.jit(_step_forward)
+    STEP_BACKWARD = triton.jit(_step_backward)
+
+
+def launch_config(batch: int, hidden: int) -> tuple[int, int, tuple[int]]:
+    """(BLOCK_B, BLOCK_H, grid): all rows per program, about 1024 (row, unit) pairs each."""
+    block_b = triton.next_power_of_2(batch)
+    block_h = max(1, min(triton.next_power_of_2(hidden), 1024 // block_b))
+    return block_b, block_h, (triton.cdiv(hidden, block_h),)
+
+
+@dataclass
+class Recurrence:
+    """Everything one sequence's forward keeps for its backward; (T, ...) each.
+
+    hs, cs, tanh_c: (T, B, H); acts (T, B, 4H) the gate activations; wh (T, B, 4H) the
+    input of BN_h (a single (1, B, 4H) scratch step without BN_h); mean_h, invstd_h
+    (T, 4H) and mean_c, invstd_c (T, H) the batch statistics (empty without that norm).
+    """
+
+    hs: torch.Tensor
+    cs: torch.Tensor
+    tanh_c: torch.Tensor
+    acts: torch.Tensor
+    wh: torch.Tensor
+    mean_h: torch.Tensor
+    invstd_h: torch.Tensor
+    mean_c: torch.Tensor
+    invstd_c: torch.Tensor
+
+    @classmethod
+    def allocate(cls, like: torch.Tensor, T: int, B: int, H: int, bn_h: bool, bn_c: bool) -> Recurrence:
+        G = 4 * H
+        empty = like.new_empty
+        return cls(hs=empty(T, B, H), cs=empty(T, B, H), tanh_c=empty(T, B, H), acts=empty(T, B, G),
+                   wh=empty(T if bn_h else 1, B, G), mean_h=empty(T if bn_h else 0, G),
+                   invstd_h=empty(T if bn_h else 0, G), mean_c=empty(T if bn_c else 0, H),
+                   invstd_c=empty(T if bn_c else 0, H))
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [getattr(self, f.name) for f in fields(self)]
+
+    def clone(self) -> Recurrence:
+        return Recurrence(*(t.clone() for t in self.tensors()))
+
+    def copy_(self, other: Recurrence) -> None:
+        for mine, theirs in zip(self.tensors(), other.tensors()):
+            mine.copy_(theirs)
+
+
+@dataclass
+class Gradients:
+    """What the backward returns: dL/dxin (T, B, 4H), dL/dW_h (4H, H), dL/dh0, dL/dc0
+    (B, H), and the gamma/beta gradients summed over time (None without that norm)."""
+
+    xin: torch.Tensor
+    weight_hh: torch.Tensor
+    h0: torch.Tensor
+    c0: torch.Tensor
+    gamma_h: torch.Tensor | None
+    gamma_c: torch.Tensor | None
+    beta_c: torch.Tensor | None
+
+    def clone(self) -> Gradients:
+        return Gradients(*(t.clone() if t is not None else None for t in
+                           (self.xin, self.weight_hh, self.h0, self.c0, self.gamma_h, self.gamma_c, self.beta_c)))
+
+
+class Parameters:
+    """The layer's tensors one sequence runs with: weight_hh (4H, H); gamma_h (4H,) or None;
+    gamma_c, beta_c (H,) or None; eps of BN_h and BN_c."""
+
+    def __init__(self, weight_hh, gamma_h, gamma_c, beta_c, eps_h: float, eps_c: float) -> None:
+        self.weight_hh, self.gamma_h, self.gamma_c, self.beta_c = weight_hh, gamma_h, gamma_c, beta_c
+        self.eps_h, self.eps_c = eps_h, eps_c
+        # Kernels take a pointer for every argument; an absent norm gets a placeholder.
+        self.placeholder = weight_hh.new_empty(1)
+
+    def pointer(self, tensor: torch.Tensor | None) -> torch.Tensor:
+        return self.placeholder if tensor is None else tensor
+
+
+def run_forward(xin: torch.Tensor, p: Parameters, h0: torch.Tensor, c0: torch.Tensor, out: Recurrence) -> None:
+    """The recurrence with batch statistics, into ``out``. xin (T, B, 4H); h0, c0 (B, H)
+    contiguous."""
+    T, B, G = xin.shape
+    H = G // 4
+    block_b, block_h, grid = launch_config(B, H)
+    bn_h, bn_c = p.gamma_h is not None, p.gamma_c is not None
+    ptr = p.pointer
+    w_t = p.weight_hh.t()
+    wh_steps = out.wh.unbind(0)
+    h, c = h0, c0
+    for t, (ax, acts, c_out, tanh_c, h_out) in enumerate(
+            zip(xin.unbind(0), out.acts.unbind(0), out.cs.unbind(0), out.tanh_c.unbind(0), out.hs.unbind(0))):
+        wh = wh_steps[t if bn_h else 0]
+        torch.mm(h, w_t, out=wh)
+        STEP_FORWARD[grid](wh, ax, ptr(p.gamma_h), c, ptr(p.gamma_c), ptr(p.beta_c),
+                   acts, c_out, tanh_c, h_out,
+                   out.mean_h[t] if bn_h else p.placeholder, out.invstd_h[t] if bn_h else p.placeholder,
+                   out.mean_c[t] if bn_c else p.placeholder, out.invstd_c[t] if bn_c else p.placeholder,
+                   B, H, p.eps_h, p.eps_c, BN_H=bn_h, BN_C=bn_c, BLOCK_B=block_b, BLOCK_H=block_h)
+        h, c = h_out, c_out
+
+
+def run_backward(grad_hs: torch.Tensor, grad_c_last: torch.Tensor, p: Parameters, h0: torch.Tensor, c0: torch.Tensor,
+                 saved: Recurrence) -> Gradients:
+    """The backward of :func:`run_forward`. grad_hs (T, B, H) and grad_c_last (B, H)
+    contiguous; ``saved`` is the forward's :class:`Recurrence`."""
+    T, B, H = grad_hs.shape
+    G = 4 * H
+    block_b, block_h, grid = launch_config(B, H)
+    bn_h, bn_c = p.gamma_h is not None, p.gamma_c is not None
+    ptr = p.pointer
+    d_pre = grad_hs.new_empty(T, B, G)
+    d_wh = grad_hs.new_empty(T, B, G) if bn_h else d_pre
+    dgamma_h = grad_hs.new_empty(T if bn_h else 0, G)
+    dgamma_c = grad_hs.new_empty(T if bn_c else 0, H)
+    dbeta_c = grad_hs.new_empty(T if bn_c else 0, H)
+    dc = grad_c_last.clone()
+    dh = grad_hs.new_empty(B, H)
+    for t in range(T - 1, -1, -1):
+        if t == T - 1:
+            grad_h = grad_hs[t]
+        else:
+            grad_h = torch.addmm(grad_hs[t], d_wh[t + 1], p.weight_hh, out=dh)
+        STEP_BACKWARD[grid](grad_h, dc, saved.acts[t], saved.tanh_c[t], saved.cs[t], saved.cs[t - 1] if t > 0 else c0,
+                   saved.wh[t] if bn_h else p.placeholder,
+                   saved.mean_h[t] if bn_h else p.placeholder, saved.invstd_h[t] if bn_h else p.placeholder,
+                   ptr(p.gamma_h),
+                   saved.mean_c[t] if bn_c else p.placeholder, saved.invstd_c[t] if bn_c else p.placeholder,
+                   ptr(p.gamma_c),
+                   d_pre[t], d_wh[t] if bn_h else p.placeholder,
+                   dgamma_h[t] if bn_h else p.placeholder, dgamma_c[t] if bn_c else p.placeholder,
+                   dbeta_c[t] if bn_c else p.placeholder,
+                   B, H, BN_H=bn_h, BN_C=bn_c, BLOCK_B=block_b, BLOCK_H=block_h)
+    grad_h0 = torch.mm(d_wh[0], p.weight_hh)
+    # dL/dW_h = sum_t dWh_t^T h_{t-1}: one GEMM over steps 1.., plus step 0's with h0.
+    grad_w = torch.mm(d_wh[0].t(), h0)
+    if T > 1:
+        grad_w.addmm_(d_wh[1:].reshape(-1, G).t(), saved.hs[:-1].reshape(-1, H))
+    return Gradients(xin=d_pre, weight_hh=grad_w, h0=grad_h0, c0=dc,
+                     gamma_h=dgamma_h.sum(0) if bn_h else None,
+                     gamma_c=dgamma_c.sum(0) if bn_c else None, beta_c=dbeta_c.sum(0) if bn_c else None)

@@ -1,0 +1,124 @@
+"""The GPU fast path (Triton step kernels, bnrnn.nn.triton_lstm) against the reference path.
+
+On a machine without a GPU the kernels run in Triton's CPU interpreter (tests/conftest.py
+sets TRITON_INTERPRET=1), so CI checks the kernels' arithmetic, masking and the hand-derived
+backward; with a GPU the same tests run the compiled kernels (CUDA graphs are covered in
+tests/test_cuda.py).
+"""
+
+import pytest
+import torch
+
+from bnrnn.nn import triton_lstm
+from bnrnn.nn.gpu_recurrence import TritonLSTMRecurrence
+from test_fused import SWITCH_IDS, SWITCHES, assert_same_buffers, run_with_grads, twin_layers
+
+pytestmark = pytest.mark.skipif(triton_lstm.triton is None, reason="triton is not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def triton_path(monkeypatch):
+    """Route every fast-path batch-statistics forward (any device, dtype) through the Triton
+    kernels, and count how many sequences took it."""
+    calls = []
+    run_forward = triton_lstm.run_forward
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return run_forward(*args, **kwargs)
+
+    monkeypatch.setattr(triton_lstm, "available", lambda x: True)
+    monkeypatch.setattr(triton_lstm, "run_forward", counted)
+    return calls
+
+
+def on_device(fast, ref):
+    fast.to(DEVICE).cuda_graphs = False  # graphs: tests/test_cuda.py
+    return fast, ref.to(DEVICE)
+
+
+@pytest.mark.parametrize("switches", SWITCHES, ids=SWITCH_IDS)
+def test_training_float64_randomised_parameters(triton_path, switches):
+    """Every parameter and statistic away from 0 and 1, T > T_max, a carried-in state, a batch
+    and hidden size that fill no block (7 rows of 8, 5 units of 8)."""
+    fast, ref = on_device(*twin_layers(switches, torch.float64, randomised=True))
+    x = torch.randn(9, 7, 3, dtype=torch.float64, device=DEVICE)
+    state = tuple(torch.randn(7, 5, dtype=torch.float64, device=DEVICE) for _ in range(2))
+    out_f, (h_f, c_f), grads_f = run_with_grads(fast.train(), x, state)
+    out_r, (h_r, c_r), grads_r = run_with_grads(ref.train(), x, state)
+    assert len(triton_path) == 1
+    tight = dict(atol=1e-11, rtol=1e-9)
+    torch.testing.assert_close(out_f, out_r, **tight)
+    torch.testing.assert_close(h_f, h_r, **tight)
+    torch.testing.assert_close(c_f, c_r, **tight)
+    assert grads_f.keys() == grads_r.keys()
+    for name in grads_r:
+        assert (grads_f[name] is None) == (grads_r[name] is None), name
+        if grads_r[name] is not None:
+            torch.testing.assert_close(grads_f[name], grads_r[name], **tight, msg=lambda m: f"grad {name}: {m}")
+    assert_same_buffers(fast, ref, atol=1e-12)
+
+
+@pytest.mark.parametrize("switches", [(True, True, True), (False, False, False)], ids=["bnlstm", "vanilla"])
+def test_training_float32_paper_initialisation_several_programs(triton_path, switches):
+    """float32, the paper's initialisation, 100 rows (block of 128) and 16 units over 2 programs."""
+    fast, ref = on_device(*twin_layers(switches, torch.float32, randomised=False, max_steps=20, I=4, H=16))
+    assert triton_lstm.launch_config(100, 16) == (128, 8, (2,))
+    x = torch.randn(24, 100, 4, device=DEVICE)
+    state = tuple(0.5 * torch.randn(100, 16, device=DEVICE) for _ in range(2))
+    out_f, (_, c_f), grads_f = run_with_grads(fast.train(), x, state)
+    out_r, (_, c_r), grads_r = run_with_grads(ref.train(), x, state)
+    assert len(triton_path) == 1
+    torch.testing.assert_close(out_f, out_r, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(c_f, c_r, atol=1e-5, rtol=1e-5)
+    for name in grads_r:
+        if grads_r[name] is not None:
+            scale = grads_r[name].abs().max().clamp(min=1.0)
+            torch.testing.assert_close(grads_f[name] / scale, grads_r[name] / scale, atol=1e-5, rtol=1e-5,
+                                       msg=lambda m: f"grad {name}: {m}")
+    assert_same_buffers(fast, ref, atol=1e-6)
+
+
+def test_no_grad_training_forward_and_batch_statistics_eval(triton_path):
+    """Population re-estimation (no-grad training forward) and Fig. 3b's batch-statistics
+    evaluation take the kernels too; same outputs and population as the reference."""
+    from bnrnn.nn.population import batch_statistics
+
+    fast, ref = on_device(*twin_layers((True, True, True), torch.float64, randomised=True, seed=4))
+    x = torch.randn(8, 6, 3, dtype=torch.float64, device=DEVICE)
+    with torch.no_grad():
+        torch.testing.assert_close(fast.train()(x)[0], ref.train()(x)[0], atol=1e-12, rtol=1e-10)
+        assert_same_buffers(fast, ref, atol=1e-12)
+        with batch_statistics(fast), batch_statistics(ref):
+            torch.testing.assert_close(fast.eval()(x)[0], ref.eval()(x)[0], atol=1e-12, rtol=1e-10)
+    assert len(triton_path) == 2
+    assert_same_buffers(fast, ref, atol=1e-12)
+
+
+def test_gradcheck_float64():
+    """The kernels' hand-derived backward against finite differences, every input."""
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
+
+    T, B, H = 4, 5, 3
+    inputs = (rand(T, B, 4 * H), rand(4 * H, H) * 0.5, rand(4 * H), rand(H), rand(H), rand(B, H), rand(B, H))
+    inputs = tuple(t.detach().requires_grad_() for t in inputs)
+
+    def fn(xin, w, gamma_h, gamma_c, beta_c, h0, c0):
+        hs, c_last = TritonLSTMRecurrence.apply(xin, w, gamma_h, gamma_c, beta_c, h0, c0, (1e-5, 1e-5), {}, False)
+        return hs, c_last
+
+    # fast mode: checks random projections of the Jacobian (a full check takes a minute interpreted)
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, fast_mode=True)
+
+
+def test_the_path_is_only_taken_where_it_can_run():
+    cpu = torch.zeros(3, 4, 2)
+    assert not triton_lstm.available(cpu)
+    if torch.cuda.is_available():
+        assert triton_lstm.available(cpu.cuda())
+        assert not triton_lstm.available(cpu.cuda().double())
+        assert not triton_lstm.available(torch.zeros(3, triton_lstm.MAX_BATCH + 1, 2, device="cuda"))
