@@ -29,7 +29,10 @@ from torch import nn
 
 from bnrnn.nn import BNLSTM
 
-TOLERANCE = 1e-5  # max |fast - reference| / max |reference| per tensor
+TOLERANCE = 1e-5  # max |fast - reference| / max |reference| per tensor, our paths against our reference
+# Our vanilla LSTM against torch.nn.LSTM: another library's float32 summation order, over up to
+# 784 steps (cuDNN on an H100 at the seqMNIST shape: 1.1e-5; the CPU: below 1e-5).
+TORCH_TOLERANCE = 5e-5
 
 
 @dataclass(frozen=True)
@@ -156,8 +159,8 @@ def compare_training(fast: BNLSTM, ref: BNLSTM, x: torch.Tensor, weight: torch.T
     return errors
 
 
-def numerics_check(shape: Shape, device: torch.device) -> list[tuple[str, float]]:
-    """(what, worst relative error) for each fast path against its reference at this shape."""
+def numerics_check(shape: Shape, device: torch.device) -> list[tuple[str, float, float]]:
+    """(what, worst relative error, tolerance) for each fast path against its reference at this shape."""
     x = shape.inputs(device)
     weight = torch.randn(shape.T, shape.B, shape.H, generator=torch.Generator().manual_seed(1)).to(device)
     results = []
@@ -175,21 +178,23 @@ def numerics_check(shape: Shape, device: torch.device) -> list[tuple[str, float]
         out_torch = training_step(torch_lstm, x, weight)
     worst = max(relative_error(out_ours, out_torch), relative_error(ours.weight_hh.grad, torch_lstm.weight_hh_l0.grad),
                 relative_error(ours.weight_ih.grad, torch_lstm.weight_ih_l0.grad))
-    results.append(("ours vanilla vs nn.LSTM (output, weight grads)", worst))
-    # Fast BN-LSTM / BN-input against the step-by-step reference.
-    for model in ("BN-input", "BN-LSTM"):
+    results.append(("ours vanilla vs nn.LSTM (output, weight grads)", worst, TORCH_TOLERANCE))
+    # The fast paths against the step-by-step reference.
+    for model in ("ours vanilla", "BN-input", "BN-LSTM"):
         fast = build(model, shape, device).train()
         ref = copy.deepcopy(fast)
         ref.fused = False
         errors = compare_training(fast, ref, x, weight)
-        results.append((f"{model} fast vs reference (output, grads, population)", max(errors.values())))
+        worst = max(errors, key=errors.get)
+        results.append((f"{model} fast vs reference (output, grads, population; worst: {worst})", errors[worst],
+                        TOLERANCE))
     # Folded inference against the unfolded reference, with the population from the step above.
     fast.eval()
     ref.eval()
     with torch.no_grad():
         out_folded, _ = fast(x)
         out_plain, _ = ref(x)
-    results.append(("BN-LSTM folded vs unfolded inference", relative_error(out_folded, out_plain)))
+    results.append(("BN-LSTM folded vs unfolded inference", relative_error(out_folded, out_plain), TOLERANCE))
     return results
 
 
@@ -278,7 +283,7 @@ def bench_shape(shape: Shape, models: list[str], device: torch.device, warmup: i
     return {"shape": shape.__dict__, "train_s": train, "inference_s": inference, "peak_mb": {}}
 
 
-def format_report(results: list[dict], checks: list[tuple[str, str, float]], header: str) -> str:
+def format_report(results: list[dict], checks: list[tuple[str, str, float, float]], header: str) -> str:
     lines = [header, ""]
     lines += ["| shape | model | train step (ms) | / nn.LSTM | / ours vanilla | peak memory (MB) |",
               "|---|---|---:|---:|---:|---:|"]
@@ -297,9 +302,9 @@ def format_report(results: list[dict], checks: list[tuple[str, str, float]], hea
         for name, seconds in inf.items():
             lines.append(f"| {r['shape']['name']} | {name} | {seconds * 1e3:.1f} | {seconds / inf['nn.LSTM']:.2f} | "
                          f"{seconds / inf['BN-LSTM unfolded']:.2f} |")
-    lines += ["", f"numerics (max |fast - reference| / max |reference|, tolerance {TOLERANCE:g}):"]
-    for shape, what, err in checks:
-        lines.append(f"  {'ok  ' if err <= TOLERANCE else 'FAIL'} {shape}: {what}: {err:.2e}")
+    lines += ["", "numerics (max |fast - reference| / max |reference|):"]
+    for shape, what, err, tolerance in checks:
+        lines.append(f"  {'ok  ' if err <= tolerance else 'FAIL'} {shape}: {what}: {err:.2e} (tolerance {tolerance:g})")
     return "\n".join(lines)
 
 
@@ -333,8 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     print(header, flush=True)
     checks = []
     for shape in shapes:
-        for what, err in numerics_check(shape, device):
-            checks.append((shape.name, what, err))
+        for what, err, tolerance in numerics_check(shape, device):
+            checks.append((shape.name, what, err, tolerance))
     results = []
     for shape in shapes:
         print(f"timing {shape} ...", flush=True)
@@ -347,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"header": header, "results": results, "numerics": checks}, f, indent=2)
-    failed = [c for c in checks if not c[2] <= TOLERANCE]
+    failed = [c for c in checks if not c[2] <= c[3]]
     if failed:
         print(f"bnrnn bench: numerics check failed for {len(failed)} comparison(s); the timings above are not valid",
               file=sys.stderr)

@@ -46,9 +46,9 @@ def run_with_grads(layer, x, state=None, t0=0):
         state = tuple(s.clone().requires_grad_() for s in state)
     out, (h, c) = layer(x, state, t0)
     g = torch.Generator().manual_seed(123)
-    w_out = torch.randn(out.shape, generator=g, dtype=out.dtype)
-    w_c = torch.randn(c.shape, generator=g, dtype=c.dtype)
-    w_h = torch.randn(h.shape, generator=g, dtype=h.dtype)
+    w_out = torch.randn(out.shape, generator=g, dtype=out.dtype).to(out.device)
+    w_c = torch.randn(c.shape, generator=g, dtype=c.dtype).to(c.device)
+    w_h = torch.randn(h.shape, generator=g, dtype=h.dtype).to(h.device)
     ((out * w_out).sum() + (c * w_c).sum() + (h * w_h).sum()).backward()
     grads = {"x": x.grad}
     if state is not None:

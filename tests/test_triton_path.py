@@ -17,10 +17,11 @@ pytestmark = pytest.mark.skipif(triton_lstm.triton is None, reason="triton is no
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture
-def triton_path(monkeypatch):
+@pytest.fixture(params=["fused_gemm", "cublas_gemm"])
+def triton_path(request, monkeypatch):
     """Route every fast-path batch-statistics forward (any device, dtype) through the Triton
-    kernels, and count how many sequences took it."""
+    kernels, with the recurrent product inside the kernels or as a separate GEMM per step;
+    counts how many sequences took the path."""
     calls = []
     run_forward = triton_lstm.run_forward
 
@@ -30,6 +31,7 @@ def triton_path(monkeypatch):
 
     monkeypatch.setattr(triton_lstm, "available", lambda x: True)
     monkeypatch.setattr(triton_lstm, "run_forward", counted)
+    monkeypatch.setattr(triton_lstm, "FUSE_GEMM_MAX_BATCH", 10**9 if request.param == "fused_gemm" else 0)
     return calls
 
 
@@ -48,7 +50,7 @@ def test_training_float64_randomised_parameters(triton_path, switches):
     out_f, (h_f, c_f), grads_f = run_with_grads(fast.train(), x, state)
     out_r, (h_r, c_r), grads_r = run_with_grads(ref.train(), x, state)
     assert len(triton_path) == 1
-    tight = dict(atol=1e-11, rtol=1e-9)
+    tight = dict(atol=1e-10, rtol=1e-8)  # a GPU's float64 reductions run in another order than the CPU's
     torch.testing.assert_close(out_f, out_r, **tight)
     torch.testing.assert_close(h_f, h_r, **tight)
     torch.testing.assert_close(c_f, c_r, **tight)
@@ -57,16 +59,18 @@ def test_training_float64_randomised_parameters(triton_path, switches):
         assert (grads_f[name] is None) == (grads_r[name] is None), name
         if grads_r[name] is not None:
             torch.testing.assert_close(grads_f[name], grads_r[name], **tight, msg=lambda m: f"grad {name}: {m}")
-    assert_same_buffers(fast, ref, atol=1e-12)
+    assert_same_buffers(fast, ref, atol=1e-10)
 
 
 @pytest.mark.parametrize("switches", [(True, True, True), (False, False, False)], ids=["bnlstm", "vanilla"])
 def test_training_float32_paper_initialisation_several_programs(triton_path, switches):
-    """float32, the paper's initialisation, 100 rows (block of 128) and 16 units over 2 programs."""
-    fast, ref = on_device(*twin_layers(switches, torch.float32, randomised=False, max_steps=20, I=4, H=16))
-    assert triton_lstm.launch_config(100, 16) == (128, 8, (2,))
+    """float32, the paper's initialisation, 100 rows (a block of 128) and 40 units over several
+    programs (the last one part-filled)."""
+    fast, ref = on_device(*twin_layers(switches, torch.float32, randomised=False, max_steps=20, I=4, H=40))
+    config = triton_lstm.launch_config(100, 40)
+    assert config.block_b == 128 and config.grid[0] * config.block_h >= 40 and config.grid[0] >= 3
     x = torch.randn(24, 100, 4, device=DEVICE)
-    state = tuple(0.5 * torch.randn(100, 16, device=DEVICE) for _ in range(2))
+    state = tuple(0.5 * torch.randn(100, 40, device=DEVICE) for _ in range(2))
     out_f, (_, c_f), grads_f = run_with_grads(fast.train(), x, state)
     out_r, (_, c_r), grads_r = run_with_grads(ref.train(), x, state)
     assert len(triton_path) == 1
@@ -88,16 +92,18 @@ def test_no_grad_training_forward_and_batch_statistics_eval(triton_path):
     fast, ref = on_device(*twin_layers((True, True, True), torch.float64, randomised=True, seed=4))
     x = torch.randn(8, 6, 3, dtype=torch.float64, device=DEVICE)
     with torch.no_grad():
-        torch.testing.assert_close(fast.train()(x)[0], ref.train()(x)[0], atol=1e-12, rtol=1e-10)
-        assert_same_buffers(fast, ref, atol=1e-12)
+        torch.testing.assert_close(fast.train()(x)[0], ref.train()(x)[0], atol=1e-10, rtol=1e-8)
+        assert_same_buffers(fast, ref, atol=1e-10)
         with batch_statistics(fast), batch_statistics(ref):
-            torch.testing.assert_close(fast.eval()(x)[0], ref.eval()(x)[0], atol=1e-12, rtol=1e-10)
+            torch.testing.assert_close(fast.eval()(x)[0], ref.eval()(x)[0], atol=1e-10, rtol=1e-8)
     assert len(triton_path) == 2
-    assert_same_buffers(fast, ref, atol=1e-12)
+    assert_same_buffers(fast, ref, atol=1e-10)
 
 
-def test_gradcheck_float64():
+@pytest.mark.parametrize("fuse_gemm", [True, False], ids=["fused_gemm", "cublas_gemm"])
+def test_gradcheck_float64(monkeypatch, fuse_gemm):
     """The kernels' hand-derived backward against finite differences, every input."""
+    monkeypatch.setattr(triton_lstm, "FUSE_GEMM_MAX_BATCH", 10**9 if fuse_gemm else 0)
     g = torch.Generator().manual_seed(0)
 
     def rand(*shape):
