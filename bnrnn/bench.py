@@ -141,14 +141,19 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 def compare_training(fast: BNLSTM, ref: BNLSTM, x: torch.Tensor, weight: torch.Tensor) -> dict[str, float]:
     """Largest relative error of outputs, gradients and buffers of one training step.
 
+    ``ref`` runs in its own dtype (the check passes a float64 copy of the reference: the
+    gamma gradients are sums over up to 784 steps with much cancellation, and a float32
+    reference's own rounding there is as large as the tolerance).
+
     Both start from the same random per-example state: the learned h0 is the same for every
     example, so W_h h0 has zero batch variance, BN_h removes it and its true gradient is
     exactly 0; what either path computes for it is rounding noise, with nothing to compare.
     """
     g = torch.Generator().manual_seed(2)
     state = tuple(torch.randn(x.shape[1], fast.hidden_size, generator=g).to(x.device) for _ in range(2))
+    dtype = ref.weight_hh.dtype
     out_f = training_step(fast, x, weight, state)
-    out_r = training_step(ref, x, weight, state)
+    out_r = training_step(ref, x.to(dtype), weight.to(dtype), tuple(s.to(dtype) for s in state))
     errors = {"output": relative_error(out_f, out_r)}
     for (name, p_f), (_, p_r) in zip(fast.named_parameters(), ref.named_parameters()):
         if p_r.grad is not None:
@@ -179,21 +184,21 @@ def numerics_check(shape: Shape, device: torch.device) -> list[tuple[str, float,
     worst = max(relative_error(out_ours, out_torch), relative_error(ours.weight_hh.grad, torch_lstm.weight_hh_l0.grad),
                 relative_error(ours.weight_ih.grad, torch_lstm.weight_ih_l0.grad))
     results.append(("ours vanilla vs nn.LSTM (output, weight grads)", worst, TORCH_TOLERANCE))
-    # The fast paths against the step-by-step reference.
+    # The fast paths (float32) against the step-by-step reference in float64.
     for model in ("ours vanilla", "BN-input", "BN-LSTM"):
         fast = build(model, shape, device).train()
-        ref = copy.deepcopy(fast)
+        ref = copy.deepcopy(fast).double()
         ref.fused = False
         errors = compare_training(fast, ref, x, weight)
         worst = max(errors, key=errors.get)
-        results.append((f"{model} fast vs reference (output, grads, population; worst: {worst})", errors[worst],
-                        TOLERANCE))
+        results.append((f"{model} fast vs float64 reference (output, grads, population; worst: {worst})",
+                        errors[worst], TOLERANCE))
     # Folded inference against the unfolded reference, with the population from the step above.
     fast.eval()
     ref.eval()
     with torch.no_grad():
         out_folded, _ = fast(x)
-        out_plain, _ = ref(x)
+        out_plain, _ = ref(x.double())
     results.append(("BN-LSTM folded vs unfolded inference", relative_error(out_folded, out_plain), TOLERANCE))
     return results
 

@@ -50,7 +50,9 @@ def test_training_float64_randomised_parameters(triton_path, switches):
     out_f, (h_f, c_f), grads_f = run_with_grads(fast.train(), x, state)
     out_r, (h_r, c_r), grads_r = run_with_grads(ref.train(), x, state)
     assert len(triton_path) == 1
-    tight = dict(atol=1e-10, rtol=1e-8)  # a GPU's float64 reductions run in another order than the CPU's
+    # A GPU's float64 reductions run in another order than the reference's, and BN_h's backward
+    # (gain gamma/sigma over a batch of 7) amplifies that to ~1e-9 over 9 steps (H100).
+    tight = dict(atol=1e-11, rtol=1e-9) if DEVICE == "cpu" else dict(atol=1e-8, rtol=1e-6)
     torch.testing.assert_close(out_f, out_r, **tight)
     torch.testing.assert_close(h_f, h_r, **tight)
     torch.testing.assert_close(c_f, c_r, **tight)

@@ -11,6 +11,10 @@ a step is two launches each way:
   for the whole cell backward including both BN backwards and the per-step gamma/beta
   gradients.
 
+For batches of at most :data:`FUSE_GEMM_MAX_BATCH` rows the kernels compute their own slice
+of the recurrent product with ``tl.dot`` instead (one launch per step and direction), since
+cuBLAS is slow at so few rows.
+
 A program owns BLOCK_H hidden units: their four gate columns (k H + j, k = i, f, g, o) and
 their cell column, for *every* batch row. The statistics of BN_h (per gate column) and BN_c
 (per cell column) are over the batch, so they are reductions inside one program and the
@@ -18,10 +22,11 @@ kernels need no synchronisation between programs. This limits the batch per prog
 (:data:`MAX_BATCH`); larger batches take the ATen path.
 
 The input term ``xin = BN_x(W_x x) + b`` (T, B, 4H) has no recurrence: the caller computes
-it for all steps at once with ordinary autograd ops, and this Function returns its gradient.
+it for all steps at once with ordinary autograd ops, and the backward returns its gradient.
 The weight gradient of W_h is one GEMM over all steps after the loop, as cuDNN does.
 
-On CUDA the two loops can be captured as CUDA graphs (:class:`GraphedRecurrence`), which
+On CUDA the two loops can be captured as CUDA graphs
+(:class:`bnrnn.nn.gpu_recurrence.GraphedRecurrence`), which
 removes the remaining per-launch CPU cost; on CPU the kernels run in Triton's interpreter,
 which is how the tests check them on machines without a GPU.
 """
