@@ -130,3 +130,5 @@ def test_the_path_is_only_taken_where_it_can_run():
         assert triton_lstm.available(cpu.cuda())
         assert not triton_lstm.available(cpu.cuda().double())
         assert not triton_lstm.available(torch.zeros(3, triton_lstm.MAX_BATCH + 1, 2, device="cuda"))
+        with torch.autocast("cuda"):
+            assert not triton_lstm.available(cpu.cuda())

@@ -48,8 +48,10 @@ MAX_BATCH = 256
 
 
 def available(x: torch.Tensor) -> bool:
-    """Whether this path can run a sequence ``x`` of this device, dtype and batch."""
-    return (triton is not None and x.is_cuda and x.dtype == torch.float32 and 0 < x.shape[1] <= MAX_BATCH)
+    """Whether this path can run a sequence ``x`` of this device, dtype and batch (float32
+    only: under autocast the products would come back in half precision)."""
+    return (triton is not None and x.is_cuda and x.dtype == torch.float32 and 0 < x.shape[1] <= MAX_BATCH
+            and not torch.is_autocast_enabled("cuda"))
 
 
 if triton is not None:
