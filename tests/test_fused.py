@@ -57,6 +57,19 @@ def run_with_grads(layer, x, state=None, t0=0):
     return out, (h, c), grads
 
 
+def assert_same_results(run_f, run_r, **tol):
+    """Two run_with_grads results agree: outputs, h_T, c_T and every gradient (None alike)."""
+    (out_f, (h_f, c_f), grads_f), (out_r, (h_r, c_r), grads_r) = run_f, run_r
+    torch.testing.assert_close(out_f, out_r, **tol)
+    torch.testing.assert_close(h_f, h_r, **tol)
+    torch.testing.assert_close(c_f, c_r, **tol)
+    assert grads_f.keys() == grads_r.keys()
+    for name in grads_r:
+        assert (grads_f[name] is None) == (grads_r[name] is None), name
+        if grads_r[name] is not None:
+            torch.testing.assert_close(grads_f[name], grads_r[name], **tol, msg=lambda m: f"grad {name}: {m}")
+
+
 def assert_same_buffers(fast, ref, atol):
     for (name, a), (_, b) in zip(fast.named_buffers(), ref.named_buffers()):
         torch.testing.assert_close(a, b, atol=atol, rtol=atol, msg=lambda m: f"buffer {name}: {m}")
@@ -68,17 +81,9 @@ def test_training_float64_randomised_parameters(switches):
     fast, ref = twin_layers(switches, torch.float64, randomised=True)
     x = torch.randn(9, 7, 3, dtype=torch.float64)  # 9 steps, T_max 6
     state = (torch.randn(7, 5, dtype=torch.float64), torch.randn(7, 5, dtype=torch.float64))
-    out_f, (h_f, c_f), grads_f = run_with_grads(fast.train(), x, state)
-    out_r, (h_r, c_r), grads_r = run_with_grads(ref.train(), x, state)
-    tight = dict(atol=1e-11, rtol=1e-9)
-    torch.testing.assert_close(out_f, out_r, **tight)
-    torch.testing.assert_close(h_f, h_r, **tight)
-    torch.testing.assert_close(c_f, c_r, **tight)
-    assert grads_f.keys() == grads_r.keys()
-    for name in grads_r:
-        assert (grads_f[name] is None) == (grads_r[name] is None), name
-        if grads_r[name] is not None:
-            torch.testing.assert_close(grads_f[name], grads_r[name], **tight, msg=lambda m: f"grad {name}: {m}")
+    run_f = run_with_grads(fast.train(), x, state)
+    run_r = run_with_grads(ref.train(), x, state)
+    assert_same_results(run_f, run_r, atol=1e-11, rtol=1e-9)
     assert_same_buffers(fast, ref, atol=1e-12)
 
 

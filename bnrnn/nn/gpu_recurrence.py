@@ -29,14 +29,11 @@ class GraphedRecurrence:
     """The forward and backward loops of one sequence shape, captured as CUDA graphs."""
 
     def __init__(self, xin: torch.Tensor, p: Parameters, h0: torch.Tensor, c0: torch.Tensor) -> None:
-        T, B, G = xin.shape
-        H = G // 4
         self.xin, self.h0, self.c0 = xin.clone(), h0.clone(), c0.clone()
-        self.params = Parameters(*(t.detach().clone() if t is not None else None
-                                   for t in (p.weight_hh, p.gamma_h, p.gamma_c, p.beta_c)), p.eps_h, p.eps_c)
-        self.grad_hs = xin.new_zeros(T, B, H)
-        self.grad_c = xin.new_zeros(B, H)
-        self.saved = Recurrence.allocate(xin, T, B, H, p.gamma_h is not None, p.gamma_c is not None)
+        self.params = Parameters(*(t.detach().clone() if t is not None else None for t in p.tensors()), p.eps_h, p.eps_c)
+        self.grad_hs = xin.new_zeros(xin.shape[0], *h0.shape)
+        self.grad_c = torch.zeros_like(c0)
+        self.saved = Recurrence.allocate(xin, p)
         # Warm up on a side stream first (compiles the kernels, creates cuBLAS's handles).
         side = torch.cuda.Stream(device=xin.device)
         side.wait_stream(torch.cuda.current_stream(xin.device))
@@ -62,8 +59,7 @@ class GraphedRecurrence:
         self.xin.copy_(xin)
         self.h0.copy_(h0)
         self.c0.copy_(c0)
-        for mine, theirs in ((self.params.weight_hh, p.weight_hh), (self.params.gamma_h, p.gamma_h),
-                             (self.params.gamma_c, p.gamma_c), (self.params.beta_c, p.beta_c)):
+        for mine, theirs in zip(self.params.tensors(), p.tensors()):
             if mine is not None:
                 mine.copy_(theirs)
 
@@ -89,7 +85,7 @@ _graphs: OrderedDict[tuple, GraphedRecurrence] = OrderedDict()
 
 def graphed(xin: torch.Tensor, p: Parameters, h0: torch.Tensor, c0: torch.Tensor) -> GraphedRecurrence:
     """The captured graphs for this shape (captured on first use, least recently used dropped)."""
-    key = (xin.shape, xin.device, xin.dtype, p.gamma_h is not None, p.gamma_c is not None, p.eps_h, p.eps_c)
+    key = (xin.shape, xin.device, xin.dtype, p.bn_h, p.bn_c, p.eps_h, p.eps_c)
     if key in _graphs:
         _graphs.move_to_end(key)
     else:
@@ -109,19 +105,14 @@ class TritonLSTMRecurrence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, xin, weight_hh, gamma_h, gamma_c, beta_c, h0, c0, eps, stats, use_graphs):
-        T, B, G = xin.shape
         p = Parameters(weight_hh, gamma_h, gamma_c, beta_c, *eps)
         xin, h0, c0 = xin.contiguous(), h0.contiguous(), c0.contiguous()
         runner = graphed(xin, p, h0, c0) if use_graphs and xin.is_cuda else None
         if runner is not None:
             saved, generation = runner.forward(xin, p, h0, c0)
         else:
-            saved, generation = Recurrence.allocate(xin, T, B, G // 4, gamma_h is not None, gamma_c is not None), 0
-            triton_lstm.run_forward(xin, p, h0, c0, saved)
-        if gamma_h is not None:
-            stats.update(mean_h=saved.mean_h, invstd_h=saved.invstd_h)
-        if gamma_c is not None:
-            stats.update(mean_c=saved.mean_c, invstd_c=saved.invstd_c)
+            saved, generation = triton_lstm.run_sequence(xin, p, h0, c0), 0
+        stats.update(saved.statistics())
         ctx.params, ctx.saved, ctx.runner, ctx.generation = p, saved, runner, generation
         ctx.save_for_backward(xin, h0, c0, saved.hs)  # hs is also an output: autograd checks it is unmodified
         return saved.hs, saved.cs[-1].clone()

@@ -169,11 +169,8 @@ class BNLSTM(nn.Module):
         else:
             wx = torch.mm(flat, self.weight_ih.t()).view(T, B, -1)
 
-        all_norms = (self.bn_x, self.bn_h, self.bn_c)
-        gamma_x, gamma_h, gamma_c = (bn.weight if bn is not None else None for bn in all_norms)
-        eps = tuple(bn.eps if bn is not None else 0.0 for bn in all_norms)
+        (gamma_x, gamma_h, gamma_c), beta_c, eps = self.norm_tensors()
         beta_x = self.bias if self.bn_x is not None else None  # b is BN_x's beta
-        beta_c = self.bn_c.bias if self.bn_c is not None else None
         if needs_grad:
             stats: dict[str, torch.Tensor] = {}
             hs, c_last = FusedLSTMRecurrence.apply(
@@ -193,24 +190,27 @@ class BNLSTM(nn.Module):
         recurrence on the Triton step kernels. Same arguments and results as forward."""
         wx = torch.matmul(x, self.weight_ih.t())
         xin = (wx if self.bn_x is None else self.bn_x.forward_sequence(wx, t0)) + self.bias
-        gamma_h = self.bn_h.weight if self.bn_h is not None else None
-        gamma_c, beta_c = (self.bn_c.weight, self.bn_c.bias) if self.bn_c is not None else (None, None)
-        eps = (self.bn_h.eps if self.bn_h is not None else 0.0, self.bn_c.eps if self.bn_c is not None else 0.0)
+        (_, gamma_h, gamma_c), beta_c, (_, eps_h, eps_c) = self.norm_tensors()
         h0, c0 = h0.contiguous(), c0.contiguous()
         if needs_grad:
             stats: dict[str, torch.Tensor] = {}
-            hs, c_last = TritonLSTMRecurrence.apply(xin, self.weight_hh, gamma_h, gamma_c, beta_c, h0, c0, eps, stats,
-                                                    self.cuda_graphs)
+            hs, c_last = TritonLSTMRecurrence.apply(xin, self.weight_hh, gamma_h, gamma_c, beta_c, h0, c0,
+                                                    (eps_h, eps_c), stats, self.cuda_graphs)
         else:
             with torch.no_grad():
-                T, B, G = xin.shape
-                out = triton_lstm.Recurrence.allocate(xin, T, B, G // 4, gamma_h is not None, gamma_c is not None)
-                triton_lstm.run_forward(xin.contiguous(), triton_lstm.Parameters(
-                    self.weight_hh, gamma_h, gamma_c, beta_c, *eps), h0, c0, out)
-            hs, c_last = out.hs, out.cs[-1]
-            stats = dict(mean_h=out.mean_h, invstd_h=out.invstd_h, mean_c=out.mean_c, invstd_c=out.invstd_c)
+                params = triton_lstm.Parameters(self.weight_hh, gamma_h, gamma_c, beta_c, eps_h, eps_c)
+                out = triton_lstm.run_sequence(xin.contiguous(), params, h0, c0)
+            hs, c_last, stats = out.hs, out.cs[-1], out.statistics()
         self.fold_into_population(stats, t0, ("h", self.bn_h), ("c", self.bn_c))
         return hs, (hs[-1], c_last)
+
+    def norm_tensors(self) -> tuple[tuple, torch.Tensor | None, tuple[float, float, float]]:
+        """(gamma_x, gamma_h, gamma_c), beta_c, (eps_x, eps_h, eps_c) of the fast paths; None
+        (eps 0) for a norm that is off."""
+        norms = (self.bn_x, self.bn_h, self.bn_c)
+        gammas = tuple(bn.weight if bn is not None else None for bn in norms)
+        eps = tuple(bn.eps if bn is not None else 0.0 for bn in norms)
+        return gammas, (self.bn_c.bias if self.bn_c is not None else None), eps
 
     @staticmethod
     def fold_into_population(stats: dict[str, torch.Tensor], t0: int, *terms: tuple[str, TimeBatchNorm | None]) -> None:

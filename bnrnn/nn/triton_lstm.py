@@ -296,8 +296,11 @@ class Recurrence:
     invstd_c: torch.Tensor
 
     @classmethod
-    def allocate(cls, like: torch.Tensor, T: int, B: int, H: int, bn_h: bool, bn_c: bool) -> Recurrence:
-        G = 4 * H
+    def allocate(cls, like: torch.Tensor, p: Parameters) -> Recurrence:
+        """Buffers for a sequence shaped like ``like`` (T, B, 4H) with the norms in ``p``."""
+        T, B, G = like.shape
+        H = G // 4
+        bn_h, bn_c = p.bn_h, p.bn_c
         empty = like.new_empty
         return cls(hs=empty(T, B, H), cs=empty(T, B, H), tanh_c=empty(T, B, H), acts=empty(T, B, G),
                    wh=empty(T if bn_h else 1, B, G), mean_h=empty(T if bn_h else 0, G),
@@ -313,6 +316,16 @@ class Recurrence:
     def copy_(self, other: Recurrence) -> None:
         for mine, theirs in zip(self.tensors(), other.tensors()):
             mine.copy_(theirs)
+
+    def statistics(self) -> dict[str, torch.Tensor]:
+        """The batch statistics of the norms in use: ``mean_h, invstd_h`` (T, 4H), ``mean_c,
+        invstd_c`` (T, H)."""
+        stats = {}
+        if self.mean_h.shape[0]:
+            stats.update(mean_h=self.mean_h, invstd_h=self.invstd_h)
+        if self.mean_c.shape[0]:
+            stats.update(mean_c=self.mean_c, invstd_c=self.invstd_c)
+        return stats
 
 
 @dataclass
@@ -330,7 +343,7 @@ class Gradients:
 
     def clone(self) -> Gradients:
         return Gradients(*(t.clone() if t is not None else None for t in
-                           (self.xin, self.weight_hh, self.h0, self.c0, self.gamma_h, self.gamma_c, self.beta_c)))
+                           (getattr(self, f.name) for f in fields(self))))
 
 
 class Parameters:
@@ -343,8 +356,27 @@ class Parameters:
         # Kernels take a pointer for every argument; an absent norm gets a placeholder.
         self.placeholder = weight_hh.new_empty(1)
 
+    @property
+    def bn_h(self) -> bool:
+        return self.gamma_h is not None
+
+    @property
+    def bn_c(self) -> bool:
+        return self.gamma_c is not None
+
+    def tensors(self) -> list[torch.Tensor | None]:
+        """weight_hh, gamma_h, gamma_c, beta_c (None for an absent norm)."""
+        return [self.weight_hh, self.gamma_h, self.gamma_c, self.beta_c]
+
     def pointer(self, tensor: torch.Tensor | None) -> torch.Tensor:
         return self.placeholder if tensor is None else tensor
+
+
+def run_sequence(xin: torch.Tensor, p: Parameters, h0: torch.Tensor, c0: torch.Tensor) -> Recurrence:
+    """:func:`run_forward` into newly allocated buffers."""
+    out = Recurrence.allocate(xin, p)
+    run_forward(xin, p, h0, c0, out)
+    return out
 
 
 def run_forward(xin: torch.Tensor, p: Parameters, h0: torch.Tensor, c0: torch.Tensor, out: Recurrence) -> None:
@@ -353,7 +385,7 @@ def run_forward(xin: torch.Tensor, p: Parameters, h0: torch.Tensor, c0: torch.Te
     T, B, G = xin.shape
     H = G // 4
     config = launch_config(B, H)
-    bn_h, bn_c = p.gamma_h is not None, p.gamma_c is not None
+    bn_h, bn_c = p.bn_h, p.bn_c
     ptr = p.pointer
     w_t = p.weight_hh.t()
     wh_steps = out.wh.unbind(0)
@@ -379,7 +411,7 @@ def run_backward(grad_hs: torch.Tensor, grad_c_last: torch.Tensor, p: Parameters
     T, B, H = grad_hs.shape
     G = 4 * H
     config = launch_config(B, H)
-    bn_h, bn_c = p.gamma_h is not None, p.gamma_c is not None
+    bn_h, bn_c = p.bn_h, p.bn_c
     ptr = p.pointer
     d_pre = grad_hs.new_empty(T, B, G)
     d_wh = grad_hs.new_empty(T, B, G) if bn_h else d_pre
