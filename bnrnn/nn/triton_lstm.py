@@ -68,50 +68,57 @@ if triton is not None:
         else:
             return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
-    def _step_forward(
-        h_prev, weight, wh, ax, gamma_h, c_prev, gamma_c, beta_c,  # inputs (wh: output with FUSE_GEMM)
-        acts, c_out, tanh_c, h_out, mean_h, invstd_h, mean_c, invstd_c,  # outputs
-        B, H, eps_h, eps_c,
-        FUSE_GEMM: tl.constexpr, BN_H: tl.constexpr, BN_C: tl.constexpr,
-        BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, LIBDEVICE: tl.constexpr,
-    ):
-        """One time step forward for hidden units [pid*BLOCK_H, (pid+1)*BLOCK_H), all rows.
+    @triton.jit
+    def _layout(B, H, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+        """Index tiles of this program's block: hidden units [pid*BLOCK_H, (pid+1)*BLOCK_H), all rows.
 
-        h_prev, c_prev, c_out, tanh_c, h_out: (B, H); weight: W_h (4H, H); wh, ax, acts:
-        (B, 4H); mean_h, invstd_h, gamma_h: (4H,); mean_c, invstd_c, gamma_c, beta_c: (H,).
-        ``wh`` = W_h h_{t-1} is read, or with FUSE_GEMM computed here (and stored for BN_h's
-        backward). ``acts`` receives sigmoid(i~), sigmoid(f~), tanh(g~), sigmoid(o~).
+        Returns rows (BLOCK_B,), units (BLOCK_H,), gate (4,); feature (4, BLOCK_H) the gate
+        features k*H + j and its mask; tile (BLOCK_B, 4, BLOCK_H) offsets into a (B, 4H)
+        buffer and its mask; cell (BLOCK_B, BLOCK_H) offsets into a (B, H) buffer and its mask.
         """
         rows = tl.arange(0, BLOCK_B)
         units = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
         gate = tl.arange(0, 4)
-        # (4, BLOCK_H) gate features k*H + j; (BLOCK_B, 4, BLOCK_H) tiles of (B, 4H) buffers;
-        # (BLOCK_B, BLOCK_H) tiles of (B, H) buffers.
         feature = gate[:, None] * H + units[None, :]
         feature_ok = (gate[:, None] < 4) & (units[None, :] < H)
         tile = rows[:, None, None] * (4 * H) + feature[None, :, :]
         tile_ok = (rows[:, None, None] < B) & feature_ok[None, :, :]
         cell = rows[:, None] * H + units[None, :]
         cell_ok = (rows[:, None] < B) & (units[None, :] < H)
+        return rows, units, gate, feature, feature_ok, tile, tile_ok, cell, cell_ok
 
-        if FUSE_GEMM:
-            # This program's 4 BLOCK_H columns of h_{t-1} W_h^T: (B, H) @ (H, 4 BLOCK_H).
-            n = tl.arange(0, 4 * BLOCK_H)
-            n_unit = tl.program_id(0) * BLOCK_H + n % BLOCK_H
-            n_feature = (n // BLOCK_H) * H + n_unit
-            a = tl.zeros((BLOCK_B, 4 * BLOCK_H), dtype=h_prev.dtype.element_ty)
-            for k0 in range(0, H, BLOCK_K):
-                k = k0 + tl.arange(0, BLOCK_K)
-                h_k = tl.load(h_prev + rows[:, None] * H + k[None, :], mask=(rows[:, None] < B) & (k[None, :] < H),
-                              other=0.0)
-                w_k = tl.load(weight + n_feature[None, :] * H + k[:, None],
-                              mask=(n_unit[None, :] < H) & (k[:, None] < H), other=0.0)
-                a += tl.dot(h_k, w_k, input_precision="ieee")
-            a = tl.reshape(a, (BLOCK_B, 4, BLOCK_H))
-            if BN_H:
-                tl.store(wh + tile, a, mask=tile_ok)
-        else:
-            a = tl.load(wh + tile, mask=tile_ok, other=0.0)
+    @triton.jit
+    def _gate(act, gate, K: tl.constexpr):
+        """Gate K's (BLOCK_B, BLOCK_H) slice of a (BLOCK_B, 4, BLOCK_H) tile."""
+        return tl.sum(tl.where((gate == K)[None, :, None], act, 0.0), axis=1)
+
+    @triton.jit
+    def _product_columns(weight, H, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, k0):
+        """Rows k0 .. k0+BLOCK_K of this program's 4 BLOCK_H columns of W_h^T: (BLOCK_K,
+        4 BLOCK_H), column n = gate * BLOCK_H + unit offset (the order of a (4, BLOCK_H) tile)."""
+        n = tl.arange(0, 4 * BLOCK_H)
+        n_unit = tl.program_id(0) * BLOCK_H + n % BLOCK_H
+        n_feature = (n // BLOCK_H) * H + n_unit
+        k = k0 + tl.arange(0, BLOCK_K)
+        return tl.load(weight + n_feature[None, :] * H + k[:, None], mask=(n_unit[None, :] < H) & (k[:, None] < H),
+                       other=0.0)
+
+    @triton.jit
+    def _cell_forward(
+        a, c_prev, ax, gamma_h, gamma_c, beta_c,  # a: W_h h_{t-1} tile; c_prev: (BLOCK_B, BLOCK_H)
+        acts, c_out, tanh_c, h_out, mean_h, invstd_h, mean_c, invstd_c,  # outputs of this step
+        B, H, eps_h, eps_c,
+        BN_H: tl.constexpr, BN_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+        LIBDEVICE: tl.constexpr,
+    ):
+        """One step of the cell after the recurrent product, for this program's block.
+
+        a: (BLOCK_B, 4, BLOCK_H) W_h h_{t-1} (BN_h's input); c_prev: (BLOCK_B, BLOCK_H). The
+        pointers are this step's: ax, acts (B, 4H); c_out, tanh_c, h_out (B, H); mean_h,
+        invstd_h, gamma_h (4H,); mean_c, invstd_c, gamma_c, beta_c (H,). ``acts`` receives
+        sigmoid(i~), sigmoid(f~), tanh(g~), sigmoid(o~). Returns c_t (BLOCK_B, BLOCK_H).
+        """
+        rows, units, gate, feature, feature_ok, tile, tile_ok, cell, cell_ok = _layout(B, H, BLOCK_B, BLOCK_H)
         if BN_H:
             mean = tl.sum(tl.where(tile_ok, a, 0.0), axis=0) / B
             centred = tl.where(tile_ok, a - mean[None, :, :], 0.0)
@@ -122,16 +129,13 @@ if triton is not None:
             scale = invstd * tl.load(gamma_h + feature, mask=feature_ok, other=0.0)
             a = centred * scale[None, :, :]
         a = a + tl.load(ax + tile, mask=tile_ok, other=0.0)
-        is_g = (gate == 2)[None, :, None]
-        act = tl.where(is_g, _tanh(a, LIBDEVICE), tl.sigmoid(a))
+        act = tl.where((gate == 2)[None, :, None], _tanh(a, LIBDEVICE), tl.sigmoid(a))
         tl.store(acts + tile, act, mask=tile_ok)
-        i = tl.sum(tl.where((gate == 0)[None, :, None], act, 0.0), axis=1)
-        f = tl.sum(tl.where((gate == 1)[None, :, None], act, 0.0), axis=1)
-        g = tl.sum(tl.where(is_g, act, 0.0), axis=1)
-        o = tl.sum(tl.where((gate == 3)[None, :, None], act, 0.0), axis=1)
+        i, f, g, o = _gate(act, gate, 0), _gate(act, gate, 1), _gate(act, gate, 2), _gate(act, gate, 3)
 
-        c = f * tl.load(c_prev + cell, mask=cell_ok, other=0.0) + i * g
+        c = f * c_prev + i * g
         tl.store(c_out + cell, c, mask=cell_ok)
+        cn = c
         if BN_C:
             unit_ok = units < H
             mean = tl.sum(tl.where(cell_ok, c, 0.0), axis=0) / B
@@ -140,57 +144,31 @@ if triton is not None:
             tl.store(mean_c + units, mean, mask=unit_ok)
             tl.store(invstd_c + units, invstd, mask=unit_ok)
             scale = invstd * tl.load(gamma_c + units, mask=unit_ok, other=0.0)
-            c = centred * scale[None, :] + tl.load(beta_c + units, mask=unit_ok, other=0.0)[None, :]
-        tc = _tanh(c, LIBDEVICE)
+            cn = centred * scale[None, :] + tl.load(beta_c + units, mask=unit_ok, other=0.0)[None, :]
+        tc = _tanh(cn, LIBDEVICE)
         tl.store(tanh_c + cell, tc, mask=cell_ok)
         tl.store(h_out + cell, o * tc, mask=cell_ok)
+        return c
 
-    def _step_backward(
-        dh, grad_h_t, d_wh_next, weight, has_next,  # dL/dh_t: read from dh, or with FUSE_GEMM computed
-        dc, acts, tanh_c, c, c_prev, wh, mean_h, invstd_h, gamma_h, mean_c, invstd_c, gamma_c,  # inputs
-        d_pre, d_wh, dgamma_h, dgamma_c, dbeta_c,  # outputs (and dc, updated in place)
+    @triton.jit
+    def _cell_backward(
+        grad_h, d_c, c_prev, acts, tanh_c, c, wh, mean_h, invstd_h, gamma_h, mean_c, invstd_c, gamma_c,  # inputs
+        d_pre, d_wh, dgamma_h, dgamma_c, dbeta_c,  # outputs of this step
         B, H,
-        FUSE_GEMM: tl.constexpr, BN_H: tl.constexpr, BN_C: tl.constexpr,
-        BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+        BN_H: tl.constexpr, BN_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
     ):
-        """One time step backward for the same block of hidden units as the forward.
+        """One step of the cell backward for this program's block, given dL/dh_t.
 
-        dh (B, H): total dL/dh_t; with FUSE_GEMM it is computed here instead, as grad_h_t
-        (B, H) (the loss's own gradient at h_t) plus, when ``has_next``, d_wh_next (B, 4H)
-        (step t+1's dL/d(W_h h_t)) times W_h (4H, H). dc (B, H): on entry dL/dc_t from step
-        t+1, on exit dL/dc_{t-1}. d_pre (B, 4H): dL/d(pre-activation), which is also
-        dL/d(xin_t). d_wh (B, 4H): dL/d(W_h h_{t-1}) (only written with BN_H; without it,
-        it is d_pre). dgamma_h (4H,), dgamma_c, dbeta_c (H,): this step's parameter gradients.
+        grad_h, d_c, c_prev: (BLOCK_B, BLOCK_H) the total dL/dh_t, dL/dc_t from step t+1, and
+        c_{t-1}. The pointers are this step's, laid out as in :func:`_cell_forward`. Writes
+        d_pre (B, 4H) = dL/d(pre-activation) (= dL/d(xin_t)), d_wh (B, 4H) = dL/d(W_h h_{t-1})
+        (only with BN_H; without it, that is d_pre), and this step's dgamma_h (4H,), dgamma_c,
+        dbeta_c (H,). Returns dL/dc_{t-1} (BLOCK_B, BLOCK_H).
         """
-        rows = tl.arange(0, BLOCK_B)
-        units = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
-        gate = tl.arange(0, 4)
-        feature = gate[:, None] * H + units[None, :]
-        feature_ok = (gate[:, None] < 4) & (units[None, :] < H)
-        tile = rows[:, None, None] * (4 * H) + feature[None, :, :]
-        tile_ok = (rows[:, None, None] < B) & feature_ok[None, :, :]
-        cell = rows[:, None] * H + units[None, :]
-        cell_ok = (rows[:, None] < B) & (units[None, :] < H)
+        rows, units, gate, feature, feature_ok, tile, tile_ok, cell, cell_ok = _layout(B, H, BLOCK_B, BLOCK_H)
         unit_ok = units < H
-
         act = tl.load(acts + tile, mask=tile_ok, other=0.0)
-        i = tl.sum(tl.where((gate == 0)[None, :, None], act, 0.0), axis=1)
-        f = tl.sum(tl.where((gate == 1)[None, :, None], act, 0.0), axis=1)
-        g = tl.sum(tl.where((gate == 2)[None, :, None], act, 0.0), axis=1)
-        o = tl.sum(tl.where((gate == 3)[None, :, None], act, 0.0), axis=1)
-        if FUSE_GEMM:
-            grad_h = tl.load(grad_h_t + cell, mask=cell_ok, other=0.0)
-            if has_next:
-                # (B, 4H) @ (4H, BLOCK_H): this program's columns of dL/dh_t through step t+1.
-                for n0 in range(0, 4 * H, BLOCK_K):
-                    n = n0 + tl.arange(0, BLOCK_K)
-                    d_n = tl.load(d_wh_next + rows[:, None] * (4 * H) + n[None, :],
-                                  mask=(rows[:, None] < B) & (n[None, :] < 4 * H), other=0.0)
-                    w_n = tl.load(weight + n[:, None] * H + units[None, :],
-                                  mask=(n[:, None] < 4 * H) & unit_ok[None, :], other=0.0)
-                    grad_h += tl.dot(d_n, w_n, input_precision="ieee")
-        else:
-            grad_h = tl.load(dh + cell, mask=cell_ok, other=0.0)
+        i, f, g, o = _gate(act, gate, 0), _gate(act, gate, 1), _gate(act, gate, 2), _gate(act, gate, 3)
         tc = tl.load(tanh_c + cell, mask=cell_ok, other=0.0)
 
         # h = o * tanh(cn), cn = BN_c(c)
@@ -205,14 +183,12 @@ if triton is not None:
             tl.store(dbeta_c + units, d_beta, mask=unit_ok)
             tl.store(dgamma_c + units, d_gamma, mask=unit_ok)
             scale = invstd * tl.load(gamma_c + units, mask=unit_ok, other=0.0)
-            d_c = scale[None, :] * (d_cn - (d_beta[None, :] + xhat * d_gamma[None, :]) / B)
+            d_c += scale[None, :] * (d_cn - (d_beta[None, :] + xhat * d_gamma[None, :]) / B)
         else:
-            d_c = d_cn
-        d_c += tl.load(dc + cell, mask=cell_ok, other=0.0)
+            d_c += d_cn
         # c = f * c_prev + i * g
-        tl.store(dc + cell, d_c * f, mask=cell_ok)
         d_i = d_c * g * i * (1.0 - i)
-        d_f = d_c * tl.load(c_prev + cell, mask=cell_ok, other=0.0) * f * (1.0 - f)
+        d_f = d_c * c_prev * f * (1.0 - f)
         d_g = d_c * i * (1.0 - g * g)
         d = tl.where((gate == 0)[None, :, None], d_i[:, None, :],
                      tl.where((gate == 1)[None, :, None], d_f[:, None, :],
@@ -230,6 +206,76 @@ if triton is not None:
             scale = invstd * tl.load(gamma_h + feature, mask=feature_ok, other=0.0)
             tl.store(d_wh + tile, scale[None, :, :] * (d - (d_sum[None, :, :] + xhat * d_gamma[None, :, :]) / B),
                      mask=tile_ok)
+        return d_c * f
+
+    def _step_forward(
+        h_prev, weight, wh, ax, gamma_h, c_prev, gamma_c, beta_c,  # inputs (wh: output with FUSE_GEMM)
+        acts, c_out, tanh_c, h_out, mean_h, invstd_h, mean_c, invstd_c,  # outputs
+        B, H, eps_h, eps_c,
+        FUSE_GEMM: tl.constexpr, BN_H: tl.constexpr, BN_C: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, LIBDEVICE: tl.constexpr,
+    ):
+        """One time step forward for hidden units [pid*BLOCK_H, (pid+1)*BLOCK_H), all rows.
+
+        h_prev, c_prev, c_out, tanh_c, h_out: (B, H); weight: W_h (4H, H); wh, ax, acts:
+        (B, 4H); mean_h, invstd_h, gamma_h: (4H,); mean_c, invstd_c, gamma_c, beta_c: (H,).
+        ``wh`` = W_h h_{t-1} is read, or with FUSE_GEMM computed here (and stored for BN_h's
+        backward).
+        """
+        rows, units, gate, feature, feature_ok, tile, tile_ok, cell, cell_ok = _layout(B, H, BLOCK_B, BLOCK_H)
+        if FUSE_GEMM:
+            # This program's 4 BLOCK_H columns of h_{t-1} W_h^T: (B, H) @ (H, 4 BLOCK_H).
+            a = tl.zeros((BLOCK_B, 4 * BLOCK_H), dtype=h_prev.dtype.element_ty)
+            for k0 in range(0, H, BLOCK_K):
+                k = k0 + tl.arange(0, BLOCK_K)
+                h_k = tl.load(h_prev + rows[:, None] * H + k[None, :], mask=(rows[:, None] < B) & (k[None, :] < H),
+                              other=0.0)
+                a += tl.dot(h_k, _product_columns(weight, H, BLOCK_H, BLOCK_K, k0), input_precision="ieee")
+            a = tl.reshape(a, (BLOCK_B, 4, BLOCK_H))
+            if BN_H:
+                tl.store(wh + tile, a, mask=tile_ok)
+        else:
+            a = tl.load(wh + tile, mask=tile_ok, other=0.0)
+        c_prev = tl.load(c_prev + cell, mask=cell_ok, other=0.0)
+        _cell_forward(a, c_prev, ax, gamma_h, gamma_c, beta_c, acts, c_out, tanh_c, h_out, mean_h, invstd_h, mean_c,
+                      invstd_c, B, H, eps_h, eps_c, BN_H, BN_C, BLOCK_B, BLOCK_H, LIBDEVICE)
+
+    def _step_backward(
+        dh, grad_h_t, d_wh_next, weight, has_next,  # dL/dh_t: read from dh, or with FUSE_GEMM computed
+        dc, acts, tanh_c, c, c_prev, wh, mean_h, invstd_h, gamma_h, mean_c, invstd_c, gamma_c,  # inputs
+        d_pre, d_wh, dgamma_h, dgamma_c, dbeta_c,  # outputs (and dc, updated in place)
+        B, H,
+        FUSE_GEMM: tl.constexpr, BN_H: tl.constexpr, BN_C: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """One time step backward for the same block of hidden units as the forward.
+
+        dh (B, H): total dL/dh_t; with FUSE_GEMM it is computed here instead, as grad_h_t
+        (B, H) (the loss's own gradient at h_t) plus, when ``has_next``, d_wh_next (B, 4H)
+        (step t+1's dL/d(W_h h_t)) times W_h (4H, H). dc (B, H): on entry dL/dc_t from step
+        t+1, on exit dL/dc_{t-1}. The other outputs as in :func:`_cell_backward`.
+        """
+        rows, units, gate, feature, feature_ok, tile, tile_ok, cell, cell_ok = _layout(B, H, BLOCK_B, BLOCK_H)
+        unit_ok = units < H
+        if FUSE_GEMM:
+            grad_h = tl.load(grad_h_t + cell, mask=cell_ok, other=0.0)
+            if has_next:
+                # (B, 4H) @ (4H, BLOCK_H): this program's columns of dL/dh_t through step t+1.
+                for n0 in range(0, 4 * H, BLOCK_K):
+                    n = n0 + tl.arange(0, BLOCK_K)
+                    d_n = tl.load(d_wh_next + rows[:, None] * (4 * H) + n[None, :],
+                                  mask=(rows[:, None] < B) & (n[None, :] < 4 * H), other=0.0)
+                    w_n = tl.load(weight + n[:, None] * H + units[None, :],
+                                  mask=(n[:, None] < 4 * H) & unit_ok[None, :], other=0.0)
+                    grad_h += tl.dot(d_n, w_n, input_precision="ieee")
+        else:
+            grad_h = tl.load(dh + cell, mask=cell_ok, other=0.0)
+        d_c = tl.load(dc + cell, mask=cell_ok, other=0.0)
+        c_prev = tl.load(c_prev + cell, mask=cell_ok, other=0.0)
+        d_c_prev = _cell_backward(grad_h, d_c, c_prev, acts, tanh_c, c, wh, mean_h, invstd_h, gamma_h, mean_c,
+                                  invstd_c, gamma_c, d_pre, d_wh, dgamma_h, dgamma_c, dbeta_c, B, H, BN_H, BN_C,
+                                  BLOCK_B, BLOCK_H)
+        tl.store(dc + cell, d_c_prev, mask=cell_ok)
 
     # On CPU these run only in Triton's interpreter (TRITON_INTERPRET=1 before triton is first
     # imported), as the tests without a GPU do.
