@@ -50,10 +50,13 @@ def train_step(layer, x, state, weight):
     return out, c, {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
 
 
-def test_cuda_graph_replays_equal_step_by_step_launches():
+def test_cuda_graph_replays_equal_step_by_step_launches(monkeypatch):
     """Graphs captured once, replayed with new weights and inputs: the same numbers as the
-    kernels launched step by step (same kernels, so equal to rounding)."""
-    from bnrnn.nn import gpu_recurrence
+    kernels launched step by step (same kernels, so equal to rounding; an eager sequence
+    would otherwise run on the whole-sequence kernels)."""
+    from bnrnn.nn import gpu_recurrence, triton_sequence
+
+    monkeypatch.setattr(triton_sequence, "PERSISTENT_MAX_HIDDEN", 0)
 
     torch.manual_seed(1)
     graphed = BNLSTM(3, 48, max_steps=30).cuda().train()
@@ -77,9 +80,12 @@ def test_cuda_graph_replays_equal_step_by_step_launches():
     assert len(gpu_recurrence._graphs) == 1
 
 
-def test_interleaved_sequences_of_one_shape_keep_their_own_saved_results():
+def test_interleaved_sequences_of_one_shape_keep_their_own_saved_results(monkeypatch):
     """Two forwards of the same shape before either backward (e.g. two chunks, or a second
     model): the second replay overwrites the graph's buffers, the first backward restores its own."""
+    from bnrnn.nn import triton_sequence
+
+    monkeypatch.setattr(triton_sequence, "PERSISTENT_MAX_HIDDEN", 0)  # the eager twin on the same kernels
     torch.manual_seed(2)
     graphed = BNLSTM(3, 32, max_steps=20).cuda().train()
     eager = copy.deepcopy(graphed)
@@ -92,3 +98,65 @@ def test_interleaved_sequences_of_one_shape_keep_their_own_saved_results():
         results.append({n: p.grad for n, p in layer.named_parameters()})
     for name, grad in results[1].items():
         torch.testing.assert_close(results[0][name], grad, atol=1e-6, rtol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def run_recurrence(monkeypatch, persistent: bool, inputs, switches):
+    """TritonLSTMRecurrence (no graphs) on the whole-sequence kernels or the step kernels:
+    outputs and every gradient."""
+    from bnrnn.nn import triton_sequence
+    from bnrnn.nn.gpu_recurrence import TritonLSTMRecurrence
+
+    monkeypatch.setattr(triton_sequence, "PERSISTENT_MAX_HIDDEN", 10**9 if persistent else 0)
+    xin, w, gamma_h, gamma_c, beta_c, h0, c0, weight = (t.detach().clone().requires_grad_() for t in inputs)
+    _, bn_h, bn_c = switches
+    args = (xin, w, gamma_h if bn_h else None, gamma_c if bn_c else None, beta_c if bn_c else None, h0, c0)
+    hs, c_last = TritonLSTMRecurrence.apply(*args, (1e-5, 1e-4), {}, False)
+    ((hs * weight.detach()).sum() + c_last.square().sum()).backward()
+    return [hs, c_last] + [t.grad for t in args if t is not None]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("switches", [(True, True, True), (True, False, True), (False, False, False)])
+def test_whole_sequence_kernels_on_many_programs_equal_the_step_kernels(monkeypatch, dtype, switches):
+    """The persistent kernels with the grid barrier (7-25 programs at H = 100), against the
+    step kernels (which need no barrier), forward and backward."""
+    from bnrnn.nn import triton_sequence
+
+    # float64 tiles of H = 100 need more shared memory than an H100 has (the production path
+    # is float32 only): a smaller layer, still over several programs.
+    T, B, H = (60, 64, 100) if dtype == torch.float32 else (40, 32, 40)
+    config = triton_sequence.sequence_config(T, B, H, torch.device("cuda"))
+    assert config.forward_programs > 1 and config.backward_programs > 1
+    g = torch.Generator(device="cuda").manual_seed(3)
+
+    def rand(*shape, scale=1.0):
+        return scale * torch.randn(*shape, generator=g, device="cuda", dtype=dtype)
+
+    # gammas near the paper's 0.1: with gain 1 the recurrence is chaotic, and two float32
+    # summation orders drift apart by 1e-4 within 60 steps.
+    inputs = (rand(T, B, 4 * H), rand(4 * H, H, scale=0.1), 0.1 + rand(4 * H, scale=0.01),
+              0.1 + rand(H, scale=0.01), rand(H, scale=0.1), rand(B, H), rand(B, H), rand(T, B, H))
+    whole = run_recurrence(monkeypatch, True, inputs, switches)
+    steps = run_recurrence(monkeypatch, False, inputs, switches)
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-8, rtol=1e-6)
+    for i, (a, b) in enumerate(zip(whole, steps)):
+        torch.testing.assert_close(a, b, **tol, msg=lambda m: f"result {i}: {m}")
+
+
+def test_whole_sequence_barrier_holds_with_one_unit_per_program(monkeypatch):
+    """The smallest blocks the kernels allow (many programs, each waiting on all others every
+    step), repeated: every run equal to the first (a missed barrier reads a stale h)."""
+    from bnrnn.nn import triton_lstm, triton_sequence
+
+    monkeypatch.setattr(triton_sequence, "FORWARD_BLOCK_H", 4)
+    T, B, H = 200, 32, 128
+    config = triton_sequence.sequence_config(T, B, H, torch.device("cuda"))
+    assert config.forward_programs == 32
+    torch.manual_seed(4)
+    xin = torch.randn(T, B, 4 * H, device="cuda")
+    p = triton_lstm.Parameters(0.1 * torch.randn(4 * H, H, device="cuda"), torch.ones(4 * H, device="cuda"),
+                               torch.ones(H, device="cuda"), torch.zeros(H, device="cuda"), 1e-5, 1e-5)
+    h0, c0 = torch.zeros(B, H, device="cuda"), torch.zeros(B, H, device="cuda")
+    first = triton_lstm.run_sequence(xin, p, h0, c0).hs
+    for _ in range(20):
+        torch.testing.assert_close(triton_lstm.run_sequence(xin, p, h0, c0).hs, first, atol=0, rtol=0)

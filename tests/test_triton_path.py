@@ -9,7 +9,7 @@ tests/test_cuda.py).
 import pytest
 import torch
 
-from bnrnn.nn import triton_lstm
+from bnrnn.nn import triton_lstm, triton_sequence
 from bnrnn.nn.gpu_recurrence import TritonLSTMRecurrence
 from test_fused import SWITCH_IDS, SWITCHES, assert_same_buffers, assert_same_results, run_with_grads, twin_layers
 
@@ -17,22 +17,36 @@ pytestmark = pytest.mark.skipif(triton_lstm.triton is None, reason="triton is no
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(params=["fused_gemm", "cublas_gemm"])
+PATHS = ["persistent", "fused_gemm", "cublas_gemm"]
+
+
+def route(monkeypatch, path: str) -> None:
+    """Run the recurrence on one of the Triton paths: the whole-sequence (persistent)
+    kernels, or the step kernels with the recurrent product inside them or as a GEMM per step."""
+    monkeypatch.setattr(triton_sequence, "PERSISTENT_MAX_HIDDEN", 10**9 if path == "persistent" else 0)
+    monkeypatch.setattr(triton_lstm, "FUSE_GEMM_MAX_BATCH", 10**9 if path == "fused_gemm" else 0)
+
+
+@pytest.fixture(params=PATHS)
 def triton_path(request, monkeypatch):
     """Route every fast-path batch-statistics forward (any device, dtype) through the Triton
-    kernels, with the recurrent product inside the kernels or as a separate GEMM per step;
-    counts how many sequences took the path."""
+    kernels (see :func:`route`); counts how many sequences took the path."""
     calls = []
-    run_forward = triton_lstm.run_forward
+    runners = {"whole": triton_sequence.run_forward, "steps": triton_lstm.forward_steps}
 
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return run_forward(*args, **kwargs)
+    def spy(kind: str):
+        def counted(*args, **kwargs):
+            calls.append(kind)
+            return runners[kind](*args, **kwargs)
+        return counted
 
     monkeypatch.setattr(triton_lstm, "available", lambda x: True)
-    monkeypatch.setattr(triton_lstm, "run_forward", counted)
-    monkeypatch.setattr(triton_lstm, "FUSE_GEMM_MAX_BATCH", 10**9 if request.param == "fused_gemm" else 0)
-    return calls
+    monkeypatch.setattr(triton_sequence, "run_forward", spy("whole"))
+    monkeypatch.setattr(triton_lstm, "forward_steps", spy("steps"))
+    route(monkeypatch, request.param)
+    expected = "whole" if request.param == "persistent" else "steps"
+    yield calls
+    assert set(calls) <= {expected}, f"the {request.param} path ran {set(calls)}"
 
 
 def on_device(fast, ref):
@@ -95,10 +109,10 @@ def test_no_grad_training_forward_and_batch_statistics_eval(triton_path):
     assert_same_buffers(fast, ref, atol=1e-10)
 
 
-@pytest.mark.parametrize("fuse_gemm", [True, False], ids=["fused_gemm", "cublas_gemm"])
-def test_gradcheck_float64(monkeypatch, fuse_gemm):
+@pytest.mark.parametrize("path", PATHS)
+def test_gradcheck_float64(monkeypatch, path):
     """The kernels' hand-derived backward against finite differences, every input."""
-    monkeypatch.setattr(triton_lstm, "FUSE_GEMM_MAX_BATCH", 10**9 if fuse_gemm else 0)
+    route(monkeypatch, path)
     g = torch.Generator().manual_seed(0)
 
     def rand(*shape):
@@ -114,6 +128,33 @@ def test_gradcheck_float64(monkeypatch, fuse_gemm):
 
     # fast mode: checks random projections of the Jacobian (a full check takes a minute interpreted)
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, fast_mode=True)
+
+
+@pytest.mark.parametrize("switches", SWITCHES[:-1], ids=SWITCH_IDS[:-1])  # vanilla has no statistics
+def test_population_inference_runs_in_one_launch(monkeypatch, switches):
+    """Evaluation with population statistics on the whole-sequence inference kernel: the
+    reference's outputs and final state, with T > T_max (the last step's statistics reused)
+    and a chunk starting at t0 > 0."""
+    calls = []
+    run_inference = triton_sequence.run_inference
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return run_inference(*args, **kwargs)
+
+    monkeypatch.setattr(triton_lstm, "available", lambda x: True)
+    monkeypatch.setattr(triton_sequence, "run_inference", counted)
+    route(monkeypatch, "persistent")
+    fast, ref = on_device(*twin_layers(switches, torch.float64, randomised=True, seed=7))
+    x = torch.randn(9, 7, 3, dtype=torch.float64, device=DEVICE)
+    state = tuple(torch.randn(7, 5, dtype=torch.float64, device=DEVICE) for _ in range(2))
+    with torch.no_grad():
+        for t0 in (0, 4):
+            out_f, (h_f, c_f) = fast.eval()(x, state, t0)
+            out_r, (h_r, c_r) = ref.eval()(x, state, t0)
+            torch.testing.assert_close(out_f, out_r, atol=1e-11, rtol=1e-9)
+            torch.testing.assert_close(c_f, c_r, atol=1e-11, rtol=1e-9)
+    assert len(calls) == 2
 
 
 def test_the_path_is_only_taken_where_it_can_run():

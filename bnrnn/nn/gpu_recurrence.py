@@ -50,10 +50,10 @@ class GraphedRecurrence:
         self.generation = 0  # forward replays so far; tells a backward whether its buffers are intact
 
     def forward_loop(self) -> None:
-        triton_lstm.run_forward(self.xin, self.params, self.h0, self.c0, self.saved)
+        triton_lstm.run_forward(self.xin, self.params, self.h0, self.c0, self.saved, graphed=True)
 
     def backward_loop(self) -> Gradients:
-        return run_backward(self.grad_hs, self.grad_c, self.params, self.h0, self.c0, self.saved)
+        return run_backward(self.grad_hs, self.grad_c, self.params, self.h0, self.c0, self.saved, graphed=True)
 
     def load(self, xin, p: Parameters, h0, c0) -> None:
         self.xin.copy_(xin)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from bnrnn.nn import triton_lstm
+from bnrnn.nn import triton_lstm, triton_sequence
 from bnrnn.nn.fused import FusedLSTMRecurrence, Norms, population_recurrence, recurrence_forward
 from bnrnn.nn.gpu_recurrence import TritonLSTMRecurrence
 from bnrnn.nn.timebn import TimeBatchNorm
@@ -245,7 +245,15 @@ class BNLSTM(nn.Module):
                 xin += h_shift.unsqueeze(1)
             if self.bn_c is not None:
                 c_scale, c_shift = self.bn_c.affine_at(t0, steps)
-            hs, c_last = population_recurrence(xin, self.weight_hh, h_scale, c_scale, c_shift, h0, c0)
+            whole = (triton_sequence.sequence_config(steps, xin.shape[1], self.hidden_size, xin.device)
+                     if self.gpu_kernels and triton_lstm.available(xin) else None)
+            if whole is not None:  # one kernel launch for the sequence (GPU)
+                hs, c_last = triton_sequence.run_inference(
+                    xin.contiguous(), self.weight_hh, *(None if t is None else t.contiguous() for t in
+                                                        (h_scale, c_scale, c_shift)),
+                    h0.contiguous(), c0.contiguous(), whole)
+            else:
+                hs, c_last = population_recurrence(xin, self.weight_hh, h_scale, c_scale, c_shift, h0, c0)
         return hs, (hs[-1], c_last)
 
     def forward_reference(

@@ -29,6 +29,11 @@ On CUDA the two loops can be captured as CUDA graphs
 (:class:`bnrnn.nn.gpu_recurrence.GraphedRecurrence`), which
 removes the remaining per-launch CPU cost; on CPU the kernels run in Triton's interpreter,
 which is how the tests check them on machines without a GPU.
+
+:func:`run_forward` and :func:`run_backward` run a sequence that is not being captured as a
+graph on the whole-sequence kernels of :mod:`bnrnn.nn.triton_sequence` instead, where those
+apply (one launch in place of T; they write the same buffers). The cell arithmetic both use
+is in :mod:`bnrnn.nn.triton_cell`.
 """
 
 from __future__ import annotations
@@ -37,11 +42,11 @@ from dataclasses import dataclass, fields
 
 import torch
 
-try:  # Triton ships with PyTorch's CUDA builds for Linux; without it the ATen path is used.
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the installation
-    triton = None
+from bnrnn.nn import triton_sequence
+from bnrnn.nn.triton_cell import tl, triton
+
+if triton is not None:
+    from bnrnn.nn.triton_cell import _cell_backward, _cell_forward, _layout, _product_columns
 
 # Largest batch one program holds in registers (its rows are reduced over for BN).
 MAX_BATCH = 256
@@ -55,158 +60,6 @@ def available(x: torch.Tensor) -> bool:
 
 
 if triton is not None:
-
-    from triton.language.extra import libdevice
-
-    @triton.jit
-    def _tanh(x, LIBDEVICE: tl.constexpr):
-        """tanh: the CUDA math library's on a GPU; 2 sigmoid(2x) - 1 in Triton's CPU interpreter,
-        which has no libdevice (about 1e-7 absolute error, which compounds over hundreds of
-        steps: twice the float32 drift of ATen's tanh at T=200)."""
-        if LIBDEVICE:
-            return libdevice.tanh(x)
-        else:
-            return 2.0 * tl.sigmoid(2.0 * x) - 1.0
-
-    @triton.jit
-    def _layout(B, H, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
-        """Index tiles of this program's block: hidden units [pid*BLOCK_H, (pid+1)*BLOCK_H), all rows.
-
-        Returns rows (BLOCK_B,), units (BLOCK_H,), gate (4,); feature (4, BLOCK_H) the gate
-        features k*H + j and its mask; tile (BLOCK_B, 4, BLOCK_H) offsets into a (B, 4H)
-        buffer and its mask; cell (BLOCK_B, BLOCK_H) offsets into a (B, H) buffer and its mask.
-        """
-        rows = tl.arange(0, BLOCK_B)
-        units = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
-        gate = tl.arange(0, 4)
-        feature = gate[:, None] * H + units[None, :]
-        feature_ok = (gate[:, None] < 4) & (units[None, :] < H)
-        tile = rows[:, None, None] * (4 * H) + feature[None, :, :]
-        tile_ok = (rows[:, None, None] < B) & feature_ok[None, :, :]
-        cell = rows[:, None] * H + units[None, :]
-        cell_ok = (rows[:, None] < B) & (units[None, :] < H)
-        return rows, units, gate, feature, feature_ok, tile, tile_ok, cell, cell_ok
-
-    @triton.jit
-    def _gate(act, gate, K: tl.constexpr):
-        """Gate K's (BLOCK_B, BLOCK_H) slice of a (BLOCK_B, 4, BLOCK_H) tile."""
-        return tl.sum(tl.where((gate == K)[None, :, None], act, 0.0), axis=1)
-
-    @triton.jit
-    def _product_columns(weight, H, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, k0):
-        """Rows k0 .. k0+BLOCK_K of this program's 4 BLOCK_H columns of W_h^T: (BLOCK_K,
-        4 BLOCK_H), column n = gate * BLOCK_H + unit offset (the order of a (4, BLOCK_H) tile)."""
-        n = tl.arange(0, 4 * BLOCK_H)
-        n_unit = tl.program_id(0) * BLOCK_H + n % BLOCK_H
-        n_feature = (n // BLOCK_H) * H + n_unit
-        k = k0 + tl.arange(0, BLOCK_K)
-        return tl.load(weight + n_feature[None, :] * H + k[:, None], mask=(n_unit[None, :] < H) & (k[:, None] < H),
-                       other=0.0)
-
-    @triton.jit
-    def _cell_forward(
-        a, c_prev, ax, gamma_h, gamma_c, beta_c,  # a: W_h h_{t-1} tile; c_prev: (BLOCK_B, BLOCK_H)
-        acts, c_out, tanh_c, h_out, mean_h, invstd_h, mean_c, invstd_c,  # outputs of this step
-        B, H, eps_h, eps_c,
-        BN_H: tl.constexpr, BN_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
-        LIBDEVICE: tl.constexpr,
-    ):
-        """One step of the cell after the recurrent product, for this program's block.
-
-        a: (BLOCK_B, 4, BLOCK_H) W_h h_{t-1} (BN_h's input); c_prev: (BLOCK_B, BLOCK_H). The
-        pointers are this step's: ax, acts (B, 4H); c_out, tanh_c, h_out (B, H); mean_h,
-        invstd_h, gamma_h (4H,); mean_c, invstd_c, gamma_c, beta_c (H,). ``acts`` receives
-        sigmoid(i~), sigmoid(f~), tanh(g~), sigmoid(o~). Returns c_t (BLOCK_B, BLOCK_H).
-        """
-        rows, units, gate, feature, feature_ok, tile, tile_ok, cell, cell_ok = _layout(B, H, BLOCK_B, BLOCK_H)
-        if BN_H:
-            mean = tl.sum(tl.where(tile_ok, a, 0.0), axis=0) / B
-            centred = tl.where(tile_ok, a - mean[None, :, :], 0.0)
-            # 1/sqrt, not tl.rsqrt: the latter is an approximate instruction on GPUs.
-            invstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / B + eps_h)
-            tl.store(mean_h + feature, mean, mask=feature_ok)
-            tl.store(invstd_h + feature, invstd, mask=feature_ok)
-            scale = invstd * tl.load(gamma_h + feature, mask=feature_ok, other=0.0)
-            a = centred * scale[None, :, :]
-        a = a + tl.load(ax + tile, mask=tile_ok, other=0.0)
-        act = tl.where((gate == 2)[None, :, None], _tanh(a, LIBDEVICE), tl.sigmoid(a))
-        tl.store(acts + tile, act, mask=tile_ok)
-        i, f, g, o = _gate(act, gate, 0), _gate(act, gate, 1), _gate(act, gate, 2), _gate(act, gate, 3)
-
-        c = f * c_prev + i * g
-        tl.store(c_out + cell, c, mask=cell_ok)
-        cn = c
-        if BN_C:
-            unit_ok = units < H
-            mean = tl.sum(tl.where(cell_ok, c, 0.0), axis=0) / B
-            centred = tl.where(cell_ok, c - mean[None, :], 0.0)
-            invstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / B + eps_c)
-            tl.store(mean_c + units, mean, mask=unit_ok)
-            tl.store(invstd_c + units, invstd, mask=unit_ok)
-            scale = invstd * tl.load(gamma_c + units, mask=unit_ok, other=0.0)
-            cn = centred * scale[None, :] + tl.load(beta_c + units, mask=unit_ok, other=0.0)[None, :]
-        tc = _tanh(cn, LIBDEVICE)
-        tl.store(tanh_c + cell, tc, mask=cell_ok)
-        tl.store(h_out + cell, o * tc, mask=cell_ok)
-        return c
-
-    @triton.jit
-    def _cell_backward(
-        grad_h, d_c, c_prev, acts, tanh_c, c, wh, mean_h, invstd_h, gamma_h, mean_c, invstd_c, gamma_c,  # inputs
-        d_pre, d_wh, dgamma_h, dgamma_c, dbeta_c,  # outputs of this step
-        B, H,
-        BN_H: tl.constexpr, BN_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
-    ):
-        """One step of the cell backward for this program's block, given dL/dh_t.
-
-        grad_h, d_c, c_prev: (BLOCK_B, BLOCK_H) the total dL/dh_t, dL/dc_t from step t+1, and
-        c_{t-1}. The pointers are this step's, laid out as in :func:`_cell_forward`. Writes
-        d_pre (B, 4H) = dL/d(pre-activation) (= dL/d(xin_t)), d_wh (B, 4H) = dL/d(W_h h_{t-1})
-        (only with BN_H; without it, that is d_pre), and this step's dgamma_h (4H,), dgamma_c,
-        dbeta_c (H,). Returns dL/dc_{t-1} (BLOCK_B, BLOCK_H).
-        """
-        rows, units, gate, feature, feature_ok, tile, tile_ok, cell, cell_ok = _layout(B, H, BLOCK_B, BLOCK_H)
-        unit_ok = units < H
-        act = tl.load(acts + tile, mask=tile_ok, other=0.0)
-        i, f, g, o = _gate(act, gate, 0), _gate(act, gate, 1), _gate(act, gate, 2), _gate(act, gate, 3)
-        tc = tl.load(tanh_c + cell, mask=cell_ok, other=0.0)
-
-        # h = o * tanh(cn), cn = BN_c(c)
-        d_o = grad_h * tc * o * (1.0 - o)
-        d_cn = tl.where(cell_ok, grad_h * o * (1.0 - tc * tc), 0.0)
-        if BN_C:
-            invstd = tl.load(invstd_c + units, mask=unit_ok, other=0.0)
-            xhat = tl.where(cell_ok, (tl.load(c + cell, mask=cell_ok, other=0.0)
-                                      - tl.load(mean_c + units, mask=unit_ok, other=0.0)[None, :]) * invstd[None, :], 0.0)
-            d_beta = tl.sum(d_cn, axis=0)
-            d_gamma = tl.sum(d_cn * xhat, axis=0)
-            tl.store(dbeta_c + units, d_beta, mask=unit_ok)
-            tl.store(dgamma_c + units, d_gamma, mask=unit_ok)
-            scale = invstd * tl.load(gamma_c + units, mask=unit_ok, other=0.0)
-            d_c += scale[None, :] * (d_cn - (d_beta[None, :] + xhat * d_gamma[None, :]) / B)
-        else:
-            d_c += d_cn
-        # c = f * c_prev + i * g
-        d_i = d_c * g * i * (1.0 - i)
-        d_f = d_c * c_prev * f * (1.0 - f)
-        d_g = d_c * i * (1.0 - g * g)
-        d = tl.where((gate == 0)[None, :, None], d_i[:, None, :],
-                     tl.where((gate == 1)[None, :, None], d_f[:, None, :],
-                              tl.where((gate == 2)[None, :, None], d_g[:, None, :], d_o[:, None, :])))
-        d = tl.where(tile_ok, d, 0.0)
-        tl.store(d_pre + tile, d, mask=tile_ok)
-        if BN_H:
-            invstd = tl.load(invstd_h + feature, mask=feature_ok, other=0.0)
-            xhat = tl.where(tile_ok, (tl.load(wh + tile, mask=tile_ok, other=0.0)
-                                      - tl.load(mean_h + feature, mask=feature_ok, other=0.0)[None, :, :])
-                            * invstd[None, :, :], 0.0)
-            d_sum = tl.sum(d, axis=0)
-            d_gamma = tl.sum(d * xhat, axis=0)
-            tl.store(dgamma_h + feature, d_gamma, mask=feature_ok)
-            scale = invstd * tl.load(gamma_h + feature, mask=feature_ok, other=0.0)
-            tl.store(d_wh + tile, scale[None, :, :] * (d - (d_sum[None, :, :] + xhat * d_gamma[None, :, :]) / B),
-                     mask=tile_ok)
-        return d_c * f
 
     def _step_forward(
         h_prev, weight, wh, ax, gamma_h, c_prev, gamma_c, beta_c,  # inputs (wh: output with FUSE_GEMM)
@@ -425,9 +278,22 @@ def run_sequence(xin: torch.Tensor, p: Parameters, h0: torch.Tensor, c0: torch.T
     return out
 
 
-def run_forward(xin: torch.Tensor, p: Parameters, h0: torch.Tensor, c0: torch.Tensor, out: Recurrence) -> None:
+def run_forward(xin: torch.Tensor, p: Parameters, h0: torch.Tensor, c0: torch.Tensor, out: Recurrence,
+                graphed: bool = False) -> None:
     """The recurrence with batch statistics, into ``out``. xin (T, B, 4H); h0, c0 (B, H)
-    contiguous."""
+    contiguous. ``graphed``: this call is being captured as a CUDA graph, where the step
+    kernels are faster than the whole-sequence kernel (see :mod:`bnrnn.nn.triton_sequence`)."""
+    T, B, G = xin.shape
+    H = G // 4
+    whole = None if graphed else triton_sequence.sequence_config(T, B, H, xin.device)
+    if whole is not None:
+        triton_sequence.run_forward(xin, p, h0, c0, out, whole)
+    else:
+        forward_steps(xin, p, h0, c0, out)
+
+
+def forward_steps(xin: torch.Tensor, p: Parameters, h0: torch.Tensor, c0: torch.Tensor, out: Recurrence) -> None:
+    """The forward loop on the step kernels, into ``out``."""
     T, B, G = xin.shape
     H = G // 4
     config = launch_config(B, H)
@@ -451,20 +317,42 @@ def run_forward(xin: torch.Tensor, p: Parameters, h0: torch.Tensor, c0: torch.Te
 
 
 def run_backward(grad_hs: torch.Tensor, grad_c_last: torch.Tensor, p: Parameters, h0: torch.Tensor, c0: torch.Tensor,
-                 saved: Recurrence) -> Gradients:
+                 saved: Recurrence, graphed: bool = False) -> Gradients:
     """The backward of :func:`run_forward`. grad_hs (T, B, H) and grad_c_last (B, H)
-    contiguous; ``saved`` is the forward's :class:`Recurrence`."""
+    contiguous; ``saved`` is the forward's :class:`Recurrence`; ``graphed`` as there."""
     T, B, H = grad_hs.shape
     G = 4 * H
-    config = launch_config(B, H)
     bn_h, bn_c = p.bn_h, p.bn_c
-    ptr = p.pointer
     d_pre = grad_hs.new_empty(T, B, G)
     d_wh = grad_hs.new_empty(T, B, G) if bn_h else d_pre
     dgamma_h = grad_hs.new_empty(T if bn_h else 0, G)
     dgamma_c = grad_hs.new_empty(T if bn_c else 0, H)
     dbeta_c = grad_hs.new_empty(T if bn_c else 0, H)
-    dc = grad_c_last.clone()
+    whole = None if graphed else triton_sequence.sequence_config(T, B, H, grad_hs.device)
+    if whole is not None:
+        dc = torch.empty_like(grad_c_last)
+        triton_sequence.run_backward(grad_hs, grad_c_last, p, c0, saved, d_pre, d_wh, dgamma_h, dgamma_c, dbeta_c, dc,
+                                     whole)
+    else:
+        dc = grad_c_last.clone()
+        backward_steps(grad_hs, p, c0, saved, d_pre, d_wh, dgamma_h, dgamma_c, dbeta_c, dc)
+    grad_h0 = torch.mm(d_wh[0], p.weight_hh)
+    # dL/dW_h = sum_t dWh_t^T h_{t-1}: one GEMM over steps 1.., plus step 0's with h0.
+    grad_w = torch.mm(d_wh[0].t(), h0)
+    if T > 1:
+        grad_w.addmm_(d_wh[1:].reshape(-1, G).t(), saved.hs[:-1].reshape(-1, H))
+    return Gradients(xin=d_pre, weight_hh=grad_w, h0=grad_h0, c0=dc,
+                     gamma_h=dgamma_h.sum(0) if bn_h else None,
+                     gamma_c=dgamma_c.sum(0) if bn_c else None, beta_c=dbeta_c.sum(0) if bn_c else None)
+
+
+def backward_steps(grad_hs, p: Parameters, c0, saved: Recurrence, d_pre, d_wh, dgamma_h, dgamma_c, dbeta_c, dc) -> None:
+    """The backward loop on the step kernels, t = T-1 .. 0, into the (T, ...) buffers; dc (B, H)
+    holds dL/dc_T on entry and dL/dc_0 on exit."""
+    T, B, H = grad_hs.shape
+    config = launch_config(B, H)
+    bn_h, bn_c = p.bn_h, p.bn_c
+    ptr = p.pointer
     dh = grad_hs.new_empty(B, H)
     for t in range(T - 1, -1, -1):
         has_next = t < T - 1
@@ -483,11 +371,3 @@ def run_backward(grad_hs: torch.Tensor, grad_c_last: torch.Tensor, p: Parameters
             dgamma_h[t] if bn_h else p.placeholder, dgamma_c[t] if bn_c else p.placeholder,
             dbeta_c[t] if bn_c else p.placeholder,
             B, H, BN_H=bn_h, BN_C=bn_c, **config.constexprs())
-    grad_h0 = torch.mm(d_wh[0], p.weight_hh)
-    # dL/dW_h = sum_t dWh_t^T h_{t-1}: one GEMM over steps 1.., plus step 0's with h0.
-    grad_w = torch.mm(d_wh[0].t(), h0)
-    if T > 1:
-        grad_w.addmm_(d_wh[1:].reshape(-1, G).t(), saved.hs[:-1].reshape(-1, H))
-    return Gradients(xin=d_pre, weight_hh=grad_w, h0=grad_h0, c0=dc,
-                     gamma_h=dgamma_h.sum(0) if bn_h else None,
-                     gamma_c=dgamma_c.sum(0) if bn_c else None, beta_c=dbeta_c.sum(0) if bn_c else None)
