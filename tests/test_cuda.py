@@ -143,9 +143,10 @@ def test_whole_sequence_kernels_on_many_programs_equal_the_step_kernels(monkeypa
         torch.testing.assert_close(a, b, **tol, msg=lambda m: f"result {i}: {m}")
 
 
-def test_whole_sequence_barrier_holds_with_one_unit_per_program(monkeypatch):
-    """The smallest blocks the kernels allow (many programs, each waiting on all others every
-    step), repeated: every run equal to the first (a missed barrier reads a stale h)."""
+def test_whole_sequence_barrier_holds_over_32_programs(monkeypatch):
+    """The smallest blocks the kernels allow (4 units: 32 programs at H = 128, each waiting on
+    all others every step), repeated: every run equal to the first (a missed barrier would
+    read a stale h)."""
     from bnrnn.nn import triton_lstm, triton_sequence
 
     monkeypatch.setattr(triton_sequence, "FORWARD_BLOCK_H", 4)
