@@ -62,6 +62,7 @@ class ModelConfig:
     fused: bool = True
     gpu_kernels: bool = True
     cuda_graphs: bool = True
+    cpu_kernels: bool = True
 
 
 @dataclass

@@ -24,4 +24,5 @@ def build_rnn(model_cfg: DictConfig, input_size: int, train_length: int) -> BNLS
         fused=model_cfg.fused,
         gpu_kernels=model_cfg.gpu_kernels,
         cuda_graphs=model_cfg.cuda_graphs,
+        cpu_kernels=model_cfg.cpu_kernels,
     )

@@ -26,6 +26,9 @@ from __future__ import annotations
 
 import torch
 
+from bnrnn.nn import cpu_kernels
+from bnrnn.nn.workspace import WORKSPACE
+
 aten = torch.ops.aten
 
 
@@ -96,13 +99,15 @@ class Norms:
         self.eps_x, self.eps_h, self.eps_c = eps
 
 
-def recurrence_forward(wx, weight_hh, norms: Norms, h0, c0, keep_for_backward: bool):
+def recurrence_forward(wx, weight_hh, norms: Norms, h0, c0, keep_for_backward: bool, compiled: bool = True):
     """The LSTM recurrence with batch statistics for the normalised terms.
 
     Args:
         wx: (T, B, 4H) = W_x x of every step (plus b when x is not normalised).
         weight_hh: (4H, H).
         h0, c0: (B, H).
+        compiled: run the loop in the compiled CPU extension (:mod:`bnrnn.nn.cpu_kernels`)
+            where it applies; otherwise, or where it does not, the ATen loop below.
     Returns:
         hs (T, B, H), cs (T, B, H) (the cell states), and a dict holding the per-step
         statistics ``mean_x, invstd_x, mean_h, invstd_h, mean_c, invstd_c`` ((T, F) each,
@@ -111,23 +116,49 @@ def recurrence_forward(wx, weight_hh, norms: Norms, h0, c0, keep_for_backward: b
     T, B, G = wx.shape
     H = G // 4
     n = norms
-    product = RecurrentProduct(weight_hh, B)
-    hs = wx.new_empty(T, B, H)
-    cs = wx.new_empty(T, B, H)
-    sig = wx.new_empty(T, B, G)  # sigmoid of every pre-activation (the g block is unused)
-    tanh_g = wx.new_empty(T, B, H)
-    tanh_c = wx.new_empty(T, B, H)
-    wh_steps = []  # W_h h_{t-1} of each step, BN_h's input (kept for its backward)
+    hs = WORKSPACE.empty((T, B, H), wx)
+    cs = WORKSPACE.empty((T, B, H), wx)
+    sig = WORKSPACE.empty((T, B, G), wx)  # the activated gates
+    tanh_c = WORKSPACE.empty((T, B, H), wx)
     stats = {}
     for term, gamma, width in (("x", n.gamma_x, G), ("h", n.gamma_h, G), ("c", n.gamma_c, H)):
         if gamma is not None:
             stats["mean_" + term] = wx.new_empty(T, width)
             stats["invstd_" + term] = wx.new_empty(T, width)
+    if compiled and cpu_kernels.eligible(wx, H):
+        # sig holds [sigmoid(i), sigmoid(f), tanh(g), sigmoid(o)]
+        wh = WORKSPACE.empty((T, B, G), wx) if n.gamma_h is not None else None  # W_h h_{t-1}, BN_h's input
+        torch.ops.bnrnn_cpu.recurrence_forward(
+            wx.contiguous(), weight_hh.contiguous(), n.gamma_x, n.beta_x, n.gamma_h, n.gamma_c, n.beta_c,
+            h0.contiguous(), c0.contiguous(), n.eps_x, n.eps_h, n.eps_c, hs, cs, sig, tanh_c, wh,
+            *(stats.get(k) for k in STATISTICS))
+        extra = dict(compiled=True)
+    else:
+        # sig holds sigmoids of all four blocks (the g block unused), tanh(g) apart
+        tanh_g = WORKSPACE.empty((T, B, H), wx)
+        wh, product = aten_recurrence_forward(wx, weight_hh, n, h0, c0, (hs, cs, sig, tanh_g, tanh_c), stats)
+        extra = dict(compiled=False, tanh_g=tanh_g, product=product)
+    if keep_for_backward:
+        stats.update(sig=sig, tanh_c=tanh_c, wh=wh, **extra)
+    return hs, cs, stats
+
+
+STATISTICS = ("mean_x", "invstd_x", "mean_h", "invstd_h", "mean_c", "invstd_c")
+
+
+def aten_recurrence_forward(wx, weight_hh, n: Norms, h0, c0, buffers, stats):
+    """The forward loop in ATen ops, filling ``buffers`` = (hs, cs, sig, tanh_g, tanh_c) and
+    the (T, F) statistics in ``stats``. Returns BN_h's inputs W_h h_{t-1} (a list of (B, 4H),
+    None without BN_h) and the :class:`RecurrentProduct`, for the backward."""
+    hs, cs, sig, tanh_g, tanh_c = buffers
+    T, B, G = wx.shape
+    H = G // 4
+    product = RecurrentProduct(weight_hh, B)
+    wh_steps = [] if n.gamma_h is not None else None
     sig_i, sig_f, _, sig_o = split_gates(sig, H)
     wx_t, hs_t, cs_t, sig_t = wx.unbind(0), hs.unbind(0), cs.unbind(0), sig.unbind(0)
     tg_t, tc_t = tanh_g.unbind(0), tanh_c.unbind(0)
-    mx, ix, mh, ih, mc, ic = (stats[k].unbind(0) if k in stats else None for k in
-                              ("mean_x", "invstd_x", "mean_h", "invstd_h", "mean_c", "invstd_c"))
+    mx, ix, mh, ih, mc, ic = (stats[k].unbind(0) if k in stats else None for k in STATISTICS)
     cn = wx.new_empty(B, H) if n.gamma_c is not None else None
     ax = wx.new_empty(B, G) if n.gamma_x is not None else None
     h, c = h0, c0
@@ -155,22 +186,21 @@ def recurrence_forward(wx, weight_hh, norms: Norms, h0, c0, keep_for_backward: b
                                        out=cn, save_mean=mc[t], save_invstd=ic[t])
             torch.tanh(cn, out=tc_t[t])
         h = torch.mul(sig_o[t], tc_t[t], out=hs_t[t])
-    if keep_for_backward:
-        stats.update(sig=sig, tanh_g=tanh_g, tanh_c=tanh_c, wh=wh_steps, product=product)
-    return hs, cs, stats
+    return wh_steps, product
 
 
 class FusedLSTMRecurrence(torch.autograd.Function):
-    """(wx, W_h, gamma_x, b, gamma_h, gamma_c, beta_c, h0, c0, eps, stats) -> (hs, c_T).
+    """(wx, W_h, gamma_x, b, gamma_h, gamma_c, beta_c, h0, c0, eps, stats, compiled) -> (hs, c_T).
 
     hs (T, B, H) and c_T (B, H). ``stats``, a dict, receives the per-step batch statistics
-    (``mean_x``, ``invstd_x``, ...) for the caller to fold into the population.
+    (``mean_x``, ``invstd_x``, ...) for the caller to fold into the population. ``compiled``
+    allows the compiled CPU loops (see :func:`recurrence_forward`).
     """
 
     @staticmethod
-    def forward(ctx, wx, weight_hh, gamma_x, beta_x, gamma_h, gamma_c, beta_c, h0, c0, eps, stats):
+    def forward(ctx, wx, weight_hh, gamma_x, beta_x, gamma_h, gamma_c, beta_c, h0, c0, eps, stats, compiled=True):
         norms = Norms(gamma_x, beta_x, gamma_h, gamma_c, beta_c, eps)
-        hs, cs, saved = recurrence_forward(wx, weight_hh, norms, h0, c0, True)
+        hs, cs, saved = recurrence_forward(wx, weight_hh, norms, h0, c0, True, compiled)
         stats.update({k: v for k, v in saved.items() if k.startswith(("mean_", "invstd_"))})
         ctx.eps = eps
         ctx.saved = saved
@@ -180,82 +210,118 @@ class FusedLSTMRecurrence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_hs, grad_c_last):
         wx, weight_hh, gamma_x, beta_x, gamma_h, gamma_c, beta_c, h0, c0, hs, cs = ctx.saved_tensors
-        saved = ctx.saved
-        eps_x, eps_h, eps_c = ctx.eps
-        T, B, H = hs.shape
-        G = 4 * H
-        sig, tanh_g, tanh_c, wh_t, product = saved["sig"], saved["tanh_g"], saved["tanh_c"], saved["wh"], saved["product"]
-        sig_i, sig_f, _, sig_o = split_gates(sig, H)
-        grad_gates = torch.empty_like(sig)  # dL/d(pre-activation), (T, B, 4H)
-        d_i, d_f, d_g, d_o = split_gates(grad_gates, H)
-        dgates_t, sig_t = grad_gates.unbind(0), sig.unbind(0)
-        tg_t, tc_t, cs_t, grad_hs_t = tanh_g.unbind(0), tanh_c.unbind(0), cs.unbind(0), grad_hs.unbind(0)
-        wx_t = wx.unbind(0)
-        # Per-step results of each norm's backward, in reverse time order; the functional
-        # native_batch_norm_backward (its .out variant copies every result once more).
-        d_wh, d_gamma_h = [], []
-        d_ax, d_gamma_x, d_beta_x = [], [], []
-        d_gamma_c, d_beta_c = [], []
-        mask = [True, True, True]
-        mask_no_beta = [True, True, False]
-
-        dh = grad_hs_t[T - 1]
-        dc_next = grad_c_last
-        for t in range(T - 1, -1, -1):
-            c_prev = cs_t[t - 1] if t > 0 else c0
-            # h = o * tanh(cn)
-            torch.mul(dh, tc_t[t], out=d_o[t])
-            dcn = aten.tanh_backward(dh * sig_o[t], tc_t[t])
-            if gamma_c is None:
-                dc = dcn
-            else:
-                dc, dgc, dbc = aten.native_batch_norm_backward(
-                    dcn, cs_t[t], gamma_c, None, None, saved["mean_c"][t], saved["invstd_c"][t], True, eps_c, mask)
-                d_gamma_c.append(dgc)
-                d_beta_c.append(dbc)
-            dc = dc.add_(dc_next)
-            # c = f * c_prev + i * g
-            torch.mul(dc, tg_t[t], out=d_i[t])
-            torch.mul(dc, c_prev, out=d_f[t])
-            dg = dc * sig_i[t]
-            dc_next = dc * sig_f[t]
-            # Through the activations: sigmoid for the whole row (wrong for the g block), then
-            # tanh for the g block, overwriting it.
-            aten.sigmoid_backward.grad_input(dgates_t[t], sig_t[t], grad_input=dgates_t[t])
-            aten.tanh_backward.grad_input(dg, tg_t[t], grad_input=d_g[t])
-            if gamma_h is None:
-                dwh = dgates_t[t]
-            else:
-                dwh, dgh, _ = aten.native_batch_norm_backward(
-                    dgates_t[t], wh_t[t], gamma_h, None, None, saved["mean_h"][t], saved["invstd_h"][t], True, eps_h,
-                    mask_no_beta)
-                d_wh.append(dwh)
-                d_gamma_h.append(dgh)
-            if gamma_x is not None:
-                dax, dgx, dbx = aten.native_batch_norm_backward(
-                    dgates_t[t], wx_t[t], gamma_x, None, None, saved["mean_x"][t], saved["invstd_x"][t], True, eps_x,
-                    mask)
-                d_ax.append(dax)
-                d_gamma_x.append(dgx)
-                d_beta_x.append(dbx)
-            dh = product.backward(dwh, grad_hs_t[t - 1]) if t > 0 else product.backward(dwh)
-
-        def over_time(steps: list[torch.Tensor]) -> torch.Tensor:
-            """The per-step results (collected from t = T-1 down) as one (T, ...) tensor."""
-            return torch.stack(steps[::-1])
-
-        def summed(steps: list[torch.Tensor]) -> torch.Tensor | None:
-            return torch.stack(steps).sum(0) if steps else None
-
-        # W_h gradient as one GEMM over all steps: sum_t dwh_t^T h_{t-1}
+        inputs = (grad_hs, grad_c_last, wx, weight_hh, gamma_x, gamma_h, gamma_c, c0, cs, ctx.saved, ctx.eps)
+        run = compiled_backward if ctx.saved["compiled"] else aten_backward
+        grad_gates, grad_wh, grad_wx, norm_grads, dh0, dc0 = run(*inputs)
+        grad_wh = grad_wh if grad_wh is not None else grad_gates
+        grad_wx = grad_wx if grad_wx is not None else grad_gates
+        # W_h gradient as one GEMM over all steps (cuDNN's way): sum_t dwh_t^T h_{t-1}, with
+        # h_{t-1} = h0 at t = 0 (its own small GEMM: no (T, B, H) concatenation).
         grad_weight_hh = None
         if ctx.needs_input_grad[1]:
-            grad_wh = over_time(d_wh) if gamma_h is not None else grad_gates
-            h_prev = torch.cat([h0.unsqueeze(0), hs[:-1]])
-            grad_weight_hh = grad_wh.view(T * B, G).t() @ h_prev.view(T * B, H)
-        grad_wx = over_time(d_ax) if gamma_x is not None else grad_gates
-        return (grad_wx, grad_weight_hh, summed(d_gamma_x), summed(d_beta_x), summed(d_gamma_h), summed(d_gamma_c),
-                summed(d_beta_c), dh, dc_next, None, None)
+            T, B, H = hs.shape
+            grad_weight_hh = grad_wh[0].t() @ h0
+            if T > 1:
+                grad_weight_hh.addmm_(grad_wh[1:].reshape((T - 1) * B, 4 * H).t(), hs[:-1].reshape((T - 1) * B, H))
+        return (grad_wx, grad_weight_hh, *norm_grads, dh0, dc0, None, None, None)
+
+
+def compiled_backward(grad_hs, grad_c_last, wx, weight_hh, gamma_x, gamma_h, gamma_c, c0, cs, saved, eps):
+    """The backward loop in the compiled extension. Same arguments and results as
+    :func:`aten_backward`, except that grad_gates is None when BN_x and BN_h are both on (the
+    loop then keeps only one step's)."""
+    T, B, H = cs.shape
+    sig = saved["sig"]
+    grad_gates = WORKSPACE.empty(sig.shape, sig) if gamma_x is None or gamma_h is None else None
+    grad_wh = WORKSPACE.empty(sig.shape, sig) if gamma_h is not None else None
+    grad_wx = WORKSPACE.empty(sig.shape, sig) if gamma_x is not None else None
+    dh0, dc0 = cs.new_empty(B, H), cs.new_empty(B, H)
+    # d gamma_x, d beta_x (= d b), d gamma_h, d gamma_c, d beta_c; None for a norm that is off
+    norm_grads = [torch.empty_like(gamma) if gamma is not None else None
+                  for gamma in (gamma_x, gamma_x, gamma_h, gamma_c, gamma_c)]
+    torch.ops.bnrnn_cpu.recurrence_backward(
+        grad_hs.contiguous(), grad_c_last.contiguous(), wx.contiguous(), weight_hh.contiguous(), gamma_x, gamma_h,
+        gamma_c, c0.contiguous(), cs, sig, saved["tanh_c"], saved["wh"],
+        *(saved.get(k) for k in STATISTICS), grad_gates, grad_wh, grad_wx, dh0, dc0, *norm_grads)
+    return grad_gates, grad_wh, grad_wx, norm_grads, dh0, dc0
+
+
+def aten_backward(grad_hs, grad_c_last, wx, weight_hh, gamma_x, gamma_h, gamma_c, c0, cs, saved, eps):
+    """The backward loop in ATen ops.
+
+    Returns:
+        grad_gates (T, B, 4H) = dL/d(pre-activations); dL/d(W_h h_{t-1}) (T, B, 4H) with BN_h,
+        else None (it is grad_gates); dL/d(W_x x) (T, B, 4H) with BN_x, else None (it is
+        grad_gates); the list [d gamma_x, d beta_x, d gamma_h, d gamma_c, d beta_c] (None
+        where a norm is off); dL/dh0 and dL/dc0 (B, H).
+    """
+    eps_x, eps_h, eps_c = eps
+    T, B, H = cs.shape
+    sig, tanh_g, tanh_c, wh_t, product = saved["sig"], saved["tanh_g"], saved["tanh_c"], saved["wh"], saved["product"]
+    sig_i, sig_f, _, sig_o = split_gates(sig, H)
+    grad_gates = torch.empty_like(sig)  # dL/d(pre-activation), (T, B, 4H)
+    d_i, d_f, d_g, d_o = split_gates(grad_gates, H)
+    dgates_t, sig_t = grad_gates.unbind(0), sig.unbind(0)
+    tg_t, tc_t, cs_t, grad_hs_t = tanh_g.unbind(0), tanh_c.unbind(0), cs.unbind(0), grad_hs.unbind(0)
+    wx_t = wx.unbind(0)
+    # Per-step results of each norm's backward, in reverse time order; the functional
+    # native_batch_norm_backward (its .out variant copies every result once more).
+    d_wh, d_gamma_h = [], []
+    d_ax, d_gamma_x, d_beta_x = [], [], []
+    d_gamma_c, d_beta_c = [], []
+    mask = [True, True, True]
+    mask_no_beta = [True, True, False]
+
+    dh = grad_hs_t[T - 1]
+    dc_next = grad_c_last
+    for t in range(T - 1, -1, -1):
+        c_prev = cs_t[t - 1] if t > 0 else c0
+        # h = o * tanh(cn)
+        torch.mul(dh, tc_t[t], out=d_o[t])
+        dcn = aten.tanh_backward(dh * sig_o[t], tc_t[t])
+        if gamma_c is None:
+            dc = dcn
+        else:
+            dc, dgc, dbc = aten.native_batch_norm_backward(
+                dcn, cs_t[t], gamma_c, None, None, saved["mean_c"][t], saved["invstd_c"][t], True, eps_c, mask)
+            d_gamma_c.append(dgc)
+            d_beta_c.append(dbc)
+        dc = dc.add_(dc_next)
+        # c = f * c_prev + i * g
+        torch.mul(dc, tg_t[t], out=d_i[t])
+        torch.mul(dc, c_prev, out=d_f[t])
+        dg = dc * sig_i[t]
+        dc_next = dc * sig_f[t]
+        # Through the activations: sigmoid for the whole row (wrong for the g block), then
+        # tanh for the g block, overwriting it.
+        aten.sigmoid_backward.grad_input(dgates_t[t], sig_t[t], grad_input=dgates_t[t])
+        aten.tanh_backward.grad_input(dg, tg_t[t], grad_input=d_g[t])
+        if gamma_h is None:
+            dwh = dgates_t[t]
+        else:
+            dwh, dgh, _ = aten.native_batch_norm_backward(
+                dgates_t[t], wh_t[t], gamma_h, None, None, saved["mean_h"][t], saved["invstd_h"][t], True, eps_h,
+                mask_no_beta)
+            d_wh.append(dwh)
+            d_gamma_h.append(dgh)
+        if gamma_x is not None:
+            dax, dgx, dbx = aten.native_batch_norm_backward(
+                dgates_t[t], wx_t[t], gamma_x, None, None, saved["mean_x"][t], saved["invstd_x"][t], True, eps_x,
+                mask)
+            d_ax.append(dax)
+            d_gamma_x.append(dgx)
+            d_beta_x.append(dbx)
+        dh = product.backward(dwh, grad_hs_t[t - 1]) if t > 0 else product.backward(dwh)
+
+    def over_time(steps: list[torch.Tensor]) -> torch.Tensor | None:
+        """The per-step results (collected from t = T-1 down) as one (T, ...) tensor."""
+        return torch.stack(steps[::-1]) if steps else None
+
+    def summed(steps: list[torch.Tensor]) -> torch.Tensor | None:
+        return torch.stack(steps).sum(0) if steps else None
+
+    norm_grads = [summed(steps) for steps in (d_gamma_x, d_beta_x, d_gamma_h, d_gamma_c, d_beta_c)]
+    return grad_gates, over_time(d_wh), over_time(d_ax), norm_grads, dh, dc_next
 
 
 @torch.no_grad()

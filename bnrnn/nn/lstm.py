@@ -49,6 +49,8 @@ class BNLSTM(nn.Module):
             step-by-step reference. Both compute the same function.
         gpu_kernels: on a CUDA GPU, the fast path runs on the Triton kernels; False keeps
             the ATen loop of :mod:`bnrnn.nn.fused` there too (for comparison).
+        cpu_kernels: on the CPU (hidden size up to 255), the fast path's time loops run in the
+            compiled extension of :mod:`bnrnn.nn.cpu_kernels`; False keeps the ATen loop.
         cuda_graphs: on the GPU fast path, replay each training sequence shape as captured
             CUDA graphs (:mod:`bnrnn.nn.gpu_recurrence`) instead of launching every step.
 
@@ -72,10 +74,12 @@ class BNLSTM(nn.Module):
         fused: bool = True,
         gpu_kernels: bool = True,
         cuda_graphs: bool = True,
+        cpu_kernels: bool = True,
     ) -> None:
         super().__init__()
         self.fused = fused
         self.gpu_kernels = gpu_kernels
+        self.cpu_kernels = cpu_kernels
         self.cuda_graphs = cuda_graphs
         self.input_size = input_size
         self.hidden_size = hidden_size
@@ -174,11 +178,11 @@ class BNLSTM(nn.Module):
         if needs_grad:
             stats: dict[str, torch.Tensor] = {}
             hs, c_last = FusedLSTMRecurrence.apply(
-                wx, self.weight_hh, gamma_x, beta_x, gamma_h, gamma_c, beta_c, h0, c0, eps, stats)
+                wx, self.weight_hh, gamma_x, beta_x, gamma_h, gamma_c, beta_c, h0, c0, eps, stats, self.cpu_kernels)
         else:
             with torch.no_grad():
                 norms_ = Norms(gamma_x, beta_x, gamma_h, gamma_c, beta_c, eps)
-                hs, cs, stats = recurrence_forward(wx, self.weight_hh, norms_, h0, c0, False)
+                hs, cs, stats = recurrence_forward(wx, self.weight_hh, norms_, h0, c0, False, self.cpu_kernels)
             c_last = cs[-1]
         self.fold_into_population(stats, t0, ("x", self.bn_x), ("h", self.bn_h), ("c", self.bn_c))
         return hs, (hs[-1], c_last)

@@ -1,0 +1,117 @@
+"""The compiled CPU recurrence (``csrc/recurrence_cpu.cpp``): built on first use, cached.
+
+The C++ source is compiled with the machine's C++ compiler through
+:func:`torch.utils.cpp_extension.load` the first time a CPU fast path needs it (about a
+minute, once per torch version and source; later processes load the cached build from
+``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). It registers the ops
+``torch.ops.bnrnn_cpu.recurrence_forward`` and ``recurrence_backward``.
+
+When it cannot be built (no compiler, no ninja) the fast path keeps the ATen loop of
+:mod:`bnrnn.nn.fused`, which computes the same function, and says so once. Setting
+``BNRNN_CPU_KERNELS=0`` skips the build altogether.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "recurrence_cpu.cpp"
+EXTENSION_NAME = "bnrnn_cpu"
+# Below this hidden size per-op dispatch dominates a step and the compiled loop wins; from it
+# on the ATen loop's packed oneDNN GEMMs (see fused.PACKED_MIN_HIDDEN) matter more.
+MAX_HIDDEN = 255
+
+_lock = threading.Lock()
+_loaded: bool | None = None  # None: not tried yet
+_failure: str | None = None
+
+
+def cpu_fingerprint() -> str | None:
+    """A short hash of this CPU's instruction-set flags (Linux), or None where unknown.
+
+    The build targets the CPU it runs on (``-march=native``: AVX2/AVX-512 for the loops), so
+    its name carries this hash: a cache directory shared by different machines (a cluster's
+    home directory) then holds one build per CPU kind instead of one that crashes elsewhere.
+    """
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = next((line.split(":", 1)[1] for line in info if line.startswith(("flags", "Features"))), None)
+    except OSError:
+        return None
+    if flags is None:
+        return None
+    key = platform.machine() + ":" + " ".join(sorted(flags.split()))
+    return hashlib.sha1(key.encode()).hexdigest()[:10]
+
+
+def build_options() -> tuple[str, list[str]]:
+    """(extension name, compiler flags) for this machine."""
+    fingerprint = cpu_fingerprint()
+    if fingerprint is None:
+        return EXTENSION_NAME + "_generic", ["-O3"]
+    return f"{EXTENSION_NAME}_{fingerprint}", ["-O3", "-march=native"]
+
+
+def disabled_by_environment() -> bool:
+    return os.environ.get("BNRNN_CPU_KERNELS", "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def load() -> bool:
+    """Build (first time) and load the extension; True when its ops are registered."""
+    global _loaded, _failure
+    with _lock:
+        if _loaded is not None:
+            return _loaded
+        if disabled_by_environment():
+            _loaded, _failure = False, "disabled by BNRNN_CPU_KERNELS=0"
+            return False
+        try:
+            from torch.utils import cpp_extension
+
+            log.info("bnrnn: loading the compiled CPU recurrence (the first build takes about a minute)")
+            name, flags = build_options()
+            cpp_extension.load(
+                name=name,
+                sources=[str(SOURCE)],
+                extra_cflags=flags,
+                is_python_module=False,
+                verbose=False,
+            )
+            _loaded = hasattr(torch.ops.bnrnn_cpu, "recurrence_forward")
+            if not _loaded:
+                _failure = "the built library registered no ops"
+        except Exception as error:  # noqa: BLE001 - any build failure falls back to the ATen loop
+            _loaded, _failure = False, f"{type(error).__name__}: {error}".strip()
+        if not _loaded:
+            warnings.warn(
+                f"bnrnn: the compiled CPU recurrence is unavailable ({_failure.splitlines()[0]}); "
+                "the CPU fast path uses the ATen loop instead (same results, about 2x slower at hidden 100)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return _loaded
+
+
+def failure() -> str | None:
+    """Why the extension did not load (None when it did or was not tried)."""
+    return _failure
+
+
+def eligible(wx: torch.Tensor, hidden: int) -> bool:
+    """Whether the compiled loop runs a recurrence on ``wx`` (T, B, 4H) with hidden size H."""
+    return (
+        wx.device.type == "cpu"
+        and wx.dtype in (torch.float32, torch.float64)
+        and 0 < hidden <= MAX_HIDDEN
+        and load()
+    )
