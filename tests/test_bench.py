@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bnrnn import bench
-from bnrnn.nn import fused
+from bnrnn.nn import cpu_kernels, cpu_recurrence, fused
 
 
 def test_bench_prints_every_model_and_passes_its_numerics_check(capsys, tmp_path):
@@ -22,14 +22,19 @@ def test_bench_prints_every_model_and_passes_its_numerics_check(capsys, tmp_path
     assert (tmp_path / "bench.json").stat().st_size > 0
 
 
-def test_bench_exits_1_when_the_fast_path_disagrees_with_the_reference(monkeypatch, capsys):
-    real_forward = fused.recurrence_forward
+@pytest.mark.parametrize("module, forward", [(cpu_recurrence, "run_forward"), (fused, "recurrence_forward")],
+                         ids=["compiled", "aten"])
+def test_bench_exits_1_when_the_fast_path_disagrees_with_the_reference(monkeypatch, capsys, module, forward):
+    real_forward = getattr(module, forward)
 
     def off_by_a_little(*args, **kwargs):
         hs, cs, stats = real_forward(*args, **kwargs)
         return hs * (1 + 1e-3), cs, stats
 
-    monkeypatch.setattr(fused, "recurrence_forward", off_by_a_little)
+    monkeypatch.setattr(module, forward, off_by_a_little)
+    if module is fused:  # the ATen loop runs where the compiled one is switched off
+        monkeypatch.setenv("BNRNN_CPU_KERNELS", "0")
+        monkeypatch.setattr(cpu_kernels, "_loaded", None)
     # on the CPU: that is the path perturbed here (a GPU runs the Triton kernels)
     status = bench.main(["--shape", "12,3,8,6", "--repeats", "1", "--warmup", "0", "--no-memory", "--device", "cpu"])
     captured = capsys.readouterr()

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import torch
 
-from bnrnn.nn import cpu_kernels
 from bnrnn.nn.workspace import WORKSPACE
 
 aten = torch.ops.aten
@@ -99,15 +98,13 @@ class Norms:
         self.eps_x, self.eps_h, self.eps_c = eps
 
 
-def recurrence_forward(wx, weight_hh, norms: Norms, h0, c0, keep_for_backward: bool, compiled: bool = True):
-    """The LSTM recurrence with batch statistics for the normalised terms.
+def recurrence_forward(wx, weight_hh, norms: Norms, h0, c0, keep_for_backward: bool):
+    """The LSTM recurrence with batch statistics for the normalised terms (ATen ops).
 
     Args:
         wx: (T, B, 4H) = W_x x of every step (plus b when x is not normalised).
         weight_hh: (4H, H).
         h0, c0: (B, H).
-        compiled: run the loop in the compiled CPU extension (:mod:`bnrnn.nn.cpu_kernels`)
-            where it applies; otherwise, or where it does not, the ATen loop below.
     Returns:
         hs (T, B, H), cs (T, B, H) (the cell states), and a dict holding the per-step
         statistics ``mean_x, invstd_x, mean_h, invstd_h, mean_c, invstd_c`` ((T, F) each,
@@ -118,29 +115,25 @@ def recurrence_forward(wx, weight_hh, norms: Norms, h0, c0, keep_for_backward: b
     n = norms
     hs = WORKSPACE.empty((T, B, H), wx)
     cs = WORKSPACE.empty((T, B, H), wx)
-    sig = WORKSPACE.empty((T, B, G), wx)  # the activated gates
+    sig = WORKSPACE.empty((T, B, G), wx)  # sigmoid of every pre-activation (the g block is unused)
+    tanh_g = WORKSPACE.empty((T, B, H), wx)
     tanh_c = WORKSPACE.empty((T, B, H), wx)
+    stats = statistics_buffers(wx, norms)
+    wh, product = aten_recurrence_forward(wx, weight_hh, n, h0, c0, (hs, cs, sig, tanh_g, tanh_c), stats)
+    if keep_for_backward:
+        stats.update(sig=sig, tanh_g=tanh_g, tanh_c=tanh_c, wh=wh, product=product)
+    return hs, cs, stats
+
+
+def statistics_buffers(wx: torch.Tensor, norms: Norms) -> dict[str, torch.Tensor]:
+    """Empty (T, F) ``mean_<term>`` and ``invstd_<term>`` for each norm in use; wx (T, B, 4H)."""
+    T, _, G = wx.shape
     stats = {}
-    for term, gamma, width in (("x", n.gamma_x, G), ("h", n.gamma_h, G), ("c", n.gamma_c, H)):
+    for term, gamma, width in (("x", norms.gamma_x, G), ("h", norms.gamma_h, G), ("c", norms.gamma_c, G // 4)):
         if gamma is not None:
             stats["mean_" + term] = wx.new_empty(T, width)
             stats["invstd_" + term] = wx.new_empty(T, width)
-    if compiled and cpu_kernels.eligible(wx, H):
-        # sig holds [sigmoid(i), sigmoid(f), tanh(g), sigmoid(o)]
-        wh = WORKSPACE.empty((T, B, G), wx) if n.gamma_h is not None else None  # W_h h_{t-1}, BN_h's input
-        torch.ops.bnrnn_cpu.recurrence_forward(
-            wx.contiguous(), weight_hh.contiguous(), n.gamma_x, n.beta_x, n.gamma_h, n.gamma_c, n.beta_c,
-            h0.contiguous(), c0.contiguous(), n.eps_x, n.eps_h, n.eps_c, hs, cs, sig, tanh_c, wh,
-            *(stats.get(k) for k in STATISTICS))
-        extra = dict(compiled=True)
-    else:
-        # sig holds sigmoids of all four blocks (the g block unused), tanh(g) apart
-        tanh_g = WORKSPACE.empty((T, B, H), wx)
-        wh, product = aten_recurrence_forward(wx, weight_hh, n, h0, c0, (hs, cs, sig, tanh_g, tanh_c), stats)
-        extra = dict(compiled=False, tanh_g=tanh_g, product=product)
-    if keep_for_backward:
-        stats.update(sig=sig, tanh_c=tanh_c, wh=wh, **extra)
-    return hs, cs, stats
+    return stats
 
 
 STATISTICS = ("mean_x", "invstd_x", "mean_h", "invstd_h", "mean_c", "invstd_c")
@@ -189,18 +182,48 @@ def aten_recurrence_forward(wx, weight_hh, n: Norms, h0, c0, buffers, stats):
     return wh_steps, product
 
 
-class FusedLSTMRecurrence(torch.autograd.Function):
-    """(wx, W_h, gamma_x, b, gamma_h, gamma_c, beta_c, h0, c0, eps, stats, compiled) -> (hs, c_T).
+class InputProjection(torch.autograd.Function):
+    """(x (T, B, I), W_x (4H, I), b (4H,) or None) -> W_x x [+ b] (T, B, 4H), into a pooled buffer.
 
-    hs (T, B, H) and c_T (B, H). ``stats``, a dict, receives the per-step batch statistics
-    (``mean_x``, ``invstd_x``, ...) for the caller to fold into the population. ``compiled``
-    allows the compiled CPU loops (see :func:`recurrence_forward`).
+    The same product as ``torch.addmm`` on the flattened sequence, but its (T, B, 4H) result
+    (80 MB at seqMNIST) comes from the :mod:`~bnrnn.nn.workspace` pool instead of fresh pages.
     """
 
     @staticmethod
-    def forward(ctx, wx, weight_hh, gamma_x, beta_x, gamma_h, gamma_c, beta_c, h0, c0, eps, stats, compiled=True):
+    def forward(ctx, x, weight, bias):
+        T, B, _ = x.shape
+        flat = x.reshape(T * B, -1)
+        out = WORKSPACE.empty((T, B, weight.shape[0]), x)
+        if bias is None:
+            torch.mm(flat, weight.t(), out=out.view(T * B, -1))
+        else:
+            torch.addmm(bias, flat, weight.t(), out=out.view(T * B, -1))
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        T, B, G = grad_out.shape
+        grad = grad_out.reshape(T * B, G)
+        grad_x = (grad @ weight).view_as(x) if ctx.needs_input_grad[0] else None
+        grad_weight = grad.t() @ x.reshape(T * B, -1) if ctx.needs_input_grad[1] else None
+        grad_bias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_weight, grad_bias
+
+
+class FusedLSTMRecurrence(torch.autograd.Function):
+    """(wx, W_h, gamma_x, b, gamma_h, gamma_c, beta_c, h0, c0, eps, stats) -> (hs, c_T).
+
+    hs (T, B, H) and c_T (B, H). ``stats``, a dict, receives the per-step batch statistics
+    (``mean_x``, ``invstd_x``, ...) for the caller to fold into the population.
+    """
+
+    @staticmethod
+    def forward(ctx, wx, weight_hh, gamma_x, beta_x, gamma_h, gamma_c, beta_c, h0, c0, eps, stats):
         norms = Norms(gamma_x, beta_x, gamma_h, gamma_c, beta_c, eps)
-        hs, cs, saved = recurrence_forward(wx, weight_hh, norms, h0, c0, True, compiled)
+        hs, cs, saved = recurrence_forward(wx, weight_hh, norms, h0, c0, True)
         stats.update({k: v for k, v in saved.items() if k.startswith(("mean_", "invstd_"))})
         ctx.eps = eps
         ctx.saved = saved
@@ -210,9 +233,8 @@ class FusedLSTMRecurrence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_hs, grad_c_last):
         wx, weight_hh, gamma_x, beta_x, gamma_h, gamma_c, beta_c, h0, c0, hs, cs = ctx.saved_tensors
-        inputs = (grad_hs, grad_c_last, wx, weight_hh, gamma_x, gamma_h, gamma_c, c0, cs, ctx.saved, ctx.eps)
-        run = compiled_backward if ctx.saved["compiled"] else aten_backward
-        grad_gates, grad_wh, grad_wx, norm_grads, dh0, dc0 = run(*inputs)
+        grad_gates, grad_wh, grad_wx, norm_grads, dh0, dc0 = aten_backward(
+            grad_hs, grad_c_last, wx, gamma_x, gamma_h, gamma_c, c0, cs, ctx.saved, ctx.eps)
         grad_wh = grad_wh if grad_wh is not None else grad_gates
         grad_wx = grad_wx if grad_wx is not None else grad_gates
         # W_h gradient as one GEMM over all steps (cuDNN's way): sum_t dwh_t^T h_{t-1}, with
@@ -223,31 +245,11 @@ class FusedLSTMRecurrence(torch.autograd.Function):
             grad_weight_hh = grad_wh[0].t() @ h0
             if T > 1:
                 grad_weight_hh.addmm_(grad_wh[1:].reshape((T - 1) * B, 4 * H).t(), hs[:-1].reshape((T - 1) * B, H))
-        return (grad_wx, grad_weight_hh, *norm_grads, dh0, dc0, None, None, None)
+        return (grad_wx, grad_weight_hh, *norm_grads, dh0, dc0, None, None)
 
 
-def compiled_backward(grad_hs, grad_c_last, wx, weight_hh, gamma_x, gamma_h, gamma_c, c0, cs, saved, eps):
-    """The backward loop in the compiled extension. Same arguments and results as
-    :func:`aten_backward`, except that grad_gates is None when BN_x and BN_h are both on (the
-    loop then keeps only one step's)."""
-    T, B, H = cs.shape
-    sig = saved["sig"]
-    grad_gates = WORKSPACE.empty(sig.shape, sig) if gamma_x is None or gamma_h is None else None
-    grad_wh = WORKSPACE.empty(sig.shape, sig) if gamma_h is not None else None
-    grad_wx = WORKSPACE.empty(sig.shape, sig) if gamma_x is not None else None
-    dh0, dc0 = cs.new_empty(B, H), cs.new_empty(B, H)
-    # d gamma_x, d beta_x (= d b), d gamma_h, d gamma_c, d beta_c; None for a norm that is off
-    norm_grads = [torch.empty_like(gamma) if gamma is not None else None
-                  for gamma in (gamma_x, gamma_x, gamma_h, gamma_c, gamma_c)]
-    torch.ops.bnrnn_cpu.recurrence_backward(
-        grad_hs.contiguous(), grad_c_last.contiguous(), wx.contiguous(), weight_hh.contiguous(), gamma_x, gamma_h,
-        gamma_c, c0.contiguous(), cs, sig, saved["tanh_c"], saved["wh"],
-        *(saved.get(k) for k in STATISTICS), grad_gates, grad_wh, grad_wx, dh0, dc0, *norm_grads)
-    return grad_gates, grad_wh, grad_wx, norm_grads, dh0, dc0
-
-
-def aten_backward(grad_hs, grad_c_last, wx, weight_hh, gamma_x, gamma_h, gamma_c, c0, cs, saved, eps):
-    """The backward loop in ATen ops.
+def aten_backward(grad_hs, grad_c_last, wx, gamma_x, gamma_h, gamma_c, c0, cs, saved, eps):
+    """The backward loop of :func:`recurrence_forward`, in ATen ops.
 
     Returns:
         grad_gates (T, B, 4H) = dL/d(pre-activations); dL/d(W_h h_{t-1}) (T, B, 4H) with BN_h,

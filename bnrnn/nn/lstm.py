@@ -20,8 +20,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from bnrnn.nn import triton_lstm, triton_sequence
-from bnrnn.nn.fused import FusedLSTMRecurrence, Norms, population_recurrence, recurrence_forward
+from bnrnn.nn import cpu_kernels, cpu_recurrence, triton_lstm, triton_sequence
+from bnrnn.nn.cpu_recurrence import CompiledLSTMRecurrence
+from bnrnn.nn.fused import FusedLSTMRecurrence, InputProjection, Norms, population_recurrence, recurrence_forward
 from bnrnn.nn.gpu_recurrence import TritonLSTMRecurrence
 from bnrnn.nn.timebn import TimeBatchNorm
 
@@ -164,25 +165,41 @@ class BNLSTM(nn.Module):
 
         if self.gpu_kernels and triton_lstm.available(x):
             return self.forward_triton(x, h0, c0, t0, needs_grad)
+        if self.cpu_kernels and cpu_kernels.eligible(x, self.hidden_size):
+            return self.forward_compiled(x, h0, c0, t0, needs_grad)
 
         # W_x x for all steps in one GEMM; b rides along unless it is BN_x's beta.
-        T, B, _ = x.shape
-        flat = x.reshape(T * B, -1)
-        if self.bn_x is None:
-            wx = torch.addmm(self.bias, flat, self.weight_ih.t()).view(T, B, -1)
-        else:
-            wx = torch.mm(flat, self.weight_ih.t()).view(T, B, -1)
+        wx = InputProjection.apply(x, self.weight_ih, self.bias if self.bn_x is None else None)
 
         (gamma_x, gamma_h, gamma_c), beta_c, eps = self.norm_tensors()
         beta_x = self.bias if self.bn_x is not None else None  # b is BN_x's beta
         if needs_grad:
             stats: dict[str, torch.Tensor] = {}
             hs, c_last = FusedLSTMRecurrence.apply(
-                wx, self.weight_hh, gamma_x, beta_x, gamma_h, gamma_c, beta_c, h0, c0, eps, stats, self.cpu_kernels)
+                wx, self.weight_hh, gamma_x, beta_x, gamma_h, gamma_c, beta_c, h0, c0, eps, stats)
         else:
             with torch.no_grad():
                 norms_ = Norms(gamma_x, beta_x, gamma_h, gamma_c, beta_c, eps)
-                hs, cs, stats = recurrence_forward(wx, self.weight_hh, norms_, h0, c0, False, self.cpu_kernels)
+                hs, cs, stats = recurrence_forward(wx, self.weight_hh, norms_, h0, c0, False)
+            c_last = cs[-1]
+        self.fold_into_population(stats, t0, ("x", self.bn_x), ("h", self.bn_h), ("c", self.bn_c))
+        return hs, (hs[-1], c_last)
+
+    def forward_compiled(self, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, t0: int,
+                         needs_grad: bool) -> tuple[torch.Tensor, State]:
+        """The CPU fast path on the compiled loops (:mod:`bnrnn.nn.cpu_recurrence`), batch
+        statistics. Same arguments and results as forward."""
+        (gamma_x, gamma_h, gamma_c), beta_c, eps = self.norm_tensors()
+        if needs_grad:
+            stats: dict[str, torch.Tensor] = {}
+            hs, c_last = CompiledLSTMRecurrence.apply(x, self.weight_ih, self.bias, self.weight_hh, gamma_x, gamma_h,
+                                                      gamma_c, beta_c, h0, c0, eps, stats)
+        else:
+            with torch.no_grad():
+                wx = cpu_recurrence.project_input(x.contiguous(), self.weight_ih,
+                                                   None if self.bn_x is not None else self.bias)
+                norms_ = Norms(gamma_x, self.bias if self.bn_x is not None else None, gamma_h, gamma_c, beta_c, eps)
+                hs, cs, stats = cpu_recurrence.run_forward(wx, self.weight_hh, norms_, h0, c0)
             c_last = cs[-1]
         self.fold_into_population(stats, t0, ("x", self.bn_x), ("h", self.bn_h), ("c", self.bn_c))
         return hs, (hs[-1], c_last)

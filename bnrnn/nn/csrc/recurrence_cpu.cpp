@@ -72,6 +72,105 @@ inline float tanh_approx(float x) {
 inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 inline double tanh_approx(double x) { return std::tanh(x); }
 
+// ---- per-row arithmetic ---------------------------------------------------------------------
+// Small functions over contiguous rows with restrict-qualified pointers: the compiler then
+// vectorises each loop without run-time overlap checks (which it gives up on past a handful
+// of pointers, falling back to scalar code).
+
+// acc[f] += x[f]
+template <typename T>
+inline void add_row(int64_t n, const T* __restrict__ x, T* __restrict__ acc) {
+  for (int64_t f = 0; f < n; ++f) acc[f] += x[f];
+}
+
+// acc[f] += (x[f] - mean[f])^2
+template <typename T>
+inline void add_squared_deviation(int64_t n, const T* __restrict__ x, const T* __restrict__ mean,
+                                  T* __restrict__ acc) {
+  for (int64_t f = 0; f < n; ++f) {
+    const T d = x[f] - mean[f];
+    acc[f] += d * d;
+  }
+}
+
+// acc[f] += dy[f] * (x[f] - mean[f]) * invstd[f]   (dy times the normalised input)
+template <typename T>
+inline void add_dy_xhat(int64_t n, const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ mean,
+                        const T* __restrict__ invstd, T* __restrict__ acc) {
+  for (int64_t f = 0; f < n; ++f) acc[f] += dy[f] * ((x[f] - mean[f]) * invstd[f]);
+}
+
+// Pre-activations of one row: a = (x * sx + tx) + (p * sh + th), the two (possibly
+// normalised) terms; `a` may not alias `p` (see gates_row_in_place).
+template <typename T>
+inline void gates_row(int64_t n, const T* __restrict__ x, const T* __restrict__ sx, const T* __restrict__ tx,
+                      const T* __restrict__ p, const T* __restrict__ sh, const T* __restrict__ th,
+                      T* __restrict__ a) {
+  for (int64_t f = 0; f < n; ++f) a[f] = (x[f] * sx[f] + tx[f]) + (p[f] * sh[f] + th[f]);
+}
+
+template <typename T>
+inline void gates_row_in_place(int64_t n, const T* __restrict__ x, const T* __restrict__ sx,
+                               const T* __restrict__ tx, const T* __restrict__ sh, const T* __restrict__ th,
+                               T* __restrict__ a) {
+  for (int64_t f = 0; f < n; ++f) a[f] = (x[f] * sx[f] + tx[f]) + (a[f] * sh[f] + th[f]);
+}
+
+// One row's gates [i, f, g, o] (4H pre-activations, in place) -> [sig(i), sig(f), tanh(g),
+// sig(o)], and c = sig(f) * c_prev + sig(i) * tanh(g).
+template <typename T>
+inline void cell_row(int64_t H, T* __restrict__ s, const T* __restrict__ c_prev, T* __restrict__ c) {
+  for (int64_t j = 0; j < 2 * H; ++j) s[j] = sigmoid(s[j]);
+  for (int64_t j = 2 * H; j < 3 * H; ++j) s[j] = tanh_approx(s[j]);
+  for (int64_t j = 3 * H; j < 4 * H; ++j) s[j] = sigmoid(s[j]);
+  for (int64_t j = 0; j < H; ++j) c[j] = s[H + j] * c_prev[j] + s[j] * s[2 * H + j];
+}
+
+// tc = tanh(c * scale + shift) (BN_c, or the identity), h = sig(o) * tc
+template <typename T>
+inline void hidden_row(int64_t H, const T* __restrict__ c, const T* __restrict__ scale, const T* __restrict__ shift,
+                       const T* __restrict__ o, T* __restrict__ tc, T* __restrict__ h) {
+  for (int64_t j = 0; j < H; ++j) {
+    tc[j] = tanh_approx(c[j] * scale[j] + shift[j]);
+    h[j] = o[j] * tc[j];
+  }
+}
+
+// Backward of hidden_row: d(pre-activation of o) and dL/d(BN_c(c)).
+template <typename T>
+inline void hidden_row_backward(int64_t H, const T* __restrict__ dh, const T* __restrict__ tc,
+                                const T* __restrict__ o, T* __restrict__ d_o, T* __restrict__ dcn) {
+  for (int64_t j = 0; j < H; ++j) {
+    d_o[j] = dh[j] * tc[j] * o[j] * (T(1) - o[j]);
+    dcn[j] = dh[j] * o[j] * (T(1) - tc[j] * tc[j]);
+  }
+}
+
+// Backward of cell_row: with d = dc + dc_next (dL/dc from this step's output and from step
+// t+1), the i, f, g pre-activation gradients; dc_next becomes dL/dc_{t-1} = d * sig(f).
+template <typename T>
+inline void cell_row_backward(int64_t H, const T* __restrict__ s, const T* __restrict__ c_prev,
+                              const T* __restrict__ dc, T* __restrict__ dc_next, T* __restrict__ dg) {
+  const T* i = s;
+  const T* f = s + H;
+  const T* g = s + 2 * H;
+  for (int64_t j = 0; j < H; ++j) {
+    const T d = dc[j] + dc_next[j];
+    dg[j] = d * g[j] * i[j] * (T(1) - i[j]);
+    dg[H + j] = d * c_prev[j] * f[j] * (T(1) - f[j]);
+    dg[2 * H + j] = d * i[j] * (T(1) - g[j] * g[j]);
+    dc_next[j] = d * f[j];
+  }
+}
+
+// dx = coef * (dy - mean_dy - (x - mean) * proj): the input gradient of a batch norm.
+template <typename T>
+inline void norm_input_gradient_row(int64_t n, const T* __restrict__ dy, const T* __restrict__ x,
+                                    const T* __restrict__ mean, const T* __restrict__ coef,
+                                    const T* __restrict__ mean_dy, const T* __restrict__ proj, T* __restrict__ dx) {
+  for (int64_t f = 0; f < n; ++f) dx[f] = coef[f] * (dy[f] - mean_dy[f] - (x[f] - mean[f]) * proj[f]);
+}
+
 // ---- batch statistics ----------------------------------------------------------------------
 
 // One norm's per-feature affine map for this step: y = x * scale + shift (identity when off).
@@ -87,21 +186,12 @@ template <typename T>
 void normalise(const T* x, int64_t B, int64_t F, const T* gamma, const T* beta, double eps, T* mean, T* invstd,
                Affine<T>& affine) {
   std::fill(mean, mean + F, T(0));
-  for (int64_t b = 0; b < B; ++b) {
-    const T* row = x + b * F;
-    for (int64_t f = 0; f < F; ++f) mean[f] += row[f];
-  }
+  for (int64_t b = 0; b < B; ++b) add_row<T>(F, x + b * F, mean);
   const T inv_b = T(1) / static_cast<T>(B);
   for (int64_t f = 0; f < F; ++f) mean[f] *= inv_b;
   // Squared deviations in a second pass: no cancellation when |mean| >> std.
   std::fill(invstd, invstd + F, T(0));
-  for (int64_t b = 0; b < B; ++b) {
-    const T* row = x + b * F;
-    for (int64_t f = 0; f < F; ++f) {
-      const T d = row[f] - mean[f];
-      invstd[f] += d * d;
-    }
-  }
+  for (int64_t b = 0; b < B; ++b) add_squared_deviation<T>(F, x + b * F, mean, invstd);
   for (int64_t f = 0; f < F; ++f) {
     invstd[f] = static_cast<T>(1.0 / std::sqrt(static_cast<double>(invstd[f] * inv_b) + eps));
     affine.scale[f] = gamma[f] * invstd[f];
@@ -109,26 +199,62 @@ void normalise(const T* x, int64_t B, int64_t F, const T* gamma, const T* beta, 
   }
 }
 
-// The backward of one norm at one step, in two halves so that BN_h and BN_x share the pass
-// over their common upstream gradient dy (B, F).
+// The backward of one batch norm at one step: dx from dy (B, F), and the gamma gradient
+// summed over time. In steps so that BN_h and BN_x, whose upstream gradient dy is the same,
+// share each pass over the rows (see norms_backward).
 template <typename T>
 struct NormBackward {
-  explicit NormBackward(int64_t width) : sum_dy_xhat(width), coef(width), proj(width) {}
-  std::vector<T> sum_dy_xhat;  // sum_b dy * xhat, this step
-  std::vector<T> coef, proj;   // dx = coef * (dy - mean_b dy - (x - mean) * proj)
+  explicit NormBackward(int64_t width)
+      : sum_dy_xhat(width), coef(width), mean_dy(width), proj(width), d_gamma_total(width, 0.0) {}
+  std::vector<T> sum_dy_xhat, coef, mean_dy, proj;
   std::vector<double> d_gamma_total;
+  const T* x = nullptr;  // this step's input (B, F), its statistics and gamma
+  const T* mean = nullptr;
+  const T* invstd = nullptr;
+  const T* gamma = nullptr;
+  T* dx = nullptr;  // where the input gradient goes (B, F)
 
-  // After the sums: the per-feature coefficients, and the gamma gradient over time.
-  void finish(int64_t B, int64_t F, const T* gamma, const T* invstd) {
-    if (d_gamma_total.empty()) d_gamma_total.assign(F, 0.0);
+  void begin(const T* input, const T* step_mean, const T* step_invstd, const T* weight, T* grad_input) {
+    x = input;
+    mean = step_mean;
+    invstd = step_invstd;
+    gamma = weight;
+    dx = grad_input;
+    std::fill(sum_dy_xhat.begin(), sum_dy_xhat.end(), T(0));
+  }
+  void add_row(int64_t F, int64_t b, const T* dy_row) {
+    add_dy_xhat<T>(F, dy_row, x + b * F, mean, invstd, sum_dy_xhat.data());
+  }
+  void finish(int64_t B, int64_t F, const T* sum_dy) {
     const T inv_b = T(1) / static_cast<T>(B);
     for (int64_t f = 0; f < F; ++f) {
       d_gamma_total[f] += sum_dy_xhat[f];
       coef[f] = gamma[f] * invstd[f];
+      mean_dy[f] = sum_dy[f] * inv_b;
       proj[f] = sum_dy_xhat[f] * inv_b * invstd[f];
     }
   }
+  void input_gradient_row(int64_t F, int64_t b, const T* dy_row) const {
+    norm_input_gradient_row<T>(F, dy_row, x + b * F, mean, coef.data(), mean_dy.data(), proj.data(), dx + b * F);
+  }
 };
+
+// The backward of the batch norms norms[0 .. count) (begun; none, one or two) that share the
+// upstream gradient dy (B, F): one pass for the sums, one for the input gradients. sum_dy
+// (F) gets the column sums of dy, which are also added to `total` (F, summed over time).
+template <typename T>
+void norms_backward(int64_t B, int64_t F, const T* dy, T* sum_dy, std::vector<double>& total,
+                    NormBackward<T>* const* norms, int count) {
+  std::fill(sum_dy, sum_dy + F, T(0));
+  for (int64_t b = 0; b < B; ++b) {
+    add_row<T>(F, dy + b * F, sum_dy);
+    for (int k = 0; k < count; ++k) norms[k]->add_row(F, b, dy + b * F);
+  }
+  for (int64_t f = 0; f < F; ++f) total[f] += sum_dy[f];
+  for (int k = 0; k < count; ++k) norms[k]->finish(B, F, sum_dy);
+  for (int64_t b = 0; b < B; ++b)
+    for (int k = 0; k < count; ++k) norms[k]->input_gradient_row(F, b, dy + b * F);
+}
 
 // ---- buffers -------------------------------------------------------------------------------
 
@@ -179,37 +305,26 @@ void forward_loop(const Tensor& wx, const Tensor& weight_hh, const Norm<T>& nx, 
     const T* x = wx.data_ptr<T>() + t * B * G;
     T* s = sig.data_ptr<T>() + t * B * G;
     T* c = cs.data_ptr<T>() + t * B * H;
-    T* tc = tanh_c.data_ptr<T>() + t * B * H;
     if (nx.on()) normalise<T>(x, B, G, nx.gamma, nx.beta, nx.eps, nx.mean_at(t), nx.invstd_at(t), ax);
     // W_h h_{t-1}: kept in wh for BN_h's statistics and backward, else straight into sig.
     Tensor product = nh.on() ? (*wh)[t] : sig[t];
     at::mm_out(product, h, w_t);
     const T* p = product.data_ptr<T>();
     if (nh.on()) normalise<T>(p, B, G, nh.gamma, nullptr, nh.eps, nh.mean_at(t), nh.invstd_at(t), ah);
-    const T *sx = ax.scale.data(), *tx = ax.shift.data(), *sh = ah.scale.data(), *th = ah.shift.data();
     for (int64_t b = 0; b < B; ++b) {
-      const T* xr = x + b * G;
-      const T* pr = p + b * G;
-      T* sr = s + b * G;
-      for (int64_t f = 0; f < G; ++f) sr[f] = (xr[f] * sx[f] + tx[f]) + (pr[f] * sh[f] + th[f]);
-      for (int64_t j = 0; j < 2 * H; ++j) sr[j] = sigmoid(sr[j]);
-      for (int64_t j = 2 * H; j < 3 * H; ++j) sr[j] = tanh_approx(sr[j]);
-      for (int64_t j = 3 * H; j < G; ++j) sr[j] = sigmoid(sr[j]);
-      const T* cp = c_prev + b * H;
-      T* cr = c + b * H;
-      for (int64_t j = 0; j < H; ++j) cr[j] = sr[H + j] * cp[j] + sr[j] * sr[2 * H + j];
+      if (nh.on())
+        gates_row<T>(G, x + b * G, ax.scale.data(), ax.shift.data(), p + b * G, ah.scale.data(), ah.shift.data(),
+                     s + b * G);
+      else
+        gates_row_in_place<T>(G, x + b * G, ax.scale.data(), ax.shift.data(), ah.scale.data(), ah.shift.data(),
+                              s + b * G);
+      cell_row<T>(H, s + b * G, c_prev + b * H, c + b * H);
     }
     if (nc.on()) normalise<T>(c, B, H, nc.gamma, nc.beta, nc.eps, nc.mean_at(t), nc.invstd_at(t), ac);
-    const T *scl = ac.scale.data(), *sft = ac.shift.data();
+    T* tc = tanh_c.data_ptr<T>() + t * B * H;
     T* hp = hs.data_ptr<T>() + t * B * H;
-    for (int64_t b = 0; b < B; ++b) {
-      const T* o = s + b * G + 3 * H;
-      for (int64_t j = 0; j < H; ++j) {
-        const int64_t k = b * H + j;
-        tc[k] = tanh_approx(c[k] * scl[j] + sft[j]);
-        hp[k] = o[j] * tc[k];
-      }
-    }
+    for (int64_t b = 0; b < B; ++b)
+      hidden_row<T>(H, c + b * H, ac.scale.data(), ac.shift.data(), s + b * G + 3 * H, tc + b * H, hp + b * H);
     c_prev = c;
     h = hs[t];
   }
@@ -244,158 +359,107 @@ void store(const std::vector<double>& total, const OptTensor& out) {
 }
 
 template <typename T>
-void backward_loop(const Tensor& grad_hs, const Tensor& grad_c_last, const Tensor& wx, const Tensor& weight_hh,
-                   const Norm<T>& nx, const Norm<T>& nh, const Norm<T>& nc, const Tensor& c0, const Tensor& cs,
-                   const Tensor& sig, const Tensor& tanh_c, const OptTensor& wh, const OptTensor& grad_gates,
-                   const OptTensor& grad_wh, const OptTensor& grad_wx, const Tensor& grad_h0, const Tensor& grad_c0,
-                   const OptTensor& grad_gamma_x, const OptTensor& grad_beta_x, const OptTensor& grad_gamma_h,
-                   const OptTensor& grad_gamma_c, const OptTensor& grad_beta_c) {
+void backward_loop(const Tensor& grad_hs, const Tensor& grad_c_last, const Tensor& x, const Tensor& wx,
+                   const Tensor& weight_ih, const Tensor& weight_hh, const Norm<T>& nx, const Norm<T>& nh,
+                   const Norm<T>& nc, const Tensor& h0, const Tensor& c0, const Tensor& hs, const Tensor& cs,
+                   const Tensor& sig, const Tensor& tanh_c, const OptTensor& wh, const OptTensor& grad_x,
+                   const Tensor& grad_weight_ih, const Tensor& grad_bias, const Tensor& grad_weight_hh,
+                   const Tensor& grad_h0, const Tensor& grad_c0, const OptTensor& grad_gamma_x,
+                   const OptTensor& grad_gamma_h, const OptTensor& grad_gamma_c, const OptTensor& grad_beta_c) {
   const int64_t steps = cs.size(0), B = cs.size(1), H = cs.size(2), G = 4 * H;
-  // dL/d(pre-activation) of one step: a slice of grad_gates when the caller needs all of
-  // them (a norm is off, so they are dL/d(W_x x) or dL/d(W_h h) too), else a scratch row.
-  Tensor gates_scratch = grad_gates.has_value() ? Tensor() : at::empty({B, G}, cs.options());
+  // One step's gradients, reused: dL/d(pre-activations) and, behind BN_h and BN_x,
+  // dL/d(W_h h_{t-1}) and dL/d(W_x x_t). The weight gradients accumulate step by step, so
+  // none of these is kept over time (no (T, B, 4H) buffer to write and read back).
+  const Tensor dgates = at::empty({B, G}, cs.options());
+  const Tensor dwh = nh.on() ? at::empty({B, G}, cs.options()) : dgates;
+  const Tensor dax = nx.on() ? at::empty({B, G}, cs.options()) : dgates;
+  Tensor gw_hh = grad_weight_hh, gw_ih = grad_weight_ih;  // handles on the outputs, for addmm_out
+  gw_hh.zero_();
+  gw_ih.zero_();
   Tensor dh = grad_hs[steps - 1].clone();
-  Tensor dh0 = grad_h0;  // a handle on the output, for mm_out
+  Tensor dh0 = grad_h0;
   std::vector<T> dc_next(grad_c_last.data_ptr<T>(), grad_c_last.data_ptr<T>() + B * H);
-  std::vector<T> dcn(B * H), dc(B * H), sum_dy(G), sum_dcn(H);
+  std::vector<T> dcn(B * H), dc_buffer(B * H), sum_dy(G), sum_dcn(H);
   NormBackward<T> bx(G), bh(G), bc(H);
-  std::vector<double> d_beta_x(G, 0.0), d_beta_c(H, 0.0);
+  std::vector<double> d_bias(G, 0.0), d_beta_c(H, 0.0);
+  T* dg = dgates.data_ptr<T>();
   for (int64_t t = steps - 1; t >= 0; --t) {
     const T* s = sig.data_ptr<T>() + t * B * G;
     const T* tc = tanh_c.data_ptr<T>() + t * B * H;
     const T* c = cs.data_ptr<T>() + t * B * H;
     const T* c_prev = t > 0 ? c - B * H : c0.data_ptr<T>();
-    Tensor dgates_t = grad_gates.has_value() ? (*grad_gates)[t] : gates_scratch;
-    T* dg = dgates_t.data_ptr<T>();
     const T* dhp = dh.data_ptr<T>();
-    // h = o * tanh(cn): dL/d(pre-activation of o) and dL/dcn.
-    for (int64_t b = 0; b < B; ++b) {
-      const T* o = s + b * G + 3 * H;
-      T* d_o = dg + b * G + 3 * H;
-      for (int64_t j = 0; j < H; ++j) {
-        const int64_t k = b * H + j;
-        d_o[j] = dhp[k] * tc[k] * o[j] * (T(1) - o[j]);
-        dcn[k] = dhp[k] * o[j] * (T(1) - tc[k] * tc[k]);
-      }
-    }
-    // Through BN_c into dL/dc (plus the gradient from step t+1).
+    for (int64_t b = 0; b < B; ++b)
+      hidden_row_backward<T>(H, dhp + b * H, tc + b * H, s + b * G + 3 * H, dg + b * G + 3 * H, dcn.data() + b * H);
+    // Through BN_c into dL/dc.
+    const T* dc = dcn.data();
     if (nc.on()) {
-      const T* mean = nc.mean_at(t);
-      const T* invstd = nc.invstd_at(t);
-      std::fill(sum_dcn.begin(), sum_dcn.end(), T(0));
-      std::fill(bc.sum_dy_xhat.begin(), bc.sum_dy_xhat.end(), T(0));
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t j = 0; j < H; ++j) {
-          const int64_t k = b * H + j;
-          sum_dcn[j] += dcn[k];
-          bc.sum_dy_xhat[j] += dcn[k] * ((c[k] - mean[j]) * invstd[j]);
-        }
-      bc.finish(B, H, nc.gamma, invstd);
-      const T inv_b = T(1) / static_cast<T>(B);
-      for (int64_t j = 0; j < H; ++j) d_beta_c[j] += sum_dcn[j];
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t j = 0; j < H; ++j) {
-          const int64_t k = b * H + j;
-          dc[k] = bc.coef[j] * (dcn[k] - sum_dcn[j] * inv_b - (c[k] - mean[j]) * bc.proj[j]);
-        }
-    } else {
-      std::copy(dcn.begin(), dcn.end(), dc.begin());
+      NormBackward<T>* norm = &bc;
+      bc.begin(c, nc.mean_at(t), nc.invstd_at(t), nc.gamma, dc_buffer.data());
+      norms_backward<T>(B, H, dcn.data(), sum_dcn.data(), d_beta_c, &norm, 1);
+      dc = dc_buffer.data();
     }
-    // c = f * c_prev + i * g: the i, f, g pre-activation gradients; dL/dc_{t-1} = dc * f.
-    for (int64_t b = 0; b < B; ++b) {
-      const T* i = s + b * G;
-      const T* f = i + H;
-      const T* g = i + 2 * H;
-      T* d_i = dg + b * G;
-      T* d_f = d_i + H;
-      T* d_g = d_i + 2 * H;
-      for (int64_t j = 0; j < H; ++j) {
-        const int64_t k = b * H + j;
-        const T d = dc[k] + dc_next[k];
-        d_i[j] = d * g[j] * i[j] * (T(1) - i[j]);
-        d_f[j] = d * c_prev[k] * f[j] * (T(1) - f[j]);
-        d_g[j] = d * i[j] * (T(1) - g[j] * g[j]);
-        dc_next[k] = d * f[j];
-      }
+    for (int64_t b = 0; b < B; ++b)
+      cell_row_backward<T>(H, s + b * G, c_prev + b * H, dc + b * H, dc_next.data() + b * H, dg + b * G);
+    // Through BN_h and BN_x, in shared passes over dgates; d b = sum_b dgates either way (b
+    // is BN_x's beta, or is added to the pre-activation directly).
+    NormBackward<T>* norms[2];
+    int count = 0;
+    if (nh.on()) {
+      bh.begin(wh->data_ptr<T>() + t * B * G, nh.mean_at(t), nh.invstd_at(t), nh.gamma, dwh.data_ptr<T>());
+      norms[count++] = &bh;
     }
-    // Through BN_h (into dL/d(W_h h)) and BN_x (into dL/d(W_x x)): one pass for both sums.
-    if (nh.on() || nx.on()) {
-      const T* xh = nh.on() ? (*wh)[t].data_ptr<T>() : nullptr;
-      const T* xx = nx.on() ? wx.data_ptr<T>() + t * B * G : nullptr;
-      const T *mh = nh.on() ? nh.mean_at(t) : nullptr, *ih = nh.on() ? nh.invstd_at(t) : nullptr;
-      const T *mx = nx.on() ? nx.mean_at(t) : nullptr, *ix = nx.on() ? nx.invstd_at(t) : nullptr;
-      std::fill(sum_dy.begin(), sum_dy.end(), T(0));
-      std::fill(bh.sum_dy_xhat.begin(), bh.sum_dy_xhat.end(), T(0));
-      std::fill(bx.sum_dy_xhat.begin(), bx.sum_dy_xhat.end(), T(0));
-      for (int64_t b = 0; b < B; ++b) {
-        const T* dy = dg + b * G;
-        for (int64_t f = 0; f < G; ++f) sum_dy[f] += dy[f];
-        if (xh)
-          for (int64_t f = 0; f < G; ++f) bh.sum_dy_xhat[f] += dy[f] * ((xh[b * G + f] - mh[f]) * ih[f]);
-        if (xx)
-          for (int64_t f = 0; f < G; ++f) bx.sum_dy_xhat[f] += dy[f] * ((xx[b * G + f] - mx[f]) * ix[f]);
-      }
-      const T inv_b = T(1) / static_cast<T>(B);
-      if (xh) {
-        bh.finish(B, G, nh.gamma, ih);
-        T* out = (*grad_wh)[t].data_ptr<T>();
-        for (int64_t b = 0; b < B; ++b)
-          for (int64_t f = 0; f < G; ++f) {
-            const int64_t k = b * G + f;
-            out[k] = bh.coef[f] * (dg[k] - sum_dy[f] * inv_b - (xh[k] - mh[f]) * bh.proj[f]);
-          }
-      }
-      if (xx) {
-        bx.finish(B, G, nx.gamma, ix);
-        for (int64_t f = 0; f < G; ++f) d_beta_x[f] += sum_dy[f];
-        T* out = grad_wx->data_ptr<T>() + t * B * G;
-        for (int64_t b = 0; b < B; ++b)
-          for (int64_t f = 0; f < G; ++f) {
-            const int64_t k = b * G + f;
-            out[k] = bx.coef[f] * (dg[k] - sum_dy[f] * inv_b - (xx[k] - mx[f]) * bx.proj[f]);
-          }
-      }
+    if (nx.on()) {
+      bx.begin(wx.data_ptr<T>() + t * B * G, nx.mean_at(t), nx.invstd_at(t), nx.gamma, dax.data_ptr<T>());
+      norms[count++] = &bx;
     }
-    // dL/dh_{t-1} = dL/d(W_h h_{t-1}) W_h (+ the loss's own gradient of h_{t-1})
-    const Tensor dwh_t = nh.on() ? (*grad_wh)[t] : dgates_t;
+    norms_backward<T>(B, G, dg, sum_dy.data(), d_bias, norms, count);
+    // Weight gradients of this step: dW_h += dwh^T h_{t-1}, dW_x += dax^T x_t; dL/dx_t.
+    const Tensor h_prev = t > 0 ? hs[t - 1] : h0;
+    at::addmm_out(gw_hh, gw_hh, dwh.t(), h_prev);
+    const Tensor x_t = x[t];
+    at::addmm_out(gw_ih, gw_ih, dax.t(), x_t);
+    if (grad_x.has_value()) {
+      Tensor grad_x_t = (*grad_x)[t];
+      at::mm_out(grad_x_t, dax, weight_ih);
+    }
+    // dL/dh_{t-1} = dwh W_h (+ the loss's own gradient of h_{t-1})
     if (t > 0)
-      at::addmm_out(dh, grad_hs[t - 1], dwh_t, weight_hh);
+      at::addmm_out(dh, grad_hs[t - 1], dwh, weight_hh);
     else
-      at::mm_out(dh0, dwh_t, weight_hh);
+      at::mm_out(dh0, dwh, weight_hh);
   }
   std::copy(dc_next.begin(), dc_next.end(), grad_c0.data_ptr<T>());
+  store<T>(d_bias, grad_bias);
   if (nx.on()) store<T>(bx.d_gamma_total, grad_gamma_x);
-  if (nx.on()) store<T>(d_beta_x, grad_beta_x);
   if (nh.on()) store<T>(bh.d_gamma_total, grad_gamma_h);
   if (nc.on()) store<T>(bc.d_gamma_total, grad_gamma_c);
   if (nc.on()) store<T>(d_beta_c, grad_beta_c);
 }
 
-void recurrence_backward(const Tensor& grad_hs, const Tensor& grad_c_last, const Tensor& wx, const Tensor& weight_hh,
-                         const OptTensor& gamma_x, const OptTensor& gamma_h, const OptTensor& gamma_c, const Tensor& c0,
-                         const Tensor& cs, const Tensor& sig, const Tensor& tanh_c, const OptTensor& wh,
-                         const OptTensor& mean_x, const OptTensor& invstd_x, const OptTensor& mean_h,
-                         const OptTensor& invstd_h, const OptTensor& mean_c, const OptTensor& invstd_c,
-                         const OptTensor& grad_gates, const OptTensor& grad_wh, const OptTensor& grad_wx,
-                         const Tensor& grad_h0, const Tensor& grad_c0, const OptTensor& grad_gamma_x,
-                         const OptTensor& grad_beta_x, const OptTensor& grad_gamma_h, const OptTensor& grad_gamma_c,
-                         const OptTensor& grad_beta_c) {
-  check_cpu_contiguous({{&grad_hs, "grad_hs"}, {&grad_c_last, "grad_c_last"}, {&wx, "wx"}, {&c0, "c0"},
-                        {&cs, "cs"}, {&sig, "sig"}, {&tanh_c, "tanh_c"}, {&grad_h0, "grad_h0"},
-                        {&grad_c0, "grad_c0"}});
-  TORCH_CHECK(!gamma_h.has_value() || (wh.has_value() && grad_wh.has_value()),
-              "bnrnn_cpu: BN_h needs the wh and grad_wh buffers");
-  TORCH_CHECK(!gamma_x.has_value() || grad_wx.has_value(), "bnrnn_cpu: BN_x needs the grad_wx buffer");
-  TORCH_CHECK((gamma_h.has_value() && gamma_x.has_value()) || grad_gates.has_value(),
-              "bnrnn_cpu: without BN_h or BN_x the pre-activation gradients are returned in grad_gates");
+void recurrence_backward(const Tensor& grad_hs, const Tensor& grad_c_last, const Tensor& x, const Tensor& wx,
+                         const Tensor& weight_ih, const Tensor& weight_hh, const OptTensor& gamma_x,
+                         const OptTensor& gamma_h, const OptTensor& gamma_c, const Tensor& h0, const Tensor& c0,
+                         const Tensor& hs, const Tensor& cs, const Tensor& sig, const Tensor& tanh_c,
+                         const OptTensor& wh, const OptTensor& mean_x, const OptTensor& invstd_x,
+                         const OptTensor& mean_h, const OptTensor& invstd_h, const OptTensor& mean_c,
+                         const OptTensor& invstd_c, const OptTensor& grad_x, const Tensor& grad_weight_ih,
+                         const Tensor& grad_bias, const Tensor& grad_weight_hh, const Tensor& grad_h0,
+                         const Tensor& grad_c0, const OptTensor& grad_gamma_x, const OptTensor& grad_gamma_h,
+                         const OptTensor& grad_gamma_c, const OptTensor& grad_beta_c) {
+  check_cpu_contiguous({{&grad_hs, "grad_hs"}, {&grad_c_last, "grad_c_last"}, {&x, "x"}, {&wx, "wx"},
+                        {&h0, "h0"}, {&c0, "c0"}, {&hs, "hs"}, {&cs, "cs"}, {&sig, "sig"}, {&tanh_c, "tanh_c"},
+                        {&grad_weight_ih, "grad_weight_ih"}, {&grad_weight_hh, "grad_weight_hh"},
+                        {&grad_h0, "grad_h0"}, {&grad_c0, "grad_c0"}});
+  TORCH_CHECK(!gamma_h.has_value() || wh.has_value(), "bnrnn_cpu: BN_h needs the wh buffer");
   const int64_t H = cs.size(2), G = 4 * H;
   AT_DISPATCH_FLOATING_TYPES(cs.scalar_type(), "bnrnn_recurrence_backward", [&] {
-    backward_loop<scalar_t>(grad_hs, grad_c_last, wx, weight_hh,
+    backward_loop<scalar_t>(grad_hs, grad_c_last, x, wx, weight_ih, weight_hh,
                             make_norm<scalar_t>(gamma_x, std::nullopt, 0.0, mean_x, invstd_x, G),
                             make_norm<scalar_t>(gamma_h, std::nullopt, 0.0, mean_h, invstd_h, G),
-                            make_norm<scalar_t>(gamma_c, std::nullopt, 0.0, mean_c, invstd_c, H), c0, cs, sig, tanh_c,
-                            wh, grad_gates, grad_wh, grad_wx, grad_h0, grad_c0, grad_gamma_x, grad_beta_x,
-                            grad_gamma_h, grad_gamma_c, grad_beta_c);
+                            make_norm<scalar_t>(gamma_c, std::nullopt, 0.0, mean_c, invstd_c, H), h0, c0, hs, cs,
+                            sig, tanh_c, wh, grad_x, grad_weight_ih, grad_bias, grad_weight_hh, grad_h0, grad_c0,
+                            grad_gamma_x, grad_gamma_h, grad_gamma_c, grad_beta_c);
   });
 }
 
@@ -406,7 +470,8 @@ std::tuple<Tensor, Tensor> activations(const Tensor& x) {
   Tensor sig = at::empty_like(in), th = at::empty_like(in);
   const float* p = in.data_ptr<float>();
   float *ps = sig.data_ptr<float>(), *pt = th.data_ptr<float>();
-  for (int64_t k = 0; k < in.numel(); ++k) {
+  const int64_t n = in.numel();
+  for (int64_t k = 0; k < n; ++k) {
     ps[k] = sigmoid(p[k]);
     pt[k] = tanh_approx(p[k]);
   }
@@ -422,12 +487,12 @@ TORCH_LIBRARY(bnrnn_cpu, m) {
       "Tensor(a!) hs, Tensor(b!) cs, Tensor(c!) sig, Tensor(d!) tanh_c, Tensor(e!)? wh, Tensor(f!)? mean_x, "
       "Tensor(g!)? invstd_x, Tensor(h!)? mean_h, Tensor(i!)? invstd_h, Tensor(j!)? mean_c, Tensor(k!)? invstd_c) -> ()");
   m.def(
-      "recurrence_backward(Tensor grad_hs, Tensor grad_c_last, Tensor wx, Tensor weight_hh, Tensor? gamma_x, "
-      "Tensor? gamma_h, Tensor? gamma_c, Tensor c0, Tensor cs, Tensor sig, Tensor tanh_c, Tensor? wh, "
-      "Tensor? mean_x, Tensor? invstd_x, Tensor? mean_h, Tensor? invstd_h, Tensor? mean_c, Tensor? invstd_c, "
-      "Tensor(a!)? grad_gates, Tensor(b!)? grad_wh, Tensor(c!)? grad_wx, Tensor(d!) grad_h0, Tensor(e!) grad_c0, "
-      "Tensor(f!)? grad_gamma_x, Tensor(g!)? grad_beta_x, Tensor(h!)? grad_gamma_h, Tensor(i!)? grad_gamma_c, "
-      "Tensor(j!)? grad_beta_c) -> ()");
+      "recurrence_backward(Tensor grad_hs, Tensor grad_c_last, Tensor x, Tensor wx, Tensor weight_ih, "
+      "Tensor weight_hh, Tensor? gamma_x, Tensor? gamma_h, Tensor? gamma_c, Tensor h0, Tensor c0, Tensor hs, "
+      "Tensor cs, Tensor sig, Tensor tanh_c, Tensor? wh, Tensor? mean_x, Tensor? invstd_x, Tensor? mean_h, "
+      "Tensor? invstd_h, Tensor? mean_c, Tensor? invstd_c, Tensor(a!)? grad_x, Tensor(b!) grad_weight_ih, "
+      "Tensor(c!) grad_bias, Tensor(d!) grad_weight_hh, Tensor(e!) grad_h0, Tensor(f!) grad_c0, "
+      "Tensor(g!)? grad_gamma_x, Tensor(h!)? grad_gamma_h, Tensor(i!)? grad_gamma_c, Tensor(j!)? grad_beta_c) -> ()");
   m.def("activations(Tensor x) -> (Tensor, Tensor)");
 }
 

@@ -1,0 +1,101 @@
+"""The CPU fast path on the compiled loops of :mod:`bnrnn.nn.cpu_kernels`.
+
+The same function as :class:`~bnrnn.nn.fused.FusedLSTMRecurrence` (the ATen loop), with the
+input projection inside: the Function takes x and W_x, so that its backward accumulates
+dW_x, dW_h and db step by step, from one step's gradients still in cache, instead of
+writing (T, B, 4H) gradient buffers (80 MB each at seqMNIST) and reading them back for one
+large GEMM each.
+
+Buffers (all from the :mod:`~bnrnn.nn.workspace` pool):
+    wx (T, B, 4H): W_x x (+ b when x is not normalised);
+    hs, cs, tanh_c (T, B, H): h_t, c_t, tanh(BN_c(c_t));
+    sig (T, B, 4H): the activated gates [sigmoid(i), sigmoid(f), tanh(g), sigmoid(o)];
+    wh (T, B, 4H): W_h h_{t-1}, BN_h's input (with BN_h only);
+    mean_<term>, invstd_<term> (T, F): the batch statistics of each norm in use.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bnrnn.nn.fused import STATISTICS, Norms, statistics_buffers
+from bnrnn.nn.workspace import WORKSPACE
+
+
+def project_input(x: torch.Tensor, weight_ih: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """W_x x [+ b]: (T, B, I) -> (T, B, 4H), in a pooled buffer (no autograd)."""
+    T, B, _ = x.shape
+    wx = WORKSPACE.empty((T, B, weight_ih.shape[0]), x)
+    flat, out = x.reshape(T * B, -1), wx.view(T * B, -1)
+    with torch.no_grad():
+        if bias is None:
+            torch.mm(flat, weight_ih.t(), out=out)
+        else:
+            torch.addmm(bias, flat, weight_ih.t(), out=out)
+    return wx
+
+
+def run_forward(wx: torch.Tensor, weight_hh: torch.Tensor, norms: Norms, h0: torch.Tensor, c0: torch.Tensor):
+    """The recurrence with batch statistics on the compiled loop.
+
+    Args:
+        wx: (T, B, 4H) = W_x x (plus b when x is not normalised), contiguous.
+        weight_hh: (4H, H); h0, c0: (B, H).
+    Returns:
+        hs (T, B, H), cs (T, B, H) and a dict with the statistics (``mean_x`` ...) and the
+        buffers the backward reads (``sig``, ``tanh_c``, ``wh``).
+    """
+    T, B, G = wx.shape
+    H = G // 4
+    hs = WORKSPACE.empty((T, B, H), wx)
+    cs = WORKSPACE.empty((T, B, H), wx)
+    sig = WORKSPACE.empty((T, B, G), wx)
+    tanh_c = WORKSPACE.empty((T, B, H), wx)
+    wh = WORKSPACE.empty((T, B, G), wx) if norms.gamma_h is not None else None
+    stats = statistics_buffers(wx, norms)
+    n = norms
+    torch.ops.bnrnn_cpu.recurrence_forward(
+        wx, weight_hh.contiguous(), n.gamma_x, n.beta_x, n.gamma_h, n.gamma_c, n.beta_c, h0.contiguous(),
+        c0.contiguous(), n.eps_x, n.eps_h, n.eps_c, hs, cs, sig, tanh_c, wh, *(stats.get(k) for k in STATISTICS))
+    stats.update(sig=sig, tanh_c=tanh_c, wh=wh)
+    return hs, cs, stats
+
+
+class CompiledLSTMRecurrence(torch.autograd.Function):
+    """(x, W_x, b, W_h, gamma_x, gamma_h, gamma_c, beta_c, h0, c0, eps, stats) -> (hs, c_T).
+
+    x (T, B, I); hs (T, B, H), c_T (B, H). b is BN_x's beta when gamma_x is given, else added
+    to W_x x. ``stats``, a dict, receives the per-step batch statistics (``mean_x``,
+    ``invstd_x``, ...) for the caller to fold into the population.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight_ih, bias, weight_hh, gamma_x, gamma_h, gamma_c, beta_c, h0, c0, eps, stats):
+        x, h0, c0 = x.contiguous(), h0.contiguous(), c0.contiguous()
+        wx = project_input(x, weight_ih, bias if gamma_x is None else None)
+        norms = Norms(gamma_x, bias if gamma_x is not None else None, gamma_h, gamma_c, beta_c, eps)
+        hs, cs, saved = run_forward(wx, weight_hh, norms, h0, c0)
+        stats.update({k: saved[k] for k in STATISTICS if k in saved})
+        ctx.saved = saved
+        ctx.save_for_backward(x, wx, weight_ih, weight_hh, gamma_x, gamma_h, gamma_c, h0, c0, hs, cs)
+        return hs, cs[-1].clone()
+
+    @staticmethod
+    def backward(ctx, grad_hs, grad_c_last):
+        x, wx, weight_ih, weight_hh, gamma_x, gamma_h, gamma_c, h0, c0, hs, cs = ctx.saved_tensors
+        saved = ctx.saved
+        B, H = h0.shape
+        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        grad_weight_ih = torch.empty_like(weight_ih)
+        grad_bias = weight_ih.new_empty(weight_ih.shape[0])
+        grad_weight_hh = torch.empty_like(weight_hh)
+        grad_h0, grad_c0 = hs.new_empty(B, H), hs.new_empty(B, H)
+        norm_grads = [torch.empty_like(p) if p is not None else None for p in (gamma_x, gamma_h, gamma_c, gamma_c)]
+        torch.ops.bnrnn_cpu.recurrence_backward(
+            grad_hs.contiguous(), grad_c_last.contiguous(), x, wx, weight_ih.contiguous(), weight_hh.contiguous(),
+            gamma_x, gamma_h, gamma_c, h0, c0, hs, cs, saved["sig"], saved["tanh_c"], saved["wh"],
+            *(saved.get(k) for k in STATISTICS), grad_x, grad_weight_ih, grad_bias, grad_weight_hh, grad_h0, grad_c0,
+            *norm_grads)
+        grad_gamma_x, grad_gamma_h, grad_gamma_c, grad_beta_c = norm_grads
+        return (grad_x, grad_weight_ih, grad_bias, grad_weight_hh, grad_gamma_x, grad_gamma_h, grad_gamma_c,
+                grad_beta_c, grad_h0, grad_c0, None, None)
