@@ -16,6 +16,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -171,6 +172,30 @@ inline void norm_input_gradient_row(int64_t n, const T* __restrict__ dy, const T
   for (int64_t f = 0; f < n; ++f) dx[f] = coef[f] * (dy[f] - mean_dy[f] - (x[f] - mean[f]) * proj[f]);
 }
 
+// ---- work split over threads ---------------------------------------------------------------
+// Each step's passes are split over the intra-op threads (at::parallel_for, OpenMP): row
+// passes by batch rows, batch-statistics passes by feature columns (the statistics of a
+// feature are over the batch, so a column range needs nothing from the other threads). The
+// GEMMs between them keep the same threads busy and spinning, so a split costs a microsecond.
+
+inline int64_t chunk(int64_t n, int64_t multiple) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t per_thread = (n + threads - 1) / threads;
+  return std::max<int64_t>(1, (per_thread + multiple - 1) / multiple * multiple);
+}
+
+// fn(begin, end) over batch rows [0, B), split over the threads.
+template <typename Fn>
+void over_rows(int64_t B, const Fn& fn) {
+  at::parallel_for(0, B, chunk(B, 1), fn);
+}
+
+// fn(begin, end) over feature columns [0, F), in ranges of whole 64-byte vectors.
+template <typename Fn>
+void over_columns(int64_t F, const Fn& fn) {
+  at::parallel_for(0, F, chunk(F, 16), fn);
+}
+
 // ---- batch statistics ----------------------------------------------------------------------
 
 // One norm's per-feature affine map for this step: y = x * scale + shift (identity when off).
@@ -180,28 +205,39 @@ struct Affine {
   std::vector<T> scale, shift;
 };
 
-// Batch statistics of x (B, F): mean and invstd = 1 / sqrt(biased var + eps), written to
-// `mean`, `invstd` (F), and the map x -> gamma * (x - mean) * invstd + beta into `affine`.
+// Batch statistics of x (B, F) for the columns [f0, f1): mean and invstd = 1 / sqrt(biased
+// var + eps), written to `mean`, `invstd` (F), and the map x -> gamma * (x - mean) * invstd
+// + beta into `affine`.
 template <typename T>
-void normalise(const T* x, int64_t B, int64_t F, const T* gamma, const T* beta, double eps, T* mean, T* invstd,
-               Affine<T>& affine) {
-  std::fill(mean, mean + F, T(0));
-  for (int64_t b = 0; b < B; ++b) add_row<T>(F, x + b * F, mean);
+void normalise_columns(const T* x, int64_t B, int64_t F, int64_t f0, int64_t f1, const T* gamma, const T* beta,
+                       double eps, T* mean, T* invstd, Affine<T>& affine) {
+  const int64_t n = f1 - f0;
+  std::fill(mean + f0, mean + f1, T(0));
+  for (int64_t b = 0; b < B; ++b) add_row<T>(n, x + b * F + f0, mean + f0);
   const T inv_b = T(1) / static_cast<T>(B);
-  for (int64_t f = 0; f < F; ++f) mean[f] *= inv_b;
+  for (int64_t f = f0; f < f1; ++f) mean[f] *= inv_b;
   // Squared deviations in a second pass: no cancellation when |mean| >> std.
-  std::fill(invstd, invstd + F, T(0));
-  for (int64_t b = 0; b < B; ++b) add_squared_deviation<T>(F, x + b * F, mean, invstd);
-  for (int64_t f = 0; f < F; ++f) {
+  std::fill(invstd + f0, invstd + f1, T(0));
+  for (int64_t b = 0; b < B; ++b) add_squared_deviation<T>(n, x + b * F + f0, mean + f0, invstd + f0);
+  for (int64_t f = f0; f < f1; ++f) {
     invstd[f] = static_cast<T>(1.0 / std::sqrt(static_cast<double>(invstd[f] * inv_b) + eps));
     affine.scale[f] = gamma[f] * invstd[f];
     affine.shift[f] = (beta ? beta[f] : T(0)) - mean[f] * affine.scale[f];
   }
 }
 
+template <typename T>
+void normalise(const T* x, int64_t B, int64_t F, const T* gamma, const T* beta, double eps, T* mean, T* invstd,
+               Affine<T>& affine) {
+  over_columns(F, [&](int64_t f0, int64_t f1) {
+    normalise_columns<T>(x, B, F, f0, f1, gamma, beta, eps, mean, invstd, affine);
+  });
+}
+
 // The backward of one batch norm at one step: dx from dy (B, F), and the gamma gradient
-// summed over time. In steps so that BN_h and BN_x, whose upstream gradient dy is the same,
-// share each pass over the rows (see norms_backward).
+// summed over time; every method works on a column range [f0, f1). In steps so that BN_h
+// and BN_x, whose upstream gradient dy is the same, share each pass over the rows (see
+// norms_backward).
 template <typename T>
 struct NormBackward {
   explicit NormBackward(int64_t width)
@@ -220,40 +256,44 @@ struct NormBackward {
     invstd = step_invstd;
     gamma = weight;
     dx = grad_input;
-    std::fill(sum_dy_xhat.begin(), sum_dy_xhat.end(), T(0));
   }
-  void add_row(int64_t F, int64_t b, const T* dy_row) {
-    add_dy_xhat<T>(F, dy_row, x + b * F, mean, invstd, sum_dy_xhat.data());
+  void clear(int64_t f0, int64_t f1) { std::fill(sum_dy_xhat.begin() + f0, sum_dy_xhat.begin() + f1, T(0)); }
+  void add_row(int64_t F, int64_t f0, int64_t f1, int64_t b, const T* dy) {
+    add_dy_xhat<T>(f1 - f0, dy + b * F + f0, x + b * F + f0, mean + f0, invstd + f0, sum_dy_xhat.data() + f0);
   }
-  void finish(int64_t B, int64_t F, const T* sum_dy) {
+  void finish(int64_t B, int64_t f0, int64_t f1, const T* sum_dy) {
     const T inv_b = T(1) / static_cast<T>(B);
-    for (int64_t f = 0; f < F; ++f) {
+    for (int64_t f = f0; f < f1; ++f) {
       d_gamma_total[f] += sum_dy_xhat[f];
       coef[f] = gamma[f] * invstd[f];
       mean_dy[f] = sum_dy[f] * inv_b;
       proj[f] = sum_dy_xhat[f] * inv_b * invstd[f];
     }
   }
-  void input_gradient_row(int64_t F, int64_t b, const T* dy_row) const {
-    norm_input_gradient_row<T>(F, dy_row, x + b * F, mean, coef.data(), mean_dy.data(), proj.data(), dx + b * F);
+  void input_gradient_row(int64_t F, int64_t f0, int64_t f1, int64_t b, const T* dy) const {
+    norm_input_gradient_row<T>(f1 - f0, dy + b * F + f0, x + b * F + f0, mean + f0, coef.data() + f0,
+                               mean_dy.data() + f0, proj.data() + f0, dx + b * F + f0);
   }
 };
 
 // The backward of the batch norms norms[0 .. count) (begun; none, one or two) that share the
-// upstream gradient dy (B, F): one pass for the sums, one for the input gradients. sum_dy
-// (F) gets the column sums of dy, which are also added to `total` (F, summed over time).
+// upstream gradient dy (B, F): per column range, one pass for the sums and one for the input
+// gradients. sum_dy (F) gets the column sums of dy, also added to `total` (F, over time).
 template <typename T>
 void norms_backward(int64_t B, int64_t F, const T* dy, T* sum_dy, std::vector<double>& total,
                     NormBackward<T>* const* norms, int count) {
-  std::fill(sum_dy, sum_dy + F, T(0));
-  for (int64_t b = 0; b < B; ++b) {
-    add_row<T>(F, dy + b * F, sum_dy);
-    for (int k = 0; k < count; ++k) norms[k]->add_row(F, b, dy + b * F);
-  }
-  for (int64_t f = 0; f < F; ++f) total[f] += sum_dy[f];
-  for (int k = 0; k < count; ++k) norms[k]->finish(B, F, sum_dy);
-  for (int64_t b = 0; b < B; ++b)
-    for (int k = 0; k < count; ++k) norms[k]->input_gradient_row(F, b, dy + b * F);
+  over_columns(F, [&](int64_t f0, int64_t f1) {
+    std::fill(sum_dy + f0, sum_dy + f1, T(0));
+    for (int k = 0; k < count; ++k) norms[k]->clear(f0, f1);
+    for (int64_t b = 0; b < B; ++b) {
+      add_row<T>(f1 - f0, dy + b * F + f0, sum_dy + f0);
+      for (int k = 0; k < count; ++k) norms[k]->add_row(F, f0, f1, b, dy);
+    }
+    for (int64_t f = f0; f < f1; ++f) total[f] += sum_dy[f];
+    for (int k = 0; k < count; ++k) norms[k]->finish(B, f0, f1, sum_dy);
+    for (int64_t b = 0; b < B; ++b)
+      for (int k = 0; k < count; ++k) norms[k]->input_gradient_row(F, f0, f1, b, dy);
+  });
 }
 
 // ---- buffers -------------------------------------------------------------------------------
@@ -311,20 +351,24 @@ void forward_loop(const Tensor& wx, const Tensor& weight_hh, const Norm<T>& nx, 
     at::mm_out(product, h, w_t);
     const T* p = product.data_ptr<T>();
     if (nh.on()) normalise<T>(p, B, G, nh.gamma, nullptr, nh.eps, nh.mean_at(t), nh.invstd_at(t), ah);
-    for (int64_t b = 0; b < B; ++b) {
-      if (nh.on())
-        gates_row<T>(G, x + b * G, ax.scale.data(), ax.shift.data(), p + b * G, ah.scale.data(), ah.shift.data(),
-                     s + b * G);
-      else
-        gates_row_in_place<T>(G, x + b * G, ax.scale.data(), ax.shift.data(), ah.scale.data(), ah.shift.data(),
-                              s + b * G);
-      cell_row<T>(H, s + b * G, c_prev + b * H, c + b * H);
-    }
+    over_rows(B, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        if (nh.on())
+          gates_row<T>(G, x + b * G, ax.scale.data(), ax.shift.data(), p + b * G, ah.scale.data(),
+                       ah.shift.data(), s + b * G);
+        else
+          gates_row_in_place<T>(G, x + b * G, ax.scale.data(), ax.shift.data(), ah.scale.data(), ah.shift.data(),
+                                s + b * G);
+        cell_row<T>(H, s + b * G, c_prev + b * H, c + b * H);
+      }
+    });
     if (nc.on()) normalise<T>(c, B, H, nc.gamma, nc.beta, nc.eps, nc.mean_at(t), nc.invstd_at(t), ac);
     T* tc = tanh_c.data_ptr<T>() + t * B * H;
     T* hp = hs.data_ptr<T>() + t * B * H;
-    for (int64_t b = 0; b < B; ++b)
-      hidden_row<T>(H, c + b * H, ac.scale.data(), ac.shift.data(), s + b * G + 3 * H, tc + b * H, hp + b * H);
+    over_rows(B, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        hidden_row<T>(H, c + b * H, ac.scale.data(), ac.shift.data(), s + b * G + 3 * H, tc + b * H, hp + b * H);
+    });
     c_prev = c;
     h = hs[t];
   }
@@ -389,8 +433,11 @@ void backward_loop(const Tensor& grad_hs, const Tensor& grad_c_last, const Tenso
     const T* c = cs.data_ptr<T>() + t * B * H;
     const T* c_prev = t > 0 ? c - B * H : c0.data_ptr<T>();
     const T* dhp = dh.data_ptr<T>();
-    for (int64_t b = 0; b < B; ++b)
-      hidden_row_backward<T>(H, dhp + b * H, tc + b * H, s + b * G + 3 * H, dg + b * G + 3 * H, dcn.data() + b * H);
+    over_rows(B, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        hidden_row_backward<T>(H, dhp + b * H, tc + b * H, s + b * G + 3 * H, dg + b * G + 3 * H,
+                               dcn.data() + b * H);
+    });
     // Through BN_c into dL/dc.
     const T* dc = dcn.data();
     if (nc.on()) {
@@ -399,8 +446,10 @@ void backward_loop(const Tensor& grad_hs, const Tensor& grad_c_last, const Tenso
       norms_backward<T>(B, H, dcn.data(), sum_dcn.data(), d_beta_c, &norm, 1);
       dc = dc_buffer.data();
     }
-    for (int64_t b = 0; b < B; ++b)
-      cell_row_backward<T>(H, s + b * G, c_prev + b * H, dc + b * H, dc_next.data() + b * H, dg + b * G);
+    over_rows(B, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        cell_row_backward<T>(H, s + b * G, c_prev + b * H, dc + b * H, dc_next.data() + b * H, dg + b * G);
+    });
     // Through BN_h and BN_x, in shared passes over dgates; d b = sum_b dgates either way (b
     // is BN_x's beta, or is added to the pre-activation directly).
     NormBackward<T>* norms[2];
