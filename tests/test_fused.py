@@ -1,17 +1,53 @@
-"""The fast path (bnrnn.nn.fused) against the readable reference path of the same layer.
+"""The CPU fast path against the readable reference path of the same layer.
 
 Two layers with identical parameters and buffers, one ``fused=True`` and one ``fused=False``,
 must give the same outputs, final state, gradients (inputs, weights, gammas, betas, initial
-state) and population statistics, in every statistics mode and beyond T_max.
+state) and population statistics, in every statistics mode and beyond T_max. Every test runs
+on both CPU loops: the compiled one (bnrnn.nn.cpu_recurrence) and the ATen one
+(bnrnn.nn.fused).
 """
 
 import copy
+import os
 
 import pytest
 import torch
 
-from bnrnn.nn import BNLSTM
+from bnrnn.nn import BNLSTM, cpu_kernels, cpu_recurrence
 from bnrnn.nn.population import batch_statistics
+
+# Whether twin_layers' fast layer uses the compiled loop (set by the cpu_loop fixture).
+USE_COMPILED = {"value": True}
+
+
+@pytest.fixture(params=["compiled", "aten"], autouse=True)
+def cpu_loop(request, monkeypatch):
+    """Runs the test on one CPU loop; yields the list of compiled-loop calls (a spy), and
+    checks afterwards that the ATen variant never ran the compiled loop."""
+    compiled = request.param == "compiled"
+    if compiled and not cpu_kernels.load():
+        reason = f"the compiled CPU loop did not build: {cpu_kernels.failure()}"
+        if os.environ.get("CI"):
+            pytest.fail(reason)  # CI has a compiler: the compiled path must be tested there
+        pytest.skip(reason)
+    calls = []
+    real_forward = cpu_recurrence.run_forward
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(cpu_recurrence, "run_forward", spy)
+    monkeypatch.setitem(USE_COMPILED, "value", compiled)
+    yield calls if compiled else None
+    if not compiled:
+        assert not calls, "the ATen variant ran the compiled loop"
+
+
+def expect_compiled(cpu_loop):
+    """In the compiled variant, the batch-statistics forward ran on the compiled loop."""
+    if cpu_loop is not None:
+        assert cpu_loop, "the compiled loop did not run"
 
 SWITCHES = [(True, True, True), (True, False, False), (False, True, False), (False, False, True), (False, False, False)]
 SWITCH_IDS = ["bnlstm", "bn_x", "bn_h", "bn_c", "vanilla"]
@@ -22,6 +58,7 @@ def twin_layers(switches, dtype, randomised: bool, seed: int = 0, max_steps: int
     torch.manual_seed(seed)
     fast = BNLSTM(I, H, max_steps=max_steps, bn_x=switches[0], bn_h=switches[1], bn_c=switches[2], fused=True)
     fast = fast.to(dtype)
+    fast.cpu_kernels = USE_COMPILED["value"]
     if randomised:
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
@@ -89,7 +126,7 @@ def assert_same_buffers(fast, ref, atol):
 
 
 @pytest.mark.parametrize("switches", SWITCHES, ids=SWITCH_IDS)
-def test_training_float64_randomised_parameters(switches):
+def test_training_float64_randomised_parameters(switches, cpu_loop):
     """Every parameter and statistic away from 0 and 1, T > T_max, a carried-in state."""
     fast, ref = twin_layers(switches, torch.float64, randomised=True)
     x = torch.randn(9, 7, 3, dtype=torch.float64)  # 9 steps, T_max 6
@@ -98,10 +135,11 @@ def test_training_float64_randomised_parameters(switches):
     run_r = run_with_grads(ref.train(), x, state)
     assert_same_results(run_f, run_r, atol=1e-11, rtol=1e-9)
     assert_same_buffers(fast, ref, atol=1e-12)
+    expect_compiled(cpu_loop)
 
 
 @pytest.mark.parametrize("switches", SWITCHES, ids=SWITCH_IDS)
-def test_training_float32_paper_initialisation(switches):
+def test_training_float32_paper_initialisation(switches, cpu_loop):
     """The production setting: float32, the paper's initialisation, learned h0 with noise."""
     fast, ref = twin_layers(switches, torch.float32, randomised=False, max_steps=20, I=4, H=16)
     fast.h0_noise = ref.h0_noise = 0.1
@@ -112,6 +150,7 @@ def test_training_float32_paper_initialisation(switches):
     run_r = run_with_grads(ref.train(), x)
     assert_float32_results(run_f, run_r)
     assert_same_buffers(fast, ref, atol=1e-6)
+    expect_compiled(cpu_loop)
     if switches != (False, False, False):
         # Steps beyond T_max are normalised but fold into no population slot.
         for bn in fast.norms():
@@ -177,7 +216,7 @@ def test_mixed_statistics_modes_fall_back_to_the_reference():
     assert_same_buffers(fast, ref, atol=1e-12)
 
 
-def test_training_forward_without_grad_updates_population_like_the_reference():
+def test_training_forward_without_grad_updates_population_like_the_reference(cpu_loop):
     """A no-grad forward in training mode (population re-estimation) skips the autograd Function."""
     fast, ref = twin_layers((True, True, True), torch.float32, randomised=False, seed=8, max_steps=5)
     x = torch.randn(7, 16, 3)
@@ -186,9 +225,10 @@ def test_training_forward_without_grad_updates_population_like_the_reference():
         out_r, _ = ref.train()(x)
     torch.testing.assert_close(out_f, out_r, atol=1e-5, rtol=1e-5)
     assert_same_buffers(fast, ref, atol=1e-6)
+    expect_compiled(cpu_loop)
 
 
-def test_fused_gradcheck_float64():
+def test_fused_gradcheck_float64(cpu_loop):
     """The hand-derived backward against finite differences, with a carried-in state."""
     fast, _ = twin_layers((True, True, True), torch.float64, randomised=True, seed=9, max_steps=3, I=2, H=3)
     fast.train()
@@ -202,3 +242,4 @@ def test_fused_gradcheck_float64():
         return out, c
 
     assert torch.autograd.gradcheck(fn, (x, h0, c0, *params), eps=1e-6, atol=1e-6)
+    expect_compiled(cpu_loop)

@@ -63,6 +63,19 @@ def build_options() -> tuple[str, list[str]]:
     return f"{EXTENSION_NAME}_{fingerprint}", ["-O3", "-march=native", "-fopenmp"]
 
 
+def import_cpp_extension():
+    """torch.utils.cpp_extension, without the warning it logs on import when a CUDA build of
+    torch finds no CUDA toolkit (irrelevant here: the source is C++ only)."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        logger.setLevel(level)
+    return cpp_extension
+
+
 def disabled_by_environment() -> bool:
     return os.environ.get("BNRNN_CPU_KERNELS", "1").strip().lower() in ("0", "false", "no", "off")
 
@@ -77,8 +90,7 @@ def load() -> bool:
             _loaded, _failure = False, "disabled by BNRNN_CPU_KERNELS=0"
             return False
         try:
-            from torch.utils import cpp_extension
-
+            cpp_extension = import_cpp_extension()
             log.info("bnrnn: loading the compiled CPU recurrence (the first build takes about a minute)")
             name, flags = build_options()
             cpp_extension.load(

@@ -1,0 +1,174 @@
+"""The compiled CPU loops (bnrnn/nn/csrc/recurrence_cpu.cpp) and the buffer pool they use.
+
+Their equivalence with the reference layer is in test_fused.py (every test there runs on both
+CPU loops); here: the float activations' accuracy, results independent of the thread count,
+the pool's reuse rules, and the fallback when the extension cannot be built.
+"""
+
+import os
+import warnings
+
+import pytest
+import torch
+
+from bnrnn.nn import BNLSTM, cpu_kernels, workspace
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    if not cpu_kernels.load():
+        reason = f"the compiled CPU loop did not build: {cpu_kernels.failure()}"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return torch.ops.bnrnn_cpu
+
+
+def test_float_activations_match_libm(compiled):
+    """The polynomial sigmoid and tanh of the float32 loops, over the whole useful range and
+    beyond, against float64 libm: within 3e-7 absolute, and 4e-7 relative for sigmoid."""
+    x = torch.cat([torch.linspace(-100, 100, 400_001), torch.linspace(-1e-3, 1e-3, 2001),
+                   torch.tensor([0.0, -0.0, 1e-30, -1e-30, 0.625, -0.625, 88.0, -88.0, 1e4, -1e4])])
+    sig, tanh = compiled.activations(x)
+    exact = x.double()
+    torch.testing.assert_close(sig.double(), torch.sigmoid(exact), atol=3e-7, rtol=4e-7)
+    torch.testing.assert_close(tanh.double(), torch.tanh(exact), atol=3e-7, rtol=0)
+    # tanh is odd and in [-1, 1]; sigmoid in [0, 1]
+    assert torch.equal(tanh[:200_000], -tanh[200_001:400_001].flip(0))
+    assert tanh.abs().max() <= 1 and sig.min() >= 0 and sig.max() <= 1
+    # small arguments keep their relative precision (the polynomial branch)
+    small = x.abs() < 0.5
+    small &= x != 0
+    assert ((tanh[small].double() - torch.tanh(exact[small])).abs() / exact[small].abs()).max() < 3e-7
+
+
+def test_float_activations_propagate_nan_and_saturate_at_infinity(compiled):
+    """A NaN stays NaN (divergence detection sees it); +-inf saturate like libm."""
+    x = torch.tensor([float("nan"), float("inf"), float("-inf")])
+    sig, tanh = compiled.activations(x)
+    assert sig[0].isnan() and tanh[0].isnan()
+    assert sig[1:].tolist() == [1.0, pytest.approx(0.0, abs=1e-37)]
+    assert tanh[1:].tolist() == [1.0, -1.0]
+
+
+@pytest.mark.parametrize("switches", [(True, True, True), (False, False, False)], ids=["bnlstm", "vanilla"])
+def test_results_do_not_depend_on_the_thread_count(compiled, switches):
+    """The loops split rows and feature columns over the threads, never a sum: one thread
+    and two give bit-identical outputs, gradients and population statistics."""
+    torch.manual_seed(0)
+    x = torch.randn(12, 37, 3)  # 37 rows: uneven row split; 4H = 84: uneven column split
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            torch.manual_seed(1)
+            layer = BNLSTM(3, 21, max_steps=8, bn_x=switches[0], bn_h=switches[1], bn_c=switches[2], h0_noise=0.1)
+            out, (h, c) = layer(x)
+            (out.square().sum() + c.sum()).backward()
+            results.append([out, c, *(p.grad for p in layer.parameters()), *layer.buffers()])
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
+
+
+def test_outputs_held_across_steps_are_not_overwritten(compiled):
+    """The pool reuses a buffer only once nothing refers to it: outputs kept from one step
+    (and tensors autograd saved) stay intact through the next steps."""
+    torch.manual_seed(0)
+    layer = BNLSTM(2, 50, max_steps=300)
+    x = torch.randn(300, 8, 2)  # (T, B, 4H) = 1.9 MB: pooled
+    first, _ = layer(x)
+    kept = first.detach().clone()
+    for _ in range(3):
+        out, _ = layer(torch.randn_like(x))
+        out.sum().backward()
+        assert out.data_ptr() != first.data_ptr()
+    assert torch.equal(first, kept)
+
+
+def test_pool_reuses_free_buffers_and_allocates_for_busy_ones():
+    pool = workspace.Workspace()
+    like = torch.empty(0)
+    shape = (4, 256, 512)  # 2 MB
+    a = pool.empty(shape, like)
+    a_ptr = a.data_ptr()
+    b = pool.empty(shape, like)
+    assert b.data_ptr() != a_ptr  # a is still referenced
+    view = a[1:]  # a view keeps the storage busy too
+    del a
+    c = pool.empty(shape, like)
+    assert c.data_ptr() not in (a_ptr, b.data_ptr())
+    del view, c
+    d = pool.empty(shape, like)
+    assert d.data_ptr() == a_ptr  # free again: reused
+    assert d.shape == shape and d.is_contiguous()
+    assert pool.kept_bytes() == 3 * 4 * 256 * 512 * 4
+    small = pool.empty((10,), like)  # under MIN_POOLED_BYTES: a plain allocation
+    assert pool.kept_bytes() == 3 * 4 * 256 * 512 * 4 and small.numel() == 10
+
+
+def test_pool_keeps_at_most_its_limit_per_shape():
+    pool = workspace.Workspace()
+    held = [pool.empty((1 << 18,), torch.empty(0)) for _ in range(workspace.MAX_KEPT_PER_SHAPE + 2)]
+    assert pool.kept_bytes() == workspace.MAX_KEPT_PER_SHAPE * (1 << 18) * 4
+    assert len({t.data_ptr() for t in held}) == len(held)
+
+
+def test_pooled_buffers_are_aligned_for_huge_pages():
+    t = workspace.mapped_empty((3, 1000, 1000), torch.float32)
+    assert t.data_ptr() % workspace.HUGE_PAGE == 0
+    t.fill_(2.0)
+    assert t.sum().item() == 6e6
+
+
+@pytest.fixture
+def untried_extension(monkeypatch):
+    """cpu_kernels as before its first load (restored afterwards)."""
+    monkeypatch.setattr(cpu_kernels, "_loaded", None)
+    monkeypatch.setattr(cpu_kernels, "_failure", None)
+
+
+def test_a_failed_build_falls_back_to_the_aten_loop_and_says_so_once(monkeypatch, tmp_path, untried_extension):
+    monkeypatch.setattr(cpu_kernels, "SOURCE", tmp_path / "missing.cpp")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "build"))
+    x = torch.randn(6, 4, 3)
+    with pytest.warns(RuntimeWarning, match="uses the ATen loop instead"):
+        assert not cpu_kernels.eligible(x, 5)
+    assert cpu_kernels.failure()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once only
+        assert not cpu_kernels.eligible(x, 5)
+        torch.manual_seed(0)
+        layer = BNLSTM(3, 5, max_steps=6)
+        out, _ = layer(x)
+    reference = BNLSTM(3, 5, max_steps=6, fused=False)
+    reference.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(out, reference(x)[0], atol=1e-6, rtol=1e-5)
+
+
+def test_the_environment_can_switch_the_extension_off(monkeypatch, untried_extension):
+    monkeypatch.setenv("BNRNN_CPU_KERNELS", "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # asked for: no warning
+        assert not cpu_kernels.eligible(torch.randn(6, 4, 3), 5)
+    assert "BNRNN_CPU_KERNELS=0" in cpu_kernels.failure()
+
+
+def test_build_targets_this_cpu_under_a_name_of_its_own():
+    name, flags = cpu_kernels.build_options()
+    if cpu_kernels.cpu_fingerprint() is None:
+        assert name.endswith("_generic") and "-march=native" not in flags
+    else:
+        assert name == f"bnrnn_cpu_{cpu_kernels.cpu_fingerprint()}" and "-march=native" in flags
+    assert "-fopenmp" in flags and "-O3" in flags
+
+
+def test_eligibility():
+    if not cpu_kernels.load():
+        pytest.skip("no compiled extension here")
+    x = torch.randn(3, 2, 4)
+    assert cpu_kernels.eligible(x, 100) and cpu_kernels.eligible(x.double(), 255)
+    assert not cpu_kernels.eligible(x, 256)  # large hidden sizes keep the packed-GEMM ATen loop
+    assert not cpu_kernels.eligible(x.half(), 100)
