@@ -31,23 +31,25 @@ def cpu_loop(request, monkeypatch):
             pytest.fail(reason)  # CI has a compiler: the compiled path must be tested there
         pytest.skip(reason)
     calls = []
-    real_forward = cpu_recurrence.run_forward
+    for name in ("run_forward", "population_forward"):  # batch statistics; population statistics
+        real = getattr(cpu_recurrence, name)
 
-    def spy(*args, **kwargs):
-        calls.append(args[0].shape)
-        return real_forward(*args, **kwargs)
+        def spy(*args, real=real, name=name, **kwargs):
+            calls.append(name)
+            return real(*args, **kwargs)
 
-    monkeypatch.setattr(cpu_recurrence, "run_forward", spy)
+        monkeypatch.setattr(cpu_recurrence, name, spy)
     monkeypatch.setitem(USE_COMPILED, "value", compiled)
     yield calls if compiled else None
     if not compiled:
         assert not calls, "the ATen variant ran the compiled loop"
 
 
-def expect_compiled(cpu_loop):
-    """In the compiled variant, the batch-statistics forward ran on the compiled loop."""
+def expect_compiled(cpu_loop, loop="run_forward"):
+    """In the compiled variant, the forward ran on the compiled loop: ``run_forward`` (batch
+    statistics) or ``population_forward``."""
     if cpu_loop is not None:
-        assert cpu_loop, "the compiled loop did not run"
+        assert loop in cpu_loop, f"the compiled {loop} did not run"
 
 SWITCHES = [(True, True, True), (True, False, False), (False, True, False), (False, False, True), (False, False, False)]
 SWITCH_IDS = ["bnlstm", "bn_x", "bn_h", "bn_c", "vanilla"]
@@ -159,7 +161,7 @@ def test_training_float32_paper_initialisation(switches, cpu_loop):
 
 @pytest.mark.parametrize("switches", SWITCHES, ids=SWITCH_IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_inference_with_population_statistics_folded(switches, dtype):
+def test_inference_with_population_statistics_folded(switches, dtype, cpu_loop):
     """No-grad evaluation folds x and h normalisation into the weights; same outputs, buffers untouched."""
     fast, ref = twin_layers(switches, dtype, randomised=True, seed=3)
     x = torch.randn(10, 4, 3, dtype=dtype)  # 10 steps, T_max 6: the last slot is reused
@@ -172,6 +174,8 @@ def test_inference_with_population_statistics_folded(switches, dtype):
     torch.testing.assert_close(c_f, c_r, **tol)
     for k, v in fast.state_dict().items():
         torch.testing.assert_close(v, before[k], atol=0, rtol=0)
+    # (vanilla has no statistics: its eval is the batch-statistics loop)
+    expect_compiled(cpu_loop, "population_forward" if any(switches) else "run_forward")
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])

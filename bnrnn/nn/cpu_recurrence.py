@@ -61,6 +61,20 @@ def run_forward(wx: torch.Tensor, weight_hh: torch.Tensor, norms: Norms, h0: tor
     return hs, cs, stats
 
 
+@torch.no_grad()
+def population_forward(xin, weight_hh, h_scale, c_scale, c_shift, h0, c0):
+    """Inference with population statistics on the compiled loop: the arguments and results
+    of :func:`bnrnn.nn.fused.population_recurrence` (hs (T, B, H), c_T (B, H))."""
+    T, B, G = xin.shape
+    hs = xin.new_empty(T, B, G // 4)
+    c_last = xin.new_empty(B, G // 4)
+    torch.ops.bnrnn_cpu.population_forward(
+        xin.contiguous(), weight_hh.contiguous(), *(None if t is None else t.contiguous() for t in
+                                                    (h_scale, c_scale, c_shift)),
+        h0.contiguous(), c0.contiguous(), hs, c_last)
+    return hs, c_last
+
+
 class CompiledLSTMRecurrence(torch.autograd.Function):
     """(x, W_x, b, W_h, gamma_x, gamma_h, gamma_c, beta_c, h0, c0, eps, stats) -> (hs, c_T).
 

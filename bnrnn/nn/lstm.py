@@ -273,6 +273,8 @@ class BNLSTM(nn.Module):
                     xin.contiguous(), self.weight_hh, *(None if t is None else t.contiguous() for t in
                                                         (h_scale, c_scale, c_shift)),
                     h0.contiguous(), c0.contiguous(), whole)
+            elif self.cpu_kernels and cpu_kernels.eligible(xin, self.hidden_size):
+                hs, c_last = cpu_recurrence.population_forward(xin, self.weight_hh, h_scale, c_scale, c_shift, h0, c0)
             else:
                 hs, c_last = population_recurrence(xin, self.weight_hh, h_scale, c_scale, c_shift, h0, c0)
         return hs, (hs[-1], c_last)

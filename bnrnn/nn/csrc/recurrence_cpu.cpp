@@ -392,6 +392,62 @@ void recurrence_forward(const Tensor& wx, const Tensor& weight_hh, const OptTens
   });
 }
 
+// ---- inference with population statistics ---------------------------------------------------
+
+// The recurrence with every norm an affine map (population statistics, folded): xin_t
+// already holds BN_x(W_x x_t) + b + BN_h's shift; W_h h_{t-1} is scaled per column by
+// h_scale[t] (or not, without BN_h); c is mapped by c_scale[t], c_shift[t] before its tanh
+// (or not, without BN_c). Only hs and the final c are written.
+template <typename T>
+void population_loop(const Tensor& xin, const Tensor& weight_hh, const OptTensor& h_scale, const OptTensor& c_scale,
+                     const OptTensor& c_shift, const Tensor& h0, const Tensor& c0, const Tensor& hs,
+                     const Tensor& c_last) {
+  const int64_t steps = xin.size(0), B = xin.size(1), G = xin.size(2), H = G / 4;
+  const Tensor w_t = weight_hh.t();
+  Tensor product = at::empty({B, G}, xin.options());
+  std::vector<T> gates(B * G), tanh_c(B * H), cells(2 * B * H);
+  const std::vector<T> ones(G, T(1)), zeros(G, T(0));
+  const T* hsc = data_or_null<T>(h_scale);
+  const T* csc = data_or_null<T>(c_scale);
+  const T* csh = data_or_null<T>(c_shift);
+  std::copy(c0.data_ptr<T>(), c0.data_ptr<T>() + B * H, cells.begin());
+  Tensor h = h0;
+  for (int64_t t = 0; t < steps; ++t) {
+    const T* x = xin.data_ptr<T>() + t * B * G;
+    const T* c_prev = cells.data() + (t % 2) * B * H;
+    T* c = cells.data() + ((t + 1) % 2) * B * H;
+    at::mm_out(product, h, w_t);
+    const T* p = product.data_ptr<T>();
+    const T* sh = hsc ? hsc + t * G : ones.data();
+    const T* sc = csc ? csc + t * H : ones.data();
+    const T* sf = csh ? csh + t * H : zeros.data();
+    T* hp = hs.data_ptr<T>() + t * B * H;
+    over_rows(B, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        T* s = gates.data() + b * G;
+        gates_row<T>(G, x + b * G, ones.data(), zeros.data(), p + b * G, sh, zeros.data(), s);
+        cell_row<T>(H, s, c_prev + b * H, c + b * H);
+        hidden_row<T>(H, c + b * H, sc, sf, s + 3 * H, tanh_c.data() + b * H, hp + b * H);
+      }
+    });
+    h = hs[t];
+  }
+  const T* c_final = cells.data() + (steps % 2) * B * H;
+  std::copy(c_final, c_final + B * H, c_last.data_ptr<T>());
+}
+
+void population_forward(const Tensor& xin, const Tensor& weight_hh, const OptTensor& h_scale,
+                        const OptTensor& c_scale, const OptTensor& c_shift, const Tensor& h0, const Tensor& c0,
+                        const Tensor& hs, const Tensor& c_last) {
+  check_cpu_contiguous({{&xin, "xin"}, {&weight_hh, "weight_hh"}, {&h0, "h0"}, {&c0, "c0"}, {&hs, "hs"},
+                        {&c_last, "c_last"}});
+  for (const OptTensor* t : {&h_scale, &c_scale, &c_shift})
+    if (t->has_value()) check_cpu_contiguous({{&**t, "population scale/shift"}});
+  AT_DISPATCH_FLOATING_TYPES(xin.scalar_type(), "bnrnn_population_forward", [&] {
+    population_loop<scalar_t>(xin, weight_hh, h_scale, c_scale, c_shift, h0, c0, hs, c_last);
+  });
+}
+
 // ---- backward ------------------------------------------------------------------------------
 
 // Writes a gradient summed over time (double accumulators) into its output, if any.
@@ -542,11 +598,15 @@ TORCH_LIBRARY(bnrnn_cpu, m) {
       "Tensor? invstd_h, Tensor? mean_c, Tensor? invstd_c, Tensor(a!)? grad_x, Tensor(b!) grad_weight_ih, "
       "Tensor(c!) grad_bias, Tensor(d!) grad_weight_hh, Tensor(e!) grad_h0, Tensor(f!) grad_c0, "
       "Tensor(g!)? grad_gamma_x, Tensor(h!)? grad_gamma_h, Tensor(i!)? grad_gamma_c, Tensor(j!)? grad_beta_c) -> ()");
+  m.def(
+      "population_forward(Tensor xin, Tensor weight_hh, Tensor? h_scale, Tensor? c_scale, Tensor? c_shift, "
+      "Tensor h0, Tensor c0, Tensor(a!) hs, Tensor(b!) c_last) -> ()");
   m.def("activations(Tensor x) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(bnrnn_cpu, CPU, m) {
   m.impl("recurrence_forward", &recurrence_forward);
   m.impl("recurrence_backward", &recurrence_backward);
+  m.impl("population_forward", &population_forward);
   m.impl("activations", &activations);
 }
