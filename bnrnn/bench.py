@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bnrnn.nn import BNLSTM
+from bnrnn.nn import BNLSTM, cpu_kernels
 from bnrnn.nn.workspace import WORKSPACE
 
 TOLERANCE = 1e-5  # max |fast - reference| / max |reference| per tensor, our paths against our reference
@@ -78,6 +78,17 @@ GPU_VARIANTS = {
     "BN-LSTM, no graphs": dict(cuda_graphs=False),
     "BN-LSTM, ATen loop": dict(gpu_kernels=False),
 }
+# On the CPU, the ATen loop the compiled one replaces (where it applies: hidden <= 255).
+CPU_VARIANTS = {
+    "BN-LSTM, ATen loop": dict(cpu_kernels=False),
+}
+
+
+def variants(device: torch.device, shape: Shape) -> dict[str, dict]:
+    """The extra rows timed (and checked) on this device at this shape."""
+    if device.type == "cuda":
+        return GPU_VARIANTS
+    return CPU_VARIANTS if shape.H <= cpu_kernels.MAX_HIDDEN else {}
 
 
 def parse_shape(text: str) -> Shape:
@@ -93,7 +104,7 @@ def parse_shape(text: str) -> Shape:
 
 def build(model: str, shape: Shape, device: torch.device, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    options = {**MODELS, **GPU_VARIANTS}[model]
+    options = {**MODELS, **variants(device, shape)}[model]
     if options is None:
         return nn.LSTM(shape.I, shape.H).to(device)
     # h0_noise 0: the timed work is the same, and the numerics check needs determinism.
@@ -186,7 +197,7 @@ def numerics_check(shape: Shape, device: torch.device) -> list[tuple[str, float,
                 relative_error(ours.weight_ih.grad, torch_lstm.weight_ih_l0.grad))
     results.append(("ours vanilla vs nn.LSTM (output, weight grads)", worst, TORCH_TOLERANCE))
     # The fast paths (float32) against the step-by-step reference in float64.
-    for model in ("ours vanilla", "BN-input", "BN-LSTM"):
+    for model in ("ours vanilla", "BN-input", *(m for m in variants(device, shape) if "no graphs" not in m), "BN-LSTM"):
         fast = build(model, shape, device).train()
         ref = copy.deepcopy(fast).double()
         ref.fused = False
@@ -339,8 +350,6 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda was asked for, but PyTorch sees no CUDA device")
     models = [m for m in MODELS if args.reference or m != "BN-LSTM reference"]
-    if device.type == "cuda":
-        models += list(GPU_VARIANTS)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     header = (f"bnrnn bench: torch {torch.__version__}, {where}; forward + backward per training step, "
               f"median of {args.repeats} after {args.warmup} warm-up, models timed round-robin")
@@ -352,11 +361,12 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for shape in shapes:
         print(f"timing {shape} ...", flush=True)
-        results.append(bench_shape(shape, models, device, args.warmup, args.repeats))
+        results.append(bench_shape(shape, models + list(variants(device, shape)), device, args.warmup, args.repeats))
     if not args.no_memory:
         # After every timing: measuring CPU memory changes the allocator's settings.
         for shape, result in zip(shapes, results):
-            result["peak_mb"] = {name: peak_memory_mb(name, shape, device) for name in models}
+            result["peak_mb"] = {name: peak_memory_mb(name, shape, device)
+                                 for name in models + list(variants(device, shape))}
     print(format_report(results, checks, ""), flush=True)
     if args.json:
         with open(args.json, "w") as f:
