@@ -252,6 +252,33 @@ def peak_memory_mb(model: str, shape: Shape, device: torch.device) -> float | No
         return None
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+
+
+def glibc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def steady_allocator() -> bool:
+    """Make glibc reuse freed blocks of up to 32 MB (its largest fixed mmap threshold) and
+    keep freed memory, so that every model is timed in the same, steady allocator state.
+
+    torch.nn.LSTM (oneDNN on the CPU) allocates its per-sequence tensors anew each step.
+    With glibc's defaults they come either from fresh pages or from reused heap memory,
+    depending on what the process freed before (glibc raises its mmap threshold after large
+    frees), and the same nn.LSTM step measured anywhere from 130 to 330 ms at seqMNIST. Fixed
+    this way it measures at its fast end. (Our fast path keeps its buffers in a pool and
+    does not depend on it.) False where glibc is not the allocator.
+    """
+    libc = glibc()
+    if libc is None:
+        return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
 def release_freed_memory() -> None:
     """Make freed memory leave the resident set, so that RSS tracks live allocations.
 
@@ -259,11 +286,9 @@ def release_freed_memory() -> None:
     a fixed threshold returns every large tensor to the system on free, and malloc_trim
     hands back the rest. A no-op where glibc is not the allocator.
     """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
+    libc = glibc()
+    if libc is None:
         return
-    M_MMAP_THRESHOLD = -3
     libc.mallopt(M_MMAP_THRESHOLD, 1 << 16)
     gc.collect()
     libc.malloc_trim(0)
@@ -350,7 +375,11 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda was asked for, but PyTorch sees no CUDA device")
     models = [m for m in MODELS if args.reference or m != "BN-LSTM reference"]
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    if device.type == "cuda":
+        where = torch.cuda.get_device_name(device)
+    else:
+        allocator = "glibc allocator held steady" if steady_allocator() else "default allocator"
+        where = f"CPU, {torch.get_num_threads()} threads, {allocator}"
     header = (f"bnrnn bench: torch {torch.__version__}, {where}; forward + backward per training step, "
               f"median of {args.repeats} after {args.warmup} warm-up, models timed round-robin")
     print(header, flush=True)
