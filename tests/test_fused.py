@@ -128,10 +128,13 @@ def assert_same_buffers(fast, ref, atol):
 
 
 @pytest.mark.parametrize("switches", SWITCHES, ids=SWITCH_IDS)
-def test_training_float64_randomised_parameters(switches, cpu_loop):
-    """Every parameter and statistic away from 0 and 1, T > T_max, a carried-in state."""
-    fast, ref = twin_layers(switches, torch.float64, randomised=True)
-    x = torch.randn(9, 7, 3, dtype=torch.float64)  # 9 steps, T_max 6
+@pytest.mark.parametrize("I", [3, 12], ids=["narrow_input", "wide_input"])
+def test_training_float64_randomised_parameters(switches, I, cpu_loop):
+    """Every parameter and statistic away from 0 and 1, T > T_max, a carried-in state; an
+    input narrow enough for the compiled loop to project it step by step, and a wider one
+    that it projects once (cpu_recurrence.RECOMPUTE_MAX_INPUT)."""
+    fast, ref = twin_layers(switches, torch.float64, randomised=True, I=I)
+    x = torch.randn(9, 7, I, dtype=torch.float64)  # 9 steps, T_max 6
     state = (torch.randn(7, 5, dtype=torch.float64), torch.randn(7, 5, dtype=torch.float64))
     run_f = run_with_grads(fast.train(), x, state)
     run_r = run_with_grads(ref.train(), x, state)

@@ -7,7 +7,8 @@ writing (T, B, 4H) gradient buffers (80 MB each at seqMNIST) and reading them ba
 large GEMM each.
 
 Buffers (all from the :mod:`~bnrnn.nn.workspace` pool):
-    wx (T, B, 4H): W_x x (+ b when x is not normalised);
+    wx (T, B, 4H): W_x x (+ b when x is not normalised), for inputs wider than
+        RECOMPUTE_MAX_INPUT (narrower ones are projected step by step in the loop);
     hs, cs, tanh_c (T, B, H): h_t, c_t, tanh(BN_c(c_t));
     sig (T, B, 4H): the activated gates [sigmoid(i), sigmoid(f), tanh(g), sigmoid(o)];
     wh (T, B, 4H): W_h h_{t-1}, BN_h's input (with BN_h only);
@@ -35,29 +36,39 @@ def project_input(x: torch.Tensor, weight_ih: torch.Tensor, bias: torch.Tensor |
     return wx
 
 
-def run_forward(wx: torch.Tensor, weight_hh: torch.Tensor, norms: Norms, h0: torch.Tensor, c0: torch.Tensor):
+# Up to this input width the loop computes W_x x per step from x instead of reading a
+# precomputed (T, B, 4H) product: seqMNIST's I = 1 (measured: 5-10% of a training step).
+RECOMPUTE_MAX_INPUT = 8
+
+
+def run_forward(x: torch.Tensor, weight_ih: torch.Tensor, bias: torch.Tensor | None, weight_hh: torch.Tensor,
+                norms: Norms, h0: torch.Tensor, c0: torch.Tensor):
     """The recurrence with batch statistics on the compiled loop.
 
     Args:
-        wx: (T, B, 4H) = W_x x (plus b when x is not normalised), contiguous.
+        x: (T, B, I), contiguous; weight_ih: (4H, I); bias: (4H,) added to W_x x, or None (with
+            BN_x, whose beta it is: then in ``norms``).
         weight_hh: (4H, H); h0, c0: (B, H).
     Returns:
         hs (T, B, H), cs (T, B, H) and a dict with the statistics (``mean_x`` ...) and the
-        buffers the backward reads (``sig``, ``tanh_c``, ``wh``).
+        buffers the backward reads (``sig``, ``tanh_c``, ``wh``, ``wx``: None where not kept).
     """
-    T, B, G = wx.shape
+    T, B, I = x.shape
+    G = weight_ih.shape[0]
     H = G // 4
-    hs = WORKSPACE.empty((T, B, H), wx)
-    cs = WORKSPACE.empty((T, B, H), wx)
-    sig = WORKSPACE.empty((T, B, G), wx)
-    tanh_c = WORKSPACE.empty((T, B, H), wx)
-    wh = WORKSPACE.empty((T, B, G), wx) if norms.gamma_h is not None else None
-    stats = statistics_buffers(wx, norms)
+    wx = project_input(x, weight_ih, bias) if I > RECOMPUTE_MAX_INPUT else None
+    hs = WORKSPACE.empty((T, B, H), x)
+    cs = WORKSPACE.empty((T, B, H), x)
+    sig = WORKSPACE.empty((T, B, G), x)
+    tanh_c = WORKSPACE.empty((T, B, H), x)
+    wh = WORKSPACE.empty((T, B, G), x) if norms.gamma_h is not None else None
+    stats = statistics_buffers(T, G, x, norms)
     n = norms
     torch.ops.bnrnn_cpu.recurrence_forward(
-        wx, weight_hh.contiguous(), n.gamma_x, n.beta_x, n.gamma_h, n.gamma_c, n.beta_c, h0.contiguous(),
-        c0.contiguous(), n.eps_x, n.eps_h, n.eps_c, hs, cs, sig, tanh_c, wh, *(stats.get(k) for k in STATISTICS))
-    stats.update(sig=sig, tanh_c=tanh_c, wh=wh)
+        x, weight_ih.contiguous(), bias, wx, weight_hh.contiguous(), n.gamma_x, n.beta_x, n.gamma_h, n.gamma_c,
+        n.beta_c, h0.contiguous(), c0.contiguous(), n.eps_x, n.eps_h, n.eps_c, hs, cs, sig, tanh_c, wh,
+        *(stats.get(k) for k in STATISTICS))
+    stats.update(sig=sig, tanh_c=tanh_c, wh=wh, wx=wx)
     return hs, cs, stats
 
 
@@ -86,17 +97,16 @@ class CompiledLSTMRecurrence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight_ih, bias, weight_hh, gamma_x, gamma_h, gamma_c, beta_c, h0, c0, eps, stats):
         x, h0, c0 = x.contiguous(), h0.contiguous(), c0.contiguous()
-        wx = project_input(x, weight_ih, bias if gamma_x is None else None)
         norms = Norms(gamma_x, bias if gamma_x is not None else None, gamma_h, gamma_c, beta_c, eps)
-        hs, cs, saved = run_forward(wx, weight_hh, norms, h0, c0)
+        hs, cs, saved = run_forward(x, weight_ih, bias if gamma_x is None else None, weight_hh, norms, h0, c0)
         stats.update({k: saved[k] for k in STATISTICS if k in saved})
         ctx.saved = saved
-        ctx.save_for_backward(x, wx, weight_ih, weight_hh, gamma_x, gamma_h, gamma_c, h0, c0, hs, cs)
+        ctx.save_for_backward(x, weight_ih, weight_hh, gamma_x, gamma_h, gamma_c, h0, c0, hs, cs)
         return hs, cs[-1].clone()
 
     @staticmethod
     def backward(ctx, grad_hs, grad_c_last):
-        x, wx, weight_ih, weight_hh, gamma_x, gamma_h, gamma_c, h0, c0, hs, cs = ctx.saved_tensors
+        x, weight_ih, weight_hh, gamma_x, gamma_h, gamma_c, h0, c0, hs, cs = ctx.saved_tensors
         saved = ctx.saved
         B, H = h0.shape
         grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
@@ -106,8 +116,8 @@ class CompiledLSTMRecurrence(torch.autograd.Function):
         grad_h0, grad_c0 = hs.new_empty(B, H), hs.new_empty(B, H)
         norm_grads = [torch.empty_like(p) if p is not None else None for p in (gamma_x, gamma_h, gamma_c, gamma_c)]
         torch.ops.bnrnn_cpu.recurrence_backward(
-            grad_hs.contiguous(), grad_c_last.contiguous(), x, wx, weight_ih.contiguous(), weight_hh.contiguous(),
-            gamma_x, gamma_h, gamma_c, h0, c0, hs, cs, saved["sig"], saved["tanh_c"], saved["wh"],
+            grad_hs.contiguous(), grad_c_last.contiguous(), x, saved["wx"], weight_ih.contiguous(),
+            weight_hh.contiguous(), gamma_x, gamma_h, gamma_c, h0, c0, hs, cs, saved["sig"], saved["tanh_c"], saved["wh"],
             *(saved.get(k) for k in STATISTICS), grad_x, grad_weight_ih, grad_bias, grad_weight_hh, grad_h0, grad_c0,
             *norm_grads)
         grad_gamma_x, grad_gamma_h, grad_gamma_c, grad_beta_c = norm_grads

@@ -118,21 +118,21 @@ def recurrence_forward(wx, weight_hh, norms: Norms, h0, c0, keep_for_backward: b
     sig = WORKSPACE.empty((T, B, G), wx)  # sigmoid of every pre-activation (the g block is unused)
     tanh_g = WORKSPACE.empty((T, B, H), wx)
     tanh_c = WORKSPACE.empty((T, B, H), wx)
-    stats = statistics_buffers(wx, norms)
+    stats = statistics_buffers(T, G, wx, norms)
     wh, product = aten_recurrence_forward(wx, weight_hh, n, h0, c0, (hs, cs, sig, tanh_g, tanh_c), stats)
     if keep_for_backward:
         stats.update(sig=sig, tanh_g=tanh_g, tanh_c=tanh_c, wh=wh, product=product)
     return hs, cs, stats
 
 
-def statistics_buffers(wx: torch.Tensor, norms: Norms) -> dict[str, torch.Tensor]:
-    """Empty (T, F) ``mean_<term>`` and ``invstd_<term>`` for each norm in use; wx (T, B, 4H)."""
-    T, _, G = wx.shape
+def statistics_buffers(T: int, G: int, like: torch.Tensor, norms: Norms) -> dict[str, torch.Tensor]:
+    """Empty (T, F) ``mean_<term>`` and ``invstd_<term>`` for each norm in use (F = G = 4H for
+    x and h, H for c), with ``like``'s dtype and device."""
     stats = {}
     for term, gamma, width in (("x", norms.gamma_x, G), ("h", norms.gamma_h, G), ("c", norms.gamma_c, G // 4)):
         if gamma is not None:
-            stats["mean_" + term] = wx.new_empty(T, width)
-            stats["invstd_" + term] = wx.new_empty(T, width)
+            stats["mean_" + term] = like.new_empty(T, width)
+            stats["invstd_" + term] = like.new_empty(T, width)
     return stats
 
 

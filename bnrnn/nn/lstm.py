@@ -196,10 +196,11 @@ class BNLSTM(nn.Module):
                                                       gamma_c, beta_c, h0, c0, eps, stats)
         else:
             with torch.no_grad():
-                wx = cpu_recurrence.project_input(x.contiguous(), self.weight_ih,
-                                                   None if self.bn_x is not None else self.bias)
-                norms_ = Norms(gamma_x, self.bias if self.bn_x is not None else None, gamma_h, gamma_c, beta_c, eps)
-                hs, cs, stats = cpu_recurrence.run_forward(wx, self.weight_hh, norms_, h0, c0)
+                beta_x = self.bias if self.bn_x is not None else None  # else b is added to W_x x
+                norms_ = Norms(gamma_x, beta_x, gamma_h, gamma_c, beta_c, eps)
+                hs, cs, stats = cpu_recurrence.run_forward(x.contiguous(), self.weight_ih,
+                                                           None if beta_x is not None else self.bias,
+                                                           self.weight_hh, norms_, h0, c0)
             c_last = cs[-1]
         self.fold_into_population(stats, t0, ("x", self.bn_x), ("h", self.bn_h), ("c", self.bn_c))
         return hs, (hs[-1], c_last)

@@ -330,19 +330,64 @@ void check_cpu_contiguous(std::initializer_list<std::pair<const Tensor*, const c
   }
 }
 
+// ---- the input term ------------------------------------------------------------------------
+
+// W_x x_t (+ b) of one step, (B, G): a slice of the precomputed wx (T, B, G) or, without one,
+// computed from x (T, B, I) for the step. For a narrow input (seqMNIST's I = 1) that is a few
+// multiply-adds per value, cheaper than writing the (T, B, 4H) product and reading it back
+// in the forward and the backward.
+template <typename T>
+struct InputTerm {
+  InputTerm(const Tensor& x, const Tensor& weight_ih, const OptTensor& bias, const OptTensor& wx)
+      : steps(x.size(0)), B(x.size(1)), I(x.size(2)), G(weight_ih.size(0)), wx(data_or_null<T>(wx)),
+        x(x.data_ptr<T>()), bias(data_or_null<T>(bias)) {
+    if (this->wx) return;
+    scratch.resize(B * G);
+    weight_t.resize(I * G);  // (I, G): each input's column of W_x, contiguous
+    const Tensor w = weight_ih.contiguous();
+    const T* pw = w.data_ptr<T>();
+    for (int64_t f = 0; f < G; ++f)
+      for (int64_t i = 0; i < I; ++i) weight_t[i * G + f] = pw[f * I + i];
+  }
+  const T* at(int64_t t) {
+    if (wx) return wx + t * B * G;
+    const T* xt = x + t * B * I;
+    over_rows(B, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        T* __restrict__ out = scratch.data() + b * G;
+        if (bias)
+          std::copy(bias, bias + G, out);
+        else
+          std::fill(out, out + G, T(0));
+        for (int64_t i = 0; i < I; ++i) {
+          const T v = xt[b * I + i];
+          const T* __restrict__ column = weight_t.data() + i * G;
+          for (int64_t f = 0; f < G; ++f) out[f] += v * column[f];
+        }
+      }
+    });
+    return scratch.data();
+  }
+  int64_t steps, B, I, G;
+  const T* wx;
+  const T* x;
+  const T* bias;
+  std::vector<T> scratch, weight_t;
+};
+
 // ---- forward -------------------------------------------------------------------------------
 
 template <typename T>
-void forward_loop(const Tensor& wx, const Tensor& weight_hh, const Norm<T>& nx, const Norm<T>& nh, const Norm<T>& nc,
-                  const Tensor& h0, const Tensor& c0, const Tensor& hs, const Tensor& cs, const Tensor& sig,
-                  const Tensor& tanh_c, const OptTensor& wh) {
-  const int64_t steps = wx.size(0), B = wx.size(1), G = wx.size(2), H = G / 4;
+void forward_loop(InputTerm<T>& input, const Tensor& weight_hh, const Norm<T>& nx, const Norm<T>& nh,
+                  const Norm<T>& nc, const Tensor& h0, const Tensor& c0, const Tensor& hs, const Tensor& cs,
+                  const Tensor& sig, const Tensor& tanh_c, const OptTensor& wh) {
+  const int64_t steps = input.steps, B = input.B, G = input.G, H = G / 4;
   const Tensor w_t = weight_hh.t();
   Affine<T> ax(G), ah(G), ac(H);
   const T* c_prev = c0.data_ptr<T>();
   Tensor h = h0;
   for (int64_t t = 0; t < steps; ++t) {
-    const T* x = wx.data_ptr<T>() + t * B * G;
+    const T* x = input.at(t);
     T* s = sig.data_ptr<T>() + t * B * G;
     T* c = cs.data_ptr<T>() + t * B * H;
     if (nx.on()) normalise<T>(x, B, G, nx.gamma, nx.beta, nx.eps, nx.mean_at(t), nx.invstd_at(t), ax);
@@ -374,18 +419,21 @@ void forward_loop(const Tensor& wx, const Tensor& weight_hh, const Norm<T>& nx, 
   }
 }
 
-void recurrence_forward(const Tensor& wx, const Tensor& weight_hh, const OptTensor& gamma_x, const OptTensor& beta_x,
+void recurrence_forward(const Tensor& x, const Tensor& weight_ih, const OptTensor& input_bias, const OptTensor& wx,
+                        const Tensor& weight_hh, const OptTensor& gamma_x, const OptTensor& beta_x,
                         const OptTensor& gamma_h, const OptTensor& gamma_c, const OptTensor& beta_c, const Tensor& h0,
                         const Tensor& c0, double eps_x, double eps_h, double eps_c, const Tensor& hs, const Tensor& cs,
                         const Tensor& sig, const Tensor& tanh_c, const OptTensor& wh, const OptTensor& mean_x,
                         const OptTensor& invstd_x, const OptTensor& mean_h, const OptTensor& invstd_h,
                         const OptTensor& mean_c, const OptTensor& invstd_c) {
-  check_cpu_contiguous({{&wx, "wx"}, {&weight_hh, "weight_hh"}, {&h0, "h0"}, {&c0, "c0"}, {&hs, "hs"},
-                        {&cs, "cs"}, {&sig, "sig"}, {&tanh_c, "tanh_c"}});
+  check_cpu_contiguous({{&x, "x"}, {&weight_hh, "weight_hh"}, {&h0, "h0"}, {&c0, "c0"}, {&hs, "hs"}, {&cs, "cs"},
+                        {&sig, "sig"}, {&tanh_c, "tanh_c"}});
+  if (wx.has_value()) check_cpu_contiguous({{&*wx, "wx"}});
   TORCH_CHECK(!gamma_h.has_value() || wh.has_value(), "bnrnn_cpu: BN_h needs the wh buffer");
-  const int64_t G = wx.size(2), H = G / 4;
-  AT_DISPATCH_FLOATING_TYPES(wx.scalar_type(), "bnrnn_recurrence_forward", [&] {
-    forward_loop<scalar_t>(wx, weight_hh, make_norm<scalar_t>(gamma_x, beta_x, eps_x, mean_x, invstd_x, G),
+  const int64_t G = weight_ih.size(0), H = G / 4;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnrnn_recurrence_forward", [&] {
+    InputTerm<scalar_t> input(x, weight_ih, input_bias, wx);
+    forward_loop<scalar_t>(input, weight_hh, make_norm<scalar_t>(gamma_x, beta_x, eps_x, mean_x, invstd_x, G),
                            make_norm<scalar_t>(gamma_h, std::nullopt, eps_h, mean_h, invstd_h, G),
                            make_norm<scalar_t>(gamma_c, beta_c, eps_c, mean_c, invstd_c, H), h0, c0, hs, cs, sig,
                            tanh_c, wh);
@@ -459,7 +507,7 @@ void store(const std::vector<double>& total, const OptTensor& out) {
 }
 
 template <typename T>
-void backward_loop(const Tensor& grad_hs, const Tensor& grad_c_last, const Tensor& x, const Tensor& wx,
+void backward_loop(const Tensor& grad_hs, const Tensor& grad_c_last, const Tensor& x, const OptTensor& wx,
                    const Tensor& weight_ih, const Tensor& weight_hh, const Norm<T>& nx, const Norm<T>& nh,
                    const Norm<T>& nc, const Tensor& h0, const Tensor& c0, const Tensor& hs, const Tensor& cs,
                    const Tensor& sig, const Tensor& tanh_c, const OptTensor& wh, const OptTensor& grad_x,
@@ -483,6 +531,7 @@ void backward_loop(const Tensor& grad_hs, const Tensor& grad_c_last, const Tenso
   NormBackward<T> bx(G), bh(G), bc(H);
   std::vector<double> d_bias(G, 0.0), d_beta_c(H, 0.0);
   T* dg = dgates.data_ptr<T>();
+  InputTerm<T> input(x, weight_ih, std::nullopt, wx);  // BN_x's input (b is its beta)
   for (int64_t t = steps - 1; t >= 0; --t) {
     const T* s = sig.data_ptr<T>() + t * B * G;
     const T* tc = tanh_c.data_ptr<T>() + t * B * H;
@@ -515,7 +564,7 @@ void backward_loop(const Tensor& grad_hs, const Tensor& grad_c_last, const Tenso
       norms[count++] = &bh;
     }
     if (nx.on()) {
-      bx.begin(wx.data_ptr<T>() + t * B * G, nx.mean_at(t), nx.invstd_at(t), nx.gamma, dax.data_ptr<T>());
+      bx.begin(input.at(t), nx.mean_at(t), nx.invstd_at(t), nx.gamma, dax.data_ptr<T>());
       norms[count++] = &bx;
     }
     norms_backward<T>(B, G, dg, sum_dy.data(), d_bias, norms, count);
@@ -542,7 +591,7 @@ void backward_loop(const Tensor& grad_hs, const Tensor& grad_c_last, const Tenso
   if (nc.on()) store<T>(d_beta_c, grad_beta_c);
 }
 
-void recurrence_backward(const Tensor& grad_hs, const Tensor& grad_c_last, const Tensor& x, const Tensor& wx,
+void recurrence_backward(const Tensor& grad_hs, const Tensor& grad_c_last, const Tensor& x, const OptTensor& wx,
                          const Tensor& weight_ih, const Tensor& weight_hh, const OptTensor& gamma_x,
                          const OptTensor& gamma_h, const OptTensor& gamma_c, const Tensor& h0, const Tensor& c0,
                          const Tensor& hs, const Tensor& cs, const Tensor& sig, const Tensor& tanh_c,
@@ -552,8 +601,7 @@ void recurrence_backward(const Tensor& grad_hs, const Tensor& grad_c_last, const
                          const Tensor& grad_bias, const Tensor& grad_weight_hh, const Tensor& grad_h0,
                          const Tensor& grad_c0, const OptTensor& grad_gamma_x, const OptTensor& grad_gamma_h,
                          const OptTensor& grad_gamma_c, const OptTensor& grad_beta_c) {
-  check_cpu_contiguous({{&grad_hs, "grad_hs"}, {&grad_c_last, "grad_c_last"}, {&x, "x"}, {&wx, "wx"},
-                        {&h0, "h0"}, {&c0, "c0"}, {&hs, "hs"}, {&cs, "cs"}, {&sig, "sig"}, {&tanh_c, "tanh_c"},
+  check_cpu_contiguous({{&grad_hs, "grad_hs"}, {&grad_c_last, "grad_c_last"}, {&x, "x"}, {&h0, "h0"}, {&c0, "c0"}, {&hs, "hs"}, {&cs, "cs"}, {&sig, "sig"}, {&tanh_c, "tanh_c"},
                         {&grad_weight_ih, "grad_weight_ih"}, {&grad_weight_hh, "grad_weight_hh"},
                         {&grad_h0, "grad_h0"}, {&grad_c0, "grad_c0"}});
   TORCH_CHECK(!gamma_h.has_value() || wh.has_value(), "bnrnn_cpu: BN_h needs the wh buffer");
@@ -587,12 +635,13 @@ std::tuple<Tensor, Tensor> activations(const Tensor& x) {
 
 TORCH_LIBRARY(bnrnn_cpu, m) {
   m.def(
-      "recurrence_forward(Tensor wx, Tensor weight_hh, Tensor? gamma_x, Tensor? beta_x, Tensor? gamma_h, "
+      "recurrence_forward(Tensor x, Tensor weight_ih, Tensor? input_bias, Tensor? wx, Tensor weight_hh, "
+      "Tensor? gamma_x, Tensor? beta_x, Tensor? gamma_h, "
       "Tensor? gamma_c, Tensor? beta_c, Tensor h0, Tensor c0, float eps_x, float eps_h, float eps_c, "
       "Tensor(a!) hs, Tensor(b!) cs, Tensor(c!) sig, Tensor(d!) tanh_c, Tensor(e!)? wh, Tensor(f!)? mean_x, "
       "Tensor(g!)? invstd_x, Tensor(h!)? mean_h, Tensor(i!)? invstd_h, Tensor(j!)? mean_c, Tensor(k!)? invstd_c) -> ()");
   m.def(
-      "recurrence_backward(Tensor grad_hs, Tensor grad_c_last, Tensor x, Tensor wx, Tensor weight_ih, "
+      "recurrence_backward(Tensor grad_hs, Tensor grad_c_last, Tensor x, Tensor? wx, Tensor weight_ih, "
       "Tensor weight_hh, Tensor? gamma_x, Tensor? gamma_h, Tensor? gamma_c, Tensor h0, Tensor c0, Tensor hs, "
       "Tensor cs, Tensor sig, Tensor tanh_c, Tensor? wh, Tensor? mean_x, Tensor? invstd_x, Tensor? mean_h, "
       "Tensor? invstd_h, Tensor? mean_c, Tensor? invstd_c, Tensor(a!)? grad_x, Tensor(b!) grad_weight_ih, "
