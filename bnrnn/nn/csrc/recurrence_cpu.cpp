@@ -84,13 +84,14 @@ inline void add_row(int64_t n, const T* __restrict__ x, T* __restrict__ acc) {
   for (int64_t f = 0; f < n; ++f) acc[f] += x[f];
 }
 
-// acc[f] += (x[f] - mean[f])^2
+// sum[f] += x[f] - shift[f], squares[f] += (x[f] - shift[f])^2
 template <typename T>
-inline void add_squared_deviation(int64_t n, const T* __restrict__ x, const T* __restrict__ mean,
-                                  T* __restrict__ acc) {
+inline void add_shifted_moments(int64_t n, const T* __restrict__ x, const T* __restrict__ shift,
+                                T* __restrict__ sum, T* __restrict__ squares) {
   for (int64_t f = 0; f < n; ++f) {
-    const T d = x[f] - mean[f];
-    acc[f] += d * d;
+    const T d = x[f] - shift[f];
+    sum[f] += d;
+    squares[f] += d * d;
   }
 }
 
@@ -207,20 +208,23 @@ struct Affine {
 
 // Batch statistics of x (B, F) for the columns [f0, f1): mean and invstd = 1 / sqrt(biased
 // var + eps), written to `mean`, `invstd` (F), and the map x -> gamma * (x - mean) * invstd
-// + beta into `affine`.
+// + beta into `affine`. One pass: the moments of x minus its first row, which is as close to
+// the mean as the data's spread, so |mean| >> std loses no precision (the shifted-data
+// algorithm).
 template <typename T>
 void normalise_columns(const T* x, int64_t B, int64_t F, int64_t f0, int64_t f1, const T* gamma, const T* beta,
                        double eps, T* mean, T* invstd, Affine<T>& affine) {
   const int64_t n = f1 - f0;
+  const T* shift = x + f0;  // row 0
   std::fill(mean + f0, mean + f1, T(0));
-  for (int64_t b = 0; b < B; ++b) add_row<T>(n, x + b * F + f0, mean + f0);
-  const T inv_b = T(1) / static_cast<T>(B);
-  for (int64_t f = f0; f < f1; ++f) mean[f] *= inv_b;
-  // Squared deviations in a second pass: no cancellation when |mean| >> std.
   std::fill(invstd + f0, invstd + f1, T(0));
-  for (int64_t b = 0; b < B; ++b) add_squared_deviation<T>(n, x + b * F + f0, mean + f0, invstd + f0);
+  for (int64_t b = 1; b < B; ++b) add_shifted_moments<T>(n, x + b * F + f0, shift, mean + f0, invstd + f0);
+  const T inv_b = T(1) / static_cast<T>(B);
   for (int64_t f = f0; f < f1; ++f) {
-    invstd[f] = static_cast<T>(1.0 / std::sqrt(static_cast<double>(invstd[f] * inv_b) + eps));
+    const T m = mean[f] * inv_b;
+    const T var = std::max(invstd[f] * inv_b - m * m, T(0));
+    mean[f] = x[f] + m;
+    invstd[f] = static_cast<T>(1.0 / std::sqrt(static_cast<double>(var) + eps));
     affine.scale[f] = gamma[f] * invstd[f];
     affine.shift[f] = (beta ? beta[f] : T(0)) - mean[f] * affine.scale[f];
   }
