@@ -5,6 +5,7 @@ CPU loops); here: the float activations' accuracy, results independent of the th
 the pool's reuse rules, and the fallback when the extension cannot be built.
 """
 
+import copy
 import os
 import warnings
 
@@ -172,3 +173,18 @@ def test_eligibility():
     assert cpu_kernels.eligible(x, 100) and cpu_kernels.eligible(x.double(), 255)
     assert not cpu_kernels.eligible(x, 256)  # large hidden sizes keep the packed-GEMM ATen loop
     assert not cpu_kernels.eligible(x.half(), 100)
+
+
+def test_batch_statistics_keep_their_precision_far_from_zero(compiled):
+    """Inputs with |mean| 3000 times their spread: the one-pass statistics (moments about the
+    first row) still give the float64 variance to float32 precision, where sum(x^2)/B -
+    mean^2 would lose every digit."""
+    torch.manual_seed(0)
+    layer = BNLSTM(1, 8, max_steps=5, bn_h=False, bn_c=False, momentum=None)  # population = batch stats
+    reference = copy.deepcopy(layer).double()
+    reference.fused = False
+    x = 3000.0 + torch.randn(5, 64, 1)
+    layer(x)
+    reference(x.double())
+    torch.testing.assert_close(layer.bn_x.running_var.double(), reference.bn_x.running_var, rtol=1e-4, atol=0)
+    torch.testing.assert_close(layer.bn_x.running_mean.double(), reference.bn_x.running_mean, rtol=1e-6, atol=0)
