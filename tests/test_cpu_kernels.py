@@ -54,10 +54,11 @@ def test_float_activations_propagate_nan_and_saturate_at_infinity(compiled):
 
 @pytest.mark.parametrize("switches", [(True, True, True), (False, False, False)], ids=["bnlstm", "vanilla"])
 def test_results_do_not_depend_on_the_thread_count(compiled, switches):
-    """The loops split rows and feature columns over the threads, never a sum: one thread
-    and two give bit-identical outputs, gradients and population statistics."""
+    """One intra-op thread or two (the GEMMs' threads; the loops run on the calling thread):
+    bit-identical outputs, gradients and population statistics, so runs reproduce across
+    machines with different core counts."""
     torch.manual_seed(0)
-    x = torch.randn(12, 37, 3)  # 37 rows: uneven row split; 4H = 84: uneven column split
+    x = torch.randn(12, 37, 3)
     results = []
     threads = torch.get_num_threads()
     try:
@@ -163,7 +164,7 @@ def test_build_targets_this_cpu_under_a_name_of_its_own():
         assert name.endswith("_generic") and "-march=native" not in flags
     else:
         assert name == f"bnrnn_cpu_{cpu_kernels.cpu_fingerprint()}" and "-march=native" in flags
-    assert "-fopenmp" in flags and "-O3" in flags
+    assert "-O3" in flags
 
 
 def test_eligibility():

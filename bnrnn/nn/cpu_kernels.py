@@ -55,12 +55,11 @@ def cpu_fingerprint() -> str | None:
 
 
 def build_options() -> tuple[str, list[str]]:
-    """(extension name, compiler flags) for this machine. -fopenmp: at::parallel_for splits
-    the loops over torch's OpenMP threads (the same libgomp, already loaded by torch)."""
+    """(extension name, compiler flags) for this machine."""
     fingerprint = cpu_fingerprint()
     if fingerprint is None:
-        return EXTENSION_NAME + "_generic", ["-O3", "-fopenmp"]
-    return f"{EXTENSION_NAME}_{fingerprint}", ["-O3", "-march=native", "-fopenmp"]
+        return EXTENSION_NAME + "_generic", ["-O3"]
+    return f"{EXTENSION_NAME}_{fingerprint}", ["-O3", "-march=native"]
 
 
 def import_cpp_extension():
@@ -97,7 +96,6 @@ def load() -> bool:
                 name=name,
                 sources=[str(SOURCE)],
                 extra_cflags=flags,
-                extra_ldflags=["-fopenmp"],
                 is_python_module=False,
                 verbose=False,
             )

@@ -4,8 +4,14 @@
 // At the paper's seqMNIST size (B=64, H=100) a time step is a few dozen small ops; from
 // Python each costs microseconds of dispatch and a pass over memory. Here everything but the
 // recurrent GEMM is a handful of loops per step over contiguous rows: the batch statistics
-// (one pass for the sums, one for the squared deviations), then one pass that normalises,
-// adds the two terms, applies the activations and updates the cell.
+// (one pass), then one pass that normalises, adds the two terms, applies the activations and
+// updates the cell.
+//
+// The loops run on the calling thread; the GEMMs use torch's threads. Splitting the loops
+// over the OpenMP threads as well (at::parallel_for, ~9 regions a step) gained ~8% while
+// those threads spin between regions, but once the process had used oneDNN (a packed
+// weight, torch.nn.LSTM) libgomp put them to sleep between regions and the step took twice
+// as long; single-threaded loops cost the same in both states.
 //
 // Layout: every (B, F) matrix is row-major and contiguous; gates are [i, f, g, o] blocks of
 // H columns each (G = 4H). A norm that is off is the identity map (scale 1, shift 0), so one
@@ -16,7 +22,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -173,30 +178,6 @@ inline void norm_input_gradient_row(int64_t n, const T* __restrict__ dy, const T
   for (int64_t f = 0; f < n; ++f) dx[f] = coef[f] * (dy[f] - mean_dy[f] - (x[f] - mean[f]) * proj[f]);
 }
 
-// ---- work split over threads ---------------------------------------------------------------
-// Each step's passes are split over the intra-op threads (at::parallel_for, OpenMP): row
-// passes by batch rows, batch-statistics passes by feature columns (the statistics of a
-// feature are over the batch, so a column range needs nothing from the other threads). The
-// GEMMs between them keep the same threads busy and spinning, so a split costs a microsecond.
-
-inline int64_t chunk(int64_t n, int64_t multiple) {
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t per_thread = (n + threads - 1) / threads;
-  return std::max<int64_t>(1, (per_thread + multiple - 1) / multiple * multiple);
-}
-
-// fn(begin, end) over batch rows [0, B), split over the threads.
-template <typename Fn>
-void over_rows(int64_t B, const Fn& fn) {
-  at::parallel_for(0, B, chunk(B, 1), fn);
-}
-
-// fn(begin, end) over feature columns [0, F), in ranges of whole 64-byte vectors.
-template <typename Fn>
-void over_columns(int64_t F, const Fn& fn) {
-  at::parallel_for(0, F, chunk(F, 16), fn);
-}
-
 // ---- batch statistics ----------------------------------------------------------------------
 
 // One norm's per-feature affine map for this step: y = x * scale + shift (identity when off).
@@ -206,21 +187,18 @@ struct Affine {
   std::vector<T> scale, shift;
 };
 
-// Batch statistics of x (B, F) for the columns [f0, f1): mean and invstd = 1 / sqrt(biased
-// var + eps), written to `mean`, `invstd` (F), and the map x -> gamma * (x - mean) * invstd
-// + beta into `affine`. One pass: the moments of x minus its first row, which is as close to
-// the mean as the data's spread, so |mean| >> std loses no precision (the shifted-data
-// algorithm).
+// Batch statistics of x (B, F): mean and invstd = 1 / sqrt(biased var + eps), written to
+// `mean`, `invstd` (F), and the map x -> gamma * (x - mean) * invstd + beta into `affine`.
+// One pass: the moments of x minus its first row, which is as close to the mean as the
+// data's spread, so |mean| >> std loses no precision (the shifted-data algorithm).
 template <typename T>
-void normalise_columns(const T* x, int64_t B, int64_t F, int64_t f0, int64_t f1, const T* gamma, const T* beta,
-                       double eps, T* mean, T* invstd, Affine<T>& affine) {
-  const int64_t n = f1 - f0;
-  const T* shift = x + f0;  // row 0
-  std::fill(mean + f0, mean + f1, T(0));
-  std::fill(invstd + f0, invstd + f1, T(0));
-  for (int64_t b = 1; b < B; ++b) add_shifted_moments<T>(n, x + b * F + f0, shift, mean + f0, invstd + f0);
+void normalise(const T* x, int64_t B, int64_t F, const T* gamma, const T* beta, double eps, T* mean, T* invstd,
+               Affine<T>& affine) {
+  std::fill(mean, mean + F, T(0));
+  std::fill(invstd, invstd + F, T(0));
+  for (int64_t b = 1; b < B; ++b) add_shifted_moments<T>(F, x + b * F, x, mean, invstd);
   const T inv_b = T(1) / static_cast<T>(B);
-  for (int64_t f = f0; f < f1; ++f) {
+  for (int64_t f = 0; f < F; ++f) {
     const T m = mean[f] * inv_b;
     const T var = std::max(invstd[f] * inv_b - m * m, T(0));
     mean[f] = x[f] + m;
@@ -230,18 +208,9 @@ void normalise_columns(const T* x, int64_t B, int64_t F, int64_t f0, int64_t f1,
   }
 }
 
-template <typename T>
-void normalise(const T* x, int64_t B, int64_t F, const T* gamma, const T* beta, double eps, T* mean, T* invstd,
-               Affine<T>& affine) {
-  over_columns(F, [&](int64_t f0, int64_t f1) {
-    normalise_columns<T>(x, B, F, f0, f1, gamma, beta, eps, mean, invstd, affine);
-  });
-}
-
 // The backward of one batch norm at one step: dx from dy (B, F), and the gamma gradient
-// summed over time; every method works on a column range [f0, f1). In steps so that BN_h
-// and BN_x, whose upstream gradient dy is the same, share each pass over the rows (see
-// norms_backward).
+// summed over time. In steps so that BN_h and BN_x, whose upstream gradient dy is the same,
+// share each pass over the rows (see norms_backward).
 template <typename T>
 struct NormBackward {
   explicit NormBackward(int64_t width)
@@ -260,44 +229,40 @@ struct NormBackward {
     invstd = step_invstd;
     gamma = weight;
     dx = grad_input;
+    std::fill(sum_dy_xhat.begin(), sum_dy_xhat.end(), T(0));
   }
-  void clear(int64_t f0, int64_t f1) { std::fill(sum_dy_xhat.begin() + f0, sum_dy_xhat.begin() + f1, T(0)); }
-  void add_row(int64_t F, int64_t f0, int64_t f1, int64_t b, const T* dy) {
-    add_dy_xhat<T>(f1 - f0, dy + b * F + f0, x + b * F + f0, mean + f0, invstd + f0, sum_dy_xhat.data() + f0);
+  void add_row(int64_t F, int64_t b, const T* dy) {
+    add_dy_xhat<T>(F, dy + b * F, x + b * F, mean, invstd, sum_dy_xhat.data());
   }
-  void finish(int64_t B, int64_t f0, int64_t f1, const T* sum_dy) {
+  void finish(int64_t B, int64_t F, const T* sum_dy) {
     const T inv_b = T(1) / static_cast<T>(B);
-    for (int64_t f = f0; f < f1; ++f) {
+    for (int64_t f = 0; f < F; ++f) {
       d_gamma_total[f] += sum_dy_xhat[f];
       coef[f] = gamma[f] * invstd[f];
       mean_dy[f] = sum_dy[f] * inv_b;
       proj[f] = sum_dy_xhat[f] * inv_b * invstd[f];
     }
   }
-  void input_gradient_row(int64_t F, int64_t f0, int64_t f1, int64_t b, const T* dy) const {
-    norm_input_gradient_row<T>(f1 - f0, dy + b * F + f0, x + b * F + f0, mean + f0, coef.data() + f0,
-                               mean_dy.data() + f0, proj.data() + f0, dx + b * F + f0);
+  void input_gradient_row(int64_t F, int64_t b, const T* dy) const {
+    norm_input_gradient_row<T>(F, dy + b * F, x + b * F, mean, coef.data(), mean_dy.data(), proj.data(), dx + b * F);
   }
 };
 
 // The backward of the batch norms norms[0 .. count) (begun; none, one or two) that share the
-// upstream gradient dy (B, F): per column range, one pass for the sums and one for the input
-// gradients. sum_dy (F) gets the column sums of dy, also added to `total` (F, over time).
+// upstream gradient dy (B, F): one pass for the sums, one for the input gradients. sum_dy
+// (F) gets the column sums of dy, which are also added to `total` (F, summed over time).
 template <typename T>
 void norms_backward(int64_t B, int64_t F, const T* dy, T* sum_dy, std::vector<double>& total,
                     NormBackward<T>* const* norms, int count) {
-  over_columns(F, [&](int64_t f0, int64_t f1) {
-    std::fill(sum_dy + f0, sum_dy + f1, T(0));
-    for (int k = 0; k < count; ++k) norms[k]->clear(f0, f1);
-    for (int64_t b = 0; b < B; ++b) {
-      add_row<T>(f1 - f0, dy + b * F + f0, sum_dy + f0);
-      for (int k = 0; k < count; ++k) norms[k]->add_row(F, f0, f1, b, dy);
-    }
-    for (int64_t f = f0; f < f1; ++f) total[f] += sum_dy[f];
-    for (int k = 0; k < count; ++k) norms[k]->finish(B, f0, f1, sum_dy);
-    for (int64_t b = 0; b < B; ++b)
-      for (int k = 0; k < count; ++k) norms[k]->input_gradient_row(F, f0, f1, b, dy);
-  });
+  std::fill(sum_dy, sum_dy + F, T(0));
+  for (int64_t b = 0; b < B; ++b) {
+    add_row<T>(F, dy + b * F, sum_dy);
+    for (int k = 0; k < count; ++k) norms[k]->add_row(F, b, dy);
+  }
+  for (int64_t f = 0; f < F; ++f) total[f] += sum_dy[f];
+  for (int k = 0; k < count; ++k) norms[k]->finish(B, F, sum_dy);
+  for (int64_t b = 0; b < B; ++b)
+    for (int k = 0; k < count; ++k) norms[k]->input_gradient_row(F, b, dy);
 }
 
 // ---- buffers -------------------------------------------------------------------------------
@@ -356,20 +321,18 @@ struct InputTerm {
   const T* at(int64_t t) {
     if (wx) return wx + t * B * G;
     const T* xt = x + t * B * I;
-    over_rows(B, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        T* __restrict__ out = scratch.data() + b * G;
-        if (bias)
-          std::copy(bias, bias + G, out);
-        else
-          std::fill(out, out + G, T(0));
-        for (int64_t i = 0; i < I; ++i) {
-          const T v = xt[b * I + i];
-          const T* __restrict__ column = weight_t.data() + i * G;
-          for (int64_t f = 0; f < G; ++f) out[f] += v * column[f];
-        }
+    for (int64_t b = 0; b < B; ++b) {
+      T* __restrict__ out = scratch.data() + b * G;
+      if (bias)
+        std::copy(bias, bias + G, out);
+      else
+        std::fill(out, out + G, T(0));
+      for (int64_t i = 0; i < I; ++i) {
+        const T v = xt[b * I + i];
+        const T* __restrict__ column = weight_t.data() + i * G;
+        for (int64_t f = 0; f < G; ++f) out[f] += v * column[f];
       }
-    });
+    }
     return scratch.data();
   }
   int64_t steps, B, I, G;
@@ -400,24 +363,20 @@ void forward_loop(InputTerm<T>& input, const Tensor& weight_hh, const Norm<T>& n
     at::mm_out(product, h, w_t);
     const T* p = product.data_ptr<T>();
     if (nh.on()) normalise<T>(p, B, G, nh.gamma, nullptr, nh.eps, nh.mean_at(t), nh.invstd_at(t), ah);
-    over_rows(B, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        if (nh.on())
-          gates_row<T>(G, x + b * G, ax.scale.data(), ax.shift.data(), p + b * G, ah.scale.data(),
-                       ah.shift.data(), s + b * G);
-        else
-          gates_row_in_place<T>(G, x + b * G, ax.scale.data(), ax.shift.data(), ah.scale.data(), ah.shift.data(),
-                                s + b * G);
-        cell_row<T>(H, s + b * G, c_prev + b * H, c + b * H);
-      }
-    });
+    for (int64_t b = 0; b < B; ++b) {
+      if (nh.on())
+        gates_row<T>(G, x + b * G, ax.scale.data(), ax.shift.data(), p + b * G, ah.scale.data(),
+                     ah.shift.data(), s + b * G);
+      else
+        gates_row_in_place<T>(G, x + b * G, ax.scale.data(), ax.shift.data(), ah.scale.data(), ah.shift.data(),
+                              s + b * G);
+      cell_row<T>(H, s + b * G, c_prev + b * H, c + b * H);
+    }
     if (nc.on()) normalise<T>(c, B, H, nc.gamma, nc.beta, nc.eps, nc.mean_at(t), nc.invstd_at(t), ac);
     T* tc = tanh_c.data_ptr<T>() + t * B * H;
     T* hp = hs.data_ptr<T>() + t * B * H;
-    over_rows(B, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b)
-        hidden_row<T>(H, c + b * H, ac.scale.data(), ac.shift.data(), s + b * G + 3 * H, tc + b * H, hp + b * H);
-    });
+    for (int64_t b = 0; b < B; ++b)
+      hidden_row<T>(H, c + b * H, ac.scale.data(), ac.shift.data(), s + b * G + 3 * H, tc + b * H, hp + b * H);
     c_prev = c;
     h = hs[t];
   }
@@ -474,14 +433,12 @@ void population_loop(const Tensor& xin, const Tensor& weight_hh, const OptTensor
     const T* sc = csc ? csc + t * H : ones.data();
     const T* sf = csh ? csh + t * H : zeros.data();
     T* hp = hs.data_ptr<T>() + t * B * H;
-    over_rows(B, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        T* s = gates.data() + b * G;
-        gates_row<T>(G, x + b * G, ones.data(), zeros.data(), p + b * G, sh, zeros.data(), s);
-        cell_row<T>(H, s, c_prev + b * H, c + b * H);
-        hidden_row<T>(H, c + b * H, sc, sf, s + 3 * H, tanh_c.data() + b * H, hp + b * H);
-      }
-    });
+    for (int64_t b = 0; b < B; ++b) {
+      T* s = gates.data() + b * G;
+      gates_row<T>(G, x + b * G, ones.data(), zeros.data(), p + b * G, sh, zeros.data(), s);
+      cell_row<T>(H, s, c_prev + b * H, c + b * H);
+      hidden_row<T>(H, c + b * H, sc, sf, s + 3 * H, tanh_c.data() + b * H, hp + b * H);
+    }
     h = hs[t];
   }
   const T* c_final = cells.data() + (steps % 2) * B * H;
@@ -542,11 +499,9 @@ void backward_loop(const Tensor& grad_hs, const Tensor& grad_c_last, const Tenso
     const T* c = cs.data_ptr<T>() + t * B * H;
     const T* c_prev = t > 0 ? c - B * H : c0.data_ptr<T>();
     const T* dhp = dh.data_ptr<T>();
-    over_rows(B, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b)
-        hidden_row_backward<T>(H, dhp + b * H, tc + b * H, s + b * G + 3 * H, dg + b * G + 3 * H,
-                               dcn.data() + b * H);
-    });
+    for (int64_t b = 0; b < B; ++b)
+      hidden_row_backward<T>(H, dhp + b * H, tc + b * H, s + b * G + 3 * H, dg + b * G + 3 * H,
+                             dcn.data() + b * H);
     // Through BN_c into dL/dc.
     const T* dc = dcn.data();
     if (nc.on()) {
@@ -555,10 +510,8 @@ void backward_loop(const Tensor& grad_hs, const Tensor& grad_c_last, const Tenso
       norms_backward<T>(B, H, dcn.data(), sum_dcn.data(), d_beta_c, &norm, 1);
       dc = dc_buffer.data();
     }
-    over_rows(B, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b)
-        cell_row_backward<T>(H, s + b * G, c_prev + b * H, dc + b * H, dc_next.data() + b * H, dg + b * G);
-    });
+    for (int64_t b = 0; b < B; ++b)
+      cell_row_backward<T>(H, s + b * G, c_prev + b * H, dc + b * H, dc_next.data() + b * H, dg + b * G);
     // Through BN_h and BN_x, in shared passes over dgates; d b = sum_b dgates either way (b
     // is BN_x's beta, or is added to the pre-activation directly).
     NormBackward<T>* norms[2];
