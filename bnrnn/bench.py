@@ -389,12 +389,13 @@ def main(argv: list[str] | None = None) -> int:
               f"median of {args.repeats} after {args.warmup} warm-up, models timed round-robin "
               "(the reference in a round of its own)")
     print(header, flush=True)
-    checks = []
+    checks, results = [], []
+    # Each shape is checked and timed before the next one's models run: at PTB's size the
+    # CPU path packs W_h for oneDNN, and once oneDNN has run, libgomp lets torch's threads
+    # sleep between parallel regions, which slowed the seqMNIST GEMMs that came after by ~25%.
     for shape in shapes:
         for what, err, tolerance in numerics_check(shape, device):
             checks.append((shape.name, what, err, tolerance))
-    results = []
-    for shape in shapes:
         print(f"timing {shape} ...", flush=True)
         results.append(bench_shape(shape, models + list(variants(device, shape)), device, args.warmup, args.repeats))
     if not args.no_memory:
