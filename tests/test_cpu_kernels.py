@@ -161,7 +161,7 @@ def test_the_environment_can_switch_the_extension_off(monkeypatch, untried_exten
 def test_build_targets_this_cpu_under_a_name_of_its_own():
     name, flags = cpu_kernels.build_options()
     if cpu_kernels.cpu_fingerprint() is None:
-        assert name.endswith("_generic") and "-march=native" not in flags
+        assert "_generic_" in name and "-march=native" not in flags
     else:
         assert name == f"bnrnn_cpu_{cpu_kernels.cpu_fingerprint()}" and "-march=native" in flags
     assert "-O3" in flags

@@ -37,11 +37,14 @@ _failure: str | None = None
 
 
 def cpu_fingerprint() -> str | None:
-    """A short hash of this CPU's instruction-set flags (Linux), or None where unknown.
+    """A short hash of this CPU's instruction-set flags (Linux) and the torch version, or
+    None where unknown.
 
     The build targets the CPU it runs on (``-march=native``: AVX2/AVX-512 for the loops), so
     its name carries this hash: a cache directory shared by different machines (a cluster's
     home directory) then holds one build per CPU kind instead of one that crashes elsewhere.
+    The torch version is in it because torch.utils.cpp_extension would otherwise reuse a
+    build made against another torch's headers.
     """
     try:
         with open("/proc/cpuinfo") as info:
@@ -50,7 +53,7 @@ def cpu_fingerprint() -> str | None:
         return None
     if flags is None:
         return None
-    key = platform.machine() + ":" + " ".join(sorted(flags.split()))
+    key = platform.machine() + ":" + " ".join(sorted(flags.split())) + ":" + torch.__version__
     return hashlib.sha1(key.encode()).hexdigest()[:10]
 
 
@@ -58,7 +61,7 @@ def build_options() -> tuple[str, list[str]]:
     """(extension name, compiler flags) for this machine."""
     fingerprint = cpu_fingerprint()
     if fingerprint is None:
-        return EXTENSION_NAME + "_generic", ["-O3"]
+        return f"{EXTENSION_NAME}_generic_{torch.__version__.replace('.', '_').replace('+', '_')}", ["-O3"]
     return f"{EXTENSION_NAME}_{fingerprint}", ["-O3", "-march=native"]
 
 
