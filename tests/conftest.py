@@ -152,3 +152,15 @@ def small_mnist_cfg(fake_mnist):
         return compose([f"data.root={fake_mnist}", "data.download=false", *SMALL_MNIST, *overrides])
 
     return make
+
+
+def require_compiled_cpu_loop() -> None:
+    """Skip the calling test where the compiled CPU extension cannot be built (no C++
+    compiler), but fail it in CI, which has one: there the compiled path must be tested."""
+    from bnrnn.nn import cpu_kernels
+
+    if not cpu_kernels.load():
+        reason = f"the compiled CPU loop did not build: {cpu_kernels.failure()}"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)

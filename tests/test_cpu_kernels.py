@@ -6,22 +6,18 @@ the pool's reuse rules, and the fallback when the extension cannot be built.
 """
 
 import copy
-import os
 import warnings
 
 import pytest
 import torch
 
 from bnrnn.nn import BNLSTM, cpu_kernels, workspace
+from conftest import require_compiled_cpu_loop
 
 
 @pytest.fixture(scope="module")
 def compiled():
-    if not cpu_kernels.load():
-        reason = f"the compiled CPU loop did not build: {cpu_kernels.failure()}"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+    require_compiled_cpu_loop()
     return torch.ops.bnrnn_cpu
 
 
@@ -168,8 +164,7 @@ def test_build_targets_this_cpu_under_a_name_of_its_own():
 
 
 def test_eligibility():
-    if not cpu_kernels.load():
-        pytest.skip("no compiled extension here")
+    require_compiled_cpu_loop()
     x = torch.randn(3, 2, 4)
     assert cpu_kernels.eligible(x, 100) and cpu_kernels.eligible(x.double(), 255)
     assert not cpu_kernels.eligible(x, 256)  # large hidden sizes keep the packed-GEMM ATen loop

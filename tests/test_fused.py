@@ -8,13 +8,13 @@ on both CPU loops: the compiled one (bnrnn.nn.cpu_recurrence) and the ATen one
 """
 
 import copy
-import os
 
 import pytest
 import torch
 
-from bnrnn.nn import BNLSTM, cpu_kernels, cpu_recurrence
+from bnrnn.nn import BNLSTM, cpu_recurrence
 from bnrnn.nn.population import batch_statistics
+from conftest import require_compiled_cpu_loop
 
 # Whether twin_layers' fast layer uses the compiled loop (set by the cpu_loop fixture).
 USE_COMPILED = {"value": True}
@@ -25,11 +25,8 @@ def cpu_loop(request, monkeypatch):
     """Runs the test on one CPU loop; yields the list of compiled-loop calls (a spy), and
     checks afterwards that the ATen variant never ran the compiled loop."""
     compiled = request.param == "compiled"
-    if compiled and not cpu_kernels.load():
-        reason = f"the compiled CPU loop did not build: {cpu_kernels.failure()}"
-        if os.environ.get("CI"):
-            pytest.fail(reason)  # CI has a compiler: the compiled path must be tested there
-        pytest.skip(reason)
+    if compiled:
+        require_compiled_cpu_loop()
     calls = []
     for name in ("run_forward", "population_forward"):  # batch statistics; population statistics
         real = getattr(cpu_recurrence, name)
