@@ -1,4 +1,4 @@
-"""The fast path of :class:`~bnrnn.nn.lstm.BNLSTM`: the recurrence as one autograd Function.
+"""The ATen fast path of :class:`~bnrnn.nn.lstm.BNLSTM`: the recurrence as one autograd Function.
 
 At the paper's sizes (hidden 100, batch 64-100) a time step is a few dozen small ops, and
 per-op overhead (Python, dispatch, autograd bookkeeping) dominates the arithmetic. Here the
@@ -10,9 +10,12 @@ whole recurrence is one ``torch.autograd.Function``:
   for each norm), and the recurrent weight gradient as one GEMM over all time steps, as
   cuDNN does, instead of one small GEMM per step.
 
-The input projection W_x x and its batch norm stay outside, in ordinary autograd ops
-vectorised over time (one op each for the whole sequence), so the Function receives
-``xin = BN_x(W_x x) + b`` of shape (T, B, 4H).
+The input projection W_x x for all steps is one GEMM before it (:class:`InputProjection`);
+the Function receives W_x x (plus b when x is not normalised) of shape (T, B, 4H) and
+normalises it step by step with BN_x.
+
+On the CPU this loop serves hidden sizes from 256 (and any size where the compiled loops of
+:mod:`bnrnn.nn.cpu_recurrence` cannot be built); on a GPU, ``gpu_kernels=False``.
 
 Inference with population statistics uses :func:`population_recurrence`: the x and h
 normalisations are affine maps folded into the input projection, the bias and a per-step
