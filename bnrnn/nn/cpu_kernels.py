@@ -1,10 +1,11 @@
 """The compiled CPU recurrence (``csrc/recurrence_cpu.cpp``): built on first use, cached.
 
 The C++ source is compiled with the machine's C++ compiler through
-:func:`torch.utils.cpp_extension.load` the first time a CPU fast path needs it (about a
-minute, once per torch version and source; later processes load the cached build from
-``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). It registers the ops
-``torch.ops.bnrnn_cpu.recurrence_forward`` and ``recurrence_backward``.
+:func:`torch.utils.cpp_extension.load` the first time a CPU fast path needs it (under a
+minute, once per CPU kind, torch version and source; later processes load the cached build
+from ``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). It registers the ops
+``torch.ops.bnrnn_cpu.recurrence_forward``, ``recurrence_backward``, ``population_forward``
+and ``activations`` (the float activations, for their tests).
 
 When it cannot be built (no compiler, no ninja) the fast path keeps the ATen loop of
 :mod:`bnrnn.nn.fused`, which computes the same function, and says so once. Setting
@@ -93,7 +94,7 @@ def load() -> bool:
             return False
         try:
             cpp_extension = import_cpp_extension()
-            log.info("bnrnn: loading the compiled CPU recurrence (the first build takes about a minute)")
+            log.info("bnrnn: loading the compiled CPU recurrence (the first build takes under a minute)")
             name, flags = build_options()
             cpp_extension.load(
                 name=name,
@@ -122,11 +123,12 @@ def failure() -> str | None:
     return _failure
 
 
-def eligible(wx: torch.Tensor, hidden: int) -> bool:
-    """Whether the compiled loop runs a recurrence on ``wx`` (T, B, 4H) with hidden size H."""
+def eligible(sequence: torch.Tensor, hidden: int) -> bool:
+    """Whether the compiled loop runs a recurrence over ``sequence`` (its input x or input
+    term, (T, B, .)) with hidden size ``hidden``."""
     return (
-        wx.device.type == "cpu"
-        and wx.dtype in (torch.float32, torch.float64)
+        sequence.device.type == "cpu"
+        and sequence.dtype in (torch.float32, torch.float64)
         and 0 < hidden <= MAX_HIDDEN
         and load()
     )

@@ -19,21 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from bnrnn.nn.fused import STATISTICS, Norms, statistics_buffers
+from bnrnn.nn.fused import STATISTICS, Norms, project_input, statistics_buffers
 from bnrnn.nn.workspace import WORKSPACE
-
-
-def project_input(x: torch.Tensor, weight_ih: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """W_x x [+ b]: (T, B, I) -> (T, B, 4H), in a pooled buffer (no autograd)."""
-    T, B, _ = x.shape
-    wx = WORKSPACE.empty((T, B, weight_ih.shape[0]), x)
-    flat, out = x.reshape(T * B, -1), wx.view(T * B, -1)
-    with torch.no_grad():
-        if bias is None:
-            torch.mm(flat, weight_ih.t(), out=out)
-        else:
-            torch.addmm(bias, flat, weight_ih.t(), out=out)
-    return wx
 
 
 # Up to this input width the loop computes W_x x per step from x instead of reading a
@@ -41,32 +28,35 @@ def project_input(x: torch.Tensor, weight_ih: torch.Tensor, bias: torch.Tensor |
 RECOMPUTE_MAX_INPUT = 8
 
 
-def run_forward(x: torch.Tensor, weight_ih: torch.Tensor, bias: torch.Tensor | None, weight_hh: torch.Tensor,
-                norms: Norms, h0: torch.Tensor, c0: torch.Tensor):
+def run_forward(x, weight_ih, bias, weight_hh, gamma_x, gamma_h, gamma_c, beta_c, eps, h0, c0):
     """The recurrence with batch statistics on the compiled loop.
 
     Args:
-        x: (T, B, I), contiguous; weight_ih: (4H, I); bias: (4H,) added to W_x x, or None (with
-            BN_x, whose beta it is: then in ``norms``).
-        weight_hh: (4H, H); h0, c0: (B, H).
+        x: (T, B, I); weight_ih: (4H, I); bias: (4H,), BN_x's beta with BN_x (gamma_x given),
+            else added to W_x x; weight_hh: (4H, H).
+        gamma_x, gamma_h (4H,), gamma_c, beta_c (H,): None for a norm that is off; eps: one
+            float per norm (x, h, c).
+        h0, c0: (B, H).
     Returns:
         hs (T, B, H), cs (T, B, H) and a dict with the statistics (``mean_x`` ...) and the
         buffers the backward reads (``sig``, ``tanh_c``, ``wh``, ``wx``: None where not kept).
     """
+    x = x.contiguous()
     T, B, I = x.shape
     G = weight_ih.shape[0]
     H = G // 4
-    wx = project_input(x, weight_ih, bias) if I > RECOMPUTE_MAX_INPUT else None
+    n = Norms(gamma_x, bias if gamma_x is not None else None, gamma_h, gamma_c, beta_c, eps)
+    input_bias = bias if gamma_x is None else None
+    wx = project_input(x, weight_ih, input_bias) if I > RECOMPUTE_MAX_INPUT else None
     hs = WORKSPACE.empty((T, B, H), x)
     cs = WORKSPACE.empty((T, B, H), x)
     sig = WORKSPACE.empty((T, B, G), x)
     tanh_c = WORKSPACE.empty((T, B, H), x)
-    wh = WORKSPACE.empty((T, B, G), x) if norms.gamma_h is not None else None
-    stats = statistics_buffers(T, G, x, norms)
-    n = norms
+    wh = WORKSPACE.empty((T, B, G), x) if gamma_h is not None else None
+    stats = statistics_buffers(T, G, x, n)
     torch.ops.bnrnn_cpu.recurrence_forward(
-        x, weight_ih.contiguous(), bias, wx, weight_hh.contiguous(), n.gamma_x, n.beta_x, n.gamma_h, n.gamma_c,
-        n.beta_c, h0.contiguous(), c0.contiguous(), n.eps_x, n.eps_h, n.eps_c, hs, cs, sig, tanh_c, wh,
+        x, weight_ih.contiguous(), input_bias, wx, weight_hh.contiguous(), n.gamma_x, n.beta_x, n.gamma_h,
+        n.gamma_c, n.beta_c, h0.contiguous(), c0.contiguous(), n.eps_x, n.eps_h, n.eps_c, hs, cs, sig, tanh_c, wh,
         *(stats.get(k) for k in STATISTICS))
     stats.update(sig=sig, tanh_c=tanh_c, wh=wh, wx=wx)
     return hs, cs, stats
@@ -97,8 +87,7 @@ class CompiledLSTMRecurrence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight_ih, bias, weight_hh, gamma_x, gamma_h, gamma_c, beta_c, h0, c0, eps, stats):
         x, h0, c0 = x.contiguous(), h0.contiguous(), c0.contiguous()
-        norms = Norms(gamma_x, bias if gamma_x is not None else None, gamma_h, gamma_c, beta_c, eps)
-        hs, cs, saved = run_forward(x, weight_ih, bias if gamma_x is None else None, weight_hh, norms, h0, c0)
+        hs, cs, saved = run_forward(x, weight_ih, bias, weight_hh, gamma_x, gamma_h, gamma_c, beta_c, eps, h0, c0)
         stats.update({k: saved[k] for k in STATISTICS if k in saved})
         ctx.saved = saved
         ctx.save_for_backward(x, weight_ih, weight_hh, gamma_x, gamma_h, gamma_c, h0, c0, hs, cs)

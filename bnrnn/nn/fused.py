@@ -185,22 +185,28 @@ def aten_recurrence_forward(wx, weight_hh, n: Norms, h0, c0, buffers, stats):
     return wh_steps, product
 
 
-class InputProjection(torch.autograd.Function):
-    """(x (T, B, I), W_x (4H, I), b (4H,) or None) -> W_x x [+ b] (T, B, 4H), into a pooled buffer.
+@torch.no_grad()
+def project_input(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """W_x x [+ b]: (T, B, I) -> (T, B, 4H), one GEMM over the flattened sequence into a
+    buffer of the :mod:`~bnrnn.nn.workspace` pool (80 MB at seqMNIST: fresh pages would
+    cost more than the product). No autograd: see :class:`InputProjection`."""
+    T, B, _ = x.shape
+    wx = WORKSPACE.empty((T, B, weight.shape[0]), x)
+    flat, out = x.reshape(T * B, -1), wx.view(T * B, -1)
+    if bias is None:
+        torch.mm(flat, weight.t(), out=out)
+    else:
+        torch.addmm(bias, flat, weight.t(), out=out)
+    return wx
 
-    The same product as ``torch.addmm`` on the flattened sequence, but its (T, B, 4H) result
-    (80 MB at seqMNIST) comes from the :mod:`~bnrnn.nn.workspace` pool instead of fresh pages.
-    """
+
+class InputProjection(torch.autograd.Function):
+    """(x (T, B, I), W_x (4H, I), b (4H,) or None) -> W_x x [+ b] (T, B, 4H): :func:`project_input`
+    with its backward."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        T, B, _ = x.shape
-        flat = x.reshape(T * B, -1)
-        out = WORKSPACE.empty((T, B, weight.shape[0]), x)
-        if bias is None:
-            torch.mm(flat, weight.t(), out=out.view(T * B, -1))
-        else:
-            torch.addmm(bias, flat, weight.t(), out=out.view(T * B, -1))
+        out = project_input(x, weight, bias)
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
         return out

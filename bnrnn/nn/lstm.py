@@ -196,11 +196,8 @@ class BNLSTM(nn.Module):
                                                       gamma_c, beta_c, h0, c0, eps, stats)
         else:
             with torch.no_grad():
-                beta_x = self.bias if self.bn_x is not None else None  # else b is added to W_x x
-                norms_ = Norms(gamma_x, beta_x, gamma_h, gamma_c, beta_c, eps)
-                hs, cs, stats = cpu_recurrence.run_forward(x.contiguous(), self.weight_ih,
-                                                           None if beta_x is not None else self.bias,
-                                                           self.weight_hh, norms_, h0, c0)
+                hs, cs, stats = cpu_recurrence.run_forward(x, self.weight_ih, self.bias, self.weight_hh, gamma_x,
+                                                           gamma_h, gamma_c, beta_c, eps, h0, c0)
             c_last = cs[-1]
         self.fold_into_population(stats, t0, ("x", self.bn_x), ("h", self.bn_h), ("c", self.bn_c))
         return hs, (hs[-1], c_last)

@@ -10,6 +10,7 @@ any more (no saved tensor, no output a caller still holds), and allocates otherw
 
 from __future__ import annotations
 
+import math
 import mmap
 import threading
 
@@ -35,9 +36,7 @@ def mapped_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     2x between otherwise identical runs. Huge pages: the buffers stream through far more
     memory than the TLB covers with 4 KB pages (a nested page walk per 4 KB in a VM).
     """
-    numel = 1
-    for size in shape:
-        numel *= size
+    numel = math.prod(shape)
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
     region = mmap.mmap(-1, nbytes + HUGE_PAGE)
     address = torch.frombuffer(region, dtype=torch.uint8, count=1).data_ptr()
@@ -68,9 +67,7 @@ class Workspace:
 
     def empty(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         """An uninitialised tensor of ``shape`` with ``like``'s dtype and device."""
-        numel = 1
-        for size in shape:
-            numel *= size
+        numel = math.prod(shape)
         if (_storage_use_count is None or like.device.type != "cpu"
                 or numel * like.element_size() < MIN_POOLED_BYTES):
             return like.new_empty(shape)
