@@ -184,3 +184,31 @@ def test_batch_statistics_keep_their_precision_far_from_zero(compiled):
     reference(x.double())
     torch.testing.assert_close(layer.bn_x.running_var.double(), reference.bn_x.running_var, rtol=1e-4, atol=0)
     torch.testing.assert_close(layer.bn_x.running_mean.double(), reference.bn_x.running_mean, rtol=1e-6, atol=0)
+
+
+def test_narrow_input_statistics_from_nearly_collinear_inputs(compiled):
+    """The narrow input term's BN_x statistics come from x's covariance (var_f = w_f^T C w_f),
+    never from W_x x itself. Two input columns equal up to 1e-3 noise, and rows of W_x that
+    take their difference: the variance of the term is 1e-6 of the columns' own, so the
+    covariance must keep it. Statistics, outputs and gradients against the float64 reference."""
+    torch.manual_seed(1)
+    layer = BNLSTM(2, 8, max_steps=4, bn_h=False, bn_c=False, momentum=None)
+    with torch.no_grad():
+        layer.weight_ih[::2] = torch.tensor([1.0, -1.0])  # half the features see x_0 - x_1
+    reference = copy.deepcopy(layer).double()
+    reference.fused = False
+    base = 5.0 + torch.randn(4, 64, 1)
+    x = torch.cat([base, base + 1e-3 * torch.randn(4, 64, 1)], dim=2)
+    x64 = x.double().requires_grad_()
+    x = x.requires_grad_()
+    out = layer(x)[0]
+    out_ref = reference(x64)[0]
+    weight = torch.randn(out.shape, dtype=torch.float64)
+    (out.double() * weight).sum().backward()
+    (out_ref * weight).sum().backward()
+    torch.testing.assert_close(layer.bn_x.running_var.double(), reference.bn_x.running_var, rtol=1e-4, atol=0)
+    torch.testing.assert_close(layer.bn_x.running_mean.double(), reference.bn_x.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.double(), out_ref, rtol=0, atol=2e-4)
+    for p, q in [(x, x64), *zip(layer.parameters(), reference.parameters())]:
+        scale = q.grad.abs().max()
+        assert (p.grad.double() - q.grad).abs().max() <= 2e-4 * scale

@@ -128,8 +128,8 @@ def assert_same_buffers(fast, ref, atol):
 @pytest.mark.parametrize("I", [3, 12], ids=["narrow_input", "wide_input"])
 def test_training_float64_randomised_parameters(switches, I, cpu_loop):
     """Every parameter and statistic away from 0 and 1, T > T_max, a carried-in state; an
-    input narrow enough for the compiled loop to project it step by step, and a wider one
-    that it projects once (cpu_recurrence.RECOMPUTE_MAX_INPUT)."""
+    input narrow enough for the compiled loop to never form W_x x (its statistics from x's
+    covariance), and a wider one that it projects once (cpu_recurrence.NARROW_INPUT_MAX)."""
     fast, ref = twin_layers(switches, torch.float64, randomised=True, I=I)
     x = torch.randn(9, 7, I, dtype=torch.float64)  # 9 steps, T_max 6
     state = (torch.randn(7, 5, dtype=torch.float64), torch.randn(7, 5, dtype=torch.float64))

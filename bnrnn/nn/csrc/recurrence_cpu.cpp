@@ -123,6 +123,26 @@ inline void gates_row_in_place(int64_t n, const T* __restrict__ x, const T* __re
   for (int64_t f = 0; f < n; ++f) a[f] = (x[f] * sx[f] + tx[f]) + (a[f] * sh[f] + th[f]);
 }
 
+// Pre-activations of one row with a narrow input term (see NarrowInput): a = p * sh + shift +
+// sum_i x[i] coef[i] for the row's I inputs x and coef (I, G).
+template <typename T>
+inline void gates_row_narrow(int64_t n, int64_t I, const T* __restrict__ x, const T* __restrict__ coef,
+                             const T* __restrict__ shift, const T* __restrict__ p, const T* __restrict__ sh,
+                             T* __restrict__ a) {
+  for (int64_t f = 0; f < n; ++f) a[f] = p[f] * sh[f] + shift[f] + x[0] * coef[f];
+  for (int64_t i = 1; i < I; ++i)
+    for (int64_t f = 0; f < n; ++f) a[f] += x[i] * coef[i * n + f];
+}
+
+// The same without BN_h: a (holding W_h h_{t-1}) += shift + sum_i x[i] coef[i].
+template <typename T>
+inline void gates_row_narrow_in_place(int64_t n, int64_t I, const T* __restrict__ x, const T* __restrict__ coef,
+                                      const T* __restrict__ shift, T* __restrict__ a) {
+  for (int64_t f = 0; f < n; ++f) a[f] += shift[f] + x[0] * coef[f];
+  for (int64_t i = 1; i < I; ++i)
+    for (int64_t f = 0; f < n; ++f) a[f] += x[i] * coef[i * n + f];
+}
+
 // One row's gates [i, f, g, o] (4H pre-activations, in place) -> [sig(i), sig(f), tanh(g),
 // sig(o)], and c = sig(f) * c_prev + sig(i) * tanh(g).
 template <typename T>
@@ -251,13 +271,15 @@ struct NormBackward {
 // The backward of the batch norms norms[0 .. count) (begun; none, one or two) that share the
 // upstream gradient dy (B, F): one pass for the sums, one for the input gradients. sum_dy
 // (F) gets the column sums of dy, which are also added to `total` (F, summed over time).
-template <typename T>
+// `also(b, row)` is called with each row of dy in the first pass (the narrow input's sums).
+template <typename T, typename RowHook>
 void norms_backward(int64_t B, int64_t F, const T* dy, T* sum_dy, std::vector<double>& total,
-                    NormBackward<T>* const* norms, int count) {
+                    NormBackward<T>* const* norms, int count, RowHook&& also) {
   std::fill(sum_dy, sum_dy + F, T(0));
   for (int64_t b = 0; b < B; ++b) {
     add_row<T>(F, dy + b * F, sum_dy);
     for (int k = 0; k < count; ++k) norms[k]->add_row(F, b, dy);
+    also(b, dy + b * F);
   }
   for (int64_t f = 0; f < F; ++f) total[f] += sum_dy[f];
   for (int k = 0; k < count; ++k) norms[k]->finish(B, F, sum_dy);
@@ -301,70 +323,216 @@ void check_cpu_contiguous(std::initializer_list<std::pair<const Tensor*, const c
 
 // ---- the input term ------------------------------------------------------------------------
 
-// W_x x_t (+ b) of one step, (B, G): a slice of the precomputed wx (T, B, G) or, without one,
-// computed from x (T, B, I) for the step. For a narrow input (seqMNIST's I = 1) that is a few
-// multiply-adds per value, cheaper than writing the (T, B, 4H) product and reading it back
-// in the forward and the backward.
+// The input term of the pre-activations, BN_x(W_x x_t) + b (or W_x x_t + b without BN_x),
+// comes in one of two forms.
+//
+// Wide: wx (T, B, G) holds W_x x (+ b without BN_x), one GEMM before the loop; the loops
+// read it, and normalise it like the recurrent term.
+//
+// Narrow (no wx; x (T, B, I) with a few columns, seqMNIST's I = 1): the loops never form
+// W_x x_t. Its batch statistics follow from the mean mu and the (I, I) covariance C of x_t
+// over the batch, mean_f = w_f . mu and var_f = w_f^T C w_f (w_f: row f of W_x), so the term
+// is an affine map of x_t itself,
+//     BN_x(W_x x_t)_f + b_f = sum_i x_ti coef_if + shift_f,
+//     coef_if = scale_f w_fi, shift_f = b_f - scale_f mean_f, scale_f = gamma_f invstd_f,
+// I multiply-adds per value inside the gates pass; without BN_x, coef = W_x^T and shift = b.
+// That saves writing a (B, G) product every step and reading it for the statistics, the
+// gates and twice in the backward, which needs only dy^T x_t (NarrowInputGradient).
 template <typename T>
-struct InputTerm {
-  InputTerm(const Tensor& x, const Tensor& weight_ih, const OptTensor& bias, const OptTensor& wx)
-      : steps(x.size(0)), B(x.size(1)), I(x.size(2)), G(weight_ih.size(0)), wx(data_or_null<T>(wx)),
-        x(x.data_ptr<T>()), bias(data_or_null<T>(bias)) {
-    if (this->wx) return;
-    scratch.resize(B * G);
-    weight_t.resize(I * G);  // (I, G): each input's column of W_x, contiguous
-    const Tensor w = weight_ih.contiguous();
-    const T* pw = w.data_ptr<T>();
+struct NarrowInput {
+  NarrowInput(const Tensor& x, const Tensor& weight_ih, const OptTensor& bias)
+      : B(x.size(1)), I(x.size(2)), G(weight_ih.size(0)), x(x.data_ptr<T>()), w(G * I), mu(I), cov(I * I),
+        coef(I * G), shift(G, T(0)) {
+    const Tensor wc = weight_ih.contiguous();
+    const T* pw = wc.data_ptr<T>();
     for (int64_t f = 0; f < G; ++f)
-      for (int64_t i = 0; i < I; ++i) weight_t[i * G + f] = pw[f * I + i];
-  }
-  const T* at(int64_t t) {
-    if (wx) return wx + t * B * G;
-    const T* xt = x + t * B * I;
-    for (int64_t b = 0; b < B; ++b) {
-      T* __restrict__ out = scratch.data() + b * G;
-      if (bias)
-        std::copy(bias, bias + G, out);
-      else
-        std::fill(out, out + G, T(0));
       for (int64_t i = 0; i < I; ++i) {
-        const T v = xt[b * I + i];
-        const T* __restrict__ column = weight_t.data() + i * G;
-        for (int64_t f = 0; f < G; ++f) out[f] += v * column[f];
+        w[f * I + i] = pw[f * I + i];
+        coef[i * G + f] = pw[f * I + i];
+      }
+    if (const T* b = data_or_null<T>(bias)) std::copy(b, b + G, shift.begin());
+  }
+  // x_t (B, I)
+  const T* rows(int64_t t) const { return x + t * B * I; }
+
+  // mu (I) and the biased covariance cov (I, I) of x_t over the batch, in two passes, in
+  // double: I is small, and var_f = w_f^T C w_f must not lose what a direct pass keeps.
+  void moments(int64_t t) {
+    const T* xt = rows(t);
+    std::fill(mu.begin(), mu.end(), 0.0);
+    std::fill(cov.begin(), cov.end(), 0.0);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t i = 0; i < I; ++i) mu[i] += xt[b * I + i];
+    for (int64_t i = 0; i < I; ++i) mu[i] /= static_cast<double>(B);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t i = 0; i < I; ++i)
+        for (int64_t j = 0; j <= i; ++j) cov[i * I + j] += (xt[b * I + i] - mu[i]) * (xt[b * I + j] - mu[j]);
+    for (int64_t i = 0; i < I; ++i)
+      for (int64_t j = 0; j <= i; ++j) cov[j * I + i] = cov[i * I + j] /= static_cast<double>(B);
+  }
+
+  // BN_x at step t: its statistics into nx's buffers, and the map's coef and shift.
+  void normalise(int64_t t, const Norm<T>& nx) {
+    moments(t);
+    T* mean = nx.mean_at(t);
+    T* invstd = nx.invstd_at(t);
+    for (int64_t f = 0; f < G; ++f) {
+      const double* wf = w_row(f);
+      double m = 0.0, var = 0.0;
+      for (int64_t i = 0; i < I; ++i) {
+        m += wf[i] * mu[i];
+        double cw = 0.0;
+        for (int64_t j = 0; j < I; ++j) cw += cov[i * I + j] * wf[j];
+        var += wf[i] * cw;
+      }
+      const double is = 1.0 / std::sqrt(std::max(var, 0.0) + nx.eps);
+      const double scale = nx.gamma[f] * is;
+      mean[f] = static_cast<T>(m);
+      invstd[f] = static_cast<T>(is);
+      for (int64_t i = 0; i < I; ++i) coef[i * G + f] = static_cast<T>(scale * wf[i]);
+      shift[f] = static_cast<T>((nx.beta ? nx.beta[f] : T(0)) - scale * m);
+    }
+  }
+  const double* w_row(int64_t f) const { return w.data() + f * I; }
+
+  int64_t B, I, G;
+  const T* x;
+  std::vector<double> w;         // W_x (G, I)
+  std::vector<double> mu, cov;   // this step's moments of x_t
+  std::vector<T> coef, shift;    // (I, G), (G): this step's term is x_t coef + shift
+};
+
+// The backward of the narrow input term at one step, from dy = dL/d(pre-activations) (B, G).
+// The pass over dy's rows accumulates D = dy^T x_t (I, G) (add_row); with the step's sums,
+// finish() adds this step's dW_x and BN_x's gamma gradient to their totals (double) and
+// writes dL/dx_t if asked. With BN_x, dax = dL/d(W_x x_t) = coef_f (dy - mean_dy - proj (z -
+// mean)) (the batch norm's input gradient, z = W_x x_t), and its sums over the batch
+// against x_t need only D, the moments and W_x:
+//     sum_b dy_bf xhat_bf = invstd_f w_f . (D_f - sum_dy_f mu)
+//     dW_x[f, i] += coef_f (D_if - sum_dy_f mu_i - proj_f B (C w_f)_i)
+//     dx_bi = sum_f U_if dy_bf - k_i - sum_j (x_bj - mu_j) M_ji,
+// with U_if = coef_f w_fi, k_i = sum_f U_if mean_dy_f, M_ji = sum_f U_if proj_f w_fj.
+template <typename T>
+struct NarrowInputGradient {
+  explicit NarrowInputGradient(NarrowInput<T>& input)
+      : in(input), D(input.I * input.G), d_weight(input.G * input.I, 0.0), d_gamma(input.G, 0.0) {}
+
+  void begin(int64_t t) {
+    xt = in.rows(t);
+    std::fill(D.begin(), D.end(), T(0));
+  }
+  void add_row(int64_t b, const T* __restrict__ dy) {
+    for (int64_t i = 0; i < in.I; ++i) axpy_row(in.G, xt[b * in.I + i], dy, D.data() + i * in.G);
+  }
+  // dy (B, G), sum_dy (G): this step's upstream gradient and its column sums.
+  void finish(int64_t t, const Norm<T>& nx, const T* dy, const T* sum_dy, T* grad_x_t) {
+    const int64_t B = in.B, I = in.I, G = in.G;
+    if (!nx.on()) {
+      for (int64_t f = 0; f < G; ++f)
+        for (int64_t i = 0; i < I; ++i) d_weight[f * I + i] += D[i * G + f];
+      if (grad_x_t) input_gradient(dy, nullptr, nullptr, nullptr, grad_x_t);
+      return;
+    }
+    in.moments(t);  // this step's mu and cov, recomputed as the forward computed them
+    const std::vector<double>& mu = in.mu;
+    const std::vector<double>& cov = in.cov;
+    const T* invstd = nx.invstd_at(t);
+    coef.resize(G);
+    proj.resize(G);
+    for (int64_t f = 0; f < G; ++f) {
+      const double* wf = in.w_row(f);
+      double s = 0.0;
+      for (int64_t i = 0; i < I; ++i) s += wf[i] * (D[i * G + f] - sum_dy[f] * mu[i]);
+      const double sum_dy_xhat = invstd[f] * s;
+      d_gamma[f] += sum_dy_xhat;
+      coef[f] = nx.gamma[f] * static_cast<double>(invstd[f]);
+      proj[f] = sum_dy_xhat / static_cast<double>(B) * invstd[f];
+      for (int64_t i = 0; i < I; ++i) {
+        double cw = 0.0;
+        for (int64_t j = 0; j < I; ++j) cw += cov[i * I + j] * wf[j];
+        d_weight[f * I + i] +=
+            coef[f] * (D[i * G + f] - sum_dy[f] * mu[i] - proj[f] * static_cast<double>(B) * cw);
       }
     }
-    return scratch.data();
+    if (grad_x_t) input_gradient(dy, coef.data(), proj.data(), sum_dy, grad_x_t);
   }
-  int64_t steps, B, I, G;
-  const T* wx;
-  const T* x;
-  const T* bias;
-  std::vector<T> scratch, weight_t;
+
+  NarrowInput<T>& in;
+  const T* xt = nullptr;
+  std::vector<T> D;
+  std::vector<double> d_weight, d_gamma;  // totals over time: (G, I), (G)
+
+ private:
+  static void axpy_row(int64_t n, T a, const T* __restrict__ x, T* __restrict__ y) {
+    for (int64_t f = 0; f < n; ++f) y[f] += a * x[f];
+  }
+  // dL/dx_t (B, I) = dax W_x; without BN_x (c null) dax = dy. c, pr: coef, proj (G).
+  void input_gradient(const T* dy, const double* c, const double* pr, const T* sum_dy, T* grad_x_t) {
+    const int64_t B = in.B, I = in.I, G = in.G;
+    std::vector<T> U(I * G);
+    std::vector<double> k(I, 0.0), M(I * I, 0.0);
+    for (int64_t f = 0; f < G; ++f) {
+      const double* wf = in.w_row(f);
+      for (int64_t i = 0; i < I; ++i) {
+        const double u = (c ? c[f] : 1.0) * wf[i];
+        U[i * G + f] = static_cast<T>(u);
+        if (!c) continue;
+        k[i] += u * sum_dy[f] / static_cast<double>(B);
+        for (int64_t j = 0; j < I; ++j) M[j * I + i] += u * pr[f] * wf[j];
+      }
+    }
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t i = 0; i < I; ++i) {
+        const T* __restrict__ u = U.data() + i * G;
+        const T* __restrict__ d = dy + b * G;
+        T s = T(0);
+        for (int64_t f = 0; f < G; ++f) s += u[f] * d[f];
+        double v = s - k[i];
+        if (c)
+          for (int64_t j = 0; j < I; ++j) v -= (xt[b * I + j] - in.mu[j]) * M[j * I + i];
+        grad_x_t[b * I + i] = static_cast<T>(v);
+      }
+  }
+  std::vector<double> coef, proj;
 };
 
 // ---- forward -------------------------------------------------------------------------------
 
 template <typename T>
-void forward_loop(InputTerm<T>& input, const Tensor& weight_hh, const Norm<T>& nx, const Norm<T>& nh,
-                  const Norm<T>& nc, const Tensor& h0, const Tensor& c0, const Tensor& hs, const Tensor& cs,
-                  const Tensor& sig, const Tensor& tanh_c, const OptTensor& wh) {
-  const int64_t steps = input.steps, B = input.B, G = input.G, H = G / 4;
+void forward_loop(const T* wx, NarrowInput<T>* narrow, const Tensor& weight_hh, const Norm<T>& nx,
+                  const Norm<T>& nh, const Norm<T>& nc, const Tensor& h0, const Tensor& c0, const Tensor& hs,
+                  const Tensor& cs, const Tensor& sig, const Tensor& tanh_c, const OptTensor& wh) {
+  const int64_t steps = cs.size(0), B = cs.size(1), H = cs.size(2), G = 4 * H;
   const Tensor w_t = weight_hh.t();
   Affine<T> ax(G), ah(G), ac(H);
+  std::vector<T> narrow_shift(G);  // the narrow term's shift plus BN_h's
   const T* c_prev = c0.data_ptr<T>();
   Tensor h = h0;
   for (int64_t t = 0; t < steps; ++t) {
-    const T* x = input.at(t);
     T* s = sig.data_ptr<T>() + t * B * G;
     T* c = cs.data_ptr<T>() + t * B * H;
-    if (nx.on()) normalise<T>(x, B, G, nx.gamma, nx.beta, nx.eps, nx.mean_at(t), nx.invstd_at(t), ax);
+    const T* x = narrow ? nullptr : wx + t * B * G;
+    if (nx.on()) {
+      if (narrow)
+        narrow->normalise(t, nx);
+      else
+        normalise<T>(x, B, G, nx.gamma, nx.beta, nx.eps, nx.mean_at(t), nx.invstd_at(t), ax);
+    }
     // W_h h_{t-1}: kept in wh for BN_h's statistics and backward, else straight into sig.
     Tensor product = nh.on() ? (*wh)[t] : sig[t];
     at::mm_out(product, h, w_t);
     const T* p = product.data_ptr<T>();
     if (nh.on()) normalise<T>(p, B, G, nh.gamma, nullptr, nh.eps, nh.mean_at(t), nh.invstd_at(t), ah);
+    if (narrow)
+      for (int64_t f = 0; f < G; ++f) narrow_shift[f] = narrow->shift[f] + ah.shift[f];
     for (int64_t b = 0; b < B; ++b) {
-      if (nh.on())
+      if (narrow && nh.on())
+        gates_row_narrow<T>(G, narrow->I, narrow->rows(t) + b * narrow->I, narrow->coef.data(),
+                            narrow_shift.data(), p + b * G, ah.scale.data(), s + b * G);
+      else if (narrow)
+        gates_row_narrow_in_place<T>(G, narrow->I, narrow->rows(t) + b * narrow->I, narrow->coef.data(),
+                                     narrow_shift.data(), s + b * G);
+      else if (nh.on())
         gates_row<T>(G, x + b * G, ax.scale.data(), ax.shift.data(), p + b * G, ah.scale.data(),
                      ah.shift.data(), s + b * G);
       else
@@ -395,8 +563,9 @@ void recurrence_forward(const Tensor& x, const Tensor& weight_ih, const OptTenso
   TORCH_CHECK(!gamma_h.has_value() || wh.has_value(), "bnrnn_cpu: BN_h needs the wh buffer");
   const int64_t G = weight_ih.size(0), H = G / 4;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnrnn_recurrence_forward", [&] {
-    InputTerm<scalar_t> input(x, weight_ih, input_bias, wx);
-    forward_loop<scalar_t>(input, weight_hh, make_norm<scalar_t>(gamma_x, beta_x, eps_x, mean_x, invstd_x, G),
+    std::optional<NarrowInput<scalar_t>> narrow;
+    if (!wx.has_value()) narrow.emplace(x, weight_ih, input_bias);
+    forward_loop<scalar_t>(data_or_null<scalar_t>(wx), narrow ? &*narrow : nullptr, weight_hh, make_norm<scalar_t>(gamma_x, beta_x, eps_x, mean_x, invstd_x, G),
                            make_norm<scalar_t>(gamma_h, std::nullopt, eps_h, mean_h, invstd_h, G),
                            make_norm<scalar_t>(gamma_c, beta_c, eps_c, mean_c, invstd_c, H), h0, c0, hs, cs, sig,
                            tanh_c, wh);
@@ -481,7 +650,12 @@ void backward_loop(const Tensor& grad_hs, const Tensor& grad_c_last, const Tenso
   // none of these is kept over time (no (T, B, 4H) buffer to write and read back).
   const Tensor dgates = at::empty({B, G}, cs.options());
   const Tensor dwh = nh.on() ? at::empty({B, G}, cs.options()) : dgates;
-  const Tensor dax = nx.on() ? at::empty({B, G}, cs.options()) : dgates;
+  const T* wide = data_or_null<T>(wx);
+  std::optional<NarrowInput<T>> narrow;  // without wx (b is BN_x's beta here, not needed)
+  if (!wide) narrow.emplace(x, weight_ih, std::nullopt);
+  std::optional<NarrowInputGradient<T>> narrow_grad;
+  if (narrow) narrow_grad.emplace(*narrow);
+  const Tensor dax = nx.on() && wide ? at::empty({B, G}, cs.options()) : dgates;
   Tensor gw_hh = grad_weight_hh, gw_ih = grad_weight_ih;  // handles on the outputs, for addmm_out
   gw_hh.zero_();
   gw_ih.zero_();
@@ -492,7 +666,6 @@ void backward_loop(const Tensor& grad_hs, const Tensor& grad_c_last, const Tenso
   NormBackward<T> bx(G), bh(G), bc(H);
   std::vector<double> d_bias(G, 0.0), d_beta_c(H, 0.0);
   T* dg = dgates.data_ptr<T>();
-  InputTerm<T> input(x, weight_ih, std::nullopt, wx);  // BN_x's input (b is its beta)
   for (int64_t t = steps - 1; t >= 0; --t) {
     const T* s = sig.data_ptr<T>() + t * B * G;
     const T* tc = tanh_c.data_ptr<T>() + t * B * H;
@@ -507,7 +680,7 @@ void backward_loop(const Tensor& grad_hs, const Tensor& grad_c_last, const Tenso
     if (nc.on()) {
       NormBackward<T>* norm = &bc;
       bc.begin(c, nc.mean_at(t), nc.invstd_at(t), nc.gamma, dc_buffer.data());
-      norms_backward<T>(B, H, dcn.data(), sum_dcn.data(), d_beta_c, &norm, 1);
+      norms_backward<T>(B, H, dcn.data(), sum_dcn.data(), d_beta_c, &norm, 1, [](int64_t, const T*) {});
       dc = dc_buffer.data();
     }
     for (int64_t b = 0; b < B; ++b)
@@ -520,20 +693,28 @@ void backward_loop(const Tensor& grad_hs, const Tensor& grad_c_last, const Tenso
       bh.begin(wh->data_ptr<T>() + t * B * G, nh.mean_at(t), nh.invstd_at(t), nh.gamma, dwh.data_ptr<T>());
       norms[count++] = &bh;
     }
-    if (nx.on()) {
-      bx.begin(input.at(t), nx.mean_at(t), nx.invstd_at(t), nx.gamma, dax.data_ptr<T>());
+    if (nx.on() && wide) {
+      bx.begin(wide + t * B * G, nx.mean_at(t), nx.invstd_at(t), nx.gamma, dax.data_ptr<T>());
       norms[count++] = &bx;
     }
-    norms_backward<T>(B, G, dg, sum_dy.data(), d_bias, norms, count);
-    // Weight gradients of this step: dW_h += dwh^T h_{t-1}, dW_x += dax^T x_t; dL/dx_t.
+    T* grad_x_t = grad_x.has_value() ? grad_x->data_ptr<T>() + t * x.size(1) * x.size(2) : nullptr;
+    if (narrow) {
+      narrow_grad->begin(t);
+      norms_backward<T>(B, G, dg, sum_dy.data(), d_bias, norms, count,
+                        [&](int64_t b, const T* row) { narrow_grad->add_row(b, row); });
+      narrow_grad->finish(t, nx, dg, sum_dy.data(), grad_x_t);
+    } else {
+      norms_backward<T>(B, G, dg, sum_dy.data(), d_bias, norms, count, [](int64_t, const T*) {});
+      // dW_x += dax^T x_t; dL/dx_t = dax W_x
+      at::addmm_out(gw_ih, gw_ih, dax.t(), x[t]);
+      if (grad_x_t) {
+        Tensor gx = (*grad_x)[t];
+        at::mm_out(gx, dax, weight_ih);
+      }
+    }
+    // dW_h += dwh^T h_{t-1}
     const Tensor h_prev = t > 0 ? hs[t - 1] : h0;
     at::addmm_out(gw_hh, gw_hh, dwh.t(), h_prev);
-    const Tensor x_t = x[t];
-    at::addmm_out(gw_ih, gw_ih, dax.t(), x_t);
-    if (grad_x.has_value()) {
-      Tensor grad_x_t = (*grad_x)[t];
-      at::mm_out(grad_x_t, dax, weight_ih);
-    }
     // dL/dh_{t-1} = dwh W_h (+ the loss's own gradient of h_{t-1})
     if (t > 0)
       at::addmm_out(dh, grad_hs[t - 1], dwh, weight_hh);
@@ -542,7 +723,8 @@ void backward_loop(const Tensor& grad_hs, const Tensor& grad_c_last, const Tenso
   }
   std::copy(dc_next.begin(), dc_next.end(), grad_c0.data_ptr<T>());
   store<T>(d_bias, grad_bias);
-  if (nx.on()) store<T>(bx.d_gamma_total, grad_gamma_x);
+  if (narrow) store<T>(narrow_grad->d_weight, grad_weight_ih);
+  if (nx.on()) store<T>(narrow ? narrow_grad->d_gamma : bx.d_gamma_total, grad_gamma_x);
   if (nh.on()) store<T>(bh.d_gamma_total, grad_gamma_h);
   if (nc.on()) store<T>(bc.d_gamma_total, grad_gamma_c);
   if (nc.on()) store<T>(d_beta_c, grad_beta_c);
@@ -561,6 +743,8 @@ void recurrence_backward(const Tensor& grad_hs, const Tensor& grad_c_last, const
   check_cpu_contiguous({{&grad_hs, "grad_hs"}, {&grad_c_last, "grad_c_last"}, {&x, "x"}, {&h0, "h0"}, {&c0, "c0"}, {&hs, "hs"}, {&cs, "cs"}, {&sig, "sig"}, {&tanh_c, "tanh_c"},
                         {&grad_weight_ih, "grad_weight_ih"}, {&grad_weight_hh, "grad_weight_hh"},
                         {&grad_h0, "grad_h0"}, {&grad_c0, "grad_c0"}});
+  if (grad_x.has_value()) check_cpu_contiguous({{&*grad_x, "grad_x"}});
+  if (wx.has_value()) check_cpu_contiguous({{&*wx, "wx"}});
   TORCH_CHECK(!gamma_h.has_value() || wh.has_value(), "bnrnn_cpu: BN_h needs the wh buffer");
   const int64_t H = cs.size(2), G = 4 * H;
   AT_DISPATCH_FLOATING_TYPES(cs.scalar_type(), "bnrnn_recurrence_backward", [&] {
