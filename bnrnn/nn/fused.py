@@ -270,7 +270,7 @@ def aten_backward(grad_hs, grad_c_last, wx, gamma_x, gamma_h, gamma_c, c0, cs, s
     T, B, H = cs.shape
     sig, tanh_g, tanh_c, wh_t, product = saved["sig"], saved["tanh_g"], saved["tanh_c"], saved["wh"], saved["product"]
     sig_i, sig_f, _, sig_o = split_gates(sig, H)
-    grad_gates = torch.empty_like(sig)  # dL/d(pre-activation), (T, B, 4H)
+    grad_gates = WORKSPACE.empty(sig.shape, sig)  # dL/d(pre-activation), (T, B, 4H)
     d_i, d_f, d_g, d_o = split_gates(grad_gates, H)
     dgates_t, sig_t = grad_gates.unbind(0), sig.unbind(0)
     tg_t, tc_t, cs_t, grad_hs_t = tanh_g.unbind(0), tanh_c.unbind(0), cs.unbind(0), grad_hs.unbind(0)
@@ -325,8 +325,11 @@ def aten_backward(grad_hs, grad_c_last, wx, gamma_x, gamma_h, gamma_c, c0, cs, s
         dh = product.backward(dwh, grad_hs_t[t - 1]) if t > 0 else product.backward(dwh)
 
     def over_time(steps: list[torch.Tensor]) -> torch.Tensor | None:
-        """The per-step results (collected from t = T-1 down) as one (T, ...) tensor."""
-        return torch.stack(steps[::-1]) if steps else None
+        """The per-step results (collected from t = T-1 down) as one (T, ...) tensor, in a
+        pooled buffer: a fresh 100 MB one (PTB) cost more in page faults than the copy."""
+        if not steps:
+            return None
+        return torch.stack(steps[::-1], out=WORKSPACE.empty((len(steps), *steps[0].shape), steps[0]))
 
     def summed(steps: list[torch.Tensor]) -> torch.Tensor | None:
         return torch.stack(steps).sum(0) if steps else None
