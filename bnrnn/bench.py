@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bnrnn.nn import BNLSTM, cpu_kernels
+from bnrnn.nn import BNLSTM
 from bnrnn.nn.workspace import WORKSPACE
 
 TOLERANCE = 1e-5  # max |fast - reference| / max |reference| per tensor, our paths against our reference
@@ -78,7 +78,7 @@ GPU_VARIANTS = {
     "BN-LSTM, no graphs": dict(cuda_graphs=False),
     "BN-LSTM, ATen loop": dict(gpu_kernels=False),
 }
-# On the CPU, the ATen loop the compiled one replaces (where it applies: hidden <= 255).
+# On the CPU, the ATen loop the compiled one replaces.
 CPU_VARIANTS = {
     "BN-LSTM, ATen loop": dict(cpu_kernels=False),
 }
@@ -88,7 +88,7 @@ def variants(device: torch.device, shape: Shape) -> dict[str, dict]:
     """The extra rows timed (and checked) on this device at this shape."""
     if device.type == "cuda":
         return GPU_VARIANTS
-    return CPU_VARIANTS if shape.H <= cpu_kernels.MAX_HIDDEN else {}
+    return CPU_VARIANTS
 
 
 def parse_shape(text: str) -> Shape:

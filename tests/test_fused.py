@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 
-from bnrnn.nn import BNLSTM, cpu_recurrence
+from bnrnn.nn import BNLSTM, cpu_recurrence, fused
 from bnrnn.nn.population import batch_statistics
 from conftest import require_compiled_cpu_loop
 
@@ -271,3 +271,23 @@ def test_pooled_buffers_give_the_same_gradients_step_after_step(cpu_loop):
     for run_f, run_r in held:  # earlier steps' results, untouched by the later ones
         assert_float32_results(run_f, run_r)
     expect_compiled(cpu_loop)
+
+
+@pytest.mark.parametrize("switches", [(True, True, True), (False, False, False)], ids=["bnlstm", "vanilla"])
+def test_large_hidden_size_packed_products(switches, cpu_loop):
+    """H = 256 in float32: where the recurrent products go through W_h packed for oneDNN
+    (fused.PACKED_MIN_HIDDEN) and, in the compiled loop, dW_h is one GEMM over the sequence
+    (cpu_recurrence.WHOLE_SEQUENCE_WEIGHT_GRAD_MIN_HIDDEN): training and folded inference
+    against the reference."""
+    fast, ref = twin_layers(switches, torch.float32, randomised=False, max_steps=4, I=12, H=256)
+    assert fused.packed_weights(fast.weight_hh, 8)[0] is not None  # the path under test
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 8, 12, generator=g)
+    state = (torch.randn(8, 256, generator=g), torch.randn(8, 256, generator=g))
+    assert_float32_results(run_with_grads(fast.train(), x, state), run_with_grads(ref.train(), x, state))
+    assert_same_buffers(fast, ref, atol=1e-5)
+    with torch.no_grad():
+        out_f, _ = fast.eval()(x)
+        out_r, _ = ref.eval()(x)
+    torch.testing.assert_close(out_f, out_r, atol=1e-5, rtol=1e-5)
+    expect_compiled(cpu_loop, "population_forward" if any(switches) else "run_forward")

@@ -28,10 +28,6 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "recurrence_cpu.cpp"
 EXTENSION_NAME = "bnrnn_cpu"
-# Below this hidden size per-op dispatch dominates a step and the compiled loop wins; from it
-# on the ATen loop's packed oneDNN GEMMs (see fused.PACKED_MIN_HIDDEN) matter more.
-MAX_HIDDEN = 255
-
 _lock = threading.Lock()
 _loaded: bool | None = None  # None: not tried yet
 _failure: str | None = None
@@ -129,6 +125,6 @@ def eligible(sequence: torch.Tensor, hidden: int) -> bool:
     return (
         sequence.device.type == "cpu"
         and sequence.dtype in (torch.float32, torch.float64)
-        and 0 < hidden <= MAX_HIDDEN
+        and hidden > 0
         and load()
     )

@@ -14,8 +14,8 @@ The input projection W_x x for all steps is one GEMM before it (:class:`InputPro
 the Function receives W_x x (plus b when x is not normalised) of shape (T, B, 4H) and
 normalises it step by step with BN_x.
 
-On the CPU this loop serves hidden sizes from 256 (and any size where the compiled loops of
-:mod:`bnrnn.nn.cpu_recurrence` cannot be built); on a GPU, ``gpu_kernels=False``.
+On the CPU this loop runs where the compiled loops of :mod:`bnrnn.nn.cpu_recurrence` cannot be
+built (or with ``cpu_kernels=False``); on a GPU, with ``gpu_kernels=False``.
 
 Inference with population statistics uses :func:`population_recurrence`: the x and h
 normalisations are affine maps folded into the input projection, the bias and a per-step
@@ -49,6 +49,18 @@ def split_gates(buffer: torch.Tensor, hidden: int) -> list[list[torch.Tensor]]:
 PACKED_MIN_HIDDEN = 256
 
 
+def packed_weights(weight: torch.Tensor, batch: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """W (4H, H) and W^T packed for oneDNN's linear op at this batch size (the weights of
+    ``h W^T`` and ``g W``), or (None, None) where packing does not pay: not a float32 CPU
+    weight, a hidden size below PACKED_MIN_HIDDEN, or no oneDNN."""
+    if not (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.shape[1] >= PACKED_MIN_HIDDEN
+            and torch.backends.mkldnn.is_available()):
+        return None, None
+    w = weight.detach()
+    reorder = torch.ops.mkldnn._reorder_linear_weight
+    return reorder(w, batch), reorder(w.t().contiguous(), batch)
+
+
 class RecurrentProduct:
     """The recurrent products of one sequence, W = weight_hh (4H, H): ``h W^T`` (forward,
     (B, H) -> (B, 4H)) and ``g W`` (backward, (B, 4H) -> (B, H)), each optionally plus a
@@ -62,13 +74,8 @@ class RecurrentProduct:
     def __init__(self, weight: torch.Tensor, batch: int) -> None:
         self.weight = weight
         self.weight_t = weight.t()
-        self.packed = (
-            weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.shape[1] >= PACKED_MIN_HIDDEN
-            and torch.backends.mkldnn.is_available()
-        )
-        if self.packed:
-            self.packed_w = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch)
-            self.packed_w_t = torch.ops.mkldnn._reorder_linear_weight(weight.detach().t().contiguous(), batch)
+        self.packed_w, self.packed_w_t = packed_weights(weight, batch)
+        self.packed = self.packed_w is not None
 
     def forward(self, h: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
         """[add +] h W^T: (B, H) -> (B, 4H)."""

@@ -50,7 +50,7 @@ class BNLSTM(nn.Module):
             step-by-step reference. Both compute the same function.
         gpu_kernels: on a CUDA GPU, the fast path runs on the Triton kernels; False keeps
             the ATen loop of :mod:`bnrnn.nn.fused` there too (for comparison).
-        cpu_kernels: on the CPU (hidden size up to 255), the fast path's time loops run in the
+        cpu_kernels: on the CPU, the fast path's time loops run in the
             compiled extension of :mod:`bnrnn.nn.cpu_kernels`; False keeps the ATen loop.
         cuda_graphs: on the GPU fast path, replay each training sequence shape as captured
             CUDA graphs (:mod:`bnrnn.nn.gpu_recurrence`) instead of launching every step.

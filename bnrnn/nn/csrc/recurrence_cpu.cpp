@@ -22,6 +22,8 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -321,6 +323,59 @@ void check_cpu_contiguous(std::initializer_list<std::pair<const Tensor*, const c
   }
 }
 
+// ---- the recurrent products ---------------------------------------------------------------
+
+// h W_h^T (forward, (B, H) -> (B, G)) and g W_h [+ add] (backward, (B, G) -> (B, H)) of every
+// step. With a large hidden size the caller passes W_h and W_h^T packed once per sequence
+// into oneDNN's blocked layout (what torch.nn.LSTM does inside; see cpu_recurrence.py), and
+// the products go through oneDNN's linear op, which returns a new tensor; otherwise ATen's
+// mm into the caller's buffer.
+struct RecurrentProduct {
+  RecurrentProduct(const Tensor& weight_hh, const OptTensor& packed, const OptTensor& packed_t)
+      : weight(weight_hh), weight_t(weight_hh.t()), packed(packed), packed_t(packed_t) {}
+
+  // h W^T: into `out`, or a new tensor; returns the tensor that holds it.
+  Tensor forward(const Tensor& h, const Tensor& out) const {
+    if (packed.has_value()) return linear(h, *packed);
+    Tensor o = out;
+    at::mm_out(o, h, weight_t);
+    return o;
+  }
+  // g W (+ add, when defined): into `out`, or a new tensor; returns the tensor that holds it.
+  Tensor backward(const Tensor& g, const Tensor& add, const Tensor& out) const {
+    if (packed_t.has_value()) return add.defined() ? linear_add(g, add, *packed_t) : linear(g, *packed_t);
+    Tensor o = out;
+    if (add.defined())
+      at::addmm_out(o, add, g, weight);
+    else
+      at::mm_out(o, g, weight);
+    return o;
+  }
+
+ private:
+  static c10::OperatorHandle op(const char* overload) {
+    return c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", overload);
+  }
+  // mkldnn::_linear_pointwise(X, W, B=None, attr="none", scalars=[], algorithm="")
+  static Tensor linear(const Tensor& x, const Tensor& w) {
+    static const c10::OperatorHandle plain = op("");
+    torch::jit::Stack stack{x, w, c10::IValue(), std::string("none"), c10::List<std::optional<c10::Scalar>>(),
+                            std::string("")};
+    plain.callBoxed(&stack);
+    return stack[0].toTensor();
+  }
+  // mkldnn::_linear_pointwise.binary(X, other, W, B=None, attr="add") = X W^T + other
+  static Tensor linear_add(const Tensor& x, const Tensor& other, const Tensor& w) {
+    static const c10::OperatorHandle binary = op("binary");
+    torch::jit::Stack stack{x, other, w, c10::IValue(), std::string("add")};
+    binary.callBoxed(&stack);
+    return stack[0].toTensor();
+  }
+
+  Tensor weight, weight_t;
+  OptTensor packed, packed_t;
+};
+
 // ---- the input term ------------------------------------------------------------------------
 
 // The input term of the pre-activations, BN_x(W_x x_t) + b (or W_x x_t + b without BN_x),
@@ -499,11 +554,10 @@ struct NarrowInputGradient {
 // ---- forward -------------------------------------------------------------------------------
 
 template <typename T>
-void forward_loop(const T* wx, NarrowInput<T>* narrow, const Tensor& weight_hh, const Norm<T>& nx,
+void forward_loop(const T* wx, NarrowInput<T>* narrow, const RecurrentProduct& recurrent, const Norm<T>& nx,
                   const Norm<T>& nh, const Norm<T>& nc, const Tensor& h0, const Tensor& c0, const Tensor& hs,
                   const Tensor& cs, const Tensor& sig, const Tensor& tanh_c, const OptTensor& wh) {
   const int64_t steps = cs.size(0), B = cs.size(1), H = cs.size(2), G = 4 * H;
-  const Tensor w_t = weight_hh.t();
   Affine<T> ax(G), ah(G), ac(H);
   std::vector<T> narrow_shift(G);  // the narrow term's shift plus BN_h's
   const T* c_prev = c0.data_ptr<T>();
@@ -519,8 +573,9 @@ void forward_loop(const T* wx, NarrowInput<T>* narrow, const Tensor& weight_hh, 
         normalise<T>(x, B, G, nx.gamma, nx.beta, nx.eps, nx.mean_at(t), nx.invstd_at(t), ax);
     }
     // W_h h_{t-1}: kept in wh for BN_h's statistics and backward, else straight into sig.
-    Tensor product = nh.on() ? (*wh)[t] : sig[t];
-    at::mm_out(product, h, w_t);
+    const Tensor product = nh.on() ? (*wh)[t] : sig[t];
+    const Tensor result = recurrent.forward(h, product);
+    if (!result.is_same(product)) product.copy_(result);
     const T* p = product.data_ptr<T>();
     if (nh.on()) normalise<T>(p, B, G, nh.gamma, nullptr, nh.eps, nh.mean_at(t), nh.invstd_at(t), ah);
     if (narrow)
@@ -556,7 +611,8 @@ void recurrence_forward(const Tensor& x, const Tensor& weight_ih, const OptTenso
                         const Tensor& c0, double eps_x, double eps_h, double eps_c, const Tensor& hs, const Tensor& cs,
                         const Tensor& sig, const Tensor& tanh_c, const OptTensor& wh, const OptTensor& mean_x,
                         const OptTensor& invstd_x, const OptTensor& mean_h, const OptTensor& invstd_h,
-                        const OptTensor& mean_c, const OptTensor& invstd_c) {
+                        const OptTensor& mean_c, const OptTensor& invstd_c, const OptTensor& packed_hh,
+                        const OptTensor& packed_hh_t) {
   check_cpu_contiguous({{&x, "x"}, {&weight_hh, "weight_hh"}, {&h0, "h0"}, {&c0, "c0"}, {&hs, "hs"}, {&cs, "cs"},
                         {&sig, "sig"}, {&tanh_c, "tanh_c"}});
   if (wx.has_value()) check_cpu_contiguous({{&*wx, "wx"}});
@@ -565,7 +621,8 @@ void recurrence_forward(const Tensor& x, const Tensor& weight_ih, const OptTenso
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnrnn_recurrence_forward", [&] {
     std::optional<NarrowInput<scalar_t>> narrow;
     if (!wx.has_value()) narrow.emplace(x, weight_ih, input_bias);
-    forward_loop<scalar_t>(data_or_null<scalar_t>(wx), narrow ? &*narrow : nullptr, weight_hh, make_norm<scalar_t>(gamma_x, beta_x, eps_x, mean_x, invstd_x, G),
+    forward_loop<scalar_t>(data_or_null<scalar_t>(wx), narrow ? &*narrow : nullptr,
+                           RecurrentProduct(weight_hh, packed_hh, packed_hh_t), make_norm<scalar_t>(gamma_x, beta_x, eps_x, mean_x, invstd_x, G),
                            make_norm<scalar_t>(gamma_h, std::nullopt, eps_h, mean_h, invstd_h, G),
                            make_norm<scalar_t>(gamma_c, beta_c, eps_c, mean_c, invstd_c, H), h0, c0, hs, cs, sig,
                            tanh_c, wh);
@@ -579,12 +636,11 @@ void recurrence_forward(const Tensor& x, const Tensor& weight_ih, const OptTenso
 // h_scale[t] (or not, without BN_h); c is mapped by c_scale[t], c_shift[t] before its tanh
 // (or not, without BN_c). Only hs and the final c are written.
 template <typename T>
-void population_loop(const Tensor& xin, const Tensor& weight_hh, const OptTensor& h_scale, const OptTensor& c_scale,
-                     const OptTensor& c_shift, const Tensor& h0, const Tensor& c0, const Tensor& hs,
-                     const Tensor& c_last) {
+void population_loop(const Tensor& xin, const RecurrentProduct& recurrent, const OptTensor& h_scale,
+                     const OptTensor& c_scale, const OptTensor& c_shift, const Tensor& h0, const Tensor& c0,
+                     const Tensor& hs, const Tensor& c_last) {
   const int64_t steps = xin.size(0), B = xin.size(1), G = xin.size(2), H = G / 4;
-  const Tensor w_t = weight_hh.t();
-  Tensor product = at::empty({B, G}, xin.options());
+  const Tensor buffer = at::empty({B, G}, xin.options());
   std::vector<T> gates(B * G), tanh_c(B * H), cells(2 * B * H);
   const std::vector<T> ones(G, T(1)), zeros(G, T(0));
   const T* hsc = data_or_null<T>(h_scale);
@@ -596,7 +652,7 @@ void population_loop(const Tensor& xin, const Tensor& weight_hh, const OptTensor
     const T* x = xin.data_ptr<T>() + t * B * G;
     const T* c_prev = cells.data() + (t % 2) * B * H;
     T* c = cells.data() + ((t + 1) % 2) * B * H;
-    at::mm_out(product, h, w_t);
+    const Tensor product = recurrent.forward(h, buffer);  // held: it may be a new tensor
     const T* p = product.data_ptr<T>();
     const T* sh = hsc ? hsc + t * G : ones.data();
     const T* sc = csc ? csc + t * H : ones.data();
@@ -616,13 +672,14 @@ void population_loop(const Tensor& xin, const Tensor& weight_hh, const OptTensor
 
 void population_forward(const Tensor& xin, const Tensor& weight_hh, const OptTensor& h_scale,
                         const OptTensor& c_scale, const OptTensor& c_shift, const Tensor& h0, const Tensor& c0,
-                        const Tensor& hs, const Tensor& c_last) {
+                        const Tensor& hs, const Tensor& c_last, const OptTensor& packed_hh) {
   check_cpu_contiguous({{&xin, "xin"}, {&weight_hh, "weight_hh"}, {&h0, "h0"}, {&c0, "c0"}, {&hs, "hs"},
                         {&c_last, "c_last"}});
   for (const OptTensor* t : {&h_scale, &c_scale, &c_shift})
     if (t->has_value()) check_cpu_contiguous({{&**t, "population scale/shift"}});
   AT_DISPATCH_FLOATING_TYPES(xin.scalar_type(), "bnrnn_population_forward", [&] {
-    population_loop<scalar_t>(xin, weight_hh, h_scale, c_scale, c_shift, h0, c0, hs, c_last);
+    population_loop<scalar_t>(xin, RecurrentProduct(weight_hh, packed_hh, std::nullopt), h_scale, c_scale, c_shift,
+                              h0, c0, hs, c_last);
   });
 }
 
@@ -638,24 +695,28 @@ void store(const std::vector<double>& total, const OptTensor& out) {
 
 template <typename T>
 void backward_loop(const Tensor& grad_hs, const Tensor& grad_c_last, const Tensor& x, const OptTensor& wx,
-                   const Tensor& weight_ih, const Tensor& weight_hh, const Norm<T>& nx, const Norm<T>& nh,
+                   const Tensor& weight_ih, const RecurrentProduct& recurrent, const Norm<T>& nx, const Norm<T>& nh,
                    const Norm<T>& nc, const Tensor& h0, const Tensor& c0, const Tensor& hs, const Tensor& cs,
                    const Tensor& sig, const Tensor& tanh_c, const OptTensor& wh, const OptTensor& grad_x,
                    const Tensor& grad_weight_ih, const Tensor& grad_bias, const Tensor& grad_weight_hh,
                    const Tensor& grad_h0, const Tensor& grad_c0, const OptTensor& grad_gamma_x,
-                   const OptTensor& grad_gamma_h, const OptTensor& grad_gamma_c, const OptTensor& grad_beta_c) {
+                   const OptTensor& grad_gamma_h, const OptTensor& grad_gamma_c, const OptTensor& grad_beta_c,
+                   const OptTensor& dwh_steps) {
   const int64_t steps = cs.size(0), B = cs.size(1), H = cs.size(2), G = 4 * H;
   // One step's gradients, reused: dL/d(pre-activations) and, behind BN_h and BN_x,
-  // dL/d(W_h h_{t-1}) and dL/d(W_x x_t). The weight gradients accumulate step by step, so
-  // none of these is kept over time (no (T, B, 4H) buffer to write and read back).
-  const Tensor dgates = at::empty({B, G}, cs.options());
-  const Tensor dwh = nh.on() ? at::empty({B, G}, cs.options()) : dgates;
+  // dL/d(W_h h_{t-1}) and dL/d(W_x x_t). The weight gradients accumulate step by step from
+  // them while they are in cache (no (T, B, 4H) buffer to write and read back), except with
+  // dwh_steps (T, B, G) given: dL/d(W_h h_{t-1}) of every step goes there and dW_h is one
+  // GEMM over the sequence at the end, which at a large hidden size runs faster than T
+  // small-batch ones (PTB: 280 against 330 ms).
+  const Tensor dgates_step = at::empty({B, G}, cs.options());
+  const Tensor dwh_step = nh.on() ? at::empty({B, G}, cs.options()) : dgates_step;
   const T* wide = data_or_null<T>(wx);
   std::optional<NarrowInput<T>> narrow;  // without wx (b is BN_x's beta here, not needed)
   if (!wide) narrow.emplace(x, weight_ih, std::nullopt);
   std::optional<NarrowInputGradient<T>> narrow_grad;
   if (narrow) narrow_grad.emplace(*narrow);
-  const Tensor dax = nx.on() && wide ? at::empty({B, G}, cs.options()) : dgates;
+  const Tensor dax_step = nx.on() && wide ? at::empty({B, G}, cs.options()) : Tensor();
   Tensor gw_hh = grad_weight_hh, gw_ih = grad_weight_ih;  // handles on the outputs, for addmm_out
   gw_hh.zero_();
   gw_ih.zero_();
@@ -665,8 +726,11 @@ void backward_loop(const Tensor& grad_hs, const Tensor& grad_c_last, const Tenso
   std::vector<T> dcn(B * H), dc_buffer(B * H), sum_dy(G), sum_dcn(H);
   NormBackward<T> bx(G), bh(G), bc(H);
   std::vector<double> d_bias(G, 0.0), d_beta_c(H, 0.0);
-  T* dg = dgates.data_ptr<T>();
   for (int64_t t = steps - 1; t >= 0; --t) {
+    const Tensor dwh = dwh_steps.has_value() ? (*dwh_steps)[t] : dwh_step;
+    const Tensor dgates = nh.on() ? dgates_step : dwh;  // without BN_h, dL/d(W_h h) = dgates
+    const Tensor dax = dax_step.defined() ? dax_step : dgates;
+    T* dg = dgates.data_ptr<T>();
     const T* s = sig.data_ptr<T>() + t * B * G;
     const T* tc = tanh_c.data_ptr<T>() + t * B * H;
     const T* c = cs.data_ptr<T>() + t * B * H;
@@ -713,13 +777,20 @@ void backward_loop(const Tensor& grad_hs, const Tensor& grad_c_last, const Tenso
       }
     }
     // dW_h += dwh^T h_{t-1}
-    const Tensor h_prev = t > 0 ? hs[t - 1] : h0;
-    at::addmm_out(gw_hh, gw_hh, dwh.t(), h_prev);
+    if (!dwh_steps.has_value()) at::addmm_out(gw_hh, gw_hh, dwh.t(), t > 0 ? hs[t - 1] : h0);
     // dL/dh_{t-1} = dwh W_h (+ the loss's own gradient of h_{t-1})
-    if (t > 0)
-      at::addmm_out(dh, grad_hs[t - 1], dwh, weight_hh);
-    else
-      at::mm_out(dh0, dwh, weight_hh);
+    if (t > 0) {
+      dh = recurrent.backward(dwh, grad_hs[t - 1], dh);
+    } else {
+      const Tensor result = recurrent.backward(dwh, Tensor(), dh0);
+      if (!result.is_same(dh0)) dh0.copy_(result);
+    }
+  }
+  if (dwh_steps.has_value()) {  // dW_h = sum_t dwh_t^T h_{t-1}, h_{-1} = h0
+    at::mm_out(gw_hh, (*dwh_steps)[0].t(), h0);
+    if (steps > 1)
+      at::addmm_out(gw_hh, gw_hh, (*dwh_steps).narrow(0, 1, steps - 1).reshape({(steps - 1) * B, G}).t(),
+                    hs.narrow(0, 0, steps - 1).reshape({(steps - 1) * B, H}));
   }
   std::copy(dc_next.begin(), dc_next.end(), grad_c0.data_ptr<T>());
   store<T>(d_bias, grad_bias);
@@ -739,21 +810,24 @@ void recurrence_backward(const Tensor& grad_hs, const Tensor& grad_c_last, const
                          const OptTensor& invstd_c, const OptTensor& grad_x, const Tensor& grad_weight_ih,
                          const Tensor& grad_bias, const Tensor& grad_weight_hh, const Tensor& grad_h0,
                          const Tensor& grad_c0, const OptTensor& grad_gamma_x, const OptTensor& grad_gamma_h,
-                         const OptTensor& grad_gamma_c, const OptTensor& grad_beta_c) {
+                         const OptTensor& grad_gamma_c, const OptTensor& grad_beta_c, const OptTensor& packed_hh_t,
+                         const OptTensor& dwh_steps) {
   check_cpu_contiguous({{&grad_hs, "grad_hs"}, {&grad_c_last, "grad_c_last"}, {&x, "x"}, {&h0, "h0"}, {&c0, "c0"}, {&hs, "hs"}, {&cs, "cs"}, {&sig, "sig"}, {&tanh_c, "tanh_c"},
                         {&grad_weight_ih, "grad_weight_ih"}, {&grad_weight_hh, "grad_weight_hh"},
                         {&grad_h0, "grad_h0"}, {&grad_c0, "grad_c0"}});
   if (grad_x.has_value()) check_cpu_contiguous({{&*grad_x, "grad_x"}});
   if (wx.has_value()) check_cpu_contiguous({{&*wx, "wx"}});
+  if (dwh_steps.has_value()) check_cpu_contiguous({{&*dwh_steps, "dwh_steps"}});
   TORCH_CHECK(!gamma_h.has_value() || wh.has_value(), "bnrnn_cpu: BN_h needs the wh buffer");
   const int64_t H = cs.size(2), G = 4 * H;
   AT_DISPATCH_FLOATING_TYPES(cs.scalar_type(), "bnrnn_recurrence_backward", [&] {
-    backward_loop<scalar_t>(grad_hs, grad_c_last, x, wx, weight_ih, weight_hh,
+    backward_loop<scalar_t>(grad_hs, grad_c_last, x, wx, weight_ih,
+                            RecurrentProduct(weight_hh, std::nullopt, packed_hh_t),
                             make_norm<scalar_t>(gamma_x, std::nullopt, 0.0, mean_x, invstd_x, G),
                             make_norm<scalar_t>(gamma_h, std::nullopt, 0.0, mean_h, invstd_h, G),
                             make_norm<scalar_t>(gamma_c, std::nullopt, 0.0, mean_c, invstd_c, H), h0, c0, hs, cs,
                             sig, tanh_c, wh, grad_x, grad_weight_ih, grad_bias, grad_weight_hh, grad_h0, grad_c0,
-                            grad_gamma_x, grad_gamma_h, grad_gamma_c, grad_beta_c);
+                            grad_gamma_x, grad_gamma_h, grad_gamma_c, grad_beta_c, dwh_steps);
   });
 }
 
@@ -780,17 +854,19 @@ TORCH_LIBRARY(bnrnn_cpu, m) {
       "Tensor? gamma_x, Tensor? beta_x, Tensor? gamma_h, "
       "Tensor? gamma_c, Tensor? beta_c, Tensor h0, Tensor c0, float eps_x, float eps_h, float eps_c, "
       "Tensor(a!) hs, Tensor(b!) cs, Tensor(c!) sig, Tensor(d!) tanh_c, Tensor(e!)? wh, Tensor(f!)? mean_x, "
-      "Tensor(g!)? invstd_x, Tensor(h!)? mean_h, Tensor(i!)? invstd_h, Tensor(j!)? mean_c, Tensor(k!)? invstd_c) -> ()");
+      "Tensor(g!)? invstd_x, Tensor(h!)? mean_h, Tensor(i!)? invstd_h, Tensor(j!)? mean_c, Tensor(k!)? invstd_c, "
+      "Tensor? packed_hh, Tensor? packed_hh_t) -> ()");
   m.def(
       "recurrence_backward(Tensor grad_hs, Tensor grad_c_last, Tensor x, Tensor? wx, Tensor weight_ih, "
       "Tensor weight_hh, Tensor? gamma_x, Tensor? gamma_h, Tensor? gamma_c, Tensor h0, Tensor c0, Tensor hs, "
       "Tensor cs, Tensor sig, Tensor tanh_c, Tensor? wh, Tensor? mean_x, Tensor? invstd_x, Tensor? mean_h, "
       "Tensor? invstd_h, Tensor? mean_c, Tensor? invstd_c, Tensor(a!)? grad_x, Tensor(b!) grad_weight_ih, "
       "Tensor(c!) grad_bias, Tensor(d!) grad_weight_hh, Tensor(e!) grad_h0, Tensor(f!) grad_c0, "
-      "Tensor(g!)? grad_gamma_x, Tensor(h!)? grad_gamma_h, Tensor(i!)? grad_gamma_c, Tensor(j!)? grad_beta_c) -> ()");
+      "Tensor(g!)? grad_gamma_x, Tensor(h!)? grad_gamma_h, Tensor(i!)? grad_gamma_c, Tensor(j!)? grad_beta_c, "
+      "Tensor? packed_hh_t, Tensor(k!)? dwh_steps) -> ()");
   m.def(
       "population_forward(Tensor xin, Tensor weight_hh, Tensor? h_scale, Tensor? c_scale, Tensor? c_shift, "
-      "Tensor h0, Tensor c0, Tensor(a!) hs, Tensor(b!) c_last) -> ()");
+      "Tensor h0, Tensor c0, Tensor(a!) hs, Tensor(b!) c_last, Tensor? packed_hh) -> ()");
   m.def("activations(Tensor x) -> (Tensor, Tensor)");
 }
 
@@ -799,4 +875,11 @@ TORCH_LIBRARY_IMPL(bnrnn_cpu, CPU, m) {
   m.impl("recurrence_backward", &recurrence_backward);
   m.impl("population_forward", &population_forward);
   m.impl("activations", &activations);
+}
+
+// The packed weights (oneDNN's layout) dispatch as MkldnnCPU tensors: the same kernels.
+TORCH_LIBRARY_IMPL(bnrnn_cpu, MkldnnCPU, m) {
+  m.impl("recurrence_forward", &recurrence_forward);
+  m.impl("recurrence_backward", &recurrence_backward);
+  m.impl("population_forward", &population_forward);
 }
