@@ -273,21 +273,28 @@ def test_pooled_buffers_give_the_same_gradients_step_after_step(cpu_loop):
     expect_compiled(cpu_loop)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("switches", [(True, True, True), (False, False, False)], ids=["bnlstm", "vanilla"])
-def test_large_hidden_size_packed_products(switches, cpu_loop):
-    """H = 256 in float32: where the recurrent products go through W_h packed for oneDNN
-    (fused.PACKED_MIN_HIDDEN) and, in the compiled loop, dW_h is one GEMM over the sequence
-    (cpu_recurrence.WHOLE_SEQUENCE_WEIGHT_GRAD_MIN_HIDDEN): training and folded inference
-    against the reference."""
-    fast, ref = twin_layers(switches, torch.float32, randomised=False, max_steps=4, I=12, H=256)
-    assert fused.packed_weights(fast.weight_hh, 8)[0] is not None  # the path under test
+def test_large_hidden_size(switches, dtype, cpu_loop):
+    """H = 256: in float32 the recurrent products go through W_h packed for oneDNN
+    (fused.PACKED_MIN_HIDDEN; float64 stays on mm), and in the compiled loop dW_h is one GEMM
+    over the sequence (cpu_recurrence.WHOLE_SEQUENCE_WEIGHT_GRAD_MIN_HIDDEN): training and
+    folded inference against the reference."""
+    fast, ref = twin_layers(switches, dtype, randomised=False, max_steps=4, I=12, H=256)
+    packed = fused.packed_weights(fast.weight_hh, 8)[0] is not None
+    assert packed == (dtype == torch.float32)  # the paths under test
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(6, 8, 12, generator=g)
-    state = (torch.randn(8, 256, generator=g), torch.randn(8, 256, generator=g))
-    assert_float32_results(run_with_grads(fast.train(), x, state), run_with_grads(ref.train(), x, state))
-    assert_same_buffers(fast, ref, atol=1e-5)
+    x = torch.randn(6, 8, 12, generator=g, dtype=dtype)
+    state = (torch.randn(8, 256, generator=g, dtype=dtype), torch.randn(8, 256, generator=g, dtype=dtype))
+    run_f, run_r = run_with_grads(fast.train(), x, state), run_with_grads(ref.train(), x, state)
+    if dtype == torch.float32:
+        assert_float32_results(run_f, run_r)
+    else:
+        assert_same_results(run_f, run_r, atol=1e-11, rtol=1e-9)
+    assert_same_buffers(fast, ref, atol=1e-5 if dtype == torch.float32 else 1e-12)
     with torch.no_grad():
         out_f, _ = fast.eval()(x)
         out_r, _ = ref.eval()(x)
-    torch.testing.assert_close(out_f, out_r, atol=1e-5, rtol=1e-5)
+    tol = 1e-5 if dtype == torch.float32 else 1e-11
+    torch.testing.assert_close(out_f, out_r, atol=tol, rtol=tol)
     expect_compiled(cpu_loop, "population_forward" if any(switches) else "run_forward")
