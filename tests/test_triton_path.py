@@ -6,6 +6,8 @@ backward; with a GPU the same tests run the compiled kernels (CUDA graphs are co
 tests/test_cuda.py).
 """
 
+import warnings
+
 import pytest
 import torch
 
@@ -161,3 +163,31 @@ def test_the_path_is_only_taken_where_it_can_run():
         assert not triton_lstm.available(torch.zeros(3, triton_lstm.MAX_BATCH + 1, 2, device="cuda"))
         with torch.autocast("cuda"):
             assert not triton_lstm.available(cpu.cuda())
+
+
+@pytest.mark.parametrize("switches", [(True, True, True), (False, False, False)], ids=["bnlstm", "vanilla"])
+def test_whole_sequence_backward_never_reads_unwritten_gradients(monkeypatch, switches):
+    """The whole-sequence backward's first step (t = T-1) has no step t+1; the gradient
+    buffers it would read there are not written yet. Poisoned with inf, they must not reach
+    any arithmetic: the gradients match the reference, and no product meets an inf (in the
+    interpreter numpy warns "invalid value encountered in matmul" for inf * 0)."""
+    route(monkeypatch, "persistent")
+    monkeypatch.setattr(triton_lstm, "available", lambda x: True)
+    real = triton_sequence.run_backward
+    calls = []
+
+    def poisoned(grad_hs, grad_c_last, p, c0, saved, d_pre, d_wh, *rest):
+        calls.append(1)
+        d_pre.fill_(float("inf"))
+        d_wh.fill_(float("inf"))
+        return real(grad_hs, grad_c_last, p, c0, saved, d_pre, d_wh, *rest)
+
+    monkeypatch.setattr(triton_sequence, "run_backward", poisoned)
+    fast, ref = on_device(*twin_layers(switches, torch.float64, randomised=True, seed=2))
+    x = torch.randn(7, 5, 3, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        run_f = run_with_grads(fast.train(), x.to(DEVICE))
+    assert calls == [1]
+    tight = dict(atol=1e-11, rtol=1e-9) if DEVICE == "cpu" else dict(atol=1e-8, rtol=1e-6)  # see above
+    assert_same_results(run_f, run_with_grads(ref.train(), x.to(DEVICE)), **tight)

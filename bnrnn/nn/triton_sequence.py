@@ -227,13 +227,13 @@ if triton is not None:
         programs = tl.num_programs(0)
         for t in range(T - 1, -1, -1):
             # dL/dh_t: the loss's own gradient plus step t+1's dL/d(W_h h_t) (every program's) W_h.
-            # (Masked at t = T-1, where d_wh[T-1] is not written yet: uninitialised memory
-            # could hold NaN, which the product would carry even though it is discarded.)
+            # At t = T-1 there is no step t+1: d_wh[T-1] is not written yet, and its
+            # uninitialised values (inf or NaN, possibly) are zeroed before the product.
             following = d_wh + tl.minimum(t + 1, T - 1) * B * G
-            d_next = tl.load(following + d_offsets, mask=d_ok & (t < T - 1), other=0.0, cache_modifier=".cg")
+            d_next = tl.load(following + d_offsets, mask=d_ok, other=0.0, cache_modifier=".cg")
+            d_next = tl.where(t < T - 1, d_next, 0.0)
             through_next = tl.dot(d_next, w, input_precision=DOT)
-            grad_h = (tl.load(grad_hs + t * B * H + cell, mask=cell_ok, other=0.0)
-                      + tl.where(t < T - 1, through_next, 0.0))
+            grad_h = tl.load(grad_hs + t * B * H + cell, mask=cell_ok, other=0.0) + through_next
             prev = tl.maximum(t - 1, 0) * B * H
             c_prev = (tl.load(cs + prev + cell, mask=cell_ok & (t > 0), other=0.0)
                       + tl.load(c0 + cell, mask=cell_ok & (t == 0), other=0.0))
