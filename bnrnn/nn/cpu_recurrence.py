@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from bnrnn.nn.fused import PACKED_MIN_HIDDEN, STATISTICS, Norms, packed_weights, project_input, statistics_buffers
+from bnrnn.nn.fused import PACKED_MIN_HIDDEN, STATISTICS, Norms, packed_weight, project_input, statistics_buffers
 from bnrnn.nn.workspace import WORKSPACE
 
 
@@ -64,12 +64,11 @@ def run_forward(x, weight_ih, bias, weight_hh, gamma_x, gamma_h, gamma_c, beta_c
     tanh_c = WORKSPACE.empty((T, B, H), x)
     wh = WORKSPACE.empty((T, B, G), x) if gamma_h is not None else None
     stats = statistics_buffers(T, G, x, n)
-    packed_hh, packed_hh_t = packed_weights(weight_hh, B)
     torch.ops.bnrnn_cpu.recurrence_forward(
         x, weight_ih.contiguous(), input_bias, wx, weight_hh.contiguous(), n.gamma_x, n.beta_x, n.gamma_h,
         n.gamma_c, n.beta_c, h0.contiguous(), c0.contiguous(), n.eps_x, n.eps_h, n.eps_c, hs, cs, sig, tanh_c, wh,
-        *(stats.get(k) for k in STATISTICS), packed_hh, packed_hh_t)
-    stats.update(sig=sig, tanh_c=tanh_c, wh=wh, wx=wx, packed_hh_t=packed_hh_t)
+        *(stats.get(k) for k in STATISTICS), packed_weight(weight_hh, B))
+    stats.update(sig=sig, tanh_c=tanh_c, wh=wh, wx=wx)
     return hs, cs, stats
 
 
@@ -83,7 +82,7 @@ def population_forward(xin, weight_hh, h_scale, c_scale, c_shift, h0, c0):
     torch.ops.bnrnn_cpu.population_forward(
         xin.contiguous(), weight_hh.contiguous(), *(None if t is None else t.contiguous() for t in
                                                     (h_scale, c_scale, c_shift)),
-        h0.contiguous(), c0.contiguous(), hs, c_last, packed_weights(weight_hh, B)[0])
+        h0.contiguous(), c0.contiguous(), hs, c_last, packed_weight(weight_hh, B))
     return hs, c_last
 
 
@@ -122,7 +121,7 @@ class CompiledLSTMRecurrence(torch.autograd.Function):
             grad_hs.contiguous(), grad_c_last.contiguous(), x, saved["wx"], weight_ih.contiguous(),
             weight_hh.contiguous(), gamma_x, gamma_h, gamma_c, h0, c0, hs, cs, saved["sig"], saved["tanh_c"], saved["wh"],
             *(saved.get(k) for k in STATISTICS), grad_x, grad_weight_ih, grad_bias, grad_weight_hh, grad_h0, grad_c0,
-            *norm_grads, saved["packed_hh_t"], dwh_steps)
+            *norm_grads, packed_weight(weight_hh, B, transposed=True), dwh_steps)
         grad_gamma_x, grad_gamma_h, grad_gamma_c, grad_beta_c = norm_grads
         return (grad_x, grad_weight_ih, grad_bias, grad_weight_hh, grad_gamma_x, grad_gamma_h, grad_gamma_c,
                 grad_beta_c, grad_h0, grad_c0, None, None)

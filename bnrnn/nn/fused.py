@@ -49,16 +49,15 @@ def split_gates(buffer: torch.Tensor, hidden: int) -> list[list[torch.Tensor]]:
 PACKED_MIN_HIDDEN = 256
 
 
-def packed_weights(weight: torch.Tensor, batch: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """W (4H, H) and W^T packed for oneDNN's linear op at this batch size (the weights of
-    ``h W^T`` and ``g W``), or (None, None) where packing does not pay: not a float32 CPU
-    weight, a hidden size below PACKED_MIN_HIDDEN, or no oneDNN."""
+def packed_weight(weight: torch.Tensor, batch: int, transposed: bool = False) -> torch.Tensor | None:
+    """W = weight (4H, H), or W^T, packed for oneDNN's linear op at this batch size (the
+    weight of ``h W^T``, or of ``g W``), or None where packing does not pay: not a float32
+    CPU weight, a hidden size below PACKED_MIN_HIDDEN, or no oneDNN."""
     if not (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.shape[1] >= PACKED_MIN_HIDDEN
             and torch.backends.mkldnn.is_available()):
-        return None, None
+        return None
     w = weight.detach()
-    reorder = torch.ops.mkldnn._reorder_linear_weight
-    return reorder(w, batch), reorder(w.t().contiguous(), batch)
+    return torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous() if transposed else w, batch)
 
 
 class RecurrentProduct:
@@ -74,7 +73,8 @@ class RecurrentProduct:
     def __init__(self, weight: torch.Tensor, batch: int) -> None:
         self.weight = weight
         self.weight_t = weight.t()
-        self.packed_w, self.packed_w_t = packed_weights(weight, batch)
+        self.packed_w = packed_weight(weight, batch)
+        self.packed_w_t = packed_weight(weight, batch, transposed=True)
         self.packed = self.packed_w is not None
 
     def forward(self, h: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:

@@ -11,7 +11,13 @@
 // over the OpenMP threads as well (at::parallel_for, ~9 regions a step) gained ~8% while
 // those threads spin between regions, but once the process had used oneDNN (a packed
 // weight, torch.nn.LSTM) libgomp put them to sleep between regions and the step took twice
-// as long; single-threaded loops cost the same in both states.
+// as long; single-threaded loops cost the same in both states. At hidden 1000 (PTB) the
+// rows split over the threads did not gain either (measured: 1.00x).
+//
+// What else was measured and left out: streaming the saved buffers with non-temporal stores
+// from cache-resident step buffers (no gain: the copies cost what the avoided reads saved);
+// software prefetch of step t-1's saved rows before step t's GEMMs (0-2%, within noise);
+// computing dgates rows inside the norms' first pass (2-3%, within noise).
 //
 // Layout: every (B, F) matrix is row-major and contiguous; gates are [i, f, g, o] blocks of
 // H columns each (G = 4H). A norm that is off is the identity map (scale 1, shift 0), so one
@@ -611,8 +617,7 @@ void recurrence_forward(const Tensor& x, const Tensor& weight_ih, const OptTenso
                         const Tensor& c0, double eps_x, double eps_h, double eps_c, const Tensor& hs, const Tensor& cs,
                         const Tensor& sig, const Tensor& tanh_c, const OptTensor& wh, const OptTensor& mean_x,
                         const OptTensor& invstd_x, const OptTensor& mean_h, const OptTensor& invstd_h,
-                        const OptTensor& mean_c, const OptTensor& invstd_c, const OptTensor& packed_hh,
-                        const OptTensor& packed_hh_t) {
+                        const OptTensor& mean_c, const OptTensor& invstd_c, const OptTensor& packed_hh) {
   check_cpu_contiguous({{&x, "x"}, {&weight_hh, "weight_hh"}, {&h0, "h0"}, {&c0, "c0"}, {&hs, "hs"}, {&cs, "cs"},
                         {&sig, "sig"}, {&tanh_c, "tanh_c"}});
   if (wx.has_value()) check_cpu_contiguous({{&*wx, "wx"}});
@@ -622,7 +627,8 @@ void recurrence_forward(const Tensor& x, const Tensor& weight_ih, const OptTenso
     std::optional<NarrowInput<scalar_t>> narrow;
     if (!wx.has_value()) narrow.emplace(x, weight_ih, input_bias);
     forward_loop<scalar_t>(data_or_null<scalar_t>(wx), narrow ? &*narrow : nullptr,
-                           RecurrentProduct(weight_hh, packed_hh, packed_hh_t), make_norm<scalar_t>(gamma_x, beta_x, eps_x, mean_x, invstd_x, G),
+                           RecurrentProduct(weight_hh, packed_hh, std::nullopt),
+                           make_norm<scalar_t>(gamma_x, beta_x, eps_x, mean_x, invstd_x, G),
                            make_norm<scalar_t>(gamma_h, std::nullopt, eps_h, mean_h, invstd_h, G),
                            make_norm<scalar_t>(gamma_c, beta_c, eps_c, mean_c, invstd_c, H), h0, c0, hs, cs, sig,
                            tanh_c, wh);
@@ -855,7 +861,7 @@ TORCH_LIBRARY(bnrnn_cpu, m) {
       "Tensor? gamma_c, Tensor? beta_c, Tensor h0, Tensor c0, float eps_x, float eps_h, float eps_c, "
       "Tensor(a!) hs, Tensor(b!) cs, Tensor(c!) sig, Tensor(d!) tanh_c, Tensor(e!)? wh, Tensor(f!)? mean_x, "
       "Tensor(g!)? invstd_x, Tensor(h!)? mean_h, Tensor(i!)? invstd_h, Tensor(j!)? mean_c, Tensor(k!)? invstd_c, "
-      "Tensor? packed_hh, Tensor? packed_hh_t) -> ()");
+      "Tensor? packed_hh) -> ()");
   m.def(
       "recurrence_backward(Tensor grad_hs, Tensor grad_c_last, Tensor x, Tensor? wx, Tensor weight_ih, "
       "Tensor weight_hh, Tensor? gamma_x, Tensor? gamma_h, Tensor? gamma_c, Tensor h0, Tensor c0, Tensor hs, "
