@@ -17,7 +17,9 @@
 // What else was measured and left out: streaming the saved buffers with non-temporal stores
 // from cache-resident step buffers (no gain: the copies cost what the avoided reads saved);
 // software prefetch of step t-1's saved rows before step t's GEMMs (0-2%, within noise);
-// computing dgates rows inside the norms' first pass (2-3%, within noise).
+// computing dgates rows inside the norms' first pass (2-3%, within noise); the norms' column
+// sums with their accumulators in vector registers (1.00x: that pass waits on W_h h's saved
+// rows coming from memory, not on its loads and stores of accumulators).
 //
 // Layout: every (B, F) matrix is row-major and contiguous; gates are [i, f, g, o] blocks of
 // H columns each (G = 4H). A norm that is off is the identity map (scale 1, shift 0), so one
