@@ -4,7 +4,9 @@ The same function as :class:`~bnrnn.nn.fused.FusedLSTMRecurrence` (the ATen loop
 input projection inside: the Function takes x and W_x, so that its backward accumulates
 dW_x, dW_h and db step by step, from one step's gradients still in cache, instead of
 writing (T, B, 4H) gradient buffers (80 MB each at seqMNIST) and reading them back for one
-large GEMM each.
+large GEMM each. From hidden size 256 (PTB's 1000) the balance turns: the recurrent products
+use W_h packed for oneDNN, and dW_h is one GEMM over the sequence
+(WHOLE_SEQUENCE_WEIGHT_GRAD_MIN_HIDDEN).
 
 Buffers (all from the :mod:`~bnrnn.nn.workspace` pool):
     wx (T, B, 4H): W_x x (+ b when x is not normalised), for inputs wider than
