@@ -2,7 +2,8 @@
 
 Everything is measured side by side in one process: the models are timed round-robin (one
 step of each in turn, repeated), so a slower or busier machine shifts all of them alike and
-the printed *ratios* are what to compare across machines. A training step is the layer's
+the printed *ratios* are what to compare across machines. Each ratio is the median over
+rounds of the two models' times within one round; the times are the medians. A training step is the layer's
 forward and backward over a whole (T, B, I) batch with a fixed random projection of every
 output as the loss: the part of a step that differs between the models.
 
@@ -71,6 +72,8 @@ MODELS = {
     "BN-LSTM": {},
     "BN-LSTM reference": dict(fused=False),
 }
+# The rows the training table's ratio columns are relative to.
+BASES = ("nn.LSTM", "ours vanilla")
 # On a GPU, also the fast path's parts: the Triton kernels launched step by step (no CUDA
 # graphs), and the CPU fast path's ATen loop.
 GPU_VARIANTS = {
@@ -126,8 +129,10 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_round_robin(steps: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int) -> dict[str, float]:
-    """Median seconds of each callable, run in turn ``repeats`` times after ``warmup`` rounds."""
+def time_round_robin(steps: dict[str, Callable[[], object]], device: torch.device, warmup: int,
+                     repeats: int) -> dict[str, list[float]]:
+    """Seconds of each callable in each of ``repeats`` rounds (after ``warmup`` untimed ones),
+    every round running each callable once in turn: {name: [round 0, round 1, ...]}."""
     samples: dict[str, list[float]] = {name: [] for name in steps}
     for round_ in range(warmup + repeats):
         for name, step in steps.items():
@@ -137,7 +142,21 @@ def time_round_robin(steps: dict[str, Callable[[], object]], device: torch.devic
             synchronize(device)
             if round_ >= warmup:
                 samples[name].append(time.perf_counter() - start)
+    return samples
+
+
+def medians(samples: dict[str, list[float]]) -> dict[str, float]:
     return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def paired_ratios(samples: dict[str, list[float]], bases: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """{name: {base: ratio}}: the median over rounds of name's time over base's time in the
+    same round, for each base timed in the same rounds. Models in one round see the same
+    machine state, so the per-round ratio cancels the slow swings of a shared VM (up to 2x
+    within minutes here) that a ratio of two medians taken over different moments keeps."""
+    return {name: {base: statistics.median(a / b for a, b in zip(times, samples[base]))
+                   for base in bases if base in samples}
+            for name, times in samples.items()}
 
 
 # -- numerics -----------------------------------------------------------------------------------
@@ -314,8 +333,9 @@ def bench_shape(shape: Shape, models: list[str], device: torch.device, warmup: i
     # gigabyte of per-step allocations, freed between turns, slowed whichever model ran next
     # by up to 2x in a shared round.
     reference = {name: steps.pop(name) for name in list(steps) if "reference" in name}
-    train = time_round_robin(steps, device, warmup, repeats)
-    train.update(time_round_robin(reference, device, warmup, repeats))
+    samples = time_round_robin(steps, device, warmup, repeats)
+    train, ratios = medians(samples), paired_ratios(samples, BASES)
+    train.update(medians(time_round_robin(reference, device, warmup, repeats)))
     # Inference with population statistics: folded fast path, unfolded reference, nn.LSTM.
     infer_layers = {"nn.LSTM": layers.get("nn.LSTM") or build("nn.LSTM", shape, device)}
     folded = build("BN-LSTM", shape, device).eval()
@@ -328,9 +348,20 @@ def bench_shape(shape: Shape, models: list[str], device: torch.device, warmup: i
         with torch.no_grad():
             layer(x)
 
-    inference = time_round_robin({name: (lambda l=layer: infer(l)) for name, layer in infer_layers.items()},
-                                 device, warmup, repeats)
-    return {"shape": shape.__dict__, "train_s": train, "inference_s": inference, "peak_mb": {}}
+    samples = time_round_robin({name: (lambda l=layer: infer(l)) for name, layer in infer_layers.items()},
+                               device, warmup, repeats)
+    return {"shape": shape.__dict__, "train_s": train, "train_ratios": ratios, "inference_s": medians(samples),
+            "inference_ratios": paired_ratios(samples, ("nn.LSTM", "BN-LSTM unfolded")), "peak_mb": {}}
+
+
+def ratio_text(result: dict, kind: str, name: str, base: str) -> str:
+    """name's time relative to base's, as printed: the paired per-round ratio where both ran
+    in the same rounds, else (the reference, timed in rounds of its own) the ratio of medians."""
+    paired = result.get(f"{kind}_ratios", {}).get(name, {})
+    if base in paired:
+        return f"{paired[base]:.2f}"
+    times = result[f"{kind}_s"]
+    return f"{times[name] / times[base]:.2f}" if times.get(base) else "-"
 
 
 def format_report(results: list[dict], checks: list[tuple[str, str, float, float]], header: str) -> str:
@@ -338,20 +369,17 @@ def format_report(results: list[dict], checks: list[tuple[str, str, float, float
     lines += ["| shape | model | train step (ms) | / nn.LSTM | / ours vanilla | peak memory (MB) |",
               "|---|---|---:|---:|---:|---:|"]
     for r in results:
-        train = r["train_s"]
-        base, vanilla = train.get("nn.LSTM"), train.get("ours vanilla")
-        for name, seconds in train.items():
-            ratio = f"{seconds / base:.2f}" if base else "-"
-            ratio_v = f"{seconds / vanilla:.2f}" if vanilla else "-"
+        for name, seconds in r["train_s"].items():
+            ratios = " | ".join(ratio_text(r, "train", name, base) for base in BASES)
             peak = r["peak_mb"].get(name)
             peak_text = f"{peak:.0f}" if peak is not None else "n/a"
-            lines.append(f"| {r['shape']['name']} | {name} | {seconds * 1e3:.1f} | {ratio} | {ratio_v} | {peak_text} |")
+            lines.append(f"| {r['shape']['name']} | {name} | {seconds * 1e3:.1f} | {ratios} | {peak_text} |")
     lines += ["", "| shape | inference, no grad | time (ms) | / nn.LSTM | / unfolded |", "|---|---|---:|---:|---:|"]
     for r in results:
         inf = r["inference_s"]
         for name, seconds in inf.items():
-            lines.append(f"| {r['shape']['name']} | {name} | {seconds * 1e3:.1f} | {seconds / inf['nn.LSTM']:.2f} | "
-                         f"{seconds / inf['BN-LSTM unfolded']:.2f} |")
+            ratios = " | ".join(ratio_text(r, "inference", name, base) for base in ("nn.LSTM", "BN-LSTM unfolded"))
+            lines.append(f"| {r['shape']['name']} | {name} | {seconds * 1e3:.1f} | {ratios} |")
     lines += ["", "numerics (max |fast - reference| / max |reference|):"]
     for shape, what, err, tolerance in checks:
         lines.append(f"  {'ok  ' if err <= tolerance else 'FAIL'} {shape}: {what}: {err:.2e} (tolerance {tolerance:g})")
@@ -387,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         where = f"CPU, {torch.get_num_threads()} threads, {allocator}"
     header = (f"bnrnn bench: torch {torch.__version__}, {where}; forward + backward per training step, "
               f"median of {args.repeats} after {args.warmup} warm-up, models timed round-robin "
-              "(the reference in a round of its own)")
+              "(the reference in a round of its own); ratios: the median of the per-round ratios")
     print(header, flush=True)
     checks, results = [], []
     # Each shape is checked and timed before the next one's models run: at PTB's size the

@@ -56,3 +56,18 @@ def test_cpu_peak_memory_grows_with_the_sequence_length():
 def test_custom_shape_parsing():
     assert bench.parse_shape("ptb") == bench.SHAPES["ptb"]
     assert bench.parse_shape("5,2,3,4") == bench.Shape("5,2,3,4", 5, 2, 3, 4)
+
+
+def test_ratios_pair_the_models_within_each_round():
+    """The machine turns 3x slower in round 2, between nn.LSTM's turn and ours, and stays
+    slow: every round but that one shows our true 1.2x, so the median per-round ratio is 1.2,
+    where the ratio of the medians (3.6 / 1.0) would report 3.6x."""
+    samples = {"nn.LSTM": [1.0, 1.0, 1.0, 3.0, 3.0], "ours vanilla": [1.2, 1.2, 3.6, 3.6, 3.6]}
+    assert bench.medians(samples)["ours vanilla"] / bench.medians(samples)["nn.LSTM"] == pytest.approx(3.6)
+    ratios = bench.paired_ratios(samples, bench.BASES)
+    assert ratios["ours vanilla"] == pytest.approx({"nn.LSTM": 1.2, "ours vanilla": 1.0})
+    assert ratios["nn.LSTM"]["ours vanilla"] == pytest.approx(1 / 1.2)
+    result = {"train_s": {**bench.medians(samples), "reference": 5.0}, "train_ratios": ratios}
+    assert bench.ratio_text(result, "train", "ours vanilla", "nn.LSTM") == "1.20"
+    # A row timed in rounds of its own (the reference) falls back to the ratio of medians.
+    assert bench.ratio_text(result, "train", "reference", "nn.LSTM") == "5.00"
