@@ -444,9 +444,7 @@ struct NarrowInput {
       double m = 0.0, var = 0.0;
       for (int64_t i = 0; i < I; ++i) {
         m += wf[i] * mu[i];
-        double cw = 0.0;
-        for (int64_t j = 0; j < I; ++j) cw += cov[i * I + j] * wf[j];
-        var += wf[i] * cw;
+        var += wf[i] * cov_times(i, wf);
       }
       const double is = 1.0 / std::sqrt(std::max(var, 0.0) + nx.eps);
       const double scale = nx.gamma[f] * is;
@@ -457,6 +455,12 @@ struct NarrowInput {
     }
   }
   const double* w_row(int64_t f) const { return w.data() + f * I; }
+  // (C w)_i for a row w of W_x, with this step's covariance C
+  double cov_times(int64_t i, const double* w_f) const {
+    double sum = 0.0;
+    for (int64_t j = 0; j < I; ++j) sum += cov[i * I + j] * w_f[j];
+    return sum;
+  }
 
   int64_t B, I, G;
   const T* x;
@@ -498,7 +502,6 @@ struct NarrowInputGradient {
     }
     in.moments(t);  // this step's mu and cov, recomputed as the forward computed them
     const std::vector<double>& mu = in.mu;
-    const std::vector<double>& cov = in.cov;
     const T* invstd = nx.invstd_at(t);
     coef.resize(G);
     proj.resize(G);
@@ -511,10 +514,8 @@ struct NarrowInputGradient {
       coef[f] = nx.gamma[f] * static_cast<double>(invstd[f]);
       proj[f] = sum_dy_xhat / static_cast<double>(B) * invstd[f];
       for (int64_t i = 0; i < I; ++i) {
-        double cw = 0.0;
-        for (int64_t j = 0; j < I; ++j) cw += cov[i * I + j] * wf[j];
         d_weight[f * I + i] +=
-            coef[f] * (D[i * G + f] - sum_dy[f] * mu[i] - proj[f] * static_cast<double>(B) * cw);
+            coef[f] * (D[i * G + f] - sum_dy[f] * mu[i] - proj[f] * static_cast<double>(B) * in.cov_times(i, wf));
       }
     }
     if (grad_x_t) input_gradient(dy, coef.data(), proj.data(), sum_dy, grad_x_t);
