@@ -87,8 +87,8 @@ CPU_VARIANTS = {
 }
 
 
-def variants(device: torch.device, shape: Shape) -> dict[str, dict]:
-    """The extra rows timed (and checked) on this device at this shape."""
+def variants(device: torch.device) -> dict[str, dict]:
+    """The extra rows timed (and checked) on this device."""
     if device.type == "cuda":
         return GPU_VARIANTS
     return CPU_VARIANTS
@@ -107,7 +107,7 @@ def parse_shape(text: str) -> Shape:
 
 def build(model: str, shape: Shape, device: torch.device, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    options = {**MODELS, **variants(device, shape)}[model]
+    options = {**MODELS, **variants(device)}[model]
     if options is None:
         return nn.LSTM(shape.I, shape.H).to(device)
     # h0_noise 0: the timed work is the same, and the numerics check needs determinism.
@@ -216,7 +216,7 @@ def numerics_check(shape: Shape, device: torch.device) -> list[tuple[str, float,
                 relative_error(ours.weight_ih.grad, torch_lstm.weight_ih_l0.grad))
     results.append(("ours vanilla vs nn.LSTM (output, weight grads)", worst, TORCH_TOLERANCE))
     # The fast paths (float32) against the step-by-step reference in float64.
-    for model in ("ours vanilla", "BN-input", *(m for m in variants(device, shape) if "no graphs" not in m), "BN-LSTM"):
+    for model in ("ours vanilla", "BN-input", *(m for m in variants(device) if "no graphs" not in m), "BN-LSTM"):
         fast = build(model, shape, device).train()
         ref = copy.deepcopy(fast).double()
         ref.fused = False
@@ -425,12 +425,12 @@ def main(argv: list[str] | None = None) -> int:
         for what, err, tolerance in numerics_check(shape, device):
             checks.append((shape.name, what, err, tolerance))
         print(f"timing {shape} ...", flush=True)
-        results.append(bench_shape(shape, models + list(variants(device, shape)), device, args.warmup, args.repeats))
+        results.append(bench_shape(shape, models + list(variants(device)), device, args.warmup, args.repeats))
     if not args.no_memory:
         # After every timing: measuring CPU memory changes the allocator's settings.
         for shape, result in zip(shapes, results):
             result["peak_mb"] = {name: peak_memory_mb(name, shape, device)
-                                 for name in models + list(variants(device, shape))}
+                                 for name in models + list(variants(device))}
     print(format_report(results, checks, ""), flush=True)
     if args.json:
         with open(args.json, "w") as f:
