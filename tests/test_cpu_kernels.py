@@ -163,6 +163,19 @@ def test_build_targets_this_cpu_under_a_name_of_its_own():
     assert "-O3" in flags
 
 
+def test_openmp_where_torch_runs_its_threads_on_it(monkeypatch):
+    """-fopenmp (the backward's loops beside its GEMMs, on torch's OpenMP threads) on Linux
+    when torch's parallel backend is OpenMP, and nowhere else."""
+    monkeypatch.setattr(cpu_kernels.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(torch.__config__, "parallel_info", lambda: "ATen parallel backend: OpenMP")
+    assert cpu_kernels.openmp_flags() == ["-fopenmp"]
+    monkeypatch.setattr(torch.__config__, "parallel_info", lambda: "OpenMP 201511\nATen parallel backend: native thread pool")
+    assert cpu_kernels.openmp_flags() == []
+    monkeypatch.setattr(cpu_kernels.platform, "system", lambda: "Darwin")
+    monkeypatch.setattr(torch.__config__, "parallel_info", lambda: "ATen parallel backend: OpenMP")
+    assert cpu_kernels.openmp_flags() == []
+
+
 def test_eligibility():
     require_compiled_cpu_loop()
     x = torch.randn(3, 2, 4)

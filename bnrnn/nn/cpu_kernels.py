@@ -54,6 +54,17 @@ def cpu_fingerprint() -> str | None:
     return hashlib.sha1(key.encode()).hexdigest()[:10]
 
 
+def openmp_flags() -> list[str]:
+    """``-fopenmp`` where torch runs its threads on OpenMP with GCC's runtime (Linux): the
+    backward then runs a step's loops on one of torch's threads and the previous step's
+    weight-gradient GEMMs on another (``beside`` in the source). The extension then
+    links libgomp.so.1, the one torch loaded, so both share one pool of threads. Elsewhere
+    the two run one after the other (same results)."""
+    if platform.system() == "Linux" and "parallel backend: OpenMP" in torch.__config__.parallel_info():
+        return ["-fopenmp"]
+    return []
+
+
 def build_options() -> tuple[str, list[str]]:
     """(extension name, compiler flags) for this machine."""
     fingerprint = cpu_fingerprint()
@@ -92,13 +103,18 @@ def load() -> bool:
             cpp_extension = import_cpp_extension()
             log.info("bnrnn: loading the compiled CPU recurrence (the first build takes under a minute)")
             name, flags = build_options()
-            cpp_extension.load(
-                name=name,
-                sources=[str(SOURCE)],
-                extra_cflags=flags,
-                is_python_module=False,
-                verbose=False,
-            )
+
+            def build(openmp: list[str]) -> None:
+                cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=flags + openmp,
+                                   extra_ldflags=openmp, is_python_module=False, verbose=False)
+
+            try:
+                build(openmp_flags())
+            except Exception:  # a compiler without OpenMP: the same loops, GEMMs after them
+                if not openmp_flags():
+                    raise
+                log.info("bnrnn: building the compiled CPU recurrence without OpenMP")
+                build([])
             _loaded = hasattr(torch.ops.bnrnn_cpu, "recurrence_forward")
             if not _loaded:
                 _failure = "the built library registered no ops"

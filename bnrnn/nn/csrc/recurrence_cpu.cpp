@@ -12,7 +12,11 @@
 // those threads spin between regions, but once the process had used oneDNN (a packed
 // weight, torch.nn.LSTM) libgomp put them to sleep between regions and the step took twice
 // as long; single-threaded loops cost the same in both states. At hidden 1000 (PTB) the
-// rows split over the threads did not gain either (measured: 1.00x).
+// rows split over the threads did not gain either (measured: 1.00x). What does pay is
+// running the backward's loops for step t beside the weight-gradient GEMMs of step t + 1,
+// which the recurrence does not wait for (beside()): one region a step, where the GEMM had
+// its own. Measured at seqMNIST on 2 threads, interleaved in one process: the backward 0.83-
+// 0.86x (BN-LSTM) and 0.90x (vanilla), also after torch.nn.LSTM ran; at PTB 0.97x.
 //
 // What else was measured and left out: streaming the saved buffers with non-temporal stores
 // from cache-resident step buffers (no gain: the copies cost what the avoided reads saved);
@@ -30,11 +34,14 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -694,7 +701,45 @@ void population_forward(const Tensor& xin, const Tensor& weight_hh, const OptTen
 
 // ---- backward ------------------------------------------------------------------------------
 
-// Writes a gradient summed over time (double accumulators) into its output, if any.
+// The gradients of one backward step (B, 4H) each: dL/d(pre-activations), dL/d(W_h h_{t-1})
+// and dL/d(W_x x_t); dwh and dax are dgates itself where their norm is off.
+struct StepGradients {
+  Tensor dgates, dwh, dax;
+};
+
+// Runs first() on one of torch's threads and second(part, parts), for part = 0 .. parts - 1,
+// on each of the others, all at the same time (one after the other, parts = 1, with one
+// thread). The backward runs a step's loops beside the previous step's weight-gradient GEMMs,
+// which nothing on the recurrence's path waits for: otherwise the other threads idle through
+// the loops, and the loops wait through the GEMMs. One parallel region a step, as many as
+// the GEMM's own it replaces (see the header on regions); inside it torch's ops, and MKL's
+// GEMM, run single-threaded on the calling thread.
+template <typename First, typename Second>
+void beside(First&& first, Second&& second) {
+#ifdef _OPENMP
+  const int64_t threads = at::get_num_threads();
+#else
+  const int64_t threads = 1;  // at::parallel_for's region is OpenMP, compiled in here
+#endif
+  if (threads < 2) {
+    first();
+    second(0, 1);
+    return;
+  }
+  // The caller's thread-local state (grad mode off in a backward, dispatch keys) for the
+  // torch ops on the other threads.
+  const at::ThreadLocalState state;
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard guard(state);
+    for (int64_t k = begin; k < end; ++k) {
+      if (k == 0)
+        first();
+      else
+        second(k - 1, threads - 1);
+    }
+  });
+}
+
 template <typename T>
 void store(const std::vector<double>& total, const OptTensor& out) {
   if (!out.has_value()) return;
@@ -712,20 +757,27 @@ void backward_loop(const Tensor& grad_hs, const Tensor& grad_c_last, const Tenso
                    const OptTensor& grad_gamma_h, const OptTensor& grad_gamma_c, const OptTensor& grad_beta_c,
                    const OptTensor& dwh_steps) {
   const int64_t steps = cs.size(0), B = cs.size(1), H = cs.size(2), G = 4 * H;
-  // One step's gradients, reused: dL/d(pre-activations) and, behind BN_h and BN_x,
-  // dL/d(W_h h_{t-1}) and dL/d(W_x x_t). The weight gradients accumulate step by step from
-  // them while they are in cache (no (T, B, 4H) buffer to write and read back), except with
-  // dwh_steps (T, B, G) given: dL/d(W_h h_{t-1}) of every step goes there and dW_h is one
-  // GEMM over the sequence at the end, which at a large hidden size runs faster than T
-  // small-batch ones (PTB: 280 against 330 ms).
-  const Tensor dgates_step = at::empty({B, G}, cs.options());
-  const Tensor dwh_step = nh.on() ? at::empty({B, G}, cs.options()) : dgates_step;
+  // One step's gradients: dL/d(pre-activations) and, behind BN_h and BN_x, dL/d(W_h h_{t-1})
+  // and dL/d(W_x x_t). The weight gradients accumulate step by step from them while they are
+  // in cache (no (T, B, 4H) buffer to write and read back), on the second thread while the
+  // first works through the next step (see beside): hence two of each, step t's in
+  // slot t % 2. With dwh_steps (T, B, G) given, dL/d(W_h h_{t-1}) of every step goes there
+  // instead and dW_h is one GEMM over the sequence at the end, which at a large hidden size
+  // runs faster than T small-batch ones (PTB: 280 against 330 ms).
+  const auto step_buffers = [&](bool needed) {
+    std::array<Tensor, 2> slots;
+    if (needed)
+      for (Tensor& slot : slots) slot = at::empty({B, G}, cs.options());
+    return slots;
+  };
+  const std::array<Tensor, 2> dgates_slots = step_buffers(nh.on() || !dwh_steps.has_value());
+  const std::array<Tensor, 2> dwh_slots = step_buffers(nh.on() && !dwh_steps.has_value());
   const T* wide = data_or_null<T>(wx);
+  const std::array<Tensor, 2> dax_slots = step_buffers(nx.on() && wide);
   std::optional<NarrowInput<T>> narrow;  // without wx (b is BN_x's beta here, not needed)
   if (!wide) narrow.emplace(x, weight_ih, std::nullopt);
   std::optional<NarrowInputGradient<T>> narrow_grad;
   if (narrow) narrow_grad.emplace(*narrow);
-  const Tensor dax_step = nx.on() && wide ? at::empty({B, G}, cs.options()) : Tensor();
   Tensor gw_hh = grad_weight_hh, gw_ih = grad_weight_ih;  // handles on the outputs, for addmm_out
   gw_hh.zero_();
   gw_ih.zero_();
@@ -735,11 +787,37 @@ void backward_loop(const Tensor& grad_hs, const Tensor& grad_c_last, const Tenso
   std::vector<T> dcn(B * H), dc_buffer(B * H), sum_dy(G), sum_dcn(H);
   NormBackward<T> bx(G), bh(G), bc(H);
   std::vector<double> d_bias(G, 0.0), d_beta_c(H, 0.0);
-  for (int64_t t = steps - 1; t >= 0; --t) {
-    const Tensor dwh = dwh_steps.has_value() ? (*dwh_steps)[t] : dwh_step;
-    const Tensor dgates = nh.on() ? dgates_step : dwh;  // without BN_h, dL/d(W_h h) = dgates
-    const Tensor dax = dax_step.defined() ? dax_step : dgates;
-    T* dg = dgates.data_ptr<T>();
+  const auto gradients_of_step = [&](int64_t t) {
+    StepGradients g;
+    g.dwh = dwh_steps.has_value() ? (*dwh_steps)[t] : nh.on() ? dwh_slots[t % 2] : dgates_slots[t % 2];
+    g.dgates = nh.on() ? dgates_slots[t % 2] : g.dwh;  // without BN_h, dL/d(W_h h) = dgates
+    g.dax = nx.on() && wide ? dax_slots[t % 2] : g.dgates;
+    return g;
+  };
+  // The GEMMs of step t's weight gradients, off the recurrence's critical path:
+  // dW_h += dwh^T h_{t-1} (step by step), and for a wide input dW_x += dax^T x_t, dL/dx_t =
+  // dax W_x (a narrow input's come from NarrowInputGradient).
+  const bool per_step_gemms = !dwh_steps.has_value() || wide;
+  // Part `part` of `parts`: a block of the weight gradients' rows, and of dL/dx_t's.
+  const auto weight_gradients = [&](int64_t t, const StepGradients& g, int64_t part, int64_t parts) {
+    const int64_t r0 = G * part / parts, rows = G * (part + 1) / parts - r0;
+    if (!dwh_steps.has_value()) {
+      Tensor block = gw_hh.narrow(0, r0, rows);
+      at::addmm_out(block, block, g.dwh.narrow(1, r0, rows).t(), t > 0 ? hs[t - 1] : h0);
+    }
+    if (wide) {
+      Tensor block = gw_ih.narrow(0, r0, rows);
+      at::addmm_out(block, block, g.dax.narrow(1, r0, rows).t(), x[t]);
+      if (grad_x.has_value()) {
+        const int64_t b0 = B * part / parts, batch = B * (part + 1) / parts - b0;
+        Tensor gx = (*grad_x)[t].narrow(0, b0, batch);
+        at::mm_out(gx, g.dax.narrow(0, b0, batch), weight_ih);
+      }
+    }
+  };
+  // Step t from dh = dL/dh_t to its gradients g (no ATen ops: it may run beside the GEMMs).
+  const auto step_backward = [&](int64_t t, const StepGradients& g) {
+    T* dg = g.dgates.data_ptr<T>();
     const T* s = sig.data_ptr<T>() + t * B * G;
     const T* tc = tanh_c.data_ptr<T>() + t * B * H;
     const T* c = cs.data_ptr<T>() + t * B * H;
@@ -763,38 +841,41 @@ void backward_loop(const Tensor& grad_hs, const Tensor& grad_c_last, const Tenso
     NormBackward<T>* norms[2];
     int count = 0;
     if (nh.on()) {
-      bh.begin(wh->data_ptr<T>() + t * B * G, nh.mean_at(t), nh.invstd_at(t), nh.gamma, dwh.data_ptr<T>());
+      bh.begin(wh->data_ptr<T>() + t * B * G, nh.mean_at(t), nh.invstd_at(t), nh.gamma, g.dwh.data_ptr<T>());
       norms[count++] = &bh;
     }
     if (nx.on() && wide) {
-      bx.begin(wide + t * B * G, nx.mean_at(t), nx.invstd_at(t), nx.gamma, dax.data_ptr<T>());
+      bx.begin(wide + t * B * G, nx.mean_at(t), nx.invstd_at(t), nx.gamma, g.dax.data_ptr<T>());
       norms[count++] = &bx;
     }
-    T* grad_x_t = grad_x.has_value() ? grad_x->data_ptr<T>() + t * x.size(1) * x.size(2) : nullptr;
     if (narrow) {
+      T* grad_x_t = grad_x.has_value() ? grad_x->data_ptr<T>() + t * x.size(1) * x.size(2) : nullptr;
       narrow_grad->begin(t);
       norms_backward<T>(B, G, dg, sum_dy.data(), d_bias, norms, count,
                         [&](int64_t b, const T* row) { narrow_grad->add_row(b, row); });
       narrow_grad->finish(t, nx, dg, sum_dy.data(), grad_x_t);
     } else {
       norms_backward<T>(B, G, dg, sum_dy.data(), d_bias, norms, count, [](int64_t, const T*) {});
-      // dW_x += dax^T x_t; dL/dx_t = dax W_x
-      at::addmm_out(gw_ih, gw_ih, dax.t(), x[t]);
-      if (grad_x_t) {
-        Tensor gx = (*grad_x)[t];
-        at::mm_out(gx, dax, weight_ih);
-      }
     }
-    // dW_h += dwh^T h_{t-1}
-    if (!dwh_steps.has_value()) at::addmm_out(gw_hh, gw_hh, dwh.t(), t > 0 ? hs[t - 1] : h0);
+  };
+  for (int64_t t = steps - 1; t >= 0; --t) {
+    const StepGradients g = gradients_of_step(t);
+    if (per_step_gemms && t + 1 < steps) {
+      const StepGradients later = gradients_of_step(t + 1);
+      beside([&] { step_backward(t, g); },
+             [&](int64_t part, int64_t parts) { weight_gradients(t + 1, later, part, parts); });
+    } else {
+      step_backward(t, g);
+    }
     // dL/dh_{t-1} = dwh W_h (+ the loss's own gradient of h_{t-1})
     if (t > 0) {
-      dh = recurrent.backward(dwh, grad_hs[t - 1], dh);
+      dh = recurrent.backward(g.dwh, grad_hs[t - 1], dh);
     } else {
-      const Tensor result = recurrent.backward(dwh, Tensor(), dh0);
+      const Tensor result = recurrent.backward(g.dwh, Tensor(), dh0);
       if (!result.is_same(dh0)) dh0.copy_(result);
     }
   }
+  if (per_step_gemms) weight_gradients(0, gradients_of_step(0), 0, 1);
   if (dwh_steps.has_value()) {  // dW_h = sum_t dwh_t^T h_{t-1}, h_{-1} = h0
     at::mm_out(gw_hh, (*dwh_steps)[0].t(), h0);
     if (steps > 1)
