@@ -50,9 +50,10 @@ def test_float_activations_propagate_nan_and_saturate_at_infinity(compiled):
 
 @pytest.mark.parametrize("switches", [(True, True, True), (False, False, False)], ids=["bnlstm", "vanilla"])
 def test_results_do_not_depend_on_the_thread_count(compiled, switches):
-    """One intra-op thread or two (the GEMMs' threads; the loops run on the calling thread):
-    bit-identical outputs, gradients and population statistics, so runs reproduce across
-    machines with different core counts."""
+    """One intra-op thread or two (the forward's two parts of the batch on one thread or
+    two, the backward's weight-gradient GEMMs after its loops or beside them): bit-identical
+    outputs, gradients and population statistics, so runs reproduce across machines with
+    different core counts."""
     torch.manual_seed(0)
     x = torch.randn(12, 37, 3)
     results = []

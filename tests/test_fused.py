@@ -310,14 +310,17 @@ def restore_threads():
 @pytest.mark.parametrize("switches", [(True, True, True), (False, False, False)], ids=["bnlstm", "vanilla"])
 @pytest.mark.parametrize("I, H", [(3, 5), (12, 5), (12, 256)], ids=["narrow", "wide", "wide_large_hidden"])
 def test_same_results_on_one_two_and_three_threads(switches, I, H, cpu_loop, restore_threads):
-    """The compiled backward runs each step's loops on one thread beside the previous step's
-    weight-gradient GEMMs, split by rows over the other threads (``beside`` in the C++
-    source); on one thread, one after the other. Every thread count gives the reference's
-    results (float64), and the same results as the others."""
+    """The compiled forward splits a batch of 16 rows or more in two parts, one per thread
+    (a team of three leaves one idle); its backward runs each step's loops on one thread
+    beside the previous step's weight-gradient GEMMs, split by rows over the other threads
+    (``forward_loop``, ``beside`` in the C++ source); on one thread, one after the other.
+    Every thread count gives the reference's results (float64), and the same results as
+    the others."""
     fast, ref = twin_layers(switches, torch.float64, randomised=True, I=I, H=H)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(9, 7, I, generator=g, dtype=torch.float64)
-    state = (torch.randn(7, H, generator=g, dtype=torch.float64), torch.randn(7, H, generator=g, dtype=torch.float64))
+    B = 20
+    x = torch.randn(9, B, I, generator=g, dtype=torch.float64)
+    state = (torch.randn(B, H, generator=g, dtype=torch.float64), torch.randn(B, H, generator=g, dtype=torch.float64))
     run_r = run_with_grads(ref.train(), x, state)
     runs = []
     for threads in (1, 2, 3):
@@ -326,5 +329,5 @@ def test_same_results_on_one_two_and_three_threads(switches, I, H, cpu_loop, res
         runs.append(run_with_grads(layer.train(), x, state))
         assert_same_results(runs[-1], run_r, atol=1e-11, rtol=1e-9)
     for run in runs[1:]:
-        assert_same_results(run, runs[0], atol=1e-13, rtol=1e-12)
+        assert_same_results(run, runs[0], atol=1e-11, rtol=1e-9)
     expect_compiled(cpu_loop)

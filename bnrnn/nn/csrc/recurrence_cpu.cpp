@@ -42,11 +42,18 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <optional>
+#include <thread>
 #include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace {
 
@@ -224,24 +231,73 @@ struct Affine {
   std::vector<T> scale, shift;
 };
 
-// Batch statistics of x (B, F): mean and invstd = 1 / sqrt(biased var + eps), written to
-// `mean`, `invstd` (F), and the map x -> gamma * (x - mean) * invstd + beta into `affine`.
-// One pass: the moments of x minus its first row, which is as close to the mean as the
-// data's spread, so |mean| >> std loses no precision (the shifted-data algorithm).
+// Batch statistics come from the batch's rows in parts (one per thread of the forward; see
+// ForwardRows): each part's moments about its own first row, which is as close to the mean
+// as the data's spread, so |mean| >> std loses no precision (the shifted-data algorithm).
 template <typename T>
-void normalise(const T* x, int64_t B, int64_t F, const T* gamma, const T* beta, double eps, T* mean, T* invstd,
-               Affine<T>& affine) {
-  std::fill(mean, mean + F, T(0));
-  std::fill(invstd, invstd + F, T(0));
-  for (int64_t b = 1; b < B; ++b) add_shifted_moments<T>(F, x + b * F, x, mean, invstd);
-  const T inv_b = T(1) / static_cast<T>(B);
+struct PartMoments {
+  explicit PartMoments(int64_t width) : sum(width), squares(width) {}
+
+  // The moments of x (rows, F) about its first row.
+  void compute(const T* x, int64_t rows, int64_t F) {
+    count = rows;
+    shift = x;
+    std::fill(sum.begin(), sum.end(), T(0));
+    std::fill(squares.begin(), squares.end(), T(0));
+    for (int64_t b = 1; b < rows; ++b) add_shifted_moments<T>(F, x + b * F, x, sum.data(), squares.data());
+  }
+
+  std::vector<T> sum, squares;  // of x - shift, (x - shift)^2
+  const T* shift = nullptr;     // (F)
+  int64_t count = 0;            // rows
+};
+
+// The batch statistics of one norm from the moments of the parts of its input (F features):
+// the map x -> gamma * (x - mean) * invstd + beta into `affine`, invstd = 1 / sqrt(biased
+// var + eps), and mean and invstd written to `mean`, `invstd` where not null. The parts
+// combine pairwise in double (Chan, Golub and LeVeque's update); a part with no rows adds
+// nothing. mu, m2: scratch (F).
+template <typename T>
+void combine_statistics(const PartMoments<T>* const* parts, int64_t count, int64_t F, const T* gamma, const T* beta,
+                        double eps, T* mean, T* invstd, Affine<T>& affine, std::vector<double>& mu,
+                        std::vector<double>& m2) {
+  mu.resize(F);
+  m2.resize(F);
+  double* __restrict__ m = mu.data();
+  double* __restrict__ q = m2.data();
+  double n = 0.0;
+  for (int64_t k = 0; k < count; ++k) {
+    const PartMoments<T>& part = *parts[k];
+    if (part.count == 0) continue;
+    const double c = static_cast<double>(part.count), inv_c = 1.0 / c;
+    const T* __restrict__ shift = part.shift;
+    const T* __restrict__ sum = part.sum.data();
+    const T* __restrict__ squares = part.squares.data();
+    if (n == 0.0) {
+      for (int64_t f = 0; f < F; ++f) {
+        const double s = sum[f];
+        m[f] = shift[f] + s * inv_c;
+        q[f] = std::max(squares[f] - s * s * inv_c, 0.0);
+      }
+    } else {
+      const double total = n + c, weight = c / total, cross = n * c / total;
+      for (int64_t f = 0; f < F; ++f) {
+        const double s = sum[f];
+        const double delta = shift[f] + s * inv_c - m[f];
+        m[f] += delta * weight;
+        q[f] += std::max(squares[f] - s * s * inv_c, 0.0) + delta * delta * cross;
+      }
+    }
+    n += c;
+  }
+  const double inv_n = 1.0 / n;
   for (int64_t f = 0; f < F; ++f) {
-    const T m = mean[f] * inv_b;
-    const T var = std::max(invstd[f] * inv_b - m * m, T(0));
-    mean[f] = x[f] + m;
-    invstd[f] = static_cast<T>(1.0 / std::sqrt(static_cast<double>(var) + eps));
-    affine.scale[f] = gamma[f] * invstd[f];
-    affine.shift[f] = (beta ? beta[f] : T(0)) - mean[f] * affine.scale[f];
+    const T mf = static_cast<T>(m[f]);
+    const T is = static_cast<T>(1.0 / std::sqrt(q[f] * inv_n + eps));
+    if (mean) mean[f] = mf;
+    if (invstd) invstd[f] = is;
+    affine.scale[f] = gamma[f] * is;
+    affine.shift[f] = (beta ? beta[f] : T(0)) - mf * affine.scale[f];
   }
 }
 
@@ -349,6 +405,8 @@ struct RecurrentProduct {
   RecurrentProduct(const Tensor& weight_hh, const OptTensor& packed, const OptTensor& packed_t)
       : weight(weight_hh), weight_t(weight_hh.t()), packed(packed), packed_t(packed_t) {}
 
+  bool uses_packed_weights() const { return packed.has_value() || packed_t.has_value(); }
+
   // h W^T: into `out`, or a new tensor; returns the tensor that holds it.
   Tensor forward(const Tensor& h, const Tensor& out) const {
     if (packed.has_value()) return linear(h, *packed);
@@ -441,11 +499,12 @@ struct NarrowInput {
       for (int64_t j = 0; j <= i; ++j) cov[j * I + i] = cov[i * I + j] /= static_cast<double>(B);
   }
 
-  // BN_x at step t: its statistics into nx's buffers, and the map's coef and shift.
-  void normalise(int64_t t, const Norm<T>& nx) {
+  // BN_x at step t: the map's coef and shift, and with `store` its statistics into nx's
+  // buffers.
+  void normalise(int64_t t, const Norm<T>& nx, bool store) {
     moments(t);
-    T* mean = nx.mean_at(t);
-    T* invstd = nx.invstd_at(t);
+    T* mean = store ? nx.mean_at(t) : nullptr;
+    T* invstd = store ? nx.invstd_at(t) : nullptr;
     for (int64_t f = 0; f < G; ++f) {
       const double* wf = w_row(f);
       double m = 0.0, var = 0.0;
@@ -455,8 +514,10 @@ struct NarrowInput {
       }
       const double is = 1.0 / std::sqrt(std::max(var, 0.0) + nx.eps);
       const double scale = nx.gamma[f] * is;
-      mean[f] = static_cast<T>(m);
-      invstd[f] = static_cast<T>(is);
+      if (store) {
+        mean[f] = static_cast<T>(m);
+        invstd[f] = static_cast<T>(is);
+      }
       for (int64_t i = 0; i < I; ++i) coef[i * G + f] = static_cast<T>(scale * wf[i]);
       shift[f] = static_cast<T>((nx.beta ? nx.beta[f] : T(0)) - scale * m);
     }
@@ -569,56 +630,234 @@ struct NarrowInputGradient {
 
 // ---- forward -------------------------------------------------------------------------------
 
+// The pre-activations of a step's rows: the input term (wide: wx_t mapped by ax; narrow:
+// x_t coef + shift, see NarrowInput) plus the recurrent term W_h h_{t-1} (mapped by ah).
+template <typename T>
+struct PreActivationRows {
+  // wide: wx_t (B, G) (null for a narrow input)
+  void begin(int64_t width, const T* wide, const NarrowInput<T>* narrow_input, int64_t t, const Affine<T>& x_map,
+             const Affine<T>& h_map, bool bn_h) {
+    G = width;
+    x = wide;
+    narrow = narrow_input;
+    ax = &x_map;
+    ah = &h_map;
+    normalised_h = bn_h;
+    if (narrow) {
+      x = narrow->rows(t);
+      narrow_shift.resize(G);
+      for (int64_t f = 0; f < G; ++f) narrow_shift[f] = narrow->shift[f] + ah->shift[f];
+    }
+  }
+  // Row b (G) into a, from p = row b of W_h h_{t-1}; without BN_h, a must be p itself (the
+  // product was written where the gates go), with it a must not be.
+  void row(int64_t b, const T* p, T* a) const {
+    if (narrow && normalised_h)
+      gates_row_narrow<T>(G, narrow->I, x + b * narrow->I, narrow->coef.data(), narrow_shift.data(), p,
+                          ah->scale.data(), a);
+    else if (narrow)
+      gates_row_narrow_in_place<T>(G, narrow->I, x + b * narrow->I, narrow->coef.data(), narrow_shift.data(), a);
+    else if (normalised_h)
+      gates_row<T>(G, x + b * G, ax->scale.data(), ax->shift.data(), p, ah->scale.data(), ah->shift.data(), a);
+    else
+      gates_row_in_place<T>(G, x + b * G, ax->scale.data(), ax->shift.data(), ah->scale.data(), ah->shift.data(), a);
+  }
+
+  int64_t G = 0;
+  const T* x = nullptr;
+  const NarrowInput<T>* narrow = nullptr;
+  const Affine<T>*ax = nullptr, *ah = nullptr;
+  bool normalised_h = false;
+  std::vector<T> narrow_shift;  // the narrow term's shift plus BN_h's
+};
+
+// Where the threads of the forward meet, twice a step at most. It spins (yielding after a
+// while) instead of sleeping: the wait is a few microseconds, and a sleeping thread takes
+// longer than that to wake. `abort` releases every waiter for good (a thread that failed).
+class SpinBarrier {
+ public:
+  explicit SpinBarrier(int parties) : parties_(parties) {}
+  // false once aborted
+  bool wait() {
+    const int generation = generation_.load(std::memory_order_acquire);
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) == parties_ - 1) {
+      arrived_.store(0, std::memory_order_relaxed);
+      generation_.fetch_add(1, std::memory_order_release);
+    } else {
+      for (int spins = 0; generation_.load(std::memory_order_acquire) == generation; ++spins) {
+        if (aborted_.load(std::memory_order_relaxed)) return false;
+        if (spins < (1 << 14))
+          pause();
+        else
+          std::this_thread::yield();
+      }
+    }
+    return !aborted_.load(std::memory_order_relaxed);
+  }
+  void abort() { aborted_.store(true, std::memory_order_relaxed); }
+
+ private:
+  static void pause() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    asm volatile("yield");
+#endif
+  }
+  const int parties_;
+  std::atomic<int> arrived_{0}, generation_{0};
+  std::atomic<bool> aborted_{false};
+};
+
+// The forward splits each step's batch rows into this many parts, whatever the number of
+// threads (one part below 16 rows): every part's rows of W_h h_{t-1} are one GEMM, and the
+// batch statistics combine the parts' moments in a fixed order, so that results do not
+// depend on the thread count (tests/test_cpu_kernels.py pins them bit-identical).
+constexpr int FORWARD_PARTS = 2;
+
+// What the threads of the forward share: the arguments, the moments of each part's rows
+// (two sets, by the step's parity: a thread may start step t + 1 while another still reads
+// step t's), and the barrier.
+template <typename T>
+struct ForwardShared {
+  const T* wx;
+  const NarrowInput<T>* narrow;
+  const RecurrentProduct& recurrent;
+  const Norm<T>&nx, &nh, &nc;
+  const Tensor &h0, &c0, &hs, &cs, &sig, &tanh_c;
+  const OptTensor& wh;
+  int parts, threads;
+  std::vector<PartMoments<T>> moments_x, moments_h, moments_c;  // [parity * parts + part]
+  SpinBarrier barrier;
+
+  ForwardShared(const T* wx, const NarrowInput<T>* narrow, const RecurrentProduct& recurrent, const Norm<T>& nx,
+                const Norm<T>& nh, const Norm<T>& nc, const Tensor& h0, const Tensor& c0, const Tensor& hs,
+                const Tensor& cs, const Tensor& sig, const Tensor& tanh_c, const OptTensor& wh, int parts,
+                int threads)
+      : wx(wx), narrow(narrow), recurrent(recurrent), nx(nx), nh(nh), nc(nc), h0(h0), c0(c0), hs(hs), cs(cs),
+        sig(sig), tanh_c(tanh_c), wh(wh), parts(parts), threads(threads),
+        moments_x(2 * parts, PartMoments<T>(wx && nx.on() ? nx.width : 0)),
+        moments_h(2 * parts, PartMoments<T>(nh.on() ? nh.width : 0)),
+        moments_c(2 * parts, PartMoments<T>(nc.on() ? nc.width : 0)),
+        barrier(threads) {}
+
+  int64_t first_row(int part) const { return cs.size(1) * part / parts; }
+};
+
+// The batch statistics of step t from every part's moments (after the barrier).
+template <typename T>
+void combine_parts(std::vector<PartMoments<T>>& moments, int64_t t, int parts, int64_t F, const Norm<T>& norm,
+                   bool store, Affine<T>& affine, std::vector<double>& mu, std::vector<double>& m2) {
+  const PartMoments<T>* step[FORWARD_PARTS];
+  for (int k = 0; k < parts; ++k) step[k] = &moments[(t % 2) * parts + k];
+  combine_statistics<T>(step, parts, F, norm.gamma, norm.beta, norm.eps, store ? norm.mean_at(t) : nullptr,
+                        store ? norm.invstd_at(t) : nullptr, affine, mu, m2);
+}
+
+// The forward recurrence on thread `thread` of sh.threads, for its share of the parts of the
+// batch's rows. Each step a part computes its own rows of W_h h_{t-1} (which needs only its
+// rows of h_{t-1}), gates, c and h; the batch statistics combine every part's moments (the
+// threads meet after BN_x's and BN_h's moments, and after BN_c's). Thread 0 stores the
+// statistics. Returns false if another thread failed (the barrier was aborted).
+template <typename T>
+bool forward_rows(ForwardShared<T>& sh, int thread) {
+  const int64_t steps = sh.cs.size(0), B = sh.cs.size(1), H = sh.cs.size(2), G = 4 * H;
+  const int p0 = sh.parts * thread / sh.threads, p1 = sh.parts * (thread + 1) / sh.threads;
+  const int64_t b0 = sh.first_row(p0), b1 = sh.first_row(p1);
+  const bool store = thread == 0, meet = sh.threads > 1;
+  std::optional<NarrowInput<T>> narrow;  // this thread's own (it holds the step's map)
+  if (sh.narrow) narrow.emplace(*sh.narrow);
+  Affine<T> ax(G), ah(G), ac(H);
+  std::vector<double> mu, m2;  // scratch of combine_statistics
+  PreActivationRows<T> pre;
+  for (int64_t t = 0; t < steps; ++t) {
+    T* s = sh.sig.template data_ptr<T>() + t * B * G;
+    T* c = sh.cs.template data_ptr<T>() + t * B * H;
+    const T* c_prev = t > 0 ? c - B * H : sh.c0.template data_ptr<T>();
+    const T* x = sh.wx ? sh.wx + t * B * G : nullptr;
+    const bool wide_x = sh.nx.on() && x;
+    // W_h h_{t-1}, a GEMM per part: kept in wh for BN_h's statistics and backward, else
+    // straight into sig.
+    const Tensor product = sh.nh.on() ? (*sh.wh)[t] : sh.sig[t];
+    const Tensor h = t > 0 ? sh.hs[t - 1] : sh.h0;
+    for (int part = p0; part < p1; ++part) {
+      const int64_t r0 = sh.first_row(part), rows = sh.first_row(part + 1) - r0;
+      const Tensor out = product.narrow(0, r0, rows);
+      const Tensor result = sh.recurrent.forward(h.narrow(0, r0, rows), out);
+      if (!result.is_same(out)) out.copy_(result);
+      const int64_t slot = (t % 2) * sh.parts + part;
+      if (wide_x) sh.moments_x[slot].compute(x + r0 * G, rows, G);
+      if (sh.nh.on()) sh.moments_h[slot].compute(product.template data_ptr<T>() + r0 * G, rows, G);
+    }
+    if ((wide_x || sh.nh.on()) && meet && !sh.barrier.wait()) return false;
+    if (wide_x) combine_parts<T>(sh.moments_x, t, sh.parts, G, sh.nx, store, ax, mu, m2);
+    if (sh.nx.on() && narrow) narrow->normalise(t, sh.nx, store);
+    if (sh.nh.on()) combine_parts<T>(sh.moments_h, t, sh.parts, G, sh.nh, store, ah, mu, m2);
+    const T* p = product.template data_ptr<T>();
+    pre.begin(G, x, narrow ? &*narrow : nullptr, t, ax, ah, sh.nh.on());
+    for (int64_t b = b0; b < b1; ++b) {
+      pre.row(b, p + b * G, s + b * G);
+      cell_row<T>(H, s + b * G, c_prev + b * H, c + b * H);
+    }
+    if (sh.nc.on()) {
+      for (int part = p0; part < p1; ++part) {
+        const int64_t r0 = sh.first_row(part);
+        sh.moments_c[(t % 2) * sh.parts + part].compute(c + r0 * H, sh.first_row(part + 1) - r0, H);
+      }
+      if (meet && !sh.barrier.wait()) return false;
+      combine_parts<T>(sh.moments_c, t, sh.parts, H, sh.nc, store, ac, mu, m2);
+    }
+    T* tc = sh.tanh_c.template data_ptr<T>() + t * B * H;
+    T* hp = sh.hs.template data_ptr<T>() + t * B * H;
+    for (int64_t b = b0; b < b1; ++b)
+      hidden_row<T>(H, c + b * H, ac.scale.data(), ac.shift.data(), s + b * G + 3 * H, tc + b * H, hp + b * H);
+  }
+  return true;
+}
+
+// The forward, its parts spread over up to FORWARD_PARTS of torch's threads in one parallel
+// region for the whole sequence: each step's small GEMM and loops run on both threads, where
+// a GEMM on all threads followed by loops on one left the others waiting through the loops.
+// With packed weights (oneDNN, from hidden size 256) one part: oneDNN's GEMM spreads over
+// the threads itself.
 template <typename T>
 void forward_loop(const T* wx, NarrowInput<T>* narrow, const RecurrentProduct& recurrent, const Norm<T>& nx,
                   const Norm<T>& nh, const Norm<T>& nc, const Tensor& h0, const Tensor& c0, const Tensor& hs,
                   const Tensor& cs, const Tensor& sig, const Tensor& tanh_c, const OptTensor& wh) {
-  const int64_t steps = cs.size(0), B = cs.size(1), H = cs.size(2), G = 4 * H;
-  Affine<T> ax(G), ah(G), ac(H);
-  std::vector<T> narrow_shift(G);  // the narrow term's shift plus BN_h's
-  const T* c_prev = c0.data_ptr<T>();
-  Tensor h = h0;
-  for (int64_t t = 0; t < steps; ++t) {
-    T* s = sig.data_ptr<T>() + t * B * G;
-    T* c = cs.data_ptr<T>() + t * B * H;
-    const T* x = narrow ? nullptr : wx + t * B * G;
-    if (nx.on()) {
-      if (narrow)
-        narrow->normalise(t, nx);
-      else
-        normalise<T>(x, B, G, nx.gamma, nx.beta, nx.eps, nx.mean_at(t), nx.invstd_at(t), ax);
-    }
-    // W_h h_{t-1}: kept in wh for BN_h's statistics and backward, else straight into sig.
-    const Tensor product = nh.on() ? (*wh)[t] : sig[t];
-    const Tensor result = recurrent.forward(h, product);
-    if (!result.is_same(product)) product.copy_(result);
-    const T* p = product.data_ptr<T>();
-    if (nh.on()) normalise<T>(p, B, G, nh.gamma, nullptr, nh.eps, nh.mean_at(t), nh.invstd_at(t), ah);
-    if (narrow)
-      for (int64_t f = 0; f < G; ++f) narrow_shift[f] = narrow->shift[f] + ah.shift[f];
-    for (int64_t b = 0; b < B; ++b) {
-      if (narrow && nh.on())
-        gates_row_narrow<T>(G, narrow->I, narrow->rows(t) + b * narrow->I, narrow->coef.data(),
-                            narrow_shift.data(), p + b * G, ah.scale.data(), s + b * G);
-      else if (narrow)
-        gates_row_narrow_in_place<T>(G, narrow->I, narrow->rows(t) + b * narrow->I, narrow->coef.data(),
-                                     narrow_shift.data(), s + b * G);
-      else if (nh.on())
-        gates_row<T>(G, x + b * G, ax.scale.data(), ax.shift.data(), p + b * G, ah.scale.data(),
-                     ah.shift.data(), s + b * G);
-      else
-        gates_row_in_place<T>(G, x + b * G, ax.scale.data(), ax.shift.data(), ah.scale.data(), ah.shift.data(),
-                              s + b * G);
-      cell_row<T>(H, s + b * G, c_prev + b * H, c + b * H);
-    }
-    if (nc.on()) normalise<T>(c, B, H, nc.gamma, nc.beta, nc.eps, nc.mean_at(t), nc.invstd_at(t), ac);
-    T* tc = tanh_c.data_ptr<T>() + t * B * H;
-    T* hp = hs.data_ptr<T>() + t * B * H;
-    for (int64_t b = 0; b < B; ++b)
-      hidden_row<T>(H, c + b * H, ac.scale.data(), ac.shift.data(), s + b * G + 3 * H, tc + b * H, hp + b * H);
-    c_prev = c;
-    h = hs[t];
+  const int parts = recurrent.uses_packed_weights() || cs.size(1) < 16 ? 1 : FORWARD_PARTS;
+  int threads = 1;
+#ifdef _OPENMP
+  if (!at::in_parallel_region()) threads = static_cast<int>(std::min<int64_t>(parts, at::get_num_threads()));
+#endif
+  if (threads == 1) {
+    ForwardShared<T> shared(wx, narrow, recurrent, nx, nh, nc, h0, c0, hs, cs, sig, tanh_c, wh, parts, 1);
+    forward_rows<T>(shared, 0);
+    return;
   }
+  std::optional<ForwardShared<T>> shared;
+  std::exception_ptr failure;
+  std::atomic<bool> failed{false};
+  const at::ThreadLocalState state;  // the caller's (grad mode, dispatch keys), for torch's ops
+#ifdef _OPENMP
+#pragma omp parallel
+  {
+#pragma omp single
+    shared.emplace(wx, narrow, recurrent, nx, nh, nc, h0, c0, hs, cs, sig, tanh_c, wh, parts,
+                   std::min(threads, omp_get_num_threads()));
+    // (the implicit barrier after `single` publishes `shared`)
+    const int thread = omp_get_thread_num();
+    if (thread < shared->threads) {
+      try {
+        const at::ThreadLocalStateGuard guard(state);
+        forward_rows<T>(*shared, thread);
+      } catch (...) {
+        if (!failed.exchange(true)) failure = std::current_exception();
+        shared->barrier.abort();
+      }
+    }
+  }
+#endif
+  if (failure) std::rethrow_exception(failure);
 }
 
 void recurrence_forward(const Tensor& x, const Tensor& weight_ih, const OptTensor& input_bias, const OptTensor& wx,
