@@ -56,10 +56,10 @@ def cpu_fingerprint() -> str | None:
 
 def openmp_flags() -> list[str]:
     """``-fopenmp`` where torch runs its threads on OpenMP with GCC's runtime (Linux): the
-    backward then runs a step's loops on one of torch's threads and the previous step's
-    weight-gradient GEMMs on another (``beside`` in the source). The extension then
-    links libgomp.so.1, the one torch loaded, so both share one pool of threads. Elsewhere
-    the two run one after the other (same results)."""
+    loops then split the batch in two parts that run on two of torch's threads at once
+    (``BATCH_PARTS`` in the source). The extension links libgomp.so.1, the one torch
+    loaded, so both share one pool of threads. Elsewhere the parts run one after the other
+    (bit-identical results, slower)."""
     if platform.system() == "Linux" and "parallel backend: OpenMP" in torch.__config__.parallel_info():
         return ["-fopenmp"]
     return []

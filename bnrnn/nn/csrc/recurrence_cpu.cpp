@@ -7,16 +7,19 @@
 // (one pass), then one pass that normalises, adds the two terms, applies the activations and
 // updates the cell.
 //
-// The loops run on the calling thread; the GEMMs use torch's threads. Splitting the loops
-// over the OpenMP threads as well (at::parallel_for, ~9 regions a step) gained ~8% while
-// those threads spin between regions, but once the process had used oneDNN (a packed
-// weight, torch.nn.LSTM) libgomp put them to sleep between regions and the step took twice
-// as long; single-threaded loops cost the same in both states. At hidden 1000 (PTB) the
-// rows split over the threads did not gain either (measured: 1.00x). What does pay is
-// running the backward's loops for step t beside the weight-gradient GEMMs of step t + 1,
-// which the recurrence does not wait for (beside()): one region a step, where the GEMM had
-// its own. Measured at seqMNIST on 2 threads, interleaved in one process: the backward 0.83-
-// 0.86x (BN-LSTM) and 0.90x (vanilla), also after torch.nn.LSTM ran; at PTB 0.97x.
+// Threads. With 16 rows or more (and no packed weights) both loops split each step's batch
+// into BATCH_PARTS = 2 parts, one per thread, in one OpenMP region for the whole sequence:
+// each part's GEMMs (MKL, single-threaded inside the region) and loops over its rows; the
+// threads meet at a spin barrier only where a norm needs the whole batch's sums (twice a
+// step with BN, never for a vanilla LSTM). The parts' sums combine in a fixed order, so
+// results are bit-identical on one thread or two. Measured on 2 cores at seqMNIST,
+// interleaved in one process against the previous design: forward 0.77-0.81x (BN-LSTM) and
+// 0.65x (vanilla); backward 0.97x (BN-LSTM) and 0.79x (vanilla). That previous design ran
+// the loops on one thread and the GEMMs on all; splitting only the loops (at::parallel_for,
+// ~9 regions a step) had cost twice as much once the process had used oneDNN (libgomp then
+// put the threads to sleep between regions). With one part (PTB's H = 1000: packed weights,
+// whose oneDNN GEMM spreads over the threads itself) the backward runs a step's loops beside
+// the previous step's weight-gradient GEMMs instead (beside(); PTB backward 0.97x).
 //
 // What else was measured and left out: streaming the saved buffers with non-temporal stores
 // from cache-resident step buffers (no gain: the copies cost what the avoided reads saved);
@@ -301,15 +304,13 @@ void combine_statistics(const PartMoments<T>* const* parts, int64_t count, int64
   }
 }
 
-// The backward of one batch norm at one step: dx from dy (B, F), and the gamma gradient
-// summed over time. In steps so that BN_h and BN_x, whose upstream gradient dy is the same,
-// share each pass over the rows (see norms_backward).
+// The backward of one batch norm at one step: dx from dy (B, F). In steps, so that BN_h and
+// BN_x, whose upstream gradient dy is the same, share each pass over the rows, and so that
+// the first pass's sums can come from parts of the rows (see backward_rows).
 template <typename T>
 struct NormBackward {
-  explicit NormBackward(int64_t width)
-      : sum_dy_xhat(width), coef(width), mean_dy(width), proj(width), d_gamma_total(width, 0.0) {}
-  std::vector<T> sum_dy_xhat, coef, mean_dy, proj;
-  std::vector<double> d_gamma_total;
+  explicit NormBackward(int64_t width) : coef(width), mean_dy(width), proj(width) {}
+  std::vector<T> coef, mean_dy, proj;
   const T* x = nullptr;  // this step's input (B, F), its statistics and gamma
   const T* mean = nullptr;
   const T* invstd = nullptr;
@@ -322,43 +323,25 @@ struct NormBackward {
     invstd = step_invstd;
     gamma = weight;
     dx = grad_input;
-    std::fill(sum_dy_xhat.begin(), sum_dy_xhat.end(), T(0));
   }
-  void add_row(int64_t F, int64_t b, const T* dy) {
-    add_dy_xhat<T>(F, dy + b * F, x + b * F, mean, invstd, sum_dy_xhat.data());
+  // First pass: acc (F) += row b of dy times the normalised input.
+  void add_row(int64_t F, int64_t b, const T* dy, T* acc) const {
+    add_dy_xhat<T>(F, dy + b * F, x + b * F, mean, invstd, acc);
   }
-  void finish(int64_t B, int64_t F, const T* sum_dy) {
+  // From the whole batch's sums of dy and dy * xhat (F each).
+  void finish(int64_t B, int64_t F, const T* sum_dy, const T* sum_dy_xhat) {
     const T inv_b = T(1) / static_cast<T>(B);
     for (int64_t f = 0; f < F; ++f) {
-      d_gamma_total[f] += sum_dy_xhat[f];
       coef[f] = gamma[f] * invstd[f];
       mean_dy[f] = sum_dy[f] * inv_b;
       proj[f] = sum_dy_xhat[f] * inv_b * invstd[f];
     }
   }
+  // Second pass: row b of dx.
   void input_gradient_row(int64_t F, int64_t b, const T* dy) const {
     norm_input_gradient_row<T>(F, dy + b * F, x + b * F, mean, coef.data(), mean_dy.data(), proj.data(), dx + b * F);
   }
 };
-
-// The backward of the batch norms norms[0 .. count) (begun; none, one or two) that share the
-// upstream gradient dy (B, F): one pass for the sums, one for the input gradients. sum_dy
-// (F) gets the column sums of dy, which are also added to `total` (F, summed over time).
-// `also(b, row)` is called with each row of dy in the first pass (the narrow input's sums).
-template <typename T, typename RowHook>
-void norms_backward(int64_t B, int64_t F, const T* dy, T* sum_dy, std::vector<double>& total,
-                    NormBackward<T>* const* norms, int count, RowHook&& also) {
-  std::fill(sum_dy, sum_dy + F, T(0));
-  for (int64_t b = 0; b < B; ++b) {
-    add_row<T>(F, dy + b * F, sum_dy);
-    for (int k = 0; k < count; ++k) norms[k]->add_row(F, b, dy);
-    also(b, dy + b * F);
-  }
-  for (int64_t f = 0; f < F; ++f) total[f] += sum_dy[f];
-  for (int k = 0; k < count; ++k) norms[k]->finish(B, F, sum_dy);
-  for (int64_t b = 0; b < B; ++b)
-    for (int k = 0; k < count; ++k) norms[k]->input_gradient_row(F, b, dy);
-}
 
 // ---- buffers -------------------------------------------------------------------------------
 
@@ -538,11 +521,12 @@ struct NarrowInput {
 };
 
 // The backward of the narrow input term at one step, from dy = dL/d(pre-activations) (B, G).
-// The pass over dy's rows accumulates D = dy^T x_t (I, G) (add_row); with the step's sums,
-// finish() adds this step's dW_x and BN_x's gamma gradient to their totals (double) and
-// writes dL/dx_t if asked. With BN_x, dax = dL/d(W_x x_t) = coef_f (dy - mean_dy - proj (z -
-// mean)) (the batch norm's input gradient, z = W_x x_t), and its sums over the batch
-// against x_t need only D, the moments and W_x:
+// The pass over dy's rows accumulates D = dy^T x_t (I, G) (add_row, by parts of the rows).
+// Without BN_x, dW_x = sum over steps of D. With it, finish() takes the whole batch's D and
+// sums, adds this step's dW_x and BN_x's gamma gradient to their totals (double), and
+// input_gradient() writes rows of dL/dx_t. dax = dL/d(W_x x_t) = coef_f (dy - mean_dy -
+// proj (z - mean)) (the batch norm's input gradient, z = W_x x_t), and its sums over the
+// batch against x_t need only D, the moments and W_x:
 //     sum_b dy_bf xhat_bf = invstd_f w_f . (D_f - sum_dy_f mu)
 //     dW_x[f, i] += coef_f (D_if - sum_dy_f mu_i - proj_f B (C w_f)_i)
 //     dx_bi = sum_f U_if dy_bf - k_i - sum_j (x_bj - mu_j) M_ji,
@@ -550,26 +534,26 @@ struct NarrowInput {
 template <typename T>
 struct NarrowInputGradient {
   explicit NarrowInputGradient(NarrowInput<T>& input)
-      : in(input), D(input.I * input.G), d_weight(input.G * input.I, 0.0), d_gamma(input.G, 0.0) {}
+      : in(input), d_weight(input.G * input.I, 0.0), d_gamma(input.G, 0.0) {}
 
-  void begin(int64_t t) {
+  // With `shifted` (BN_x on), D is taken about x_t's first row, D = dy^T (x_t - 1 x_t0^T),
+  // which keeps the digits that D - sum_dy mu^T would cancel when |mu| >> spread.
+  void begin(int64_t t, bool shifted) {
     xt = in.rows(t);
-    std::fill(D.begin(), D.end(), T(0));
+    shift.assign(in.I, T(0));
+    if (shifted) std::copy(xt, xt + in.I, shift.begin());
   }
-  void add_row(int64_t b, const T* __restrict__ dy) {
-    for (int64_t i = 0; i < in.I; ++i) axpy_row(in.G, xt[b * in.I + i], dy, D.data() + i * in.G);
+  // D (I, G) += (x_tb - shift)^T dy_b for row b
+  void add_row(int64_t b, const T* __restrict__ dy, T* D) const {
+    for (int64_t i = 0; i < in.I; ++i) axpy_row(in.G, xt[b * in.I + i] - shift[i], dy, D + i * in.G);
   }
-  // dy (B, G), sum_dy (G): this step's upstream gradient and its column sums.
-  void finish(int64_t t, const Norm<T>& nx, const T* dy, const T* sum_dy, T* grad_x_t) {
+  // With BN_x: the whole batch's D (I, G, shifted) and sum_dy (G) give this step's coef and
+  // proj and, with `accumulate`, its dW_x and gamma gradient (added to the totals).
+  void finish(int64_t t, const Norm<T>& nx, const T* D, const T* sum_dy, bool accumulate) {
     const int64_t B = in.B, I = in.I, G = in.G;
-    if (!nx.on()) {
-      for (int64_t f = 0; f < G; ++f)
-        for (int64_t i = 0; i < I; ++i) d_weight[f * I + i] += D[i * G + f];
-      if (grad_x_t) input_gradient(dy, nullptr, nullptr, nullptr, grad_x_t);
-      return;
-    }
     in.moments(t);  // this step's mu and cov, recomputed as the forward computed them
-    const std::vector<double>& mu = in.mu;
+    std::vector<double> mu(I);  // about the shift, as D
+    for (int64_t i = 0; i < I; ++i) mu[i] = in.mu[i] - static_cast<double>(shift[i]);
     const T* invstd = nx.invstd_at(t);
     coef.resize(G);
     proj.resize(G);
@@ -578,54 +562,56 @@ struct NarrowInputGradient {
       double s = 0.0;
       for (int64_t i = 0; i < I; ++i) s += wf[i] * (D[i * G + f] - sum_dy[f] * mu[i]);
       const double sum_dy_xhat = invstd[f] * s;
-      d_gamma[f] += sum_dy_xhat;
       coef[f] = nx.gamma[f] * static_cast<double>(invstd[f]);
       proj[f] = sum_dy_xhat / static_cast<double>(B) * invstd[f];
+      if (!accumulate) continue;
+      d_gamma[f] += sum_dy_xhat;
       for (int64_t i = 0; i < I; ++i) {
         d_weight[f * I + i] +=
             coef[f] * (D[i * G + f] - sum_dy[f] * mu[i] - proj[f] * static_cast<double>(B) * in.cov_times(i, wf));
       }
     }
-    if (grad_x_t) input_gradient(dy, coef.data(), proj.data(), sum_dy, grad_x_t);
   }
-
-  NarrowInput<T>& in;
-  const T* xt = nullptr;
-  std::vector<T> D;
-  std::vector<double> d_weight, d_gamma;  // totals over time: (G, I), (G)
-
- private:
-  static void axpy_row(int64_t n, T a, const T* __restrict__ x, T* __restrict__ y) {
-    for (int64_t f = 0; f < n; ++f) y[f] += a * x[f];
-  }
-  // dL/dx_t (B, I) = dax W_x; without BN_x (c null) dax = dy. c, pr: coef, proj (G).
-  void input_gradient(const T* dy, const double* c, const double* pr, const T* sum_dy, T* grad_x_t) {
+  // Rows [b0, b1) of dL/dx_t (B, I) = dax W_x; without BN_x (bn_x false) dax = dy; with it,
+  // after finish(). sum_dy (G): the whole batch's.
+  void input_gradient(const T* dy, bool bn_x, const T* sum_dy, int64_t b0, int64_t b1, T* grad_x_t) {
     const int64_t B = in.B, I = in.I, G = in.G;
-    std::vector<T> U(I * G);
+    U.resize(I * G);
     std::vector<double> k(I, 0.0), M(I * I, 0.0);
     for (int64_t f = 0; f < G; ++f) {
       const double* wf = in.w_row(f);
       for (int64_t i = 0; i < I; ++i) {
-        const double u = (c ? c[f] : 1.0) * wf[i];
+        const double u = (bn_x ? coef[f] : 1.0) * wf[i];
         U[i * G + f] = static_cast<T>(u);
-        if (!c) continue;
+        if (!bn_x) continue;
         k[i] += u * sum_dy[f] / static_cast<double>(B);
-        for (int64_t j = 0; j < I; ++j) M[j * I + i] += u * pr[f] * wf[j];
+        for (int64_t j = 0; j < I; ++j) M[j * I + i] += u * proj[f] * wf[j];
       }
     }
-    for (int64_t b = 0; b < B; ++b)
+    for (int64_t b = b0; b < b1; ++b)
       for (int64_t i = 0; i < I; ++i) {
         const T* __restrict__ u = U.data() + i * G;
         const T* __restrict__ d = dy + b * G;
         T s = T(0);
         for (int64_t f = 0; f < G; ++f) s += u[f] * d[f];
         double v = s - k[i];
-        if (c)
+        if (bn_x)
           for (int64_t j = 0; j < I; ++j) v -= (xt[b * I + j] - in.mu[j]) * M[j * I + i];
         grad_x_t[b * I + i] = static_cast<T>(v);
       }
   }
+
+  NarrowInput<T>& in;
+  const T* xt = nullptr;
+  std::vector<T> shift;                   // (I)
+  std::vector<double> d_weight, d_gamma;  // totals over time with BN_x: (G, I), (G)
+
+ private:
+  static void axpy_row(int64_t n, T a, const T* __restrict__ x, T* __restrict__ y) {
+    for (int64_t f = 0; f < n; ++f) y[f] += a * x[f];
+  }
   std::vector<double> coef, proj;
+  std::vector<T> U;
 };
 
 // ---- forward -------------------------------------------------------------------------------
@@ -709,11 +695,56 @@ class SpinBarrier {
   std::atomic<bool> aborted_{false};
 };
 
-// The forward splits each step's batch rows into this many parts, whatever the number of
-// threads (one part below 16 rows): every part's rows of W_h h_{t-1} are one GEMM, and the
-// batch statistics combine the parts' moments in a fixed order, so that results do not
-// depend on the thread count (tests/test_cpu_kernels.py pins them bit-identical).
-constexpr int FORWARD_PARTS = 2;
+// Both loops split each step's batch rows into this many parts, whatever the number of
+// threads: every part's rows of a recurrent product or weight gradient are one GEMM, and the
+// batch statistics and column sums combine the parts' in a fixed order, so that results do
+// not depend on the thread count (tests/test_cpu_kernels.py pins them bit-identical).
+constexpr int BATCH_PARTS = 2;
+
+// Runs body(thread) for thread = 0 .. threads - 1 (threads > 1) at once on torch's OpenMP
+// threads, in one parallel region. Returns false, having run nothing, where the region has
+// fewer threads. A body that throws aborts `barrier` (releasing the others' waits); its
+// exception is rethrown.
+template <typename Body>
+bool run_on_threads(int threads, SpinBarrier& barrier, Body&& body) {
+#ifdef _OPENMP
+  std::exception_ptr failure;
+  std::atomic<bool> failed{false}, too_few{false};
+  const at::ThreadLocalState state;  // the caller's (grad mode, dispatch keys), for torch's ops
+#pragma omp parallel
+  {
+    if (omp_get_num_threads() < threads) {
+      too_few = true;
+    } else if (omp_get_thread_num() < threads) {
+      try {
+        const at::ThreadLocalStateGuard guard(state);
+        body(omp_get_thread_num());
+      } catch (...) {
+        if (!failed.exchange(true)) failure = std::current_exception();
+        barrier.abort();
+      }
+    }
+  }
+  if (failure) std::rethrow_exception(failure);
+  return !too_few;
+#else
+  (void)threads, (void)barrier, (void)body;
+  return false;
+#endif
+}
+
+// How many parts the batch's rows split into (BATCH_PARTS, or one: below 16 rows, and with
+// packed weights, whose oneDNN GEMM spreads over the threads itself), and on how many threads
+// they run (one inside another parallel region).
+inline std::pair<int, int> parts_and_threads(int64_t batch, const RecurrentProduct& recurrent) {
+  const int parts = recurrent.uses_packed_weights() || batch < 16 ? 1 : BATCH_PARTS;
+  int threads = 1;
+#ifdef _OPENMP
+  if (!at::in_parallel_region()) threads = static_cast<int>(std::min<int64_t>(parts, at::get_num_threads()));
+#endif
+  return {parts, threads};
+}
+
 
 // What the threads of the forward share: the arguments, the moments of each part's rows
 // (two sets, by the step's parity: a thread may start step t + 1 while another still reads
@@ -748,7 +779,7 @@ struct ForwardShared {
 template <typename T>
 void combine_parts(std::vector<PartMoments<T>>& moments, int64_t t, int parts, int64_t F, const Norm<T>& norm,
                    bool store, Affine<T>& affine, std::vector<double>& mu, std::vector<double>& m2) {
-  const PartMoments<T>* step[FORWARD_PARTS];
+  const PartMoments<T>* step[BATCH_PARTS];
   for (int k = 0; k < parts; ++k) step[k] = &moments[(t % 2) * parts + k];
   combine_statistics<T>(step, parts, F, norm.gamma, norm.beta, norm.eps, store ? norm.mean_at(t) : nullptr,
                         store ? norm.invstd_at(t) : nullptr, affine, mu, m2);
@@ -815,49 +846,19 @@ bool forward_rows(ForwardShared<T>& sh, int thread) {
   return true;
 }
 
-// The forward, its parts spread over up to FORWARD_PARTS of torch's threads in one parallel
+// The forward, its parts spread over up to BATCH_PARTS of torch's threads in one parallel
 // region for the whole sequence: each step's small GEMM and loops run on both threads, where
 // a GEMM on all threads followed by loops on one left the others waiting through the loops.
-// With packed weights (oneDNN, from hidden size 256) one part: oneDNN's GEMM spreads over
-// the threads itself.
 template <typename T>
 void forward_loop(const T* wx, NarrowInput<T>* narrow, const RecurrentProduct& recurrent, const Norm<T>& nx,
                   const Norm<T>& nh, const Norm<T>& nc, const Tensor& h0, const Tensor& c0, const Tensor& hs,
                   const Tensor& cs, const Tensor& sig, const Tensor& tanh_c, const OptTensor& wh) {
-  const int parts = recurrent.uses_packed_weights() || cs.size(1) < 16 ? 1 : FORWARD_PARTS;
-  int threads = 1;
-#ifdef _OPENMP
-  if (!at::in_parallel_region()) threads = static_cast<int>(std::min<int64_t>(parts, at::get_num_threads()));
-#endif
-  if (threads == 1) {
-    ForwardShared<T> shared(wx, narrow, recurrent, nx, nh, nc, h0, c0, hs, cs, sig, tanh_c, wh, parts, 1);
-    forward_rows<T>(shared, 0);
-    return;
+  const auto [parts, threads] = parts_and_threads(cs.size(1), recurrent);
+  ForwardShared<T> sh(wx, narrow, recurrent, nx, nh, nc, h0, c0, hs, cs, sig, tanh_c, wh, parts, threads);
+  if (threads == 1 || !run_on_threads(threads, sh.barrier, [&](int thread) { forward_rows<T>(sh, thread); })) {
+    sh.threads = 1;
+    forward_rows<T>(sh, 0);
   }
-  std::optional<ForwardShared<T>> shared;
-  std::exception_ptr failure;
-  std::atomic<bool> failed{false};
-  const at::ThreadLocalState state;  // the caller's (grad mode, dispatch keys), for torch's ops
-#ifdef _OPENMP
-#pragma omp parallel
-  {
-#pragma omp single
-    shared.emplace(wx, narrow, recurrent, nx, nh, nc, h0, c0, hs, cs, sig, tanh_c, wh, parts,
-                   std::min(threads, omp_get_num_threads()));
-    // (the implicit barrier after `single` publishes `shared`)
-    const int thread = omp_get_thread_num();
-    if (thread < shared->threads) {
-      try {
-        const at::ThreadLocalStateGuard guard(state);
-        forward_rows<T>(*shared, thread);
-      } catch (...) {
-        if (!failed.exchange(true)) failure = std::current_exception();
-        shared->barrier.abort();
-      }
-    }
-  }
-#endif
-  if (failure) std::rethrow_exception(failure);
 }
 
 void recurrence_forward(const Tensor& x, const Tensor& weight_ih, const OptTensor& input_bias, const OptTensor& wx,
@@ -948,15 +949,15 @@ struct StepGradients {
 
 // Runs first() on one of torch's threads and second(part, parts), for part = 0 .. parts - 1,
 // on each of the others, all at the same time (one after the other, parts = 1, with one
-// thread). The backward runs a step's loops beside the previous step's weight-gradient GEMMs,
-// which nothing on the recurrence's path waits for: otherwise the other threads idle through
-// the loops, and the loops wait through the GEMMs. One parallel region a step, as many as
-// the GEMM's own it replaces (see the header on regions); inside it torch's ops, and MKL's
-// GEMM, run single-threaded on the calling thread.
+// thread). With the batch in one part (packed weights), the backward runs a step's loops
+// beside the previous step's weight-gradient GEMMs, which nothing on the recurrence's path
+// waits for: otherwise the other threads idle through the loops, and the loops wait through
+// the GEMMs. One parallel region a step, as many as the GEMM's own it replaces; inside it
+// torch's ops, and MKL's GEMM, run single-threaded on the calling thread.
 template <typename First, typename Second>
 void beside(First&& first, Second&& second) {
 #ifdef _OPENMP
-  const int64_t threads = at::get_num_threads();
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
 #else
   const int64_t threads = 1;  // at::parallel_for's region is OpenMP, compiled in here
 #endif
@@ -979,11 +980,259 @@ void beside(First&& first, Second&& second) {
   });
 }
 
+// Writes a gradient summed over time (double accumulators) into its output, if any.
 template <typename T>
 void store(const std::vector<double>& total, const OptTensor& out) {
   if (!out.has_value()) return;
   T* p = out->data_ptr<T>();
   for (size_t f = 0; f < total.size(); ++f) p[f] = static_cast<T>(total[f]);
+}
+
+// What one part of the batch's rows sums on its own, so that results do not depend on how
+// the parts are spread over threads: one step's column sums (two sets, by the step's parity:
+// a thread may start step t - 1 while another still reads step t's), and totals over time.
+template <typename T>
+struct BackwardPart {
+  BackwardPart(int64_t G, int64_t H, int64_t step_width)
+      : step_g{std::vector<T>(step_width), std::vector<T>(step_width)},
+        step_c{std::vector<T>(2 * H), std::vector<T>(2 * H)}, d_bias(G, 0.0), d_gamma_h(G, 0.0), d_gamma_x(G, 0.0),
+        d_gamma_c(H, 0.0), d_beta_c(H, 0.0) {}
+  // over the step's dgates: [sum dy | sum dy xhat for each norm behind it | D = dy^T x_t];
+  // over dL/d(BN_c(c)): [sum | sum times xhat_c]
+  std::array<std::vector<T>, 2> step_g, step_c;
+  std::vector<double> d_bias, d_gamma_h, d_gamma_x, d_gamma_c, d_beta_c;
+  std::vector<double> d_weight_ih;  // a narrow input's dW_x without BN_x, (G, I)
+  Tensor gw_hh, gw_ih;              // this part's dW_h (G, H) and a wide input's dW_x (G, I)
+};
+
+// The backward's arguments and what its threads share.
+template <typename T>
+struct BackwardShared {
+  const Tensor &grad_hs, &x, &weight_ih, &h0, &hs, &cs, &sig, &tanh_c, &grad_h0;
+  const OptTensor &wh, &grad_x, &dwh_steps;
+  const RecurrentProduct& recurrent;
+  const Norm<T>&nx, &nh, &nc;
+  int64_t steps, B, H, G;
+  const T* c0_data;                     // c_0 (B, H)
+  const T* wide;                        // wx (T, B, G), or null
+  std::optional<NarrowInput<T>> narrow;  // without wx
+  int norms;                            // behind dgates: BN_h, and BN_x of a wide input
+  int parts, threads;
+  bool per_step_gemms;  // a weight gradient GEMM each step: dW_h without dwh_steps, a wide dW_x
+  std::array<Tensor, 2> dgates_slots, dwh_slots, dax_slots;  // step t's in slot t % 2
+  Tensor dh;                                                 // dL/dh_t (B, H), then dL/dh_{t-1}
+  std::vector<T> dc_next, dcn, dc_buffer;                    // (B, H) each
+  std::vector<BackwardPart<T>> part;
+  std::vector<double> narrow_d_weight, narrow_d_gamma;  // a narrow input's with BN_x (thread 0's)
+  SpinBarrier barrier;
+
+  BackwardShared(const Tensor& grad_hs, const Tensor& grad_c_last, const Tensor& x, const OptTensor& wx,
+                 const Tensor& weight_ih, const RecurrentProduct& recurrent, const Norm<T>& nx, const Norm<T>& nh,
+                 const Norm<T>& nc, const Tensor& h0, const Tensor& c0, const Tensor& hs, const Tensor& cs, const Tensor& sig,
+                 const Tensor& tanh_c, const OptTensor& wh, const OptTensor& grad_x, const Tensor& grad_weight_ih,
+                 const Tensor& grad_weight_hh, const Tensor& grad_h0, const OptTensor& dwh_steps, int parts,
+                 int threads)
+      : grad_hs(grad_hs), x(x), weight_ih(weight_ih), h0(h0), hs(hs), cs(cs), sig(sig), tanh_c(tanh_c),
+        grad_h0(grad_h0), wh(wh), grad_x(grad_x), dwh_steps(dwh_steps), recurrent(recurrent), nx(nx), nh(nh),
+        nc(nc), steps(cs.size(0)), B(cs.size(1)), H(cs.size(2)), G(4 * cs.size(2)), c0_data(c0.data_ptr<T>()),
+        wide(data_or_null<T>(wx)),
+        norms(int(nh.on()) + int(nx.on() && wide)), parts(parts), threads(threads),
+        per_step_gemms(!dwh_steps.has_value() || wide), dc_next(grad_c_last.data_ptr<T>(),
+                                                                 grad_c_last.data_ptr<T>() + B * H),
+        dcn(B * H), dc_buffer(B * H), barrier(threads) {
+    if (!wide) narrow.emplace(x, weight_ih, std::nullopt);  // (b is BN_x's beta here, not needed)
+    const auto step_buffers = [&](bool needed) {
+      std::array<Tensor, 2> slots;
+      if (needed)
+        for (Tensor& slot : slots) slot = at::empty({B, G}, cs.options());
+      return slots;
+    };
+    dgates_slots = step_buffers(nh.on() || !dwh_steps.has_value());
+    dwh_slots = step_buffers(nh.on() && !dwh_steps.has_value());
+    dax_slots = step_buffers(nx.on() && wide);
+    dh = grad_hs[steps - 1].clone();
+    const int64_t I = narrow ? narrow->I : 0;
+    part.assign(parts, BackwardPart<T>(G, H, G * (1 + norms) + I * G));
+    for (int k = 0; k < parts; ++k) {
+      BackwardPart<T>& p = part[k];
+      if (narrow && !nx.on()) p.d_weight_ih.assign(G * I, 0.0);
+      // one part accumulates into the outputs; more, each into its own, summed at the end
+      p.gw_hh = parts == 1 ? grad_weight_hh : at::empty_like(grad_weight_hh);
+      p.gw_ih = parts == 1 ? grad_weight_ih : at::empty_like(grad_weight_ih);
+      p.gw_hh.zero_();
+      p.gw_ih.zero_();
+    }
+  }
+
+  int64_t first_row(int k) const { return B * k / parts; }
+  StepGradients gradients_of_step(int64_t t) const {
+    StepGradients g;
+    g.dwh = dwh_steps.has_value() ? (*dwh_steps)[t] : nh.on() ? dwh_slots[t % 2] : dgates_slots[t % 2];
+    g.dgates = nh.on() ? dgates_slots[t % 2] : g.dwh;  // without BN_h, dL/d(W_h h) = dgates
+    g.dax = nx.on() && wide ? dax_slots[t % 2] : g.dgates;
+    return g;
+  }
+  // The GEMMs of step t's weight gradients over rows [r0, r0 + rows) of the batch, into part
+  // p's accumulators, in block `block` of `blocks` of their rows: dW_h += dwh^T h_{t-1} (step
+  // by step), and for a wide input dW_x += dax^T x_t and dL/dx_t = dax W_x.
+  void weight_gradients(int64_t t, const StepGradients& g, BackwardPart<T>& p, int64_t r0, int64_t rows,
+                        int64_t block, int64_t blocks) const {
+    const int64_t f0 = G * block / blocks, width = G * (block + 1) / blocks - f0;
+    if (!dwh_steps.has_value()) {
+      Tensor out = p.gw_hh.narrow(0, f0, width);
+      at::addmm_out(out, out, g.dwh.narrow(0, r0, rows).narrow(1, f0, width).t(),
+                    (t > 0 ? hs[t - 1] : h0).narrow(0, r0, rows));
+    }
+    if (wide) {
+      Tensor out = p.gw_ih.narrow(0, f0, width);
+      at::addmm_out(out, out, g.dax.narrow(0, r0, rows).narrow(1, f0, width).t(), x[t].narrow(0, r0, rows));
+      if (grad_x.has_value()) {
+        const int64_t b0 = r0 + rows * block / blocks, batch = r0 + rows * (block + 1) / blocks - b0;
+        Tensor gx = (*grad_x)[t].narrow(0, b0, batch);
+        at::mm_out(gx, g.dax.narrow(0, b0, batch), weight_ih);
+      }
+    }
+  }
+  // dL/dh_{t-1} = dwh W_h (+ the loss's own gradient of h_{t-1}) for rows [r0, r0 + rows);
+  // at t = 0 into grad_h0.
+  void hidden_gradient(int64_t t, const StepGradients& g, int64_t r0, int64_t rows) const {
+    const Tensor out = (t > 0 ? dh : grad_h0).narrow(0, r0, rows);
+    const Tensor result =
+        recurrent.backward(g.dwh.narrow(0, r0, rows), t > 0 ? grad_hs[t - 1].narrow(0, r0, rows) : Tensor(), out);
+    if (!result.is_same(out)) out.copy_(result);
+  }
+};
+
+// The backward recurrence on thread `thread` of sh.threads, for its share of the parts of
+// the batch's rows (as in the forward). Each step a part takes its rows through the cell and
+// the norms; a norm's input gradient needs the whole batch's column sums, so the threads
+// meet after BN_c's sums and after those behind dgates (not at all for a vanilla LSTM).
+// Then each part's rows of the weight gradients and of dL/dh_{t-1}, one GEMM each. Thread
+// 0 accumulates what comes from the whole batch's sums (a narrow input's dW_x with BN_x).
+// Returns false if another thread failed.
+template <typename T>
+bool backward_rows(BackwardShared<T>& sh, int thread) {
+  const int64_t B = sh.B, H = sh.H, G = sh.G;
+  const int p0 = sh.parts * thread / sh.threads, p1 = sh.parts * (thread + 1) / sh.threads;
+  const int64_t b0 = sh.first_row(p0), b1 = sh.first_row(p1);
+  const bool lead = thread == 0, meet = sh.threads > 1;
+  const Norm<T>&nx = sh.nx, &nh = sh.nh, &nc = sh.nc;
+  std::optional<NarrowInput<T>> narrow;  // this thread's own (it holds the step's moments)
+  if (sh.narrow) narrow.emplace(*sh.narrow);
+  std::optional<NarrowInputGradient<T>> narrow_grad;
+  if (narrow) narrow_grad.emplace(*narrow);
+  NormBackward<T> bx(G), bh(G), bc(H);
+  NormBackward<T>* norms[2];
+  std::vector<double>* norm_totals[2][BATCH_PARTS];  // d_gamma of norms[k], by part
+  const int64_t I = narrow ? narrow->I : 0, width_g = G * (1 + sh.norms) + I * G;
+  std::vector<T> sums_g(width_g), sums_c(2 * H);  // the whole batch's, this step
+  const bool combine_g = sh.norms > 0 || (narrow && nx.on());
+  T* const dcn = sh.dcn.data();
+  for (int64_t t = sh.steps - 1; t >= 0; --t) {
+    const StepGradients g = sh.gradients_of_step(t);
+    const int64_t slot = t % 2;
+    // Step t from dh = dL/dh_t to its gradients g, for rows [b0, b1); false if aborted.
+    const auto step_backward = [&]() -> bool {
+      T* dg = g.dgates.template data_ptr<T>();
+      const T* s = sh.sig.template data_ptr<T>() + t * B * G;
+      const T* tc = sh.tanh_c.template data_ptr<T>() + t * B * H;
+      const T* c = sh.cs.template data_ptr<T>() + t * B * H;
+      const T* c_prev = t > 0 ? c - B * H : sh.c0_data;
+      const T* dhp = sh.dh.template data_ptr<T>();
+      for (int64_t b = b0; b < b1; ++b)
+        hidden_row_backward<T>(H, dhp + b * H, tc + b * H, s + b * G + 3 * H, dg + b * G + 3 * H, dcn + b * H);
+      // Through BN_c into dL/dc.
+      const T* dc = dcn;
+      if (nc.on()) {
+        bc.begin(c, nc.mean_at(t), nc.invstd_at(t), nc.gamma, sh.dc_buffer.data());
+        for (int k = p0; k < p1; ++k) {
+          BackwardPart<T>& p = sh.part[k];
+          T* acc = p.step_c[slot].data();
+          std::fill(acc, acc + 2 * H, T(0));
+          for (int64_t b = sh.first_row(k); b < sh.first_row(k + 1); ++b) {
+            add_row<T>(H, dcn + b * H, acc);
+            bc.add_row(H, b, dcn, acc + H);
+          }
+          for (int64_t j = 0; j < H; ++j) {
+            p.d_beta_c[j] += acc[j];
+            p.d_gamma_c[j] += acc[H + j];
+          }
+        }
+        if (meet && !sh.barrier.wait()) return false;
+        std::fill(sums_c.begin(), sums_c.end(), T(0));
+        for (int k = 0; k < sh.parts; ++k) add_row<T>(2 * H, sh.part[k].step_c[slot].data(), sums_c.data());
+        bc.finish(B, H, sums_c.data(), sums_c.data() + H);
+        for (int64_t b = b0; b < b1; ++b) bc.input_gradient_row(H, b, dcn);
+        dc = sh.dc_buffer.data();
+      }
+      for (int64_t b = b0; b < b1; ++b) {
+        cell_row_backward<T>(H, s + b * G, c_prev + b * H, dc + b * H, sh.dc_next.data() + b * H, dg + b * G);
+      }
+      // Through BN_h and BN_x, sharing the passes over dgates; d b = sum_b dgates either way
+      // (b is BN_x's beta, or is added to the pre-activation directly).
+      int count = 0;
+      if (nh.on()) {
+        bh.begin(sh.wh->template data_ptr<T>() + t * B * G, nh.mean_at(t), nh.invstd_at(t), nh.gamma,
+                 g.dwh.template data_ptr<T>());
+        for (int k = 0; k < sh.parts; ++k) norm_totals[count][k] = &sh.part[k].d_gamma_h;
+        norms[count++] = &bh;
+      }
+      if (nx.on() && sh.wide) {
+        bx.begin(sh.wide + t * B * G, nx.mean_at(t), nx.invstd_at(t), nx.gamma, g.dax.template data_ptr<T>());
+        for (int k = 0; k < sh.parts; ++k) norm_totals[count][k] = &sh.part[k].d_gamma_x;
+        norms[count++] = &bx;
+      }
+      if (narrow) narrow_grad->begin(t, nx.on());
+      for (int k = p0; k < p1; ++k) {
+        BackwardPart<T>& p = sh.part[k];
+        T* acc = p.step_g[slot].data();
+        std::fill(acc, acc + width_g, T(0));
+        for (int64_t b = sh.first_row(k); b < sh.first_row(k + 1); ++b) {
+          add_row<T>(G, dg + b * G, acc);
+          for (int n = 0; n < count; ++n) norms[n]->add_row(G, b, dg, acc + G * (1 + n));
+          if (narrow) narrow_grad->add_row(b, dg + b * G, acc + G * (1 + count));
+        }
+        for (int64_t f = 0; f < G; ++f) p.d_bias[f] += acc[f];
+        for (int n = 0; n < count; ++n)
+          for (int64_t f = 0; f < G; ++f) (*norm_totals[n][k])[f] += acc[G * (1 + n) + f];
+        if (narrow && !nx.on())
+          for (int64_t f = 0; f < G; ++f)
+            for (int64_t i = 0; i < I; ++i) p.d_weight_ih[f * I + i] += acc[G * (1 + count) + i * G + f];
+      }
+      if (combine_g) {
+        if (meet && !sh.barrier.wait()) return false;
+        std::fill(sums_g.begin(), sums_g.end(), T(0));
+        for (int k = 0; k < sh.parts; ++k) add_row<T>(width_g, sh.part[k].step_g[slot].data(), sums_g.data());
+        for (int n = 0; n < count; ++n) norms[n]->finish(B, G, sums_g.data(), sums_g.data() + G * (1 + n));
+        if (narrow && nx.on()) narrow_grad->finish(t, nx, sums_g.data() + G * (1 + count), sums_g.data(), lead);
+        for (int64_t b = b0; b < b1; ++b)
+          for (int n = 0; n < count; ++n) norms[n]->input_gradient_row(G, b, dg);
+      }
+      if (narrow && sh.grad_x.has_value())
+        narrow_grad->input_gradient(dg, nx.on(), sums_g.data(), b0, b1,
+                                    sh.grad_x->template data_ptr<T>() + t * B * I);
+      return true;
+    };
+    if (sh.parts == 1 && sh.per_step_gemms && t + 1 < sh.steps) {
+      // one part: the loops beside the previous step's weight GEMMs
+      const StepGradients later = sh.gradients_of_step(t + 1);
+      beside([&] { step_backward(); },
+             [&](int64_t block, int64_t blocks) { sh.weight_gradients(t + 1, later, sh.part[0], 0, B, block, blocks); });
+    } else if (!step_backward()) {
+      return false;
+    }
+    for (int k = p0; k < p1; ++k) {
+      const int64_t r0 = sh.first_row(k), rows = sh.first_row(k + 1) - r0;
+      if (sh.parts > 1 && sh.per_step_gemms) sh.weight_gradients(t, g, sh.part[k], r0, rows, 0, 1);
+      sh.hidden_gradient(t, g, r0, rows);
+    }
+  }
+  if (sh.parts == 1 && sh.per_step_gemms) sh.weight_gradients(0, sh.gradients_of_step(0), sh.part[0], 0, B, 0, 1);
+  if (lead && narrow && nx.on()) {
+    sh.narrow_d_weight = narrow_grad->d_weight;
+    sh.narrow_d_gamma = narrow_grad->d_gamma;
+  }
+  return true;
 }
 
 template <typename T>
@@ -995,139 +1244,43 @@ void backward_loop(const Tensor& grad_hs, const Tensor& grad_c_last, const Tenso
                    const Tensor& grad_h0, const Tensor& grad_c0, const OptTensor& grad_gamma_x,
                    const OptTensor& grad_gamma_h, const OptTensor& grad_gamma_c, const OptTensor& grad_beta_c,
                    const OptTensor& dwh_steps) {
-  const int64_t steps = cs.size(0), B = cs.size(1), H = cs.size(2), G = 4 * H;
-  // One step's gradients: dL/d(pre-activations) and, behind BN_h and BN_x, dL/d(W_h h_{t-1})
-  // and dL/d(W_x x_t). The weight gradients accumulate step by step from them while they are
-  // in cache (no (T, B, 4H) buffer to write and read back), on the second thread while the
-  // first works through the next step (see beside): hence two of each, step t's in
-  // slot t % 2. With dwh_steps (T, B, G) given, dL/d(W_h h_{t-1}) of every step goes there
-  // instead and dW_h is one GEMM over the sequence at the end, which at a large hidden size
-  // runs faster than T small-batch ones (PTB: 280 against 330 ms).
-  const auto step_buffers = [&](bool needed) {
-    std::array<Tensor, 2> slots;
-    if (needed)
-      for (Tensor& slot : slots) slot = at::empty({B, G}, cs.options());
-    return slots;
-  };
-  const std::array<Tensor, 2> dgates_slots = step_buffers(nh.on() || !dwh_steps.has_value());
-  const std::array<Tensor, 2> dwh_slots = step_buffers(nh.on() && !dwh_steps.has_value());
-  const T* wide = data_or_null<T>(wx);
-  const std::array<Tensor, 2> dax_slots = step_buffers(nx.on() && wide);
-  std::optional<NarrowInput<T>> narrow;  // without wx (b is BN_x's beta here, not needed)
-  if (!wide) narrow.emplace(x, weight_ih, std::nullopt);
-  std::optional<NarrowInputGradient<T>> narrow_grad;
-  if (narrow) narrow_grad.emplace(*narrow);
-  Tensor gw_hh = grad_weight_hh, gw_ih = grad_weight_ih;  // handles on the outputs, for addmm_out
-  gw_hh.zero_();
-  gw_ih.zero_();
-  Tensor dh = grad_hs[steps - 1].clone();
-  Tensor dh0 = grad_h0;
-  std::vector<T> dc_next(grad_c_last.data_ptr<T>(), grad_c_last.data_ptr<T>() + B * H);
-  std::vector<T> dcn(B * H), dc_buffer(B * H), sum_dy(G), sum_dcn(H);
-  NormBackward<T> bx(G), bh(G), bc(H);
-  std::vector<double> d_bias(G, 0.0), d_beta_c(H, 0.0);
-  const auto gradients_of_step = [&](int64_t t) {
-    StepGradients g;
-    g.dwh = dwh_steps.has_value() ? (*dwh_steps)[t] : nh.on() ? dwh_slots[t % 2] : dgates_slots[t % 2];
-    g.dgates = nh.on() ? dgates_slots[t % 2] : g.dwh;  // without BN_h, dL/d(W_h h) = dgates
-    g.dax = nx.on() && wide ? dax_slots[t % 2] : g.dgates;
-    return g;
-  };
-  // The GEMMs of step t's weight gradients, off the recurrence's critical path:
-  // dW_h += dwh^T h_{t-1} (step by step), and for a wide input dW_x += dax^T x_t, dL/dx_t =
-  // dax W_x (a narrow input's come from NarrowInputGradient).
-  const bool per_step_gemms = !dwh_steps.has_value() || wide;
-  // Part `part` of `parts`: a block of the weight gradients' rows, and of dL/dx_t's.
-  const auto weight_gradients = [&](int64_t t, const StepGradients& g, int64_t part, int64_t parts) {
-    const int64_t r0 = G * part / parts, rows = G * (part + 1) / parts - r0;
-    if (!dwh_steps.has_value()) {
-      Tensor block = gw_hh.narrow(0, r0, rows);
-      at::addmm_out(block, block, g.dwh.narrow(1, r0, rows).t(), t > 0 ? hs[t - 1] : h0);
-    }
-    if (wide) {
-      Tensor block = gw_ih.narrow(0, r0, rows);
-      at::addmm_out(block, block, g.dax.narrow(1, r0, rows).t(), x[t]);
-      if (grad_x.has_value()) {
-        const int64_t b0 = B * part / parts, batch = B * (part + 1) / parts - b0;
-        Tensor gx = (*grad_x)[t].narrow(0, b0, batch);
-        at::mm_out(gx, g.dax.narrow(0, b0, batch), weight_ih);
-      }
-    }
-  };
-  // Step t from dh = dL/dh_t to its gradients g (no ATen ops: it may run beside the GEMMs).
-  const auto step_backward = [&](int64_t t, const StepGradients& g) {
-    T* dg = g.dgates.data_ptr<T>();
-    const T* s = sig.data_ptr<T>() + t * B * G;
-    const T* tc = tanh_c.data_ptr<T>() + t * B * H;
-    const T* c = cs.data_ptr<T>() + t * B * H;
-    const T* c_prev = t > 0 ? c - B * H : c0.data_ptr<T>();
-    const T* dhp = dh.data_ptr<T>();
-    for (int64_t b = 0; b < B; ++b)
-      hidden_row_backward<T>(H, dhp + b * H, tc + b * H, s + b * G + 3 * H, dg + b * G + 3 * H,
-                             dcn.data() + b * H);
-    // Through BN_c into dL/dc.
-    const T* dc = dcn.data();
-    if (nc.on()) {
-      NormBackward<T>* norm = &bc;
-      bc.begin(c, nc.mean_at(t), nc.invstd_at(t), nc.gamma, dc_buffer.data());
-      norms_backward<T>(B, H, dcn.data(), sum_dcn.data(), d_beta_c, &norm, 1, [](int64_t, const T*) {});
-      dc = dc_buffer.data();
-    }
-    for (int64_t b = 0; b < B; ++b)
-      cell_row_backward<T>(H, s + b * G, c_prev + b * H, dc + b * H, dc_next.data() + b * H, dg + b * G);
-    // Through BN_h and BN_x, in shared passes over dgates; d b = sum_b dgates either way (b
-    // is BN_x's beta, or is added to the pre-activation directly).
-    NormBackward<T>* norms[2];
-    int count = 0;
-    if (nh.on()) {
-      bh.begin(wh->data_ptr<T>() + t * B * G, nh.mean_at(t), nh.invstd_at(t), nh.gamma, g.dwh.data_ptr<T>());
-      norms[count++] = &bh;
-    }
-    if (nx.on() && wide) {
-      bx.begin(wide + t * B * G, nx.mean_at(t), nx.invstd_at(t), nx.gamma, g.dax.data_ptr<T>());
-      norms[count++] = &bx;
-    }
-    if (narrow) {
-      T* grad_x_t = grad_x.has_value() ? grad_x->data_ptr<T>() + t * x.size(1) * x.size(2) : nullptr;
-      narrow_grad->begin(t);
-      norms_backward<T>(B, G, dg, sum_dy.data(), d_bias, norms, count,
-                        [&](int64_t b, const T* row) { narrow_grad->add_row(b, row); });
-      narrow_grad->finish(t, nx, dg, sum_dy.data(), grad_x_t);
-    } else {
-      norms_backward<T>(B, G, dg, sum_dy.data(), d_bias, norms, count, [](int64_t, const T*) {});
-    }
-  };
-  for (int64_t t = steps - 1; t >= 0; --t) {
-    const StepGradients g = gradients_of_step(t);
-    if (per_step_gemms && t + 1 < steps) {
-      const StepGradients later = gradients_of_step(t + 1);
-      beside([&] { step_backward(t, g); },
-             [&](int64_t part, int64_t parts) { weight_gradients(t + 1, later, part, parts); });
-    } else {
-      step_backward(t, g);
-    }
-    // dL/dh_{t-1} = dwh W_h (+ the loss's own gradient of h_{t-1})
-    if (t > 0) {
-      dh = recurrent.backward(g.dwh, grad_hs[t - 1], dh);
-    } else {
-      const Tensor result = recurrent.backward(g.dwh, Tensor(), dh0);
-      if (!result.is_same(dh0)) dh0.copy_(result);
+  const auto [parts, threads] = parts_and_threads(cs.size(1), recurrent);
+  BackwardShared<T> sh(grad_hs, grad_c_last, x, wx, weight_ih, recurrent, nx, nh, nc, h0, c0, hs, cs, sig, tanh_c, wh,
+                       grad_x, grad_weight_ih, grad_weight_hh, grad_h0, dwh_steps, parts, threads);
+  if (threads == 1 || !run_on_threads(threads, sh.barrier, [&](int thread) { backward_rows<T>(sh, thread); })) {
+    sh.threads = 1;
+    backward_rows<T>(sh, 0);
+  }
+  const int64_t steps = sh.steps, B = sh.B, H = sh.H, G = sh.G;
+  if (parts > 1) {  // the parts' weight gradients, in order
+    Tensor gw_hh = grad_weight_hh, gw_ih = grad_weight_ih;  // handles on the outputs
+    gw_hh.copy_(sh.part[0].gw_hh);
+    gw_ih.copy_(sh.part[0].gw_ih);
+    for (int k = 1; k < parts; ++k) {
+      gw_hh.add_(sh.part[k].gw_hh);
+      gw_ih.add_(sh.part[k].gw_ih);
     }
   }
-  if (per_step_gemms) weight_gradients(0, gradients_of_step(0), 0, 1);
   if (dwh_steps.has_value()) {  // dW_h = sum_t dwh_t^T h_{t-1}, h_{-1} = h0
+    Tensor gw_hh = grad_weight_hh;
     at::mm_out(gw_hh, (*dwh_steps)[0].t(), h0);
     if (steps > 1)
       at::addmm_out(gw_hh, gw_hh, (*dwh_steps).narrow(0, 1, steps - 1).reshape({(steps - 1) * B, G}).t(),
                     hs.narrow(0, 0, steps - 1).reshape({(steps - 1) * B, H}));
   }
-  std::copy(dc_next.begin(), dc_next.end(), grad_c0.data_ptr<T>());
-  store<T>(d_bias, grad_bias);
-  if (narrow) store<T>(narrow_grad->d_weight, grad_weight_ih);
-  if (nx.on()) store<T>(narrow ? narrow_grad->d_gamma : bx.d_gamma_total, grad_gamma_x);
-  if (nh.on()) store<T>(bh.d_gamma_total, grad_gamma_h);
-  if (nc.on()) store<T>(bc.d_gamma_total, grad_gamma_c);
-  if (nc.on()) store<T>(d_beta_c, grad_beta_c);
+  std::copy(sh.dc_next.begin(), sh.dc_next.end(), grad_c0.data_ptr<T>());
+  const auto total = [&](std::vector<double> BackwardPart<T>::*member) {
+    std::vector<double> sum = sh.part[0].*member;
+    for (int k = 1; k < parts; ++k)
+      for (size_t f = 0; f < sum.size(); ++f) sum[f] += (sh.part[k].*member)[f];
+    return sum;
+  };
+  store<T>(total(&BackwardPart<T>::d_bias), grad_bias);
+  if (sh.narrow) store<T>(nx.on() ? sh.narrow_d_weight : total(&BackwardPart<T>::d_weight_ih), grad_weight_ih);
+  if (nx.on()) store<T>(sh.narrow ? sh.narrow_d_gamma : total(&BackwardPart<T>::d_gamma_x), grad_gamma_x);
+  if (nh.on()) store<T>(total(&BackwardPart<T>::d_gamma_h), grad_gamma_h);
+  if (nc.on()) store<T>(total(&BackwardPart<T>::d_gamma_c), grad_gamma_c);
+  if (nc.on()) store<T>(total(&BackwardPart<T>::d_beta_c), grad_beta_c);
 }
 
 void recurrence_backward(const Tensor& grad_hs, const Tensor& grad_c_last, const Tensor& x, const OptTensor& wx,
