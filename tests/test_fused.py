@@ -309,25 +309,30 @@ def restore_threads():
 
 @pytest.mark.parametrize("switches", [(True, True, True), (False, False, False)], ids=["bnlstm", "vanilla"])
 @pytest.mark.parametrize("I, H", [(3, 5), (12, 5), (12, 256)], ids=["narrow", "wide", "wide_large_hidden"])
-def test_same_results_on_one_two_and_three_threads(switches, I, H, cpu_loop, restore_threads):
-    """The compiled forward splits a batch of 16 rows or more in two parts, one per thread
-    (a team of three leaves one idle); its backward runs each step's loops on one thread
-    beside the previous step's weight-gradient GEMMs, split by rows over the other threads
-    (``forward_loop``, ``beside`` in the C++ source); on one thread, one after the other.
-    Every thread count gives the reference's results (float64), and the same results as
-    the others."""
+@pytest.mark.parametrize("B", [7, 20], ids=["one_part", "two_parts"])
+def test_same_results_on_one_two_and_three_threads(switches, I, H, B, cpu_loop, restore_threads):
+    """The compiled loops split a batch of 16 rows or more in two parts, one per thread (a
+    team of three leaves one idle; BATCH_PARTS in the C++ source); with one part (below 16
+    rows, and from H = 256) the backward runs a step's loops beside the previous step's
+    weight-gradient GEMMs, split over the other threads (``beside``). On one thread all of
+    it runs one after the other. Every thread count gives the reference's results (float64,
+    training and inference with population statistics), and the same as the others."""
     fast, ref = twin_layers(switches, torch.float64, randomised=True, I=I, H=H)
     g = torch.Generator().manual_seed(1)
-    B = 20
     x = torch.randn(9, B, I, generator=g, dtype=torch.float64)
     state = (torch.randn(B, H, generator=g, dtype=torch.float64), torch.randn(B, H, generator=g, dtype=torch.float64))
     run_r = run_with_grads(ref.train(), x, state)
+    with torch.no_grad():
+        eval_r, _ = ref.eval()(x, state)
     runs = []
     for threads in (1, 2, 3):
         torch.set_num_threads(threads)
         layer = copy.deepcopy(fast)
         runs.append(run_with_grads(layer.train(), x, state))
         assert_same_results(runs[-1], run_r, atol=1e-11, rtol=1e-9)
+        with torch.no_grad():  # inference with population statistics, in parts too
+            eval_f, _ = layer.eval()(x, state)
+        torch.testing.assert_close(eval_f, eval_r, atol=1e-11, rtol=1e-9)
     for run in runs[1:]:
         assert_same_results(run, runs[0], atol=1e-11, rtol=1e-9)
     expect_compiled(cpu_loop)

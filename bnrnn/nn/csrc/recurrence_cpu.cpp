@@ -896,32 +896,44 @@ void population_loop(const Tensor& xin, const RecurrentProduct& recurrent, const
                      const OptTensor& c_scale, const OptTensor& c_shift, const Tensor& h0, const Tensor& c0,
                      const Tensor& hs, const Tensor& c_last) {
   const int64_t steps = xin.size(0), B = xin.size(1), G = xin.size(2), H = G / 4;
-  const Tensor buffer = at::empty({B, G}, xin.options());
-  std::vector<T> gates(B * G), tanh_c(B * H), cells(2 * B * H);
   const std::vector<T> ones(G, T(1)), zeros(G, T(0));
   const T* hsc = data_or_null<T>(h_scale);
   const T* csc = data_or_null<T>(c_scale);
   const T* csh = data_or_null<T>(c_shift);
+  std::vector<T> cells(2 * B * H);  // c_{t-1} and c_t, by parity
   std::copy(c0.data_ptr<T>(), c0.data_ptr<T>() + B * H, cells.begin());
-  Tensor h = h0;
-  for (int64_t t = 0; t < steps; ++t) {
-    const T* x = xin.data_ptr<T>() + t * B * G;
-    const T* c_prev = cells.data() + (t % 2) * B * H;
-    T* c = cells.data() + ((t + 1) % 2) * B * H;
-    const Tensor product = recurrent.forward(h, buffer);  // held: it may be a new tensor
-    const T* p = product.data_ptr<T>();
-    const T* sh = hsc ? hsc + t * G : ones.data();
-    const T* sc = csc ? csc + t * H : ones.data();
-    const T* sf = csh ? csh + t * H : zeros.data();
-    T* hp = hs.data_ptr<T>() + t * B * H;
-    for (int64_t b = 0; b < B; ++b) {
-      T* s = gates.data() + b * G;
-      gates_row<T>(G, x + b * G, ones.data(), zeros.data(), p + b * G, sh, zeros.data(), s);
-      cell_row<T>(H, s, c_prev + b * H, c + b * H);
-      hidden_row<T>(H, c + b * H, sc, sf, s + 3 * H, tanh_c.data() + b * H, hp + b * H);
+  const Tensor buffer = at::empty({B, G}, xin.options());
+  // The rows of each part of the batch (see BATCH_PARTS): rows never meet, so no barrier.
+  const auto [parts, threads] = parts_and_threads(B, recurrent);
+  const auto rows_of_thread = [&, parts = parts](int thread, int count) {
+    const int p0 = parts * thread / count, p1 = parts * (thread + 1) / count;
+    std::vector<T> gates(B * G), tanh_c(B * H);
+    for (int64_t t = 0; t < steps; ++t) {
+      const T* x = xin.data_ptr<T>() + t * B * G;
+      const T* c_prev = cells.data() + (t % 2) * B * H;
+      T* c = cells.data() + ((t + 1) % 2) * B * H;
+      const T* sh = hsc ? hsc + t * G : ones.data();
+      const T* sc = csc ? csc + t * H : ones.data();
+      const T* sf = csh ? csh + t * H : zeros.data();
+      T* hp = hs.data_ptr<T>() + t * B * H;
+      const Tensor h = t > 0 ? hs[t - 1] : h0;
+      for (int k = p0; k < p1; ++k) {
+        const int64_t r0 = B * k / parts, r1 = B * (k + 1) / parts;
+        const Tensor out = buffer.narrow(0, r0, r1 - r0);
+        const Tensor product = recurrent.forward(h.narrow(0, r0, r1 - r0), out);  // held: it may be new
+        const T* p = product.data_ptr<T>() - r0 * G;
+        for (int64_t b = r0; b < r1; ++b) {
+          T* s = gates.data() + b * G;
+          gates_row<T>(G, x + b * G, ones.data(), zeros.data(), p + b * G, sh, zeros.data(), s);
+          cell_row<T>(H, s, c_prev + b * H, c + b * H);
+          hidden_row<T>(H, c + b * H, sc, sf, s + 3 * H, tanh_c.data() + b * H, hp + b * H);
+        }
+      }
     }
-    h = hs[t];
-  }
+  };
+  SpinBarrier none(threads);  // the parts never wait for each other
+  if (threads == 1 || !run_on_threads(threads, none, [&](int thread) { rows_of_thread(thread, threads); }))
+    rows_of_thread(0, 1);
   const T* c_final = cells.data() + (steps % 2) * B * H;
   std::copy(c_final, c_final + B * H, c_last.data_ptr<T>());
 }
