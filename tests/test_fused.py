@@ -310,13 +310,18 @@ def restore_threads():
 @pytest.mark.parametrize("switches", [(True, True, True), (False, False, False)], ids=["bnlstm", "vanilla"])
 @pytest.mark.parametrize("I, H", [(3, 5), (12, 5), (12, 256)], ids=["narrow", "wide", "wide_large_hidden"])
 @pytest.mark.parametrize("B", [7, 20], ids=["one_part", "two_parts"])
-def test_same_results_on_one_two_and_three_threads(switches, I, H, B, cpu_loop, restore_threads):
+@pytest.mark.parametrize("blas", ["direct", "aten"])
+def test_same_results_on_one_two_and_three_threads(switches, I, H, B, blas, cpu_loop, restore_threads, monkeypatch):
     """The compiled loops split a batch of 16 rows or more in two parts, one per thread (a
     team of three leaves one idle; BATCH_PARTS in the C++ source); with one part (below 16
-    rows, and from H = 256) the backward runs a step's loops beside the previous step's
-    weight-gradient GEMMs, split over the other threads (``beside``). On one thread all of
-    it runs one after the other. Every thread count gives the reference's results (float64,
-    training and inference with population statistics), and the same as the others."""
+    rows, and with W_h packed for oneDNN: float32 from H = 256) the backward runs a step's
+    loops beside the previous step's weight-gradient GEMMs, split over the other threads
+    (``beside``). On one thread all of it runs one after the other. Every thread count gives
+    the reference's results (float64, training and inference with population statistics),
+    and the same as the others; with the GEMMs called on the BLAS directly, and through
+    ATen (BNRNN_DIRECT_BLAS=0)."""
+    if blas == "aten":
+        monkeypatch.setenv("BNRNN_DIRECT_BLAS", "0")
     fast, ref = twin_layers(switches, torch.float64, randomised=True, I=I, H=H)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(9, B, I, generator=g, dtype=torch.float64)

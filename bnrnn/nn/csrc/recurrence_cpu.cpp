@@ -19,7 +19,11 @@
 // ~9 regions a step) had cost twice as much once the process had used oneDNN (libgomp then
 // put the threads to sleep between regions). With one part (PTB's H = 1000: packed weights,
 // whose oneDNN GEMM spreads over the threads itself) the backward runs a step's loops beside
-// the previous step's weight-gradient GEMMs instead (beside(); PTB backward 0.97x).
+// the previous step's weight-gradient GEMMs instead (beside(); PTB backward 0.97x). The
+// parts' GEMMs call the BLAS directly (gemm()): through ATen each cost a few microseconds of
+// dispatch and operand tensors more; direct, a seqMNIST step took 0.92x (BN-LSTM and
+// vanilla). Still open: with BN the threads wait at the barriers for 2-6% of the step, as
+// one thread's GEMMs run slower than the other's for a whole run (which one varies).
 //
 // What else was measured and left out: streaming the saved buffers with non-temporal stores
 // from cache-resident step buffers (no gain: the copies cost what the avoided reads saved);
@@ -50,7 +54,9 @@
 #include <cstdint>
 #include <cstring>
 #include <exception>
+#include <cstdlib>
 #include <optional>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -379,6 +385,50 @@ void check_cpu_contiguous(std::initializer_list<std::pair<const Tensor*, const c
 
 // ---- the recurrent products ---------------------------------------------------------------
 
+// The Fortran BLAS GEMMs of the library torch links (MKL's, on x86), weak: null where torch
+// exports none, and the callers fall back on ATen's mm. Called directly, a small GEMM skips
+// ATen's dispatch and the tensors that describe its operands (a few microseconds, 3 GEMMs a
+// step, 784 steps); inside a parallel region MKL runs it on the calling thread.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+}
+
+template <typename T>
+struct Blas;
+template <>
+struct Blas<float> {
+  static constexpr auto gemm = &sgemm_;
+};
+template <>
+struct Blas<double> {
+  static constexpr auto gemm = &dgemm_;
+};
+
+// Whether the loops call the BLAS directly: where torch exports it, unless the environment
+// says BNRNN_DIRECT_BLAS=0 (the tests' way to run the ATen fallback).
+template <typename T>
+bool have_blas() {
+  const char* setting = std::getenv("BNRNN_DIRECT_BLAS");
+  return Blas<T>::gemm != nullptr && !(setting && std::string(setting) == "0");
+}
+
+// Row-major C (m, n) = op(A) (m, k) op(B) (k, n) + beta C; op transposes where asked. (The
+// column-major BLAS computes C^T = op(B)^T op(A)^T on the same memory.)
+template <typename T>
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
+          int64_t ldb, T beta, T* c, int64_t ldc) {
+  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+  const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
+  const int LA = static_cast<int>(ldb), LB = static_cast<int>(lda), LC = static_cast<int>(ldc);
+  const T one = T(1);
+  Blas<T>::gemm(&tb, &ta, &M, &N, &K, &one, b, &LA, a, &LB, &beta, c, &LC);
+}
+
 // h W_h^T (forward, (B, H) -> (B, G)) and g W_h [+ add] (backward, (B, G) -> (B, H)) of every
 // step. With a large hidden size the caller passes W_h and W_h^T packed once per sequence
 // into oneDNN's blocked layout (what torch.nn.LSTM does inside; see cpu_recurrence.py), and
@@ -389,6 +439,7 @@ struct RecurrentProduct {
       : weight(weight_hh), weight_t(weight_hh.t()), packed(packed), packed_t(packed_t) {}
 
   bool uses_packed_weights() const { return packed.has_value() || packed_t.has_value(); }
+  const Tensor& weight_hh() const { return weight; }
 
   // h W^T: into `out`, or a new tensor; returns the tensor that holds it.
   Tensor forward(const Tensor& h, const Tensor& out) const {
@@ -760,6 +811,8 @@ struct ForwardShared {
   int parts, threads;
   std::vector<PartMoments<T>> moments_x, moments_h, moments_c;  // [parity * parts + part]
   SpinBarrier barrier;
+  const T* weight_hh;  // W_h (G, H)
+  bool direct;         // the products through the BLAS directly (see gemm)
 
   ForwardShared(const T* wx, const NarrowInput<T>* narrow, const RecurrentProduct& recurrent, const Norm<T>& nx,
                 const Norm<T>& nh, const Norm<T>& nc, const Tensor& h0, const Tensor& c0, const Tensor& hs,
@@ -770,7 +823,8 @@ struct ForwardShared {
         moments_x(2 * parts, PartMoments<T>(wx && nx.on() ? nx.width : 0)),
         moments_h(2 * parts, PartMoments<T>(nh.on() ? nh.width : 0)),
         moments_c(2 * parts, PartMoments<T>(nc.on() ? nc.width : 0)),
-        barrier(threads) {}
+        barrier(threads), weight_hh(recurrent.weight_hh().template data_ptr<T>()),
+        direct(have_blas<T>() && !recurrent.uses_packed_weights()) {}
 
   int64_t first_row(int part) const { return cs.size(1) * part / parts; }
 };
@@ -813,9 +867,14 @@ bool forward_rows(ForwardShared<T>& sh, int thread) {
     const Tensor h = t > 0 ? sh.hs[t - 1] : sh.h0;
     for (int part = p0; part < p1; ++part) {
       const int64_t r0 = sh.first_row(part), rows = sh.first_row(part + 1) - r0;
-      const Tensor out = product.narrow(0, r0, rows);
-      const Tensor result = sh.recurrent.forward(h.narrow(0, r0, rows), out);
-      if (!result.is_same(out)) out.copy_(result);
+      if (sh.direct) {  // rows of h_{t-1} W_h^T
+        gemm<T>(false, true, rows, G, H, h.template data_ptr<T>() + r0 * H, H, sh.weight_hh, H, T(0),
+                product.template data_ptr<T>() + r0 * G, G);
+      } else {
+        const Tensor out = product.narrow(0, r0, rows);
+        const Tensor result = sh.recurrent.forward(h.narrow(0, r0, rows), out);
+        if (!result.is_same(out)) out.copy_(result);
+      }
       const int64_t slot = (t % 2) * sh.parts + part;
       if (wide_x) sh.moments_x[slot].compute(x + r0 * G, rows, G);
       if (sh.nh.on()) sh.moments_h[slot].compute(product.template data_ptr<T>() + r0 * G, rows, G);
@@ -903,6 +962,8 @@ void population_loop(const Tensor& xin, const RecurrentProduct& recurrent, const
   std::vector<T> cells(2 * B * H);  // c_{t-1} and c_t, by parity
   std::copy(c0.data_ptr<T>(), c0.data_ptr<T>() + B * H, cells.begin());
   const Tensor buffer = at::empty({B, G}, xin.options());
+  const bool direct = have_blas<T>() && !recurrent.uses_packed_weights();  // see gemm
+  const T* weight_hh = recurrent.weight_hh().data_ptr<T>();
   // The rows of each part of the batch (see BATCH_PARTS): rows never meet, so no barrier.
   const auto [parts, threads] = parts_and_threads(B, recurrent);
   const auto rows_of_thread = [&, parts = parts](int thread, int count) {
@@ -920,7 +981,11 @@ void population_loop(const Tensor& xin, const RecurrentProduct& recurrent, const
       for (int k = p0; k < p1; ++k) {
         const int64_t r0 = B * k / parts, r1 = B * (k + 1) / parts;
         const Tensor out = buffer.narrow(0, r0, r1 - r0);
-        const Tensor product = recurrent.forward(h.narrow(0, r0, r1 - r0), out);  // held: it may be new
+        Tensor product = out;  // held: recurrent.forward may return a new tensor
+        if (direct)
+          gemm<T>(false, true, r1 - r0, G, H, h.data_ptr<T>() + r0 * H, H, weight_hh, H, T(0), out.data_ptr<T>(), G);
+        else
+          product = recurrent.forward(h.narrow(0, r0, r1 - r0), out);
         const T* p = product.data_ptr<T>() - r0 * G;
         for (int64_t b = r0; b < r1; ++b) {
           T* s = gates.data() + b * G;
@@ -1037,6 +1102,8 @@ struct BackwardShared {
   std::vector<BackwardPart<T>> part;
   std::vector<double> narrow_d_weight, narrow_d_gamma;  // a narrow input's with BN_x (thread 0's)
   SpinBarrier barrier;
+  const T* weight_hh;  // W_h (G, H)
+  bool direct;         // the GEMMs of dW_h and dL/dh through the BLAS directly (see gemm)
 
   BackwardShared(const Tensor& grad_hs, const Tensor& grad_c_last, const Tensor& x, const OptTensor& wx,
                  const Tensor& weight_ih, const RecurrentProduct& recurrent, const Norm<T>& nx, const Norm<T>& nh,
@@ -1051,7 +1118,9 @@ struct BackwardShared {
         norms(int(nh.on()) + int(nx.on() && wide)), parts(parts), threads(threads),
         per_step_gemms(!dwh_steps.has_value() || wide), dc_next(grad_c_last.data_ptr<T>(),
                                                                  grad_c_last.data_ptr<T>() + B * H),
-        dcn(B * H), dc_buffer(B * H), barrier(threads) {
+        dcn(B * H), dc_buffer(B * H), barrier(threads),
+        weight_hh(recurrent.weight_hh().template data_ptr<T>()),
+        direct(have_blas<T>() && !recurrent.uses_packed_weights()) {
     if (!wide) narrow.emplace(x, weight_ih, std::nullopt);  // (b is BN_x's beta here, not needed)
     const auto step_buffers = [&](bool needed) {
       std::array<Tensor, 2> slots;
@@ -1090,7 +1159,11 @@ struct BackwardShared {
   void weight_gradients(int64_t t, const StepGradients& g, BackwardPart<T>& p, int64_t r0, int64_t rows,
                         int64_t block, int64_t blocks) const {
     const int64_t f0 = G * block / blocks, width = G * (block + 1) / blocks - f0;
-    if (!dwh_steps.has_value()) {
+    if (!dwh_steps.has_value() && direct) {
+      gemm<T>(true, false, width, H, rows, g.dwh.template data_ptr<T>() + r0 * G + f0, G,
+              (t > 0 ? hs[t - 1] : h0).template data_ptr<T>() + r0 * H, H, T(1),
+              p.gw_hh.template data_ptr<T>() + f0 * H, H);
+    } else if (!dwh_steps.has_value()) {
       Tensor out = p.gw_hh.narrow(0, f0, width);
       at::addmm_out(out, out, g.dwh.narrow(0, r0, rows).narrow(1, f0, width).t(),
                     (t > 0 ? hs[t - 1] : h0).narrow(0, r0, rows));
@@ -1108,6 +1181,16 @@ struct BackwardShared {
   // dL/dh_{t-1} = dwh W_h (+ the loss's own gradient of h_{t-1}) for rows [r0, r0 + rows);
   // at t = 0 into grad_h0.
   void hidden_gradient(int64_t t, const StepGradients& g, int64_t r0, int64_t rows) const {
+    if (direct) {
+      T* out = (t > 0 ? dh : grad_h0).template data_ptr<T>() + r0 * H;
+      if (t > 0) {
+        const T* add = grad_hs.template data_ptr<T>() + ((t - 1) * B + r0) * H;
+        std::copy(add, add + rows * H, out);
+      }
+      gemm<T>(false, false, rows, H, G, g.dwh.template data_ptr<T>() + r0 * G, G, weight_hh, H, T(t > 0 ? 1 : 0), out,
+              H);
+      return;
+    }
     const Tensor out = (t > 0 ? dh : grad_h0).narrow(0, r0, rows);
     const Tensor result =
         recurrent.backward(g.dwh.narrow(0, r0, rows), t > 0 ? grad_hs[t - 1].narrow(0, r0, rows) : Tensor(), out);
@@ -1306,7 +1389,8 @@ void recurrence_backward(const Tensor& grad_hs, const Tensor& grad_c_last, const
                          const Tensor& grad_c0, const OptTensor& grad_gamma_x, const OptTensor& grad_gamma_h,
                          const OptTensor& grad_gamma_c, const OptTensor& grad_beta_c, const OptTensor& packed_hh_t,
                          const OptTensor& dwh_steps) {
-  check_cpu_contiguous({{&grad_hs, "grad_hs"}, {&grad_c_last, "grad_c_last"}, {&x, "x"}, {&h0, "h0"}, {&c0, "c0"}, {&hs, "hs"}, {&cs, "cs"}, {&sig, "sig"}, {&tanh_c, "tanh_c"},
+  check_cpu_contiguous({{&grad_hs, "grad_hs"}, {&grad_c_last, "grad_c_last"}, {&x, "x"}, {&weight_hh, "weight_hh"},
+                        {&h0, "h0"}, {&c0, "c0"}, {&hs, "hs"}, {&cs, "cs"}, {&sig, "sig"}, {&tanh_c, "tanh_c"},
                         {&grad_weight_ih, "grad_weight_ih"}, {&grad_weight_hh, "grad_weight_hh"},
                         {&grad_h0, "grad_h0"}, {&grad_c0, "grad_c0"}});
   if (grad_x.has_value()) check_cpu_contiguous({{&*grad_x, "grad_x"}});
