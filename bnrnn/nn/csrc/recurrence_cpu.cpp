@@ -240,8 +240,8 @@ struct Affine {
   std::vector<T> scale, shift;
 };
 
-// Batch statistics come from the batch's rows in parts (one per thread of the forward; see
-// ForwardRows): each part's moments about its own first row, which is as close to the mean
+// Batch statistics come from the batch's rows in parts (BATCH_PARTS, spread over threads; see
+// forward_rows): each part's moments about its own first row, which is as close to the mean
 // as the data's spread, so |mean| >> std loses no precision (the shifted-data algorithm).
 template <typename T>
 struct PartMoments {
@@ -796,7 +796,6 @@ inline std::pair<int, int> parts_and_threads(int64_t batch, const RecurrentProdu
   return {parts, threads};
 }
 
-
 // What the threads of the forward share: the arguments, the moments of each part's rows
 // (two sets, by the step's parity: a thread may start step t + 1 while another still reads
 // step t's), and the barrier.
@@ -1107,17 +1106,16 @@ struct BackwardShared {
 
   BackwardShared(const Tensor& grad_hs, const Tensor& grad_c_last, const Tensor& x, const OptTensor& wx,
                  const Tensor& weight_ih, const RecurrentProduct& recurrent, const Norm<T>& nx, const Norm<T>& nh,
-                 const Norm<T>& nc, const Tensor& h0, const Tensor& c0, const Tensor& hs, const Tensor& cs, const Tensor& sig,
-                 const Tensor& tanh_c, const OptTensor& wh, const OptTensor& grad_x, const Tensor& grad_weight_ih,
-                 const Tensor& grad_weight_hh, const Tensor& grad_h0, const OptTensor& dwh_steps, int parts,
-                 int threads)
+                 const Norm<T>& nc, const Tensor& h0, const Tensor& c0, const Tensor& hs, const Tensor& cs,
+                 const Tensor& sig, const Tensor& tanh_c, const OptTensor& wh, const OptTensor& grad_x,
+                 const Tensor& grad_weight_ih, const Tensor& grad_weight_hh, const Tensor& grad_h0,
+                 const OptTensor& dwh_steps, int parts, int threads)
       : grad_hs(grad_hs), x(x), weight_ih(weight_ih), h0(h0), hs(hs), cs(cs), sig(sig), tanh_c(tanh_c),
         grad_h0(grad_h0), wh(wh), grad_x(grad_x), dwh_steps(dwh_steps), recurrent(recurrent), nx(nx), nh(nh),
         nc(nc), steps(cs.size(0)), B(cs.size(1)), H(cs.size(2)), G(4 * cs.size(2)), c0_data(c0.data_ptr<T>()),
-        wide(data_or_null<T>(wx)),
-        norms(int(nh.on()) + int(nx.on() && wide)), parts(parts), threads(threads),
-        per_step_gemms(!dwh_steps.has_value() || wide), dc_next(grad_c_last.data_ptr<T>(),
-                                                                 grad_c_last.data_ptr<T>() + B * H),
+        wide(data_or_null<T>(wx)), norms(int(nh.on()) + int(nx.on() && wide)), parts(parts), threads(threads),
+        per_step_gemms(!dwh_steps.has_value() || wide),
+        dc_next(grad_c_last.data_ptr<T>(), grad_c_last.data_ptr<T>() + B * H),
         dcn(B * H), dc_buffer(B * H), barrier(threads),
         weight_hh(recurrent.weight_hh().template data_ptr<T>()),
         direct(have_blas<T>() && !recurrent.uses_packed_weights()) {
@@ -1312,7 +1310,9 @@ bool backward_rows(BackwardShared<T>& sh, int thread) {
       // one part: the loops beside the previous step's weight GEMMs
       const StepGradients later = sh.gradients_of_step(t + 1);
       beside([&] { step_backward(); },
-             [&](int64_t block, int64_t blocks) { sh.weight_gradients(t + 1, later, sh.part[0], 0, B, block, blocks); });
+             [&](int64_t block, int64_t blocks) {
+               sh.weight_gradients(t + 1, later, sh.part[0], 0, B, block, blocks);
+             });
     } else if (!step_backward()) {
       return false;
     }
