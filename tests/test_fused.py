@@ -308,15 +308,52 @@ def restore_threads():
 
 
 @pytest.mark.parametrize("switches", [(True, True, True), (False, False, False)], ids=["bnlstm", "vanilla"])
+@pytest.mark.parametrize("B", [7, 20], ids=["one_part", "two_parts"])
+def test_packed_halves_on_one_two_and_three_threads(switches, B, cpu_loop, restore_threads):
+    """Float32 from H = 256: W_h (forward) and W_h^T (backward) go to oneDNN packed as two row
+    halves, and the recurrent products come in column halves, one per thread, the threads
+    meeting before and after each (with one part of the rows too: the thread without rows
+    then takes the backward's weight GEMMs). Every thread count gives the reference's
+    results within float32 tolerance (training, and inference with population statistics),
+    and exactly the same values as the others (each half is the same single-threaded GEMM
+    wherever it runs; the ATen loop's whole-weight GEMMs spread over oneDNN's threads)."""
+    fast, ref = twin_layers(switches, torch.float32, randomised=False, I=12, H=256)
+    assert len(fused.packed_column_halves(fast.weight_hh, B)) == 2  # the path under test
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(9, B, 12, generator=g)
+    state = (torch.randn(B, 256, generator=g), torch.randn(B, 256, generator=g))
+    run_r = run_with_grads(ref.train(), x, state)
+    with torch.no_grad():
+        eval_r, _ = copy.deepcopy(ref).double().eval()(x.double(), tuple(s.double() for s in state))
+    runs, evals = [], []
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        layer = copy.deepcopy(fast)
+        runs.append(run_with_grads(layer.train(), x, state))
+        assert_float32_results(runs[-1], run_r)
+        with torch.no_grad():
+            evals.append(layer.eval()(x, state)[0])
+        torch.testing.assert_close(evals[-1].double(), eval_r, atol=1e-5, rtol=1e-5)
+    for run, out in zip(runs[1:], evals[1:]):
+        if USE_COMPILED["value"]:
+            assert_same_results(run, runs[0], atol=0, rtol=0)
+            assert torch.equal(out, evals[0])
+        else:  # the ATen loop's oneDNN GEMMs split over however many threads there are
+            assert_float32_results(run, runs[0])
+            torch.testing.assert_close(out, evals[0], atol=1e-5, rtol=1e-5)
+    expect_compiled(cpu_loop)
+
+
+@pytest.mark.parametrize("switches", [(True, True, True), (False, False, False)], ids=["bnlstm", "vanilla"])
 @pytest.mark.parametrize("I, H", [(3, 5), (12, 5), (12, 256)], ids=["narrow", "wide", "wide_large_hidden"])
 @pytest.mark.parametrize("B", [7, 20], ids=["one_part", "two_parts"])
 @pytest.mark.parametrize("blas", ["direct", "aten"])
 def test_same_results_on_one_two_and_three_threads(switches, I, H, B, blas, cpu_loop, restore_threads, monkeypatch):
     """The compiled loops split a batch of 16 rows or more in two parts, one per thread (a
     team of three leaves one idle; BATCH_PARTS in the C++ source); with one part (below 16
-    rows, and with W_h packed for oneDNN: float32 from H = 256) the backward runs a step's
-    loops beside the previous step's weight-gradient GEMMs, split over the other threads
-    (``beside``). On one thread all of it runs one after the other. Every thread count gives
+    rows) the backward runs a step's loops beside the previous step's weight-gradient GEMMs,
+    split over the other threads (``beside``). (Float64: W_h is never packed here; see
+    test_packed_halves_on_one_two_and_three_threads.) On one thread all of it runs one after the other. Every thread count gives
     the reference's results (float64, training and inference with population statistics),
     and the same as the others; with the GEMMs called on the BLAS directly, and through
     ATen (BNRNN_DIRECT_BLAS=0)."""

@@ -5,8 +5,8 @@ input projection inside: the Function takes x and W_x, so that its backward accu
 dW_x, dW_h and db step by step, from one step's gradients still in cache, instead of
 writing (T, B, 4H) gradient buffers (80 MB each at seqMNIST) and reading them back for one
 large GEMM each. From hidden size 256 (PTB's 1000) the balance turns: the recurrent products
-use W_h packed for oneDNN, and dW_h is one GEMM over the sequence
-(WHOLE_SEQUENCE_WEIGHT_GRAD_MIN_HIDDEN).
+use W_h packed for oneDNN in two row halves, one per thread (packed_column_halves), and dW_h
+is one GEMM over the sequence (WHOLE_SEQUENCE_WEIGHT_GRAD_MIN_HIDDEN).
 
 Buffers (all from the :mod:`~bnrnn.nn.workspace` pool):
     wx (T, B, 4H): W_x x (+ b when x is not normalised), for inputs wider than
@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from bnrnn.nn.fused import PACKED_MIN_HIDDEN, STATISTICS, Norms, packed_weight, project_input, statistics_buffers
+from bnrnn.nn.fused import (PACKED_MIN_HIDDEN, STATISTICS, Norms, packed_column_halves, packed_weight, project_input,
+                            statistics_buffers)
 from bnrnn.nn.workspace import WORKSPACE
 
 
@@ -69,7 +70,7 @@ def run_forward(x, weight_ih, bias, weight_hh, gamma_x, gamma_h, gamma_c, beta_c
     torch.ops.bnrnn_cpu.recurrence_forward(
         x, weight_ih.contiguous(), input_bias, wx, weight_hh.contiguous(), n.gamma_x, n.beta_x, n.gamma_h,
         n.gamma_c, n.beta_c, h0.contiguous(), c0.contiguous(), n.eps_x, n.eps_h, n.eps_c, hs, cs, sig, tanh_c, wh,
-        *(stats.get(k) for k in STATISTICS), packed_weight(weight_hh, B))
+        *(stats.get(k) for k in STATISTICS), packed_column_halves(weight_hh, B))
     stats.update(sig=sig, tanh_c=tanh_c, wh=wh, wx=wx)
     return hs, cs, stats
 
@@ -84,7 +85,7 @@ def population_forward(xin, weight_hh, h_scale, c_scale, c_shift, h0, c0):
     torch.ops.bnrnn_cpu.population_forward(
         xin.contiguous(), weight_hh.contiguous(), *(None if t is None else t.contiguous() for t in
                                                     (h_scale, c_scale, c_shift)),
-        h0.contiguous(), c0.contiguous(), hs, c_last, packed_weight(weight_hh, B))
+        h0.contiguous(), c0.contiguous(), hs, c_last, packed_column_halves(weight_hh, B))
     return hs, c_last
 
 
@@ -123,7 +124,7 @@ class CompiledLSTMRecurrence(torch.autograd.Function):
             grad_hs.contiguous(), grad_c_last.contiguous(), x, saved["wx"], weight_ih.contiguous(),
             weight_hh.contiguous(), gamma_x, gamma_h, gamma_c, h0, c0, hs, cs, saved["sig"], saved["tanh_c"], saved["wh"],
             *(saved.get(k) for k in STATISTICS), grad_x, grad_weight_ih, grad_bias, grad_weight_hh, grad_h0, grad_c0,
-            *norm_grads, packed_weight(weight_hh, B, transposed=True), dwh_steps)
+            *norm_grads, packed_column_halves(weight_hh, B, transposed=True), dwh_steps)
         grad_gamma_x, grad_gamma_h, grad_gamma_c, grad_beta_c = norm_grads
         return (grad_x, grad_weight_ih, grad_bias, grad_weight_hh, grad_gamma_x, grad_gamma_h, grad_gamma_c,
                 grad_beta_c, grad_h0, grad_c0, None, None)

@@ -7,19 +7,20 @@
 // (one pass), then one pass that normalises, adds the two terms, applies the activations and
 // updates the cell.
 //
-// Threads. With 16 rows or more (and no packed weights) both loops split each step's batch
-// into BATCH_PARTS = 2 parts, one per thread, in one OpenMP region for the whole sequence:
-// each part's GEMMs (MKL, single-threaded inside the region) and loops over its rows; the
-// threads meet at a spin barrier only where a norm needs the whole batch's sums (twice a
-// step with BN, never for a vanilla LSTM). The parts' sums combine in a fixed order, so
+// Threads. With 16 rows or more both loops split each step's batch into BATCH_PARTS = 2
+// parts, one per thread, in one OpenMP region for the whole sequence: each part's GEMMs
+// (MKL, single-threaded inside the region) and loops over its rows; the threads meet at a
+// spin barrier only where a norm needs the whole batch's sums (twice a step with BN, never
+// for a vanilla LSTM). With a large hidden size (W_h packed for oneDNN, in two halves) each
+// thread instead computes one column half of the recurrent product over every row, and the
+// threads also meet before and after it (PTB forward 0.78-0.82x, inference 0.82x). The parts' sums combine in a fixed order, so
 // results are bit-identical on one thread or two. Measured on 2 cores at seqMNIST,
 // interleaved in one process against the previous design: forward 0.77-0.81x (BN-LSTM) and
 // 0.65x (vanilla); backward 0.97x (BN-LSTM) and 0.79x (vanilla). That previous design ran
 // the loops on one thread and the GEMMs on all; splitting only the loops (at::parallel_for,
 // ~9 regions a step) had cost twice as much once the process had used oneDNN (libgomp then
-// put the threads to sleep between regions). With one part (PTB's H = 1000: packed weights,
-// whose oneDNN GEMM spreads over the threads itself) the backward runs a step's loops beside
-// the previous step's weight-gradient GEMMs instead (beside(); PTB backward 0.97x). The
+// put the threads to sleep between regions). With one part (below 16 rows) the backward runs
+// a step's loops beside the previous step's weight-gradient GEMMs instead (beside()). The
 // parts' GEMMs call the BLAS directly (gemm()): through ATen each cost a few microseconds of
 // dispatch and operand tensors more; direct, a seqMNIST step took 0.92x (BN-LSTM and
 // vanilla). Still open: with BN the threads wait at the barriers for 2-6% of the step, as
@@ -430,57 +431,67 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const T* 
 }
 
 // h W_h^T (forward, (B, H) -> (B, G)) and g W_h [+ add] (backward, (B, G) -> (B, H)) of every
-// step. With a large hidden size the caller passes W_h and W_h^T packed once per sequence
-// into oneDNN's blocked layout (what torch.nn.LSTM does inside; see cpu_recurrence.py), and
-// the products go through oneDNN's linear op, which returns a new tensor; otherwise ATen's
-// mm into the caller's buffer.
+// step. With a large hidden size the caller passes W_h (forward) or W_h^T (backward) packed
+// once per sequence into oneDNN's blocked layout (what torch.nn.LSTM does inside; see
+// cpu_recurrence.py), as two row halves: the product then comes in column halves, one per
+// thread, each a single-threaded oneDNN GEMM on its own half of the weight (at PTB's shape
+// 4.6 ms against 5.4 for oneDNN's GEMM of the whole product on both threads). Otherwise
+// ATen's mm, or the BLAS directly (see gemm), into the caller's buffer.
 struct RecurrentProduct {
-  RecurrentProduct(const Tensor& weight_hh, const OptTensor& packed, const OptTensor& packed_t)
-      : weight(weight_hh), weight_t(weight_hh.t()), packed(packed), packed_t(packed_t) {}
+  RecurrentProduct(const Tensor& weight_hh, at::TensorList packed_halves)
+      : weight(weight_hh), weight_t(weight_hh.t()), halves(packed_halves.vec()) {
+    TORCH_CHECK(halves.empty() || halves.size() == 2, "bnrnn_cpu: W_h packs in two halves or none");
+  }
 
-  bool uses_packed_weights() const { return packed.has_value() || packed_t.has_value(); }
+  bool by_column_halves() const { return !halves.empty(); }
   const Tensor& weight_hh() const { return weight; }
 
-  // h W^T: into `out`, or a new tensor; returns the tensor that holds it.
-  Tensor forward(const Tensor& h, const Tensor& out) const {
-    if (packed.has_value()) return linear(h, *packed);
+  // Columns [half * n, (half + 1) * n) of the product of `a` (rows, K) with the packed
+  // weight's half (n columns), plus those of `add` where not null, into `out`; `add` and
+  // `out` have row stride ld. The forward's h W^T (n = G/2), or the backward's g W (H/2).
+  template <typename T>
+  void half_product(const Tensor& a, int half, const T* add, T* out, int64_t ld) const {
+    const Tensor product = linear(a, halves[half]).contiguous();
+    const int64_t rows = product.size(0), n = product.size(1);
+    const T* p = product.data_ptr<T>();
+    for (int64_t b = 0; b < rows; ++b) {
+      T* o = out + b * ld + half * n;
+      if (add) {
+        const T* q = add + b * ld + half * n;
+        for (int64_t j = 0; j < n; ++j) o[j] = p[b * n + j] + q[j];
+      } else {
+        std::copy(p + b * n, p + (b + 1) * n, o);
+      }
+    }
+  }
+
+  // h W^T into `out` (unpacked W_h).
+  void forward(const Tensor& h, const Tensor& out) const {
     Tensor o = out;
     at::mm_out(o, h, weight_t);
-    return o;
   }
-  // g W (+ add, when defined): into `out`, or a new tensor; returns the tensor that holds it.
-  Tensor backward(const Tensor& g, const Tensor& add, const Tensor& out) const {
-    if (packed_t.has_value()) return add.defined() ? linear_add(g, add, *packed_t) : linear(g, *packed_t);
+  // g W (+ add, when defined) into `out` (unpacked W_h).
+  void backward(const Tensor& g, const Tensor& add, const Tensor& out) const {
     Tensor o = out;
     if (add.defined())
       at::addmm_out(o, add, g, weight);
     else
       at::mm_out(o, g, weight);
-    return o;
   }
 
  private:
-  static c10::OperatorHandle op(const char* overload) {
-    return c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", overload);
-  }
-  // mkldnn::_linear_pointwise(X, W, B=None, attr="none", scalars=[], algorithm="")
+  // mkldnn::_linear_pointwise(X, W, B=None, attr="none", scalars=[], algorithm="") = X W^T
   static Tensor linear(const Tensor& x, const Tensor& w) {
-    static const c10::OperatorHandle plain = op("");
+    static const c10::OperatorHandle plain =
+        c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
     torch::jit::Stack stack{x, w, c10::IValue(), std::string("none"), c10::List<std::optional<c10::Scalar>>(),
                             std::string("")};
     plain.callBoxed(&stack);
     return stack[0].toTensor();
   }
-  // mkldnn::_linear_pointwise.binary(X, other, W, B=None, attr="add") = X W^T + other
-  static Tensor linear_add(const Tensor& x, const Tensor& other, const Tensor& w) {
-    static const c10::OperatorHandle binary = op("binary");
-    torch::jit::Stack stack{x, other, w, c10::IValue(), std::string("add")};
-    binary.callBoxed(&stack);
-    return stack[0].toTensor();
-  }
 
   Tensor weight, weight_t;
-  OptTensor packed, packed_t;
+  std::vector<Tensor> halves;
 };
 
 // ---- the input term ------------------------------------------------------------------------
@@ -784,14 +795,15 @@ bool run_on_threads(int threads, SpinBarrier& barrier, Body&& body) {
 #endif
 }
 
-// How many parts the batch's rows split into (BATCH_PARTS, or one: below 16 rows, and with
-// packed weights, whose oneDNN GEMM spreads over the threads itself), and on how many threads
-// they run (one inside another parallel region).
+// How many parts the batch's rows split into (BATCH_PARTS, or one below 16 rows), and on
+// how many threads they run (one inside another parallel region). The column halves of a
+// packed product go to two threads even where the rows make one part.
 inline std::pair<int, int> parts_and_threads(int64_t batch, const RecurrentProduct& recurrent) {
-  const int parts = recurrent.uses_packed_weights() || batch < 16 ? 1 : BATCH_PARTS;
+  const int parts = batch < 16 ? 1 : BATCH_PARTS;
+  const int wanted = recurrent.by_column_halves() ? 2 : parts;
   int threads = 1;
 #ifdef _OPENMP
-  if (!at::in_parallel_region()) threads = static_cast<int>(std::min<int64_t>(parts, at::get_num_threads()));
+  if (!at::in_parallel_region()) threads = static_cast<int>(std::min<int64_t>(wanted, at::get_num_threads()));
 #endif
   return {parts, threads};
 }
@@ -823,7 +835,7 @@ struct ForwardShared {
         moments_h(2 * parts, PartMoments<T>(nh.on() ? nh.width : 0)),
         moments_c(2 * parts, PartMoments<T>(nc.on() ? nc.width : 0)),
         barrier(threads), weight_hh(recurrent.weight_hh().template data_ptr<T>()),
-        direct(have_blas<T>() && !recurrent.uses_packed_weights()) {}
+        direct(have_blas<T>() && !recurrent.by_column_halves()) {}
 
   int64_t first_row(int part) const { return cs.size(1) * part / parts; }
 };
@@ -864,15 +876,26 @@ bool forward_rows(ForwardShared<T>& sh, int thread) {
     // straight into sig.
     const Tensor product = sh.nh.on() ? (*sh.wh)[t] : sh.sig[t];
     const Tensor h = t > 0 ? sh.hs[t - 1] : sh.h0;
+    const bool by_halves = sh.recurrent.by_column_halves();
+    if (by_halves) {
+      // W_h packed in halves (large H): a thread's half of the columns over every row, which
+      // keeps oneDNN's single-threaded GEMM on its own half of W_h (at PTB's shape 4.6 ms
+      // against 5.4 for the whole product on both threads). The threads meet before (every
+      // row of h_{t-1}) and after (every column of the product).
+      if (meet && t > 0 && !sh.barrier.wait()) return false;
+      for (int half = thread; half < 2; half += sh.threads)
+        sh.recurrent.template half_product<T>(h, half, nullptr, product.template data_ptr<T>(), G);
+      if (meet && !sh.barrier.wait()) return false;
+    }
     for (int part = p0; part < p1; ++part) {
       const int64_t r0 = sh.first_row(part), rows = sh.first_row(part + 1) - r0;
-      if (sh.direct) {  // rows of h_{t-1} W_h^T
+      if (by_halves) {
+        // done above
+      } else if (sh.direct) {  // rows of h_{t-1} W_h^T
         gemm<T>(false, true, rows, G, H, h.template data_ptr<T>() + r0 * H, H, sh.weight_hh, H, T(0),
                 product.template data_ptr<T>() + r0 * G, G);
       } else {
-        const Tensor out = product.narrow(0, r0, rows);
-        const Tensor result = sh.recurrent.forward(h.narrow(0, r0, rows), out);
-        if (!result.is_same(out)) out.copy_(result);
+        sh.recurrent.forward(h.narrow(0, r0, rows), product.narrow(0, r0, rows));
       }
       const int64_t slot = (t % 2) * sh.parts + part;
       if (wide_x) sh.moments_x[slot].compute(x + r0 * G, rows, G);
@@ -925,7 +948,7 @@ void recurrence_forward(const Tensor& x, const Tensor& weight_ih, const OptTenso
                         const Tensor& c0, double eps_x, double eps_h, double eps_c, const Tensor& hs, const Tensor& cs,
                         const Tensor& sig, const Tensor& tanh_c, const OptTensor& wh, const OptTensor& mean_x,
                         const OptTensor& invstd_x, const OptTensor& mean_h, const OptTensor& invstd_h,
-                        const OptTensor& mean_c, const OptTensor& invstd_c, const OptTensor& packed_hh) {
+                        const OptTensor& mean_c, const OptTensor& invstd_c, at::TensorList packed_hh) {
   check_cpu_contiguous({{&x, "x"}, {&weight_hh, "weight_hh"}, {&h0, "h0"}, {&c0, "c0"}, {&hs, "hs"}, {&cs, "cs"},
                         {&sig, "sig"}, {&tanh_c, "tanh_c"}});
   if (wx.has_value()) check_cpu_contiguous({{&*wx, "wx"}});
@@ -935,7 +958,7 @@ void recurrence_forward(const Tensor& x, const Tensor& weight_ih, const OptTenso
     std::optional<NarrowInput<scalar_t>> narrow;
     if (!wx.has_value()) narrow.emplace(x, weight_ih, input_bias);
     forward_loop<scalar_t>(data_or_null<scalar_t>(wx), narrow ? &*narrow : nullptr,
-                           RecurrentProduct(weight_hh, packed_hh, std::nullopt),
+                           RecurrentProduct(weight_hh, packed_hh),
                            make_norm<scalar_t>(gamma_x, beta_x, eps_x, mean_x, invstd_x, G),
                            make_norm<scalar_t>(gamma_h, std::nullopt, eps_h, mean_h, invstd_h, G),
                            make_norm<scalar_t>(gamma_c, beta_c, eps_c, mean_c, invstd_c, H), h0, c0, hs, cs, sig,
@@ -961,10 +984,12 @@ void population_loop(const Tensor& xin, const RecurrentProduct& recurrent, const
   std::vector<T> cells(2 * B * H);  // c_{t-1} and c_t, by parity
   std::copy(c0.data_ptr<T>(), c0.data_ptr<T>() + B * H, cells.begin());
   const Tensor buffer = at::empty({B, G}, xin.options());
-  const bool direct = have_blas<T>() && !recurrent.uses_packed_weights();  // see gemm
+  const bool direct = have_blas<T>() && !recurrent.by_column_halves();  // see gemm
   const T* weight_hh = recurrent.weight_hh().data_ptr<T>();
-  // The rows of each part of the batch (see BATCH_PARTS): rows never meet, so no barrier.
+  // The rows of each part of the batch (see BATCH_PARTS): rows never meet, so the threads
+  // wait for each other only around a product by column halves (see forward_rows).
   const auto [parts, threads] = parts_and_threads(B, recurrent);
+  SpinBarrier barrier(threads);
   const auto rows_of_thread = [&, parts = parts](int thread, int count) {
     const int p0 = parts * thread / count, p1 = parts * (thread + 1) / count;
     std::vector<T> gates(B * G), tanh_c(B * H);
@@ -977,15 +1002,22 @@ void population_loop(const Tensor& xin, const RecurrentProduct& recurrent, const
       const T* sf = csh ? csh + t * H : zeros.data();
       T* hp = hs.data_ptr<T>() + t * B * H;
       const Tensor h = t > 0 ? hs[t - 1] : h0;
+      if (recurrent.by_column_halves()) {
+        if (count > 1 && t > 0 && !barrier.wait()) return;
+        for (int half = thread; half < 2; half += count)
+          recurrent.template half_product<T>(h, half, nullptr, buffer.data_ptr<T>(), G);
+        if (count > 1 && !barrier.wait()) return;
+      }
       for (int k = p0; k < p1; ++k) {
         const int64_t r0 = B * k / parts, r1 = B * (k + 1) / parts;
-        const Tensor out = buffer.narrow(0, r0, r1 - r0);
-        Tensor product = out;  // held: recurrent.forward may return a new tensor
-        if (direct)
-          gemm<T>(false, true, r1 - r0, G, H, h.data_ptr<T>() + r0 * H, H, weight_hh, H, T(0), out.data_ptr<T>(), G);
+        if (recurrent.by_column_halves())
+          ;  // done above
+        else if (direct)
+          gemm<T>(false, true, r1 - r0, G, H, h.data_ptr<T>() + r0 * H, H, weight_hh, H, T(0),
+                  buffer.data_ptr<T>() + r0 * G, G);
         else
-          product = recurrent.forward(h.narrow(0, r0, r1 - r0), out);
-        const T* p = product.data_ptr<T>() - r0 * G;
+          recurrent.forward(h.narrow(0, r0, r1 - r0), buffer.narrow(0, r0, r1 - r0));
+        const T* p = buffer.data_ptr<T>();
         for (int64_t b = r0; b < r1; ++b) {
           T* s = gates.data() + b * G;
           gates_row<T>(G, x + b * G, ones.data(), zeros.data(), p + b * G, sh, zeros.data(), s);
@@ -995,8 +1027,7 @@ void population_loop(const Tensor& xin, const RecurrentProduct& recurrent, const
       }
     }
   };
-  SpinBarrier none(threads);  // the parts never wait for each other
-  if (threads == 1 || !run_on_threads(threads, none, [&](int thread) { rows_of_thread(thread, threads); }))
+  if (threads == 1 || !run_on_threads(threads, barrier, [&](int thread) { rows_of_thread(thread, threads); }))
     rows_of_thread(0, 1);
   const T* c_final = cells.data() + (steps % 2) * B * H;
   std::copy(c_final, c_final + B * H, c_last.data_ptr<T>());
@@ -1004,13 +1035,13 @@ void population_loop(const Tensor& xin, const RecurrentProduct& recurrent, const
 
 void population_forward(const Tensor& xin, const Tensor& weight_hh, const OptTensor& h_scale,
                         const OptTensor& c_scale, const OptTensor& c_shift, const Tensor& h0, const Tensor& c0,
-                        const Tensor& hs, const Tensor& c_last, const OptTensor& packed_hh) {
+                        const Tensor& hs, const Tensor& c_last, at::TensorList packed_hh) {
   check_cpu_contiguous({{&xin, "xin"}, {&weight_hh, "weight_hh"}, {&h0, "h0"}, {&c0, "c0"}, {&hs, "hs"},
                         {&c_last, "c_last"}});
   for (const OptTensor* t : {&h_scale, &c_scale, &c_shift})
     if (t->has_value()) check_cpu_contiguous({{&**t, "population scale/shift"}});
   AT_DISPATCH_FLOATING_TYPES(xin.scalar_type(), "bnrnn_population_forward", [&] {
-    population_loop<scalar_t>(xin, RecurrentProduct(weight_hh, packed_hh, std::nullopt), h_scale, c_scale, c_shift,
+    population_loop<scalar_t>(xin, RecurrentProduct(weight_hh, packed_hh), h_scale, c_scale, c_shift,
                               h0, c0, hs, c_last);
   });
 }
@@ -1025,7 +1056,7 @@ struct StepGradients {
 
 // Runs first() on one of torch's threads and second(part, parts), for part = 0 .. parts - 1,
 // on each of the others, all at the same time (one after the other, parts = 1, with one
-// thread). With the batch in one part (packed weights), the backward runs a step's loops
+// thread). With the batch in one part (below 16 rows), the backward runs a step's loops
 // beside the previous step's weight-gradient GEMMs, which nothing on the recurrence's path
 // waits for: otherwise the other threads idle through the loops, and the loops wait through
 // the GEMMs. One parallel region a step, as many as the GEMM's own it replaces; inside it
@@ -1118,7 +1149,7 @@ struct BackwardShared {
         dc_next(grad_c_last.data_ptr<T>(), grad_c_last.data_ptr<T>() + B * H),
         dcn(B * H), dc_buffer(B * H), barrier(threads),
         weight_hh(recurrent.weight_hh().template data_ptr<T>()),
-        direct(have_blas<T>() && !recurrent.uses_packed_weights()) {
+        direct(have_blas<T>() && !recurrent.by_column_halves()) {
     if (!wide) narrow.emplace(x, weight_ih, std::nullopt);  // (b is BN_x's beta here, not needed)
     const auto step_buffers = [&](bool needed) {
       std::array<Tensor, 2> slots;
@@ -1190,9 +1221,12 @@ struct BackwardShared {
       return;
     }
     const Tensor out = (t > 0 ? dh : grad_h0).narrow(0, r0, rows);
-    const Tensor result =
-        recurrent.backward(g.dwh.narrow(0, r0, rows), t > 0 ? grad_hs[t - 1].narrow(0, r0, rows) : Tensor(), out);
-    if (!result.is_same(out)) out.copy_(result);
+    recurrent.backward(g.dwh.narrow(0, r0, rows), t > 0 ? grad_hs[t - 1].narrow(0, r0, rows) : Tensor(), out);
+  }
+  // The same for every row and column half `half` of dL/dh_{t-1}, with W_h^T packed in halves.
+  void hidden_gradient_half(int64_t t, const StepGradients& g, int half) const {
+    const T* add = t > 0 ? grad_hs.template data_ptr<T>() + (t - 1) * B * H : nullptr;
+    recurrent.template half_product<T>(g.dwh, half, add, (t > 0 ? dh : grad_h0).template data_ptr<T>(), H);
   }
 };
 
@@ -1306,7 +1340,13 @@ bool backward_rows(BackwardShared<T>& sh, int thread) {
                                     sh.grad_x->template data_ptr<T>() + t * B * I);
       return true;
     };
-    if (sh.parts == 1 && sh.per_step_gemms && t + 1 < sh.steps) {
+    const bool overlap = sh.parts == 1 && sh.per_step_gemms && t + 1 < sh.steps;
+    if (overlap && meet) {
+      // one part on two threads (few rows, W_h^T packed in halves): the thread without rows
+      // takes the previous step's weight GEMMs while the other runs the loops
+      if (p0 == p1) sh.weight_gradients(t + 1, sh.gradients_of_step(t + 1), sh.part[0], 0, B, 0, 1);
+      if (!step_backward()) return false;
+    } else if (overlap) {
       // one part: the loops beside the previous step's weight GEMMs
       const StepGradients later = sh.gradients_of_step(t + 1);
       beside([&] { step_backward(); },
@@ -1316,13 +1356,19 @@ bool backward_rows(BackwardShared<T>& sh, int thread) {
     } else if (!step_backward()) {
       return false;
     }
+    const bool by_halves = sh.recurrent.by_column_halves();
     for (int k = p0; k < p1; ++k) {
       const int64_t r0 = sh.first_row(k), rows = sh.first_row(k + 1) - r0;
       if (sh.parts > 1 && sh.per_step_gemms) sh.weight_gradients(t, g, sh.part[k], r0, rows, 0, 1);
-      sh.hidden_gradient(t, g, r0, rows);
+      if (!by_halves) sh.hidden_gradient(t, g, r0, rows);
+    }
+    if (by_halves) {  // the threads meet before (every row of dwh) and after (every column of dh)
+      if (meet && !sh.barrier.wait()) return false;
+      for (int half = thread; half < 2; half += sh.threads) sh.hidden_gradient_half(t, g, half);
+      if (meet && !sh.barrier.wait()) return false;
     }
   }
-  if (sh.parts == 1 && sh.per_step_gemms) sh.weight_gradients(0, sh.gradients_of_step(0), sh.part[0], 0, B, 0, 1);
+  if (sh.parts == 1 && sh.per_step_gemms && p0 < p1) sh.weight_gradients(0, sh.gradients_of_step(0), sh.part[0], 0, B, 0, 1);
   if (lead && narrow && nx.on()) {
     sh.narrow_d_weight = narrow_grad->d_weight;
     sh.narrow_d_gamma = narrow_grad->d_gamma;
@@ -1387,7 +1433,7 @@ void recurrence_backward(const Tensor& grad_hs, const Tensor& grad_c_last, const
                          const OptTensor& invstd_c, const OptTensor& grad_x, const Tensor& grad_weight_ih,
                          const Tensor& grad_bias, const Tensor& grad_weight_hh, const Tensor& grad_h0,
                          const Tensor& grad_c0, const OptTensor& grad_gamma_x, const OptTensor& grad_gamma_h,
-                         const OptTensor& grad_gamma_c, const OptTensor& grad_beta_c, const OptTensor& packed_hh_t,
+                         const OptTensor& grad_gamma_c, const OptTensor& grad_beta_c, at::TensorList packed_hh_t,
                          const OptTensor& dwh_steps) {
   check_cpu_contiguous({{&grad_hs, "grad_hs"}, {&grad_c_last, "grad_c_last"}, {&x, "x"}, {&weight_hh, "weight_hh"},
                         {&h0, "h0"}, {&c0, "c0"}, {&hs, "hs"}, {&cs, "cs"}, {&sig, "sig"}, {&tanh_c, "tanh_c"},
@@ -1400,7 +1446,7 @@ void recurrence_backward(const Tensor& grad_hs, const Tensor& grad_c_last, const
   const int64_t H = cs.size(2), G = 4 * H;
   AT_DISPATCH_FLOATING_TYPES(cs.scalar_type(), "bnrnn_recurrence_backward", [&] {
     backward_loop<scalar_t>(grad_hs, grad_c_last, x, wx, weight_ih,
-                            RecurrentProduct(weight_hh, std::nullopt, packed_hh_t),
+                            RecurrentProduct(weight_hh, packed_hh_t),
                             make_norm<scalar_t>(gamma_x, std::nullopt, 0.0, mean_x, invstd_x, G),
                             make_norm<scalar_t>(gamma_h, std::nullopt, 0.0, mean_h, invstd_h, G),
                             make_norm<scalar_t>(gamma_c, std::nullopt, 0.0, mean_c, invstd_c, H), h0, c0, hs, cs,
@@ -1433,7 +1479,7 @@ TORCH_LIBRARY(bnrnn_cpu, m) {
       "Tensor? gamma_c, Tensor? beta_c, Tensor h0, Tensor c0, float eps_x, float eps_h, float eps_c, "
       "Tensor(a!) hs, Tensor(b!) cs, Tensor(c!) sig, Tensor(d!) tanh_c, Tensor(e!)? wh, Tensor(f!)? mean_x, "
       "Tensor(g!)? invstd_x, Tensor(h!)? mean_h, Tensor(i!)? invstd_h, Tensor(j!)? mean_c, Tensor(k!)? invstd_c, "
-      "Tensor? packed_hh) -> ()");
+      "Tensor[] packed_hh) -> ()");
   m.def(
       "recurrence_backward(Tensor grad_hs, Tensor grad_c_last, Tensor x, Tensor? wx, Tensor weight_ih, "
       "Tensor weight_hh, Tensor? gamma_x, Tensor? gamma_h, Tensor? gamma_c, Tensor h0, Tensor c0, Tensor hs, "
@@ -1441,10 +1487,10 @@ TORCH_LIBRARY(bnrnn_cpu, m) {
       "Tensor? invstd_h, Tensor? mean_c, Tensor? invstd_c, Tensor(a!)? grad_x, Tensor(b!) grad_weight_ih, "
       "Tensor(c!) grad_bias, Tensor(d!) grad_weight_hh, Tensor(e!) grad_h0, Tensor(f!) grad_c0, "
       "Tensor(g!)? grad_gamma_x, Tensor(h!)? grad_gamma_h, Tensor(i!)? grad_gamma_c, Tensor(j!)? grad_beta_c, "
-      "Tensor? packed_hh_t, Tensor(k!)? dwh_steps) -> ()");
+      "Tensor[] packed_hh_t, Tensor(k!)? dwh_steps) -> ()");
   m.def(
       "population_forward(Tensor xin, Tensor weight_hh, Tensor? h_scale, Tensor? c_scale, Tensor? c_shift, "
-      "Tensor h0, Tensor c0, Tensor(a!) hs, Tensor(b!) c_last, Tensor? packed_hh) -> ()");
+      "Tensor h0, Tensor c0, Tensor(a!) hs, Tensor(b!) c_last, Tensor[] packed_hh) -> ()");
   m.def("activations(Tensor x) -> (Tensor, Tensor)");
 }
 
