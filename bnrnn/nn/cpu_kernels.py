@@ -65,12 +65,21 @@ def openmp_flags() -> list[str]:
     return []
 
 
+# -fno-trapping-math: the activations' clamps and branch-free selects are float compares,
+# which may raise the invalid flag on a NaN; under the default -ftrapping-math GCC (12) keeps
+# them as branches and leaves every activation loop scalar. Nothing here reads the FP
+# exception flags, and the flag allows no reassociation: the same values, computed 8 lanes
+# at a time. Measured on 2 cores at seqMNIST, alternating processes: training step
+# 0.55-0.70x (vanilla) and 0.56-0.80x (BN-LSTM), folded inference 0.41x.
+MATH_FLAGS = ["-fno-trapping-math"]
+
+
 def build_options() -> tuple[str, list[str]]:
     """(extension name, compiler flags) for this machine."""
     fingerprint = cpu_fingerprint()
     if fingerprint is None:
-        return f"{EXTENSION_NAME}_generic_{torch.__version__.replace('.', '_').replace('+', '_')}", ["-O3"]
-    return f"{EXTENSION_NAME}_{fingerprint}", ["-O3", "-march=native"]
+        return f"{EXTENSION_NAME}_generic_{torch.__version__.replace('.', '_').replace('+', '_')}", ["-O3"] + MATH_FLAGS
+    return f"{EXTENSION_NAME}_{fingerprint}", ["-O3", "-march=native"] + MATH_FLAGS
 
 
 def import_cpp_extension():

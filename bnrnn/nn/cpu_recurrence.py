@@ -76,15 +76,20 @@ def run_forward(x, weight_ih, bias, weight_hh, gamma_x, gamma_h, gamma_c, beta_c
 
 
 @torch.no_grad()
-def population_forward(xin, weight_hh, h_scale, c_scale, c_shift, h0, c0):
+def population_forward(xin, weight_hh, h_scale, c_scale, c_shift, h0, c0, x_coef=None, x_shift=None):
     """Inference with population statistics on the compiled loop: the arguments and results
-    of :func:`bnrnn.nn.fused.population_recurrence` (hs (T, B, H), c_T (B, H))."""
-    T, B, G = xin.shape
-    hs = xin.new_empty(T, B, G // 4)
-    c_last = xin.new_empty(B, G // 4)
+    of :func:`bnrnn.nn.fused.population_recurrence` (hs (T, B, H), c_T (B, H)).
+
+    For a narrow input (up to NARROW_INPUT_MAX features) ``xin`` may be x itself (T, B, I),
+    with ``x_coef`` (T, I, 4H), W_x^T scaled by BN_x's per-step scale, and ``x_shift``
+    (T, 4H): the input term is then x_t x_coef[t] + x_shift[t], formed inside the loop."""
+    T, B, _ = xin.shape
+    H = weight_hh.shape[1]
+    hs = xin.new_empty(T, B, H)
+    c_last = xin.new_empty(B, H)
     torch.ops.bnrnn_cpu.population_forward(
-        xin.contiguous(), weight_hh.contiguous(), *(None if t is None else t.contiguous() for t in
-                                                    (h_scale, c_scale, c_shift)),
+        xin.contiguous(), *(None if t is None else t.contiguous() for t in (x_coef, x_shift)),
+        weight_hh.contiguous(), *(None if t is None else t.contiguous() for t in (h_scale, c_scale, c_shift)),
         h0.contiguous(), c0.contiguous(), hs, c_last, packed_column_halves(weight_hh, B))
     return hs, c_last
 

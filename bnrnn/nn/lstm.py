@@ -162,8 +162,7 @@ class BNLSTM(nn.Module):
             # analysis in eval mode): the reference path covers them.
             return self.forward_reference(x, state, t0)
         if norms and not any(batch_stats):
-            with torch.no_grad():  # into a pooled buffer, which xin then reuses
-                return self.forward_folded(project_input(x.contiguous(), self.weight_ih, None), h0, c0, t0)
+            return self.forward_folded(x, h0, c0, t0)
 
         if self.gpu_kernels and triton_lstm.available(x):
             return self.forward_triton(x, h0, c0, t0, needs_grad)
@@ -243,20 +242,20 @@ class BNLSTM(nn.Module):
                 var = invstd.pow(-2).sub_(bn.eps).clamp_(min=0.0)  # the biased batch variance
                 bn.update_running_stats(t0, mean, var)
 
-    def forward_folded(self, wx: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, t0: int) -> tuple[torch.Tensor, State]:
-        """Inference with population statistics, ``wx`` = W_x x (T, B, 4H), which is
-        overwritten (the caller passes a buffer of its own).
+    def forward_folded(self, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, t0: int) -> tuple[torch.Tensor, State]:
+        """Inference with population statistics, x (T, B, I).
 
         BN_x and BN_h are affine per step: BN_x(W_x x) = (W_x x) * s_x + m_x is W_x with its rows
         scaled (applied to the precomputed W_x x, which is the same product); its shift, BN_h's
         shift and b become one per-step bias; BN_h's scale s_h is applied to W_h h in the same
         fused multiply-add that adds the input term (T_max scaled copies of W_h would cost
         T_max times its memory for no fewer operations). BN_c stays one affine op per step.
+        On the compiled CPU loop a narrow input (seqMNIST's one pixel) never forms W_x x: the
+        loop takes x_t times W_x^T scaled per step.
         """
-        steps = wx.shape[0]
+        steps = x.shape[0]
         with torch.no_grad():
-            # xin = wx * s_x + (m_x + b + m_h) per step, written over wx: one pass and no new
-            # (T, B, 4H) tensor (80 MB at seqMNIST, whose fresh pages cost more than the pass).
+            # the input term is W_x x * s_x + (m_x + b + m_h), per step
             shift = self.bias.expand(steps, -1)
             scale = h_scale = c_scale = c_shift = None
             if self.bn_x is not None:
@@ -265,20 +264,31 @@ class BNLSTM(nn.Module):
             if self.bn_h is not None:
                 h_scale, h_shift = self.bn_h.affine_at(t0, steps)
                 shift = shift + h_shift
+            if self.bn_c is not None:
+                c_scale, c_shift = self.bn_c.affine_at(t0, steps)
+            on_gpu = self.gpu_kernels and triton_lstm.available(x)
+            compiled = not on_gpu and self.cpu_kernels and cpu_kernels.eligible(x, self.hidden_size)
+            if compiled and x.shape[2] <= cpu_recurrence.NARROW_INPUT_MAX:
+                coef = self.weight_ih.t().unsqueeze(0).expand(steps, -1, -1)  # (T, I, 4H)
+                if scale is not None:
+                    coef = coef * scale.unsqueeze(1)
+                hs, c_last = cpu_recurrence.population_forward(x, self.weight_hh, h_scale, c_scale, c_shift, h0, c0,
+                                                               x_coef=coef, x_shift=shift)
+                return hs, (hs[-1], c_last)
+            # W_x x into a pooled buffer, and the input term written over it in one pass: no new
+            # (T, B, 4H) tensor (80 MB at seqMNIST, whose fresh pages cost more than the pass).
+            wx = project_input(x.contiguous(), self.weight_ih, None)
             if scale is not None:
                 xin = torch.addcmul(shift.unsqueeze(1), wx, scale.unsqueeze(1), out=wx)
             else:
                 xin = wx.add_(shift.unsqueeze(1))
-            if self.bn_c is not None:
-                c_scale, c_shift = self.bn_c.affine_at(t0, steps)
-            whole = (triton_sequence.sequence_config(steps, xin.shape[1], self.hidden_size, xin.device)
-                     if self.gpu_kernels and triton_lstm.available(xin) else None)
+            whole = triton_sequence.sequence_config(steps, xin.shape[1], self.hidden_size, xin.device) if on_gpu else None
             if whole is not None:  # one kernel launch for the sequence (GPU)
                 hs, c_last = triton_sequence.run_inference(
                     xin.contiguous(), self.weight_hh, *(None if t is None else t.contiguous() for t in
                                                         (h_scale, c_scale, c_shift)),
                     h0.contiguous(), c0.contiguous(), whole)
-            elif self.cpu_kernels and cpu_kernels.eligible(xin, self.hidden_size):
+            elif compiled:
                 hs, c_last = cpu_recurrence.population_forward(xin, self.weight_hh, h_scale, c_scale, c_shift, h0, c0)
             else:
                 hs, c_last = population_recurrence(xin, self.weight_hh, h_scale, c_scale, c_shift, h0, c0)

@@ -72,7 +72,8 @@ using OptTensor = std::optional<Tensor>;
 
 // ---- activations ---------------------------------------------------------------------------
 // float: branch-free polynomial forms the compiler vectorises (a libm call per element would
-// not be); relative error below 3e-7 (pinned by tests/test_cpu_kernels.py). NaN propagates.
+// not be; GCC needs -fno-trapping-math for their compares, see cpu_kernels.MATH_FLAGS);
+// relative error below 3e-7 (pinned by tests/test_cpu_kernels.py). NaN propagates.
 // double: the libm functions, exact to rounding (the gradcheck precision).
 
 inline float exp_approx(float x) {
@@ -969,14 +970,21 @@ void recurrence_forward(const Tensor& x, const Tensor& weight_ih, const OptTenso
 // ---- inference with population statistics ---------------------------------------------------
 
 // The recurrence with every norm an affine map (population statistics, folded): xin_t
-// already holds BN_x(W_x x_t) + b + BN_h's shift; W_h h_{t-1} is scaled per column by
-// h_scale[t] (or not, without BN_h); c is mapped by c_scale[t], c_shift[t] before its tanh
-// (or not, without BN_c). Only hs and the final c are written.
+// already holds BN_x(W_x x_t) + b + BN_h's shift (T, B, G), or, for a narrow input (given
+// x_coef), xin is x itself (T, B, I) and its term is x_t x_coef[t] + x_shift[t], with
+// x_coef (T, I, G) W_x^T scaled by BN_x's scale and x_shift (T, G) the shifts and b: no
+// (T, B, G) tensor to write and read back (80 MB at seqMNIST). W_h h_{t-1} is scaled per
+// column by h_scale[t] (or not, without BN_h); c is mapped by c_scale[t], c_shift[t] before
+// its tanh (or not, without BN_c). Only hs and the final c are written.
 template <typename T>
-void population_loop(const Tensor& xin, const RecurrentProduct& recurrent, const OptTensor& h_scale,
-                     const OptTensor& c_scale, const OptTensor& c_shift, const Tensor& h0, const Tensor& c0,
-                     const Tensor& hs, const Tensor& c_last) {
-  const int64_t steps = xin.size(0), B = xin.size(1), G = xin.size(2), H = G / 4;
+void population_loop(const Tensor& xin, const OptTensor& x_coef, const OptTensor& x_shift,
+                     const RecurrentProduct& recurrent, const OptTensor& h_scale, const OptTensor& c_scale,
+                     const OptTensor& c_shift, const Tensor& h0, const Tensor& c0, const Tensor& hs,
+                     const Tensor& c_last) {
+  const int64_t steps = xin.size(0), B = xin.size(1), G = recurrent.weight_hh().size(0), H = G / 4;
+  const int64_t width = xin.size(2);  // of xin's rows: G, or a narrow input's I
+  const T* coef = data_or_null<T>(x_coef);
+  const T* coef_shift = data_or_null<T>(x_shift);
   const std::vector<T> ones(G, T(1)), zeros(G, T(0));
   const T* hsc = data_or_null<T>(h_scale);
   const T* csc = data_or_null<T>(c_scale);
@@ -994,7 +1002,7 @@ void population_loop(const Tensor& xin, const RecurrentProduct& recurrent, const
     const int p0 = parts * thread / count, p1 = parts * (thread + 1) / count;
     std::vector<T> gates(B * G), tanh_c(B * H);
     for (int64_t t = 0; t < steps; ++t) {
-      const T* x = xin.data_ptr<T>() + t * B * G;
+      const T* x = xin.data_ptr<T>() + t * B * width;
       const T* c_prev = cells.data() + (t % 2) * B * H;
       T* c = cells.data() + ((t + 1) % 2) * B * H;
       const T* sh = hsc ? hsc + t * G : ones.data();
@@ -1020,7 +1028,10 @@ void population_loop(const Tensor& xin, const RecurrentProduct& recurrent, const
         const T* p = buffer.data_ptr<T>();
         for (int64_t b = r0; b < r1; ++b) {
           T* s = gates.data() + b * G;
-          gates_row<T>(G, x + b * G, ones.data(), zeros.data(), p + b * G, sh, zeros.data(), s);
+          if (coef)
+            gates_row_narrow<T>(G, width, x + b * width, coef + t * width * G, coef_shift + t * G, p + b * G, sh, s);
+          else
+            gates_row<T>(G, x + b * G, ones.data(), zeros.data(), p + b * G, sh, zeros.data(), s);
           cell_row<T>(H, s, c_prev + b * H, c + b * H);
           hidden_row<T>(H, c + b * H, sc, sf, s + 3 * H, tanh_c.data() + b * H, hp + b * H);
         }
@@ -1033,16 +1044,26 @@ void population_loop(const Tensor& xin, const RecurrentProduct& recurrent, const
   std::copy(c_final, c_final + B * H, c_last.data_ptr<T>());
 }
 
-void population_forward(const Tensor& xin, const Tensor& weight_hh, const OptTensor& h_scale,
-                        const OptTensor& c_scale, const OptTensor& c_shift, const Tensor& h0, const Tensor& c0,
-                        const Tensor& hs, const Tensor& c_last, at::TensorList packed_hh) {
+void population_forward(const Tensor& xin, const OptTensor& x_coef, const OptTensor& x_shift,
+                        const Tensor& weight_hh, const OptTensor& h_scale, const OptTensor& c_scale,
+                        const OptTensor& c_shift, const Tensor& h0, const Tensor& c0, const Tensor& hs,
+                        const Tensor& c_last, at::TensorList packed_hh) {
   check_cpu_contiguous({{&xin, "xin"}, {&weight_hh, "weight_hh"}, {&h0, "h0"}, {&c0, "c0"}, {&hs, "hs"},
                         {&c_last, "c_last"}});
-  for (const OptTensor* t : {&h_scale, &c_scale, &c_shift})
+  for (const OptTensor* t : {&x_coef, &x_shift, &h_scale, &c_scale, &c_shift})
     if (t->has_value()) check_cpu_contiguous({{&**t, "population scale/shift"}});
+  const int64_t steps = xin.size(0), G = weight_hh.size(0);
+  TORCH_CHECK(x_coef.has_value() == x_shift.has_value(), "bnrnn_cpu: a narrow input needs x_coef and x_shift");
+  if (x_coef.has_value()) {
+    TORCH_CHECK(x_coef->sizes() == at::IntArrayRef({steps, xin.size(2), G}) &&
+                    x_shift->sizes() == at::IntArrayRef({steps, G}),
+                "bnrnn_cpu: x_coef (T, I, G) and x_shift (T, G) expected");
+  } else {
+    TORCH_CHECK(xin.size(2) == G, "bnrnn_cpu: xin (T, B, 4H) expected");
+  }
   AT_DISPATCH_FLOATING_TYPES(xin.scalar_type(), "bnrnn_population_forward", [&] {
-    population_loop<scalar_t>(xin, RecurrentProduct(weight_hh, packed_hh), h_scale, c_scale, c_shift,
-                              h0, c0, hs, c_last);
+    population_loop<scalar_t>(xin, x_coef, x_shift, RecurrentProduct(weight_hh, packed_hh), h_scale, c_scale,
+                              c_shift, h0, c0, hs, c_last);
   });
 }
 
@@ -1489,8 +1510,8 @@ TORCH_LIBRARY(bnrnn_cpu, m) {
       "Tensor(g!)? grad_gamma_x, Tensor(h!)? grad_gamma_h, Tensor(i!)? grad_gamma_c, Tensor(j!)? grad_beta_c, "
       "Tensor[] packed_hh_t, Tensor(k!)? dwh_steps) -> ()");
   m.def(
-      "population_forward(Tensor xin, Tensor weight_hh, Tensor? h_scale, Tensor? c_scale, Tensor? c_shift, "
-      "Tensor h0, Tensor c0, Tensor(a!) hs, Tensor(b!) c_last, Tensor[] packed_hh) -> ()");
+      "population_forward(Tensor xin, Tensor? x_coef, Tensor? x_shift, Tensor weight_hh, Tensor? h_scale, "
+      "Tensor? c_scale, Tensor? c_shift, Tensor h0, Tensor c0, Tensor(a!) hs, Tensor(b!) c_last, Tensor[] packed_hh) -> ()");
   m.def("activations(Tensor x) -> (Tensor, Tensor)");
 }
 
