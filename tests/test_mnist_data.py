@@ -1,14 +1,13 @@
 """MNIST files, splits, permutation and batch order."""
 
 import gzip
-import os
 import stat
 
 import pytest
 import torch
 
 from bnrnn.data.batches import SequenceBatches
-from bnrnn.data.mnist import load_mnist, make_permutation, read_idx, to_sequences
+from bnrnn.data.mnist import load_mnist, make_permutation, to_sequences
 from bnrnn.errors import DataError
 from conftest import make_fake_mnist, write_idx
 

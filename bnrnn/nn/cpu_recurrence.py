@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from bnrnn.nn.fused import (PACKED_MIN_HIDDEN, STATISTICS, Norms, packed_column_halves, packed_weight, project_input,
+from bnrnn.nn.fused import (PACKED_MIN_HIDDEN, STATISTICS, Norms, packed_column_halves, project_input,
                             statistics_buffers)
 from bnrnn.nn.workspace import WORKSPACE
 
