@@ -56,14 +56,20 @@ def packing_pays(weight: torch.Tensor) -> bool:
             and torch.backends.mkldnn.is_available())
 
 
+def linear_weight(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """The (out, in) weight of ``h W^T`` (W itself) or of ``g W`` (W^T, made contiguous),
+    detached: what oneDNN's linear op packs."""
+    w = weight.detach()
+    return w.t().contiguous() if transposed else w
+
+
 def packed_weight(weight: torch.Tensor, batch: int, transposed: bool = False) -> torch.Tensor | None:
     """W = weight (4H, H), or W^T, packed for oneDNN's linear op at this batch size (the
     weight of ``h W^T``, or of ``g W``), or None where packing does not pay: not a float32
     CPU weight, a hidden size below PACKED_MIN_HIDDEN, or no oneDNN."""
     if not packing_pays(weight):
         return None
-    w = weight.detach()
-    return torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous() if transposed else w, batch)
+    return torch.ops.mkldnn._reorder_linear_weight(linear_weight(weight, transposed), batch)
 
 
 def packed_column_halves(weight: torch.Tensor, batch: int, transposed: bool = False) -> list[torch.Tensor]:
@@ -74,9 +80,8 @@ def packed_column_halves(weight: torch.Tensor, batch: int, transposed: bool = Fa
     product on both threads at PTB's shape (H = 1000, B = 64, 2 cores)."""
     if not packing_pays(weight):
         return []
-    w = weight.detach()
-    rows = w.t().contiguous() if transposed else w
-    return [torch.ops.mkldnn._reorder_linear_weight(half.contiguous(), batch) for half in rows.chunk(2)]
+    return [torch.ops.mkldnn._reorder_linear_weight(half.contiguous(), batch)
+            for half in linear_weight(weight, transposed).chunk(2)]
 
 
 class RecurrentProduct:

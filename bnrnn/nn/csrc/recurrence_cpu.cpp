@@ -13,8 +13,8 @@
 // spin barrier only where a norm needs the whole batch's sums (twice a step with BN, never
 // for a vanilla LSTM). With a large hidden size (W_h packed for oneDNN, in two halves) each
 // thread instead computes one column half of the recurrent product over every row, and the
-// threads also meet before and after it (PTB forward 0.78-0.82x, inference 0.82x). The parts' sums combine in a fixed order, so
-// results are bit-identical on one thread or two. Measured on 2 cores at seqMNIST,
+// threads also meet before and after it (PTB forward 0.78-0.82x, inference 0.82x). The
+// parts' sums combine in a fixed order, so results are bit-identical on one thread or two. Measured on 2 cores at seqMNIST,
 // interleaved in one process against the previous design: forward 0.77-0.81x (BN-LSTM) and
 // 0.65x (vanilla); backward 0.97x (BN-LSTM) and 0.79x (vanilla). That previous design ran
 // the loops on one thread and the GEMMs on all; splitting only the loops (at::parallel_for,
@@ -809,6 +809,17 @@ inline std::pair<int, int> parts_and_threads(int64_t batch, const RecurrentProdu
   return {parts, threads};
 }
 
+// Thread `thread` of `threads`' share of a product by column halves (half(k) for its halves
+// k): the threads meet before it, where wait_before (every row of the operand written), and
+// after it (every column of the result). False once the barrier is aborted.
+template <typename Half>
+bool column_halves(SpinBarrier& barrier, int thread, int threads, bool wait_before, Half&& half) {
+  const bool meet = threads > 1;
+  if (meet && wait_before && !barrier.wait()) return false;
+  for (int k = thread; k < 2; k += threads) half(k);
+  return !meet || barrier.wait();
+}
+
 // What the threads of the forward share: the arguments, the moments of each part's rows
 // (two sets, by the step's parity: a thread may start step t + 1 while another still reads
 // step t's), and the barrier.
@@ -878,25 +889,21 @@ bool forward_rows(ForwardShared<T>& sh, int thread) {
     const Tensor product = sh.nh.on() ? (*sh.wh)[t] : sh.sig[t];
     const Tensor h = t > 0 ? sh.hs[t - 1] : sh.h0;
     const bool by_halves = sh.recurrent.by_column_halves();
-    if (by_halves) {
-      // W_h packed in halves (large H): a thread's half of the columns over every row, which
-      // keeps oneDNN's single-threaded GEMM on its own half of W_h (at PTB's shape 4.6 ms
-      // against 5.4 for the whole product on both threads). The threads meet before (every
-      // row of h_{t-1}) and after (every column of the product).
-      if (meet && t > 0 && !sh.barrier.wait()) return false;
-      for (int half = thread; half < 2; half += sh.threads)
-        sh.recurrent.template half_product<T>(h, half, nullptr, product.template data_ptr<T>(), G);
-      if (meet && !sh.barrier.wait()) return false;
-    }
+    // W_h packed in halves (large H): a thread's half of the columns over every row, which
+    // keeps oneDNN's single-threaded GEMM on its own half of W_h (at PTB's shape 4.6 ms
+    // against 5.4 for the whole product on both threads); otherwise each part's rows.
+    if (by_halves && !column_halves(sh.barrier, thread, sh.threads, t > 0, [&](int half) {
+          sh.recurrent.template half_product<T>(h, half, nullptr, product.template data_ptr<T>(), G);
+        }))
+      return false;
     for (int part = p0; part < p1; ++part) {
       const int64_t r0 = sh.first_row(part), rows = sh.first_row(part + 1) - r0;
-      if (by_halves) {
-        // done above
-      } else if (sh.direct) {  // rows of h_{t-1} W_h^T
-        gemm<T>(false, true, rows, G, H, h.template data_ptr<T>() + r0 * H, H, sh.weight_hh, H, T(0),
-                product.template data_ptr<T>() + r0 * G, G);
-      } else {
-        sh.recurrent.forward(h.narrow(0, r0, rows), product.narrow(0, r0, rows));
+      if (!by_halves) {
+        if (sh.direct)  // rows of h_{t-1} W_h^T
+          gemm<T>(false, true, rows, G, H, h.template data_ptr<T>() + r0 * H, H, sh.weight_hh, H, T(0),
+                  product.template data_ptr<T>() + r0 * G, G);
+        else
+          sh.recurrent.forward(h.narrow(0, r0, rows), product.narrow(0, r0, rows));
       }
       const int64_t slot = (t % 2) * sh.parts + part;
       if (wide_x) sh.moments_x[slot].compute(x + r0 * G, rows, G);
@@ -1010,21 +1017,20 @@ void population_loop(const Tensor& xin, const OptTensor& x_coef, const OptTensor
       const T* sf = csh ? csh + t * H : zeros.data();
       T* hp = hs.data_ptr<T>() + t * B * H;
       const Tensor h = t > 0 ? hs[t - 1] : h0;
-      if (recurrent.by_column_halves()) {
-        if (count > 1 && t > 0 && !barrier.wait()) return;
-        for (int half = thread; half < 2; half += count)
-          recurrent.template half_product<T>(h, half, nullptr, buffer.data_ptr<T>(), G);
-        if (count > 1 && !barrier.wait()) return;
-      }
+      const bool by_halves = recurrent.by_column_halves();
+      if (by_halves && !column_halves(barrier, thread, count, t > 0, [&](int half) {
+            recurrent.template half_product<T>(h, half, nullptr, buffer.data_ptr<T>(), G);
+          }))
+        return;
       for (int k = p0; k < p1; ++k) {
         const int64_t r0 = B * k / parts, r1 = B * (k + 1) / parts;
-        if (recurrent.by_column_halves())
-          ;  // done above
-        else if (direct)
-          gemm<T>(false, true, r1 - r0, G, H, h.data_ptr<T>() + r0 * H, H, weight_hh, H, T(0),
-                  buffer.data_ptr<T>() + r0 * G, G);
-        else
-          recurrent.forward(h.narrow(0, r0, r1 - r0), buffer.narrow(0, r0, r1 - r0));
+        if (!by_halves) {
+          if (direct)
+            gemm<T>(false, true, r1 - r0, G, H, h.data_ptr<T>() + r0 * H, H, weight_hh, H, T(0),
+                    buffer.data_ptr<T>() + r0 * G, G);
+          else
+            recurrent.forward(h.narrow(0, r0, r1 - r0), buffer.narrow(0, r0, r1 - r0));
+        }
         const T* p = buffer.data_ptr<T>();
         for (int64_t b = r0; b < r1; ++b) {
           T* s = gates.data() + b * G;
@@ -1383,11 +1389,9 @@ bool backward_rows(BackwardShared<T>& sh, int thread) {
       if (sh.parts > 1 && sh.per_step_gemms) sh.weight_gradients(t, g, sh.part[k], r0, rows, 0, 1);
       if (!by_halves) sh.hidden_gradient(t, g, r0, rows);
     }
-    if (by_halves) {  // the threads meet before (every row of dwh) and after (every column of dh)
-      if (meet && !sh.barrier.wait()) return false;
-      for (int half = thread; half < 2; half += sh.threads) sh.hidden_gradient_half(t, g, half);
-      if (meet && !sh.barrier.wait()) return false;
-    }
+    if (by_halves &&
+        !column_halves(sh.barrier, thread, sh.threads, true, [&](int half) { sh.hidden_gradient_half(t, g, half); }))
+      return false;
   }
   if (sh.parts == 1 && sh.per_step_gemms && p0 < p1) sh.weight_gradients(0, sh.gradients_of_step(0), sh.part[0], 0, B, 0, 1);
   if (lead && narrow && nx.on()) {
