@@ -225,3 +225,71 @@ def test_narrow_input_statistics_from_nearly_collinear_inputs(compiled):
     for p, q in [(x, x64), *zip(layer.parameters(), reference.parameters())]:
         scale = q.grad.abs().max()
         assert (p.grad.double() - q.grad).abs().max() <= 2e-4 * scale
+
+
+@pytest.fixture(scope="module")
+def small_gemm(compiled):
+    if not cpu_kernels.own_gemm():
+        pytest.skip("the extension's own GEMM kernel needs a CPU with AVX-512 (this build uses the BLAS)")
+    return compiled.small_gemm
+
+
+@pytest.mark.parametrize("M", [1, 7, 8, 9, 33])
+@pytest.mark.parametrize("N", [1, 15, 16, 17, 47, 48, 49, 100])
+@pytest.mark.parametrize("K", [0, 1, 5, 513, 1100])
+@pytest.mark.parametrize("transposed", [False, True], ids=["a", "a_transposed"])
+@pytest.mark.parametrize("beta", [0.0, 1.0, 0.5])
+def test_small_gemm_against_float64(small_gemm, M, N, K, transposed, beta):
+    """csrc/small_gemm.h's kernel: C = A B + beta C for every ragged edge of its blocks (8
+    rows, 48 columns in 16-lane registers, K in passes of 512), A row-major or read as the
+    transpose of a row-major matrix; against the float64 product within float32 rounding.
+    C is a view into a wider matrix: the columns beyond it stay untouched (masked stores),
+    and with beta 0 whatever C held (NaN here) is never read."""
+    g = torch.Generator().manual_seed(M * 1000 + N * 10 + K)
+    a = torch.randn(K, M, generator=g).t() if transposed else torch.randn(M, K, generator=g)
+    b = torch.randn(K, N, generator=g)
+    wide = torch.randn(M, N + 5, generator=g)
+    if beta == 0.0:
+        wide[:, :N] = float("nan")
+    before = wide.clone()
+    c = wide[:, :N]
+    small_gemm(a, b, c, beta)
+    expected = a.double() @ b.double() + (beta * before[:, :N].double() if beta else 0)
+    scale = (a.double().abs() @ b.double().abs()).max().item() + 1.0
+    assert (c.double() - expected).abs().max().item() <= 4e-7 * scale * max(1.0, K**0.5)
+    assert torch.equal(wide[:, N:], before[:, N:])
+
+
+def test_small_gemm_gives_a_row_the_same_bits_in_any_block(small_gemm):
+    """Each value is a sum over k in order from zero, whatever block or call computes it: the
+    rows of a product of 37 rows equal the same rows computed 5 at a time, or from row 3 on.
+    (The compiled loops rely on it: the same results on one thread or two.)"""
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(37, 700, generator=g), torch.randn(700, 100, generator=g)
+    whole = torch.empty(37, 100)
+    small_gemm(a, b, whole, 0.0)
+    for r0 in range(0, 37, 5):
+        part = torch.empty(min(5, 37 - r0), 100)
+        small_gemm(a[r0:r0 + 5], b, part, 0.0)
+        assert torch.equal(part, whole[r0:r0 + 5])
+    tail = torch.empty(34, 100)
+    small_gemm(a[3:], b, tail, 0.0)
+    assert torch.equal(tail, whole[3:])
+
+
+def test_the_environment_can_turn_the_own_gemm_off(small_gemm, monkeypatch):
+    """BNRNN_SMALL_GEMM=0: the loops' float GEMMs go back to torch's BLAS (and oneDNN's packed
+    halves from H = 256), e.g. to compare the two; the results agree within float32 rounding."""
+    torch.manual_seed(0)
+    layer = BNLSTM(3, 40, max_steps=6)
+    x = torch.randn(6, 20, 3)
+    outputs = []
+    for setting in ("1", "0"):
+        monkeypatch.setenv("BNRNN_SMALL_GEMM", setting)
+        assert cpu_kernels.own_gemm() == (setting == "1")
+        layer.zero_grad()
+        out = layer(x)[0]
+        out.square().sum().backward()
+        outputs.append((out.detach(), layer.weight_hh.grad.clone()))
+    torch.testing.assert_close(outputs[0][0], outputs[1][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outputs[0][1], outputs[1][1], atol=1e-5, rtol=1e-5)

@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 
-from bnrnn.nn import BNLSTM, cpu_recurrence, fused
+from bnrnn.nn import BNLSTM, cpu_kernels, cpu_recurrence, fused
 from bnrnn.nn.population import batch_statistics
 from conftest import require_compiled_cpu_loop
 
@@ -276,10 +276,11 @@ def test_pooled_buffers_give_the_same_gradients_step_after_step(cpu_loop):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("switches", [(True, True, True), (False, False, False)], ids=["bnlstm", "vanilla"])
 def test_large_hidden_size(switches, dtype, cpu_loop):
-    """H = 256: in float32 the recurrent products go through W_h packed for oneDNN
-    (fused.PACKED_MIN_HIDDEN; float64 stays on mm), and in the compiled loop dW_h is one GEMM
-    over the sequence (cpu_recurrence.WHOLE_SEQUENCE_WEIGHT_GRAD_MIN_HIDDEN): training and
-    folded inference against the reference."""
+    """H = 256: in float32 the recurrent products go through W_h packed (for oneDNN,
+    fused.PACKED_MIN_HIDDEN, or in the compiled loop for its own AVX-512 kernel where the CPU
+    has one; float64 stays on mm), and in the compiled loop dW_h is one GEMM over the sequence
+    (cpu_recurrence.WHOLE_SEQUENCE_WEIGHT_GRAD_MIN_HIDDEN): training and folded inference
+    against the reference."""
     fast, ref = twin_layers(switches, dtype, randomised=False, max_steps=4, I=12, H=256)
     packed = fused.packed_weight(fast.weight_hh, 8) is not None
     assert packed == (dtype == torch.float32)  # the paths under test
@@ -309,16 +310,26 @@ def restore_threads():
 
 @pytest.mark.parametrize("switches", [(True, True, True), (False, False, False)], ids=["bnlstm", "vanilla"])
 @pytest.mark.parametrize("B", [7, 20], ids=["one_part", "two_parts"])
-def test_packed_halves_on_one_two_and_three_threads(switches, B, cpu_loop, restore_threads):
-    """Float32 from H = 256: W_h (forward) and W_h^T (backward) go to oneDNN packed as two row
-    halves, and the recurrent products come in column halves, one per thread, the threads
-    meeting before and after each (with one part of the rows too: the thread without rows
-    then takes the backward's weight GEMMs). Every thread count gives the reference's
-    results within float32 tolerance (training, and inference with population statistics),
-    and exactly the same values as the others (each half is the same single-threaded GEMM
+@pytest.mark.parametrize("gemm", ["own", "onednn"])
+def test_packed_halves_on_one_two_and_three_threads(switches, B, gemm, cpu_loop, restore_threads, monkeypatch):
+    """Float32 from H = 256: the recurrent products come in column halves, one per thread,
+    the threads meeting before and after each (with one part of the rows too: the thread
+    without rows then takes the backward's weight GEMMs). Each half is the extension's own
+    AVX-512 kernel on its packed half of W_h (where the CPU has AVX-512), or, with
+    BNRNN_SMALL_GEMM=0 or without AVX-512, oneDNN's GEMM on W_h (forward) and W_h^T
+    (backward) packed as two row halves. Every thread count gives the reference's results
+    within float32 tolerance (training, and inference with population statistics), and
+    exactly the same values as the others (each half is the same single-threaded GEMM
     wherever it runs; the ATen loop's whole-weight GEMMs spread over oneDNN's threads)."""
+    if gemm == "onednn":
+        monkeypatch.setenv("BNRNN_SMALL_GEMM", "0")
+    elif not USE_COMPILED["value"]:
+        pytest.skip("the ATen loop has no own kernel")
+    elif not cpu_kernels.own_gemm():
+        pytest.skip("the own GEMM kernel needs a CPU with AVX-512")
     fast, ref = twin_layers(switches, torch.float32, randomised=False, I=12, H=256)
-    assert len(fused.packed_column_halves(fast.weight_hh, B)) == 2  # the path under test
+    if gemm == "onednn":  # the path under test
+        assert len(cpu_recurrence.recurrent_weight_halves(fast.weight_hh, B)) == 2
     g = torch.Generator().manual_seed(2)
     x = torch.randn(9, B, 12, generator=g)
     state = (torch.randn(B, 256, generator=g), torch.randn(B, 256, generator=g))

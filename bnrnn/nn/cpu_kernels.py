@@ -27,6 +27,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "recurrence_cpu.cpp"
+HEADERS = sorted((Path(__file__).parent / "csrc").glob("*.h"))
 EXTENSION_NAME = "bnrnn_cpu"
 _lock = threading.Lock()
 _loaded: bool | None = None  # None: not tried yet
@@ -74,12 +75,21 @@ def openmp_flags() -> list[str]:
 MATH_FLAGS = ["-fno-trapping-math"]
 
 
+def headers_flag() -> str:
+    """A define carrying a hash of the headers the source includes: torch.utils.cpp_extension
+    rebuilds when the sources or the flags change, and would not see an edited header."""
+    digest = hashlib.sha1(b"".join(path.read_bytes() for path in HEADERS)).hexdigest()[:10]
+    return f"-DBNRNN_HEADERS_{digest}"
+
+
 def build_options() -> tuple[str, list[str]]:
     """(extension name, compiler flags) for this machine."""
     fingerprint = cpu_fingerprint()
     if fingerprint is None:
-        return f"{EXTENSION_NAME}_generic_{torch.__version__.replace('.', '_').replace('+', '_')}", ["-O3"] + MATH_FLAGS
-    return f"{EXTENSION_NAME}_{fingerprint}", ["-O3", "-march=native"] + MATH_FLAGS
+        name, target = f"{EXTENSION_NAME}_generic_{torch.__version__.replace('.', '_').replace('+', '_')}", []
+    else:
+        name, target = f"{EXTENSION_NAME}_{fingerprint}", ["-march=native"]
+    return name, ["-O3", *target, *MATH_FLAGS, headers_flag()]
 
 
 def import_cpp_extension():
@@ -137,6 +147,13 @@ def load() -> bool:
                 stacklevel=2,
             )
         return _loaded
+
+
+def own_gemm() -> bool:
+    """Whether the compiled loops' float GEMMs run on the extension's own AVX-512 kernel
+    (``csrc/small_gemm.h``; a build for a CPU with AVX-512, unless ``BNRNN_SMALL_GEMM=0``)
+    rather than on torch's BLAS and oneDNN."""
+    return load() and torch.ops.bnrnn_cpu.own_gemm()
 
 
 def failure() -> str | None:

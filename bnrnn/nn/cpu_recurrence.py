@@ -23,6 +23,7 @@ import torch
 
 from bnrnn.nn.fused import (PACKED_MIN_HIDDEN, STATISTICS, Norms, packed_column_halves, project_input,
                             statistics_buffers)
+from bnrnn.nn import cpu_kernels
 from bnrnn.nn.workspace import WORKSPACE
 
 
@@ -39,6 +40,13 @@ NARROW_INPUT_MAX = 8
 # PTB (H=1000) one GEMM took 280 ms against 330 ms for 100 per-step ones; at seqMNIST
 # (H=100) 41 ms against 25 ms for 784.
 WHOLE_SEQUENCE_WEIGHT_GRAD_MIN_HIDDEN = PACKED_MIN_HIDDEN
+
+
+def recurrent_weight_halves(weight_hh: torch.Tensor, batch: int, transposed: bool = False) -> list[torch.Tensor]:
+    """W_h (forward) or W_h^T (backward) packed for oneDNN in two row halves where the loops
+    form the recurrent products by oneDNN (see packed_column_halves), or []: always where
+    the extension's own AVX-512 kernel forms them (it reads W_h as it is)."""
+    return [] if cpu_kernels.own_gemm() else packed_column_halves(weight_hh, batch, transposed)
 
 
 def run_forward(x, weight_ih, bias, weight_hh, gamma_x, gamma_h, gamma_c, beta_c, eps, h0, c0):
@@ -70,7 +78,7 @@ def run_forward(x, weight_ih, bias, weight_hh, gamma_x, gamma_h, gamma_c, beta_c
     torch.ops.bnrnn_cpu.recurrence_forward(
         x, weight_ih.contiguous(), input_bias, wx, weight_hh.contiguous(), n.gamma_x, n.beta_x, n.gamma_h,
         n.gamma_c, n.beta_c, h0.contiguous(), c0.contiguous(), n.eps_x, n.eps_h, n.eps_c, hs, cs, sig, tanh_c, wh,
-        *(stats.get(k) for k in STATISTICS), packed_column_halves(weight_hh, B))
+        *(stats.get(k) for k in STATISTICS), recurrent_weight_halves(weight_hh, B))
     stats.update(sig=sig, tanh_c=tanh_c, wh=wh, wx=wx)
     return hs, cs, stats
 
@@ -90,7 +98,7 @@ def population_forward(xin, weight_hh, h_scale, c_scale, c_shift, h0, c0, x_coef
     torch.ops.bnrnn_cpu.population_forward(
         xin.contiguous(), *(None if t is None else t.contiguous() for t in (x_coef, x_shift)),
         weight_hh.contiguous(), *(None if t is None else t.contiguous() for t in (h_scale, c_scale, c_shift)),
-        h0.contiguous(), c0.contiguous(), hs, c_last, packed_column_halves(weight_hh, B))
+        h0.contiguous(), c0.contiguous(), hs, c_last, recurrent_weight_halves(weight_hh, B))
     return hs, c_last
 
 
@@ -129,7 +137,7 @@ class CompiledLSTMRecurrence(torch.autograd.Function):
             grad_hs.contiguous(), grad_c_last.contiguous(), x, saved["wx"], weight_ih.contiguous(),
             weight_hh.contiguous(), gamma_x, gamma_h, gamma_c, h0, c0, hs, cs, saved["sig"], saved["tanh_c"], saved["wh"],
             *(saved.get(k) for k in STATISTICS), grad_x, grad_weight_ih, grad_bias, grad_weight_hh, grad_h0, grad_c0,
-            *norm_grads, packed_column_halves(weight_hh, B, transposed=True), dwh_steps)
+            *norm_grads, recurrent_weight_halves(weight_hh, B, transposed=True), dwh_steps)
         grad_gamma_x, grad_gamma_h, grad_gamma_c, grad_beta_c = norm_grads
         return (grad_x, grad_weight_ih, grad_bias, grad_weight_hh, grad_gamma_x, grad_gamma_h, grad_gamma_c,
                 grad_beta_c, grad_h0, grad_c0, None, None)

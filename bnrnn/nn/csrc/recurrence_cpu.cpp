@@ -48,6 +48,8 @@
 #include <ATen/core/stack.h>
 #include <torch/library.h>
 
+#include "small_gemm.h"
+
 #include <algorithm>
 #include <array>
 #include <atomic>
@@ -59,6 +61,7 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -411,47 +414,170 @@ struct Blas<double> {
   static constexpr auto gemm = &dgemm_;
 };
 
-// Whether the loops call the BLAS directly: where torch exports it, unless the environment
-// says BNRNN_DIRECT_BLAS=0 (the tests' way to run the ATen fallback).
-template <typename T>
-bool have_blas() {
-  const char* setting = std::getenv("BNRNN_DIRECT_BLAS");
-  return Blas<T>::gemm != nullptr && !(setting && std::string(setting) == "0");
+bool setting_is_off(const char* name) {
+  const char* setting = std::getenv(name);
+  return setting && std::string(setting) == "0";
 }
 
-// Row-major C (m, n) = op(A) (m, k) op(B) (k, n) + beta C; op transposes where asked. (The
-// column-major BLAS computes C^T = op(B)^T op(A)^T on the same memory.)
+// Who computes the loops' GEMMs: small_gemm.h's kernel (float, where the build has AVX-512),
+// the BLAS directly, or ATen's mm (tensors, dispatch). The environment can step down, for
+// the tests and for measuring: BNRNN_SMALL_GEMM=0 (the BLAS instead of the own kernel),
+// BNRNN_DIRECT_BLAS=0 (ATen's mm for everything).
+enum class GemmKernel { own, blas, aten };
+
 template <typename T>
-void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
+GemmKernel gemm_kernel() {
+  if (setting_is_off("BNRNN_DIRECT_BLAS")) return GemmKernel::aten;
+  if (std::is_same_v<T, float> && SMALL_GEMM_AVAILABLE && !setting_is_off("BNRNN_SMALL_GEMM"))
+    return GemmKernel::own;
+  return Blas<T>::gemm != nullptr ? GemmKernel::blas : GemmKernel::aten;
+}
+
+// Row-major C (m, n) = A (m, k) B (k, n) + beta C, with a(i, k) = a[i rsa + k csa] (csa = 1:
+// A row-major; rsa = 1: A^T row-major, its transpose read in place) and B row-major, by
+// `kernel` (own or blas, never aten). (The column-major BLAS computes C^T = B^T A^T on the
+// same memory.)
+template <typename T>
+void gemm(GemmKernel kernel, int64_t m, int64_t n, int64_t k, const T* a, int64_t rsa, int64_t csa, const T* b,
           int64_t ldb, T beta, T* c, int64_t ldc) {
-  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+#if SMALL_GEMM_AVAILABLE
+  if constexpr (std::is_same_v<T, float>)
+    if (kernel == GemmKernel::own) return small_gemm::gemm(m, n, k, a, rsa, csa, b, ldb, beta, c, ldc);
+#endif
+  TORCH_CHECK(kernel == GemmKernel::blas && (csa == 1 || rsa == 1), "bnrnn_cpu: no direct GEMM for these operands");
+  const bool trans_a = csa != 1;
+  const char ta = trans_a ? 'T' : 'N', tb = 'N';
   const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
-  const int LA = static_cast<int>(ldb), LB = static_cast<int>(lda), LC = static_cast<int>(ldc);
+  const int LA = static_cast<int>(ldb), LB = static_cast<int>(trans_a ? csa : rsa), LC = static_cast<int>(ldc);
   const T one = T(1);
   Blas<T>::gemm(&tb, &ta, &M, &N, &K, &one, b, &LA, a, &LB, &beta, c, &LC);
 }
 
+// From this hidden size the own kernel forms the products by column halves, one per thread
+// over every row (see RecurrentProduct), as the oneDNN path does from PACKED_MIN_HIDDEN in
+// fused.py (the same 256): each thread then streams half of W_h from the shared cache
+// instead of all of it.
+constexpr int64_t OWN_COLUMN_HALVES_MIN_HIDDEN = 256;
+
+// Columns [first_column(n, k), first_column(n, k + 1)) of n make half k.
+inline int64_t first_column(int64_t n, int half) { return n * half / 2; }
+
+// Which of the recurrent products a RecurrentProduct forms (it prepares W_h for those).
+enum class Products { forward, backward };
+
 // h W_h^T (forward, (B, H) -> (B, G)) and g W_h [+ add] (backward, (B, G) -> (B, H)) of every
-// step. With a large hidden size the caller passes W_h (forward) or W_h^T (backward) packed
-// once per sequence into oneDNN's blocked layout (what torch.nn.LSTM does inside; see
-// cpu_recurrence.py), as two row halves: the product then comes in column halves, one per
-// thread, each a single-threaded oneDNN GEMM on its own half of the weight (at PTB's shape
-// 4.6 ms against 5.4 for oneDNN's GEMM of the whole product on both threads). Otherwise
-// ATen's mm, or the BLAS directly (see gemm), into the caller's buffer.
+// step, by rows [r0, r0 + rows) of the batch or, with a large hidden size, by column halves
+// (every row): one per thread, each streaming only its half of W_h.
+//
+// Kernels: the own kernel (float with AVX-512) reads W_h^T (forward) or W_h (backward) packed
+// once per sequence in its panels (small_gemm::PackedB), whole or as two column halves.
+// Without it, from H = 256 the caller passes W_h (forward) or W_h^T (backward) packed once per
+// sequence into oneDNN's blocked layout (what torch.nn.LSTM does inside; see
+// cpu_recurrence.py) as two row halves: each column half is then a single-threaded oneDNN
+// GEMM on its own half of the weight (at PTB's shape 4.6 ms against 5.4 for oneDNN's GEMM of
+// the whole product on both threads). Otherwise the BLAS directly, or ATen's mm.
 struct RecurrentProduct {
-  RecurrentProduct(const Tensor& weight_hh, at::TensorList packed_halves)
-      : weight(weight_hh), weight_t(weight_hh.t()), halves(packed_halves.vec()) {
+  RecurrentProduct(const Tensor& weight_hh, at::TensorList packed_halves, Products products)
+      : weight(weight_hh), halves(packed_halves.vec()) {
     TORCH_CHECK(halves.empty() || halves.size() == 2, "bnrnn_cpu: W_h packs in two halves or none");
+    AT_DISPATCH_FLOATING_TYPES(weight_hh.scalar_type(), "bnrnn_recurrent_product",
+                               [&] { kernel = gemm_kernel<scalar_t>(); });
+    weight_t = kernel == GemmKernel::aten ? weight_hh.t() : weight_hh.t().contiguous();
+#if SMALL_GEMM_AVAILABLE
+    if (kernel != GemmKernel::own) return;
+    halves.clear();  // not needed (cpu_recurrence.py packs none then)
+    own_halves = weight_hh.size(1) >= OWN_COLUMN_HALVES_MIN_HIDDEN;
+    // B of the product: W_h^T (H, G) forward, W_h (G, H) backward
+    const Tensor& b = products == Products::forward ? weight_t : weight;
+    const int64_t K = b.size(0), N = b.size(1);
+    const float* data = b.data_ptr<float>();
+    if (own_halves)
+      for (int half = 0; half < 2; ++half) {
+        const int64_t j0 = first_column(N, half);
+        packed.emplace_back(K, first_column(N, half + 1) - j0, data + j0, N);
+      }
+    else
+      packed.emplace_back(K, N, data, N);
+#endif
   }
 
-  bool by_column_halves() const { return !halves.empty(); }
+  bool by_column_halves() const { return own_halves || !halves.empty(); }
   const Tensor& weight_hh() const { return weight; }
+  GemmKernel kernel_in_use() const { return kernel; }
 
+  // Rows [r0, r0 + rows) of h W^T into the same rows of out (B, G).
+  template <typename T>
+  void forward_rows(const Tensor& h, int64_t r0, int64_t rows, T* out) const {
+    const int64_t G = weight.size(0), H = weight.size(1);
+    const T* a = h.data_ptr<T>() + r0 * H;
+    if (own_product(a, H, rows, T(0), out + r0 * G, G, 0)) return;
+    if (kernel == GemmKernel::aten) {
+      Tensor o = at::from_blob(out + r0 * G, {rows, G}, h.options());
+      at::mm_out(o, h.narrow(0, r0, rows), weight_t);
+      return;
+    }
+    gemm<T>(kernel, rows, G, H, a, H, 1, weight_t.data_ptr<T>(), G, T(0), out + r0 * G, G);
+  }
+
+  // Rows [r0, r0 + rows) of g W (+ the same rows of `add` where not null) into out (B, H).
+  template <typename T>
+  void backward_rows(const Tensor& g, int64_t r0, int64_t rows, const T* add, T* out) const {
+    const int64_t G = weight.size(0), H = weight.size(1);
+    const T* a = g.data_ptr<T>() + r0 * G;
+    if (kernel == GemmKernel::aten) {
+      Tensor o = at::from_blob(out + r0 * H, {rows, H}, g.options());
+      const Tensor rows_of_g = g.narrow(0, r0, rows);
+      if (add)
+        at::addmm_out(o, at::from_blob(const_cast<T*>(add) + r0 * H, {rows, H}, g.options()), rows_of_g, weight);
+      else
+        at::mm_out(o, rows_of_g, weight);
+      return;
+    }
+    if (add) std::copy(add + r0 * H, add + (r0 + rows) * H, out + r0 * H);
+    if (own_product(a, G, rows, T(add ? 1 : 0), out + r0 * H, H, 0)) return;
+    gemm<T>(kernel, rows, H, G, a, G, 1, weight.data_ptr<T>(), H, T(add ? 1 : 0), out + r0 * H, H);
+  }
+
+  // Column half `half` of h W^T (forward) or of g W [+ add] (backward) over every row, into
+  // out (B, G) or (B, H).
+  template <typename T>
+  void forward_half(const Tensor& h, int half, T* out) const {
+    const int64_t G = weight.size(0), H = weight.size(1), B = h.size(0);
+    if (!own_product(h.data_ptr<T>(), H, B, T(0), out + first_column(G, half), G, half))
+      packed_half<T>(h, half, nullptr, out, G);
+  }
+  template <typename T>
+  void backward_half(const Tensor& g, int half, const T* add, T* out) const {
+    const int64_t G = weight.size(0), H = weight.size(1), B = g.size(0);
+    if (!own_halves) return packed_half<T>(g, half, add, out, H);
+    const int64_t j0 = first_column(H, half), j1 = first_column(H, half + 1);
+    if (add)
+      for (int64_t b = 0; b < B; ++b) std::copy(add + b * H + j0, add + b * H + j1, out + b * H + j0);
+    own_product(g.data_ptr<T>(), G, B, T(add ? 1 : 0), out + j0, (int64_t)H, half);
+  }
+
+ private:
+  // out (rows, its part of the columns, row stride ldc) = a (rows, K) times the packed B of
+  // `part` (0, or the column half) + beta out, by the own kernel; false where it is not the
+  // kernel (or T is not float).
+  template <typename T>
+  bool own_product(const T* a, int64_t lda, int64_t rows, T beta, T* out, int64_t ldc, int part) const {
+#if SMALL_GEMM_AVAILABLE
+    if constexpr (std::is_same_v<T, float>) {
+      if (packed.empty()) return false;
+      small_gemm::gemm(rows, a, lda, 1, packed[part], beta, out, ldc);
+      return true;
+    }
+#endif
+    return false;
+  }
+
+ private:
   // Columns [half * n, (half + 1) * n) of the product of `a` (rows, K) with the packed
   // weight's half (n columns), plus those of `add` where not null, into `out`; `add` and
-  // `out` have row stride ld. The forward's h W^T (n = G/2), or the backward's g W (H/2).
+  // `out` have row stride ld.
   template <typename T>
-  void half_product(const Tensor& a, int half, const T* add, T* out, int64_t ld) const {
+  void packed_half(const Tensor& a, int half, const T* add, T* out, int64_t ld) const {
     const Tensor product = linear(a, halves[half]).contiguous();
     const int64_t rows = product.size(0), n = product.size(1);
     const T* p = product.data_ptr<T>();
@@ -466,21 +592,6 @@ struct RecurrentProduct {
     }
   }
 
-  // h W^T into `out` (unpacked W_h).
-  void forward(const Tensor& h, const Tensor& out) const {
-    Tensor o = out;
-    at::mm_out(o, h, weight_t);
-  }
-  // g W (+ add, when defined) into `out` (unpacked W_h).
-  void backward(const Tensor& g, const Tensor& add, const Tensor& out) const {
-    Tensor o = out;
-    if (add.defined())
-      at::addmm_out(o, add, g, weight);
-    else
-      at::mm_out(o, g, weight);
-  }
-
- private:
   // mkldnn::_linear_pointwise(X, W, B=None, attr="none", scalars=[], algorithm="") = X W^T
   static Tensor linear(const Tensor& x, const Tensor& w) {
     static const c10::OperatorHandle plain =
@@ -491,8 +602,13 @@ struct RecurrentProduct {
     return stack[0].toTensor();
   }
 
-  Tensor weight, weight_t;
-  std::vector<Tensor> halves;
+  Tensor weight, weight_t;  // W_h (G, H); W_h^T (H, G), contiguous unless ATen's mm reads it
+  std::vector<Tensor> halves;  // oneDNN's packed halves
+  GemmKernel kernel = GemmKernel::aten;
+  bool own_halves = false;  // column halves by the own kernel
+#if SMALL_GEMM_AVAILABLE
+  std::vector<small_gemm::PackedB> packed;  // the own kernel's B: whole, or its two column halves
+#endif
 };
 
 // ---- the input term ------------------------------------------------------------------------
@@ -834,8 +950,6 @@ struct ForwardShared {
   int parts, threads;
   std::vector<PartMoments<T>> moments_x, moments_h, moments_c;  // [parity * parts + part]
   SpinBarrier barrier;
-  const T* weight_hh;  // W_h (G, H)
-  bool direct;         // the products through the BLAS directly (see gemm)
 
   ForwardShared(const T* wx, const NarrowInput<T>* narrow, const RecurrentProduct& recurrent, const Norm<T>& nx,
                 const Norm<T>& nh, const Norm<T>& nc, const Tensor& h0, const Tensor& c0, const Tensor& hs,
@@ -846,8 +960,7 @@ struct ForwardShared {
         moments_x(2 * parts, PartMoments<T>(wx && nx.on() ? nx.width : 0)),
         moments_h(2 * parts, PartMoments<T>(nh.on() ? nh.width : 0)),
         moments_c(2 * parts, PartMoments<T>(nc.on() ? nc.width : 0)),
-        barrier(threads), weight_hh(recurrent.weight_hh().template data_ptr<T>()),
-        direct(have_blas<T>() && !recurrent.by_column_halves()) {}
+        barrier(threads) {}
 
   int64_t first_row(int part) const { return cs.size(1) * part / parts; }
 };
@@ -893,18 +1006,12 @@ bool forward_rows(ForwardShared<T>& sh, int thread) {
     // keeps oneDNN's single-threaded GEMM on its own half of W_h (at PTB's shape 4.6 ms
     // against 5.4 for the whole product on both threads); otherwise each part's rows.
     if (by_halves && !column_halves(sh.barrier, thread, sh.threads, t > 0, [&](int half) {
-          sh.recurrent.template half_product<T>(h, half, nullptr, product.template data_ptr<T>(), G);
+          sh.recurrent.template forward_half<T>(h, half, product.template data_ptr<T>());
         }))
       return false;
     for (int part = p0; part < p1; ++part) {
       const int64_t r0 = sh.first_row(part), rows = sh.first_row(part + 1) - r0;
-      if (!by_halves) {
-        if (sh.direct)  // rows of h_{t-1} W_h^T
-          gemm<T>(false, true, rows, G, H, h.template data_ptr<T>() + r0 * H, H, sh.weight_hh, H, T(0),
-                  product.template data_ptr<T>() + r0 * G, G);
-        else
-          sh.recurrent.forward(h.narrow(0, r0, rows), product.narrow(0, r0, rows));
-      }
+      if (!by_halves) sh.recurrent.template forward_rows<T>(h, r0, rows, product.template data_ptr<T>());
       const int64_t slot = (t % 2) * sh.parts + part;
       if (wide_x) sh.moments_x[slot].compute(x + r0 * G, rows, G);
       if (sh.nh.on()) sh.moments_h[slot].compute(product.template data_ptr<T>() + r0 * G, rows, G);
@@ -966,7 +1073,7 @@ void recurrence_forward(const Tensor& x, const Tensor& weight_ih, const OptTenso
     std::optional<NarrowInput<scalar_t>> narrow;
     if (!wx.has_value()) narrow.emplace(x, weight_ih, input_bias);
     forward_loop<scalar_t>(data_or_null<scalar_t>(wx), narrow ? &*narrow : nullptr,
-                           RecurrentProduct(weight_hh, packed_hh),
+                           RecurrentProduct(weight_hh, packed_hh, Products::forward),
                            make_norm<scalar_t>(gamma_x, beta_x, eps_x, mean_x, invstd_x, G),
                            make_norm<scalar_t>(gamma_h, std::nullopt, eps_h, mean_h, invstd_h, G),
                            make_norm<scalar_t>(gamma_c, beta_c, eps_c, mean_c, invstd_c, H), h0, c0, hs, cs, sig,
@@ -999,8 +1106,6 @@ void population_loop(const Tensor& xin, const OptTensor& x_coef, const OptTensor
   std::vector<T> cells(2 * B * H);  // c_{t-1} and c_t, by parity
   std::copy(c0.data_ptr<T>(), c0.data_ptr<T>() + B * H, cells.begin());
   const Tensor buffer = at::empty({B, G}, xin.options());
-  const bool direct = have_blas<T>() && !recurrent.by_column_halves();  // see gemm
-  const T* weight_hh = recurrent.weight_hh().data_ptr<T>();
   // The rows of each part of the batch (see BATCH_PARTS): rows never meet, so the threads
   // wait for each other only around a product by column halves (see forward_rows).
   const auto [parts, threads] = parts_and_threads(B, recurrent);
@@ -1019,18 +1124,12 @@ void population_loop(const Tensor& xin, const OptTensor& x_coef, const OptTensor
       const Tensor h = t > 0 ? hs[t - 1] : h0;
       const bool by_halves = recurrent.by_column_halves();
       if (by_halves && !column_halves(barrier, thread, count, t > 0, [&](int half) {
-            recurrent.template half_product<T>(h, half, nullptr, buffer.data_ptr<T>(), G);
+            recurrent.template forward_half<T>(h, half, buffer.data_ptr<T>());
           }))
         return;
       for (int k = p0; k < p1; ++k) {
         const int64_t r0 = B * k / parts, r1 = B * (k + 1) / parts;
-        if (!by_halves) {
-          if (direct)
-            gemm<T>(false, true, r1 - r0, G, H, h.data_ptr<T>() + r0 * H, H, weight_hh, H, T(0),
-                    buffer.data_ptr<T>() + r0 * G, G);
-          else
-            recurrent.forward(h.narrow(0, r0, r1 - r0), buffer.narrow(0, r0, r1 - r0));
-        }
+        if (!by_halves) recurrent.template forward_rows<T>(h, r0, r1 - r0, buffer.data_ptr<T>());
         const T* p = buffer.data_ptr<T>();
         for (int64_t b = r0; b < r1; ++b) {
           T* s = gates.data() + b * G;
@@ -1068,7 +1167,7 @@ void population_forward(const Tensor& xin, const OptTensor& x_coef, const OptTen
     TORCH_CHECK(xin.size(2) == G, "bnrnn_cpu: xin (T, B, 4H) expected");
   }
   AT_DISPATCH_FLOATING_TYPES(xin.scalar_type(), "bnrnn_population_forward", [&] {
-    population_loop<scalar_t>(xin, x_coef, x_shift, RecurrentProduct(weight_hh, packed_hh), h_scale, c_scale,
+    population_loop<scalar_t>(xin, x_coef, x_shift, RecurrentProduct(weight_hh, packed_hh, Products::forward), h_scale, c_scale,
                               c_shift, h0, c0, hs, c_last);
   });
 }
@@ -1159,8 +1258,7 @@ struct BackwardShared {
   std::vector<BackwardPart<T>> part;
   std::vector<double> narrow_d_weight, narrow_d_gamma;  // a narrow input's with BN_x (thread 0's)
   SpinBarrier barrier;
-  const T* weight_hh;  // W_h (G, H)
-  bool direct;         // the GEMMs of dW_h and dL/dh through the BLAS directly (see gemm)
+  GemmKernel kernel;  // of the per-step dW_h (the recurrent products: see RecurrentProduct)
 
   BackwardShared(const Tensor& grad_hs, const Tensor& grad_c_last, const Tensor& x, const OptTensor& wx,
                  const Tensor& weight_ih, const RecurrentProduct& recurrent, const Norm<T>& nx, const Norm<T>& nh,
@@ -1175,8 +1273,7 @@ struct BackwardShared {
         per_step_gemms(!dwh_steps.has_value() || wide),
         dc_next(grad_c_last.data_ptr<T>(), grad_c_last.data_ptr<T>() + B * H),
         dcn(B * H), dc_buffer(B * H), barrier(threads),
-        weight_hh(recurrent.weight_hh().template data_ptr<T>()),
-        direct(have_blas<T>() && !recurrent.by_column_halves()) {
+        kernel(recurrent.kernel_in_use()) {
     if (!wide) narrow.emplace(x, weight_ih, std::nullopt);  // (b is BN_x's beta here, not needed)
     const auto step_buffers = [&](bool needed) {
       std::array<Tensor, 2> slots;
@@ -1215,8 +1312,8 @@ struct BackwardShared {
   void weight_gradients(int64_t t, const StepGradients& g, BackwardPart<T>& p, int64_t r0, int64_t rows,
                         int64_t block, int64_t blocks) const {
     const int64_t f0 = G * block / blocks, width = G * (block + 1) / blocks - f0;
-    if (!dwh_steps.has_value() && direct) {
-      gemm<T>(true, false, width, H, rows, g.dwh.template data_ptr<T>() + r0 * G + f0, G,
+    if (!dwh_steps.has_value() && kernel != GemmKernel::aten) {  // dwh^T read in place
+      gemm<T>(kernel, width, H, rows, g.dwh.template data_ptr<T>() + r0 * G + f0, 1, G,
               (t > 0 ? hs[t - 1] : h0).template data_ptr<T>() + r0 * H, H, T(1),
               p.gw_hh.template data_ptr<T>() + f0 * H, H);
     } else if (!dwh_steps.has_value()) {
@@ -1234,26 +1331,20 @@ struct BackwardShared {
       }
     }
   }
+  // The loss's own gradient of h_t (B, H), null before the first step (h0's).
+  const T* loss_gradient_of_h(int64_t t) const {
+    return t >= 0 ? grad_hs.template data_ptr<T>() + t * B * H : nullptr;
+  }
   // dL/dh_{t-1} = dwh W_h (+ the loss's own gradient of h_{t-1}) for rows [r0, r0 + rows);
   // at t = 0 into grad_h0.
   void hidden_gradient(int64_t t, const StepGradients& g, int64_t r0, int64_t rows) const {
-    if (direct) {
-      T* out = (t > 0 ? dh : grad_h0).template data_ptr<T>() + r0 * H;
-      if (t > 0) {
-        const T* add = grad_hs.template data_ptr<T>() + ((t - 1) * B + r0) * H;
-        std::copy(add, add + rows * H, out);
-      }
-      gemm<T>(false, false, rows, H, G, g.dwh.template data_ptr<T>() + r0 * G, G, weight_hh, H, T(t > 0 ? 1 : 0), out,
-              H);
-      return;
-    }
-    const Tensor out = (t > 0 ? dh : grad_h0).narrow(0, r0, rows);
-    recurrent.backward(g.dwh.narrow(0, r0, rows), t > 0 ? grad_hs[t - 1].narrow(0, r0, rows) : Tensor(), out);
+    recurrent.template backward_rows<T>(g.dwh, r0, rows, loss_gradient_of_h(t - 1),
+                                        (t > 0 ? dh : grad_h0).template data_ptr<T>());
   }
-  // The same for every row and column half `half` of dL/dh_{t-1}, with W_h^T packed in halves.
+  // The same for every row and column half `half` of dL/dh_{t-1} (products by column halves).
   void hidden_gradient_half(int64_t t, const StepGradients& g, int half) const {
-    const T* add = t > 0 ? grad_hs.template data_ptr<T>() + (t - 1) * B * H : nullptr;
-    recurrent.template half_product<T>(g.dwh, half, add, (t > 0 ? dh : grad_h0).template data_ptr<T>(), H);
+    recurrent.template backward_half<T>(g.dwh, half, loss_gradient_of_h(t - 1),
+                                        (t > 0 ? dh : grad_h0).template data_ptr<T>());
   }
 };
 
@@ -1401,6 +1492,30 @@ bool backward_rows(BackwardShared<T>& sh, int thread) {
   return true;
 }
 
+// dW_h = sum_t dwh_t^T h_{t-1} (h_{-1} = h0) from dwh (T, B, G) and hs (T, B, H), one GEMM over
+// the sequence. The own kernel reads dwh^T in place, its G rows split over torch's threads
+// (each row's sums run in the same order however they split: the same bits on any count);
+// the other kernels go through ATen's threaded mm.
+template <typename T>
+void sequence_weight_gradient(GemmKernel kernel, const Tensor& dwh, const Tensor& h0, const Tensor& hs,
+                              const Tensor& grad_weight_hh) {
+  const int64_t steps = dwh.size(0), B = dwh.size(1), G = dwh.size(2), H = hs.size(2);
+  if (kernel == GemmKernel::own) {
+    const T *d = dwh.data_ptr<T>(), *h_first = h0.data_ptr<T>(), *h_rest = hs.data_ptr<T>();
+    T* out = grad_weight_hh.data_ptr<T>();
+    at::parallel_for(0, G, 64, [&](int64_t f0, int64_t f1) {
+      gemm<T>(kernel, f1 - f0, H, B, d + f0, 1, G, h_first, H, T(0), out + f0 * H, H);
+      gemm<T>(kernel, f1 - f0, H, (steps - 1) * B, d + B * G + f0, 1, G, h_rest, H, T(1), out + f0 * H, H);
+    });
+    return;
+  }
+  Tensor gw_hh = grad_weight_hh;
+  at::mm_out(gw_hh, dwh[0].t(), h0);
+  if (steps > 1)
+    at::addmm_out(gw_hh, gw_hh, dwh.narrow(0, 1, steps - 1).reshape({(steps - 1) * B, G}).t(),
+                  hs.narrow(0, 0, steps - 1).reshape({(steps - 1) * B, H}));
+}
+
 template <typename T>
 void backward_loop(const Tensor& grad_hs, const Tensor& grad_c_last, const Tensor& x, const OptTensor& wx,
                    const Tensor& weight_ih, const RecurrentProduct& recurrent, const Norm<T>& nx, const Norm<T>& nh,
@@ -1427,13 +1542,7 @@ void backward_loop(const Tensor& grad_hs, const Tensor& grad_c_last, const Tenso
       gw_ih.add_(sh.part[k].gw_ih);
     }
   }
-  if (dwh_steps.has_value()) {  // dW_h = sum_t dwh_t^T h_{t-1}, h_{-1} = h0
-    Tensor gw_hh = grad_weight_hh;
-    at::mm_out(gw_hh, (*dwh_steps)[0].t(), h0);
-    if (steps > 1)
-      at::addmm_out(gw_hh, gw_hh, (*dwh_steps).narrow(0, 1, steps - 1).reshape({(steps - 1) * B, G}).t(),
-                    hs.narrow(0, 0, steps - 1).reshape({(steps - 1) * B, H}));
-  }
+  if (dwh_steps.has_value()) sequence_weight_gradient<T>(sh.kernel, *dwh_steps, h0, hs, grad_weight_hh);
   std::copy(sh.dc_next.begin(), sh.dc_next.end(), grad_c0.data_ptr<T>());
   const auto total = [&](std::vector<double> BackwardPart<T>::*member) {
     std::vector<double> sum = sh.part[0].*member;
@@ -1471,7 +1580,7 @@ void recurrence_backward(const Tensor& grad_hs, const Tensor& grad_c_last, const
   const int64_t H = cs.size(2), G = 4 * H;
   AT_DISPATCH_FLOATING_TYPES(cs.scalar_type(), "bnrnn_recurrence_backward", [&] {
     backward_loop<scalar_t>(grad_hs, grad_c_last, x, wx, weight_ih,
-                            RecurrentProduct(weight_hh, packed_hh_t),
+                            RecurrentProduct(weight_hh, packed_hh_t, Products::backward),
                             make_norm<scalar_t>(gamma_x, std::nullopt, 0.0, mean_x, invstd_x, G),
                             make_norm<scalar_t>(gamma_h, std::nullopt, 0.0, mean_h, invstd_h, G),
                             make_norm<scalar_t>(gamma_c, std::nullopt, 0.0, mean_c, invstd_c, H), h0, c0, hs, cs,
@@ -1497,6 +1606,26 @@ std::tuple<Tensor, Tensor> activations(const Tensor& x) {
 
 }  // namespace
 
+// Whether the loops' float GEMMs run on small_gemm.h's kernel (built with AVX-512, not
+// turned off by BNRNN_SMALL_GEMM=0 or BNRNN_DIRECT_BLAS=0); cpu_recurrence.py packs no
+// weights for oneDNN then.
+bool own_gemm() { return gemm_kernel<float>() == GemmKernel::own; }
+
+// c = a b + beta c by small_gemm.h's kernel, for its tests: a (M, K) float, row-major or the
+// transpose of a row-major matrix (strides (1, M)); b (K, N) and c (M, N) row-major.
+void small_gemm_op(const Tensor& a, const Tensor& b, const Tensor& c, double beta) {
+  TORCH_CHECK(SMALL_GEMM_AVAILABLE, "bnrnn_cpu: built without AVX-512, no small_gemm kernel");
+  TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && c.scalar_type() == at::kFloat,
+              "bnrnn_cpu.small_gemm: float32 only");
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && c.dim() == 2 && a.size(1) == b.size(0) && c.size(0) == a.size(0) &&
+                  c.size(1) == b.size(1),
+              "bnrnn_cpu.small_gemm: shapes (M, K), (K, N), (M, N)");
+  TORCH_CHECK(a.stride(1) == 1 || a.stride(0) == 1, "bnrnn_cpu.small_gemm: a row-major or transposed");
+  TORCH_CHECK(b.stride(1) == 1 && c.stride(1) == 1, "bnrnn_cpu.small_gemm: b and c row-major");
+  gemm<float>(GemmKernel::own, a.size(0), b.size(1), a.size(1), a.data_ptr<float>(), a.stride(0), a.stride(1),
+              b.data_ptr<float>(), b.stride(0), static_cast<float>(beta), c.data_ptr<float>(), c.stride(0));
+}
+
 TORCH_LIBRARY(bnrnn_cpu, m) {
   m.def(
       "recurrence_forward(Tensor x, Tensor weight_ih, Tensor? input_bias, Tensor? wx, Tensor weight_hh, "
@@ -1517,6 +1646,8 @@ TORCH_LIBRARY(bnrnn_cpu, m) {
       "population_forward(Tensor xin, Tensor? x_coef, Tensor? x_shift, Tensor weight_hh, Tensor? h_scale, "
       "Tensor? c_scale, Tensor? c_shift, Tensor h0, Tensor c0, Tensor(a!) hs, Tensor(b!) c_last, Tensor[] packed_hh) -> ()");
   m.def("activations(Tensor x) -> (Tensor, Tensor)");
+  m.def("small_gemm(Tensor a, Tensor b, Tensor(a!) c, float beta) -> ()");
+  m.def("own_gemm() -> bool", &own_gemm);
 }
 
 TORCH_LIBRARY_IMPL(bnrnn_cpu, CPU, m) {
@@ -1524,6 +1655,7 @@ TORCH_LIBRARY_IMPL(bnrnn_cpu, CPU, m) {
   m.impl("recurrence_backward", &recurrence_backward);
   m.impl("population_forward", &population_forward);
   m.impl("activations", &activations);
+  m.impl("small_gemm", &small_gemm_op);
 }
 
 // The packed weights (oneDNN's layout) dispatch as MkldnnCPU tensors: the same kernels.
