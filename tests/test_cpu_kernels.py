@@ -293,3 +293,18 @@ def test_the_environment_can_turn_the_own_gemm_off(small_gemm, monkeypatch):
         outputs.append((out.detach(), layer.weight_hh.grad.clone()))
     torch.testing.assert_close(outputs[0][0], outputs[1][0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(outputs[0][1], outputs[1][1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_input_projection_on_the_own_kernel(small_gemm, bias):
+    """cpu_recurrence.project_input (W_x x + b before the loops, for inputs wider than
+    NARROW_INPUT_MAX) on the own kernel, rows split over the threads: torch's product within
+    float32 rounding, for a row count that is no multiple of a block's 8 rows."""
+    from bnrnn.nn import cpu_recurrence
+
+    g = torch.Generator().manual_seed(4)
+    x, weight = torch.randn(13, 7, 50, generator=g), torch.randn(4 * 37, 50, generator=g)
+    b = torch.randn(4 * 37, generator=g) if bias else None
+    out = cpu_recurrence.project_input(x, weight, b)
+    expected = x.double() @ weight.double().t() + (b.double() if bias else 0)
+    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-6)

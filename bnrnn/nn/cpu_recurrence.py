@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from bnrnn.nn.fused import (PACKED_MIN_HIDDEN, STATISTICS, Norms, packed_column_halves, project_input,
-                            statistics_buffers)
+from bnrnn.nn import fused
+from bnrnn.nn.fused import PACKED_MIN_HIDDEN, STATISTICS, Norms, packed_column_halves, statistics_buffers
 from bnrnn.nn import cpu_kernels
 from bnrnn.nn.workspace import WORKSPACE
 
@@ -47,6 +47,19 @@ def recurrent_weight_halves(weight_hh: torch.Tensor, batch: int, transposed: boo
     form the recurrent products by oneDNN (see packed_column_halves), or []: always where
     the extension's own AVX-512 kernel forms them (it reads W_h as it is)."""
     return [] if cpu_kernels.own_gemm() else packed_column_halves(weight_hh, batch, transposed)
+
+
+def project_input(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """W_x x [+ b]: (T, B, I) -> (T, B, 4H) into a pooled buffer, as fused.project_input, on the
+    extension's own kernel for float32 where it has one (torch's MKL runs its AVX2 code on
+    AMD CPUs). No autograd."""
+    if x.dtype != torch.float32 or not cpu_kernels.own_gemm():
+        return fused.project_input(x, weight, bias)
+    T, B, I = x.shape
+    wx = WORKSPACE.empty((T, B, weight.shape[0]), x)
+    torch.ops.bnrnn_cpu.project_input(x.contiguous().view(T * B, I), weight.detach(),
+                                      None if bias is None else bias.detach(), wx.view(T * B, -1))
+    return wx
 
 
 def run_forward(x, weight_ih, bias, weight_hh, gamma_x, gamma_h, gamma_c, beta_c, eps, h0, c0):

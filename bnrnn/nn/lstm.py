@@ -277,7 +277,7 @@ class BNLSTM(nn.Module):
                 return hs, (hs[-1], c_last)
             # W_x x into a pooled buffer, and the input term written over it in one pass: no new
             # (T, B, 4H) tensor (80 MB at seqMNIST, whose fresh pages cost more than the pass).
-            wx = project_input(x.contiguous(), self.weight_ih, None)
+            wx = (cpu_recurrence.project_input if compiled else project_input)(x.contiguous(), self.weight_ih, None)
             if scale is not None:
                 xin = torch.addcmul(shift.unsqueeze(1), wx, scale.unsqueeze(1), out=wx)
             else:

@@ -1321,14 +1321,21 @@ struct BackwardShared {
       at::addmm_out(out, out, g.dwh.narrow(0, r0, rows).narrow(1, f0, width).t(),
                     (t > 0 ? hs[t - 1] : h0).narrow(0, r0, rows));
     }
-    if (wide) {
-      Tensor out = p.gw_ih.narrow(0, f0, width);
-      at::addmm_out(out, out, g.dax.narrow(0, r0, rows).narrow(1, f0, width).t(), x[t].narrow(0, r0, rows));
-      if (grad_x.has_value()) {
-        const int64_t b0 = r0 + rows * block / blocks, batch = r0 + rows * (block + 1) / blocks - b0;
-        Tensor gx = (*grad_x)[t].narrow(0, b0, batch);
-        at::mm_out(gx, g.dax.narrow(0, b0, batch), weight_ih);
-      }
+    if (!wide) return;
+    const int64_t I = x.size(2), b0 = r0 + rows * block / blocks, batch = r0 + rows * (block + 1) / blocks - b0;
+    if (kernel != GemmKernel::aten) {  // dax^T read in place
+      gemm<T>(kernel, width, I, rows, g.dax.template data_ptr<T>() + r0 * G + f0, 1, G,
+              x.template data_ptr<T>() + (t * B + r0) * I, I, T(1), p.gw_ih.template data_ptr<T>() + f0 * I, I);
+      if (grad_x.has_value())
+        gemm<T>(kernel, batch, I, G, g.dax.template data_ptr<T>() + b0 * G, G, 1, weight_ih.template data_ptr<T>(), I,
+                T(0), grad_x->template data_ptr<T>() + (t * B + b0) * I, I);
+      return;
+    }
+    Tensor out = p.gw_ih.narrow(0, f0, width);
+    at::addmm_out(out, out, g.dax.narrow(0, r0, rows).narrow(1, f0, width).t(), x[t].narrow(0, r0, rows));
+    if (grad_x.has_value()) {
+      Tensor gx = (*grad_x)[t].narrow(0, b0, batch);
+      at::mm_out(gx, g.dax.narrow(0, b0, batch), weight_ih);
     }
   }
   // The loss's own gradient of h_t (B, H), null before the first step (h0's).
@@ -1606,6 +1613,32 @@ std::tuple<Tensor, Tensor> activations(const Tensor& x) {
 
 }  // namespace
 
+// out (N, G) = x (N, I) W_x^T (+ bias (G)) by small_gemm.h's kernel, float, W_x^T packed once
+// and the rows split over torch's threads (each row's values the same on any count): the
+// input projection before the loops, where torch's MKL would run its AVX2 code.
+void project_input(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& out) {
+  TORCH_CHECK(SMALL_GEMM_AVAILABLE, "bnrnn_cpu: built without AVX-512, no small_gemm kernel");
+  check_cpu_contiguous({{&x, "x"}, {&out, "out"}});
+  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat,
+              "bnrnn_cpu.project_input: float32 only");
+  const int64_t N = x.size(0), I = x.size(1), G = weight.size(0);
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && weight.size(1) == I && out.size(0) == N && out.size(1) == G,
+              "bnrnn_cpu.project_input: shapes (N, I), (G, I), (N, G)");
+#if SMALL_GEMM_AVAILABLE
+  const Tensor weight_t = weight.t().contiguous();
+  const small_gemm::PackedB packed(I, G, weight_t.data_ptr<float>(), G);
+  const Tensor b = bias.has_value() ? bias->contiguous() : Tensor();
+  const float* pb = b.defined() ? b.data_ptr<float>() : nullptr;
+  const float* px = x.data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  at::parallel_for(0, N, 64, [&](int64_t r0, int64_t r1) {
+    if (pb)
+      for (int64_t r = r0; r < r1; ++r) std::copy(pb, pb + G, po + r * G);
+    small_gemm::gemm(r1 - r0, px + r0 * I, I, 1, packed, pb ? 1.0f : 0.0f, po + r0 * G, G);
+  });
+#endif
+}
+
 // Whether the loops' float GEMMs run on small_gemm.h's kernel (built with AVX-512, not
 // turned off by BNRNN_SMALL_GEMM=0 or BNRNN_DIRECT_BLAS=0); cpu_recurrence.py packs no
 // weights for oneDNN then.
@@ -1648,6 +1681,7 @@ TORCH_LIBRARY(bnrnn_cpu, m) {
   m.def("activations(Tensor x) -> (Tensor, Tensor)");
   m.def("small_gemm(Tensor a, Tensor b, Tensor(a!) c, float beta) -> ()");
   m.def("own_gemm() -> bool", &own_gemm);
+  m.def("project_input(Tensor x, Tensor weight, Tensor? bias, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(bnrnn_cpu, CPU, m) {
@@ -1656,6 +1690,7 @@ TORCH_LIBRARY_IMPL(bnrnn_cpu, CPU, m) {
   m.impl("population_forward", &population_forward);
   m.impl("activations", &activations);
   m.impl("small_gemm", &small_gemm_op);
+  m.impl("project_input", &project_input);
 }
 
 // The packed weights (oneDNN's layout) dispatch as MkldnnCPU tensors: the same kernels.

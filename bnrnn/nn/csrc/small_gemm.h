@@ -42,7 +42,8 @@ constexpr int64_t KC = 512;  // k per pass over C (B's rows for one pass stay in
 // One block: rows [0, R) by V registers of columns (the last one's lanes masked by `last`).
 template <int R, int V>
 void block(int64_t K, const float* __restrict__ a, int64_t rsa, int64_t csa, const float* __restrict__ b,
-           int64_t ldb, float beta, float* __restrict__ c, int64_t ldc, __mmask16 last) {
+           int64_t ldb, float beta, float* __restrict__ c, int64_t ldc, __mmask16 last, const float* ahead,
+           int64_t ahead_ld) {
   __m512 acc[R][V];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
@@ -54,6 +55,9 @@ void block(int64_t K, const float* __restrict__ a, int64_t rsa, int64_t csa, con
 #pragma GCC unroll 3
     for (int v = 0; v < V; ++v)
       bv[v] = v + 1 < V ? _mm512_loadu_ps(bk + v * LANES) : _mm512_maskz_loadu_ps(last, bk + v * LANES);
+    if (ahead)
+#pragma GCC unroll 3
+      for (int v = 0; v < V; ++v) _mm_prefetch(reinterpret_cast<const char*>(ahead + k * ahead_ld + v * LANES), _MM_HINT_T1);
     const float* ak = a + k * csa;
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
@@ -76,7 +80,7 @@ void block(int64_t K, const float* __restrict__ a, int64_t rsa, int64_t csa, con
 }
 
 using BlockFn = void (*)(int64_t, const float*, int64_t, int64_t, const float*, int64_t, float, float*, int64_t,
-                         __mmask16);
+                         __mmask16, const float*, int64_t);
 
 template <int R>
 constexpr BlockFn block_of_width(int v) {
@@ -121,10 +125,13 @@ void blocked_gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t rsa, 
       const int tail = static_cast<int>(cols - (vectors - 1) * LANES);
       const __mmask16 last = static_cast<__mmask16>((1u << tail) - 1u);
       const auto [b, ldb] = panel(j0, k0);
+      // the second row block pulls the next panel's rows into L2 while its own come from there
+      const auto [next, next_ld] = j0 + WIDTH < N ? panel(j0 + WIDTH, k0) : std::pair(b, ldb);
       for (int64_t i0 = 0; i0 < M; i0 += MR) {
         const int rows = static_cast<int>(std::min<int64_t>(MR, M - i0));
+        const bool fetch = i0 == MR && j0 + WIDTH < N;
         block_fn(rows, vectors)(kc, a + i0 * rsa + k0 * csa, rsa, csa, b, ldb, pass_beta, c + i0 * ldc + j0, ldc,
-                                last);
+                                last, fetch ? next : nullptr, next_ld);
       }
     }
   }
