@@ -72,7 +72,7 @@ def openmp_flags() -> list[str]:
 # exception flags, and the flag allows no reassociation: the same values, computed 8 lanes
 # at a time. Measured on 2 cores at seqMNIST, alternating processes: training step
 # 0.55-0.70x (vanilla) and 0.56-0.80x (BN-LSTM), folded inference 0.41x.
-MATH_FLAGS = ["-fno-trapping-math"]
+MATH_FLAGS = ["-fno-trapping-math", "-fno-math-errno"]
 
 
 def headers_flag() -> str:
