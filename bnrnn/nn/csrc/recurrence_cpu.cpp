@@ -482,22 +482,25 @@ struct RecurrentProduct {
     TORCH_CHECK(halves.empty() || halves.size() == 2, "bnrnn_cpu: W_h packs in two halves or none");
     AT_DISPATCH_FLOATING_TYPES(weight_hh.scalar_type(), "bnrnn_recurrent_product",
                                [&] { kernel = gemm_kernel<scalar_t>(); });
-    weight_t = kernel == GemmKernel::aten ? weight_hh.t() : weight_hh.t().contiguous();
+    // the BLAS's forward product reads W_h^T row-major
+    const bool blas_forward = kernel == GemmKernel::blas && products == Products::forward;
+    weight_t = blas_forward ? weight_hh.t().contiguous() : weight_hh.t();
 #if SMALL_GEMM_AVAILABLE
     if (kernel != GemmKernel::own) return;
     halves.clear();  // not needed (cpu_recurrence.py packs none then)
     own_halves = weight_hh.size(1) >= OWN_COLUMN_HALVES_MIN_HIDDEN;
-    // B of the product: W_h^T (H, G) forward, W_h (G, H) backward
-    const Tensor& b = products == Products::forward ? weight_t : weight;
-    const int64_t K = b.size(0), N = b.size(1);
-    const float* data = b.data_ptr<float>();
+    // B of the product: W_h^T (H, G) forward, read in place, or W_h (G, H) backward
+    const bool forward = products == Products::forward;
+    const int64_t G = weight_hh.size(0), H = weight_hh.size(1), K = forward ? H : G, N = forward ? G : H;
+    const int64_t row_stride = forward ? 1 : H, col_stride = forward ? H : 1;
+    const float* data = weight_hh.data_ptr<float>();
     if (own_halves)
       for (int half = 0; half < 2; ++half) {
         const int64_t j0 = first_column(N, half);
-        packed.emplace_back(K, first_column(N, half + 1) - j0, data + j0, N);
+        packed.emplace_back(K, first_column(N, half + 1) - j0, data + j0 * col_stride, row_stride, col_stride);
       }
     else
-      packed.emplace_back(K, N, data, N);
+      packed.emplace_back(K, N, data, row_stride, col_stride);
 #endif
   }
 
@@ -602,7 +605,7 @@ struct RecurrentProduct {
     return stack[0].toTensor();
   }
 
-  Tensor weight, weight_t;  // W_h (G, H); W_h^T (H, G), contiguous unless ATen's mm reads it
+  Tensor weight, weight_t;  // W_h (G, H); W_h^T (H, G), contiguous where the BLAS reads it
   std::vector<Tensor> halves;  // oneDNN's packed halves
   GemmKernel kernel = GemmKernel::aten;
   bool own_halves = false;  // column halves by the own kernel
@@ -1316,10 +1319,14 @@ struct BackwardShared {
       BackwardPart<T>& p = part[k];
       if (narrow && !nx.on()) p.d_weight_ih.assign(G * I, 0.0);
       // one part accumulates into the outputs; more, each into its own, summed at the end
-      p.gw_hh = parts == 1 ? grad_weight_hh : at::empty_like(grad_weight_hh);
-      p.gw_ih = parts == 1 ? grad_weight_ih : at::empty_like(grad_weight_ih);
-      p.gw_hh.zero_();
-      p.gw_ih.zero_();
+      // (only those the steps accumulate: not dW_h when it is one GEMM over the sequence,
+      // 16 MB each at PTB, nor a narrow input's dW_x, which sums in double)
+      const auto accumulator = [&](const Tensor& out) {
+        Tensor acc = parts == 1 ? out : at::empty_like(out);
+        return acc.zero_();
+      };
+      if (!dwh_steps.has_value()) p.gw_hh = accumulator(grad_weight_hh);
+      if (wide) p.gw_ih = accumulator(grad_weight_ih);
     }
   }
 
@@ -1566,13 +1573,14 @@ void backward_loop(const Tensor& grad_hs, const Tensor& grad_c_last, const Tenso
   }
   const int64_t steps = sh.steps, B = sh.B, H = sh.H, G = sh.G;
   if (parts > 1) {  // the parts' weight gradients, in order
-    Tensor gw_hh = grad_weight_hh, gw_ih = grad_weight_ih;  // handles on the outputs
-    gw_hh.copy_(sh.part[0].gw_hh);
-    gw_ih.copy_(sh.part[0].gw_ih);
-    for (int k = 1; k < parts; ++k) {
-      gw_hh.add_(sh.part[k].gw_hh);
-      gw_ih.add_(sh.part[k].gw_ih);
-    }
+    const auto sum_parts = [&](Tensor BackwardPart<T>::*member, const Tensor& out) {
+      if (!(sh.part[0].*member).defined()) return;
+      Tensor total = out;  // a handle on the output
+      total.copy_(sh.part[0].*member);
+      for (int k = 1; k < parts; ++k) total.add_(sh.part[k].*member);
+    };
+    sum_parts(&BackwardPart<T>::gw_hh, grad_weight_hh);
+    sum_parts(&BackwardPart<T>::gw_ih, grad_weight_ih);
   }
   if (dwh_steps.has_value()) sequence_weight_gradient<T>(sh.kernel, *dwh_steps, h0, hs, grad_weight_hh);
   std::copy(sh.dc_next.begin(), sh.dc_next.end(), grad_c0.data_ptr<T>());
@@ -1650,8 +1658,8 @@ void project_input(const Tensor& x, const Tensor& weight, const OptTensor& bias,
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && weight.size(1) == I && out.size(0) == N && out.size(1) == G,
               "bnrnn_cpu.project_input: shapes (N, I), (G, I), (N, G)");
 #if SMALL_GEMM_AVAILABLE
-  const Tensor weight_t = weight.t().contiguous();
-  const small_gemm::PackedB packed(I, G, weight_t.data_ptr<float>(), G);
+  const Tensor w = weight.contiguous();
+  const small_gemm::PackedB packed(I, G, w.data_ptr<float>(), 1, I);  // W_x^T, read in place
   const Tensor b = bias.has_value() ? bias->contiguous() : Tensor();
   const float* pb = b.defined() ? b.data_ptr<float>() : nullptr;
   const float* px = x.data_ptr<float>();

@@ -152,15 +152,22 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t rsa, i
 class PackedB {
  public:
   PackedB() = default;
-  PackedB(int64_t K, int64_t N, const float* b, int64_t ldb)
+  // B (k, j) = b[k * row_stride + j * col_stride]: a row-major B (col_stride 1), or the
+  // transpose of a row-major matrix read in place (row_stride 1).
+  PackedB(int64_t K, int64_t N, const float* b, int64_t row_stride, int64_t col_stride = 1)
       : K_(K), N_(N), panels_((N + WIDTH - 1) / WIDTH),
         data_(static_cast<float*>(std::aligned_alloc(64, round_up(panels_ * K * WIDTH * sizeof(float), 64)))) {
     for (int64_t p = 0; p < panels_; ++p) {
       const int64_t j0 = p * WIDTH, cols = std::min(WIDTH, N - j0);
       float* out = data_.get() + p * K * WIDTH;
       for (int64_t k = 0; k < K; ++k) {
-        std::copy(b + k * ldb + j0, b + k * ldb + j0 + cols, out + k * WIDTH);
-        std::fill(out + k * WIDTH + cols, out + (k + 1) * WIDTH, 0.0f);
+        const float* row = b + k * row_stride + j0 * col_stride;
+        float* o = out + k * WIDTH;
+        if (col_stride == 1)
+          std::copy(row, row + cols, o);
+        else
+          for (int64_t j = 0; j < cols; ++j) o[j] = row[j * col_stride];
+        std::fill(o + cols, o + WIDTH, 0.0f);
       }
     }
   }
