@@ -301,6 +301,33 @@ def test_large_hidden_size(switches, dtype, cpu_loop):
     expect_compiled(cpu_loop, "population_forward" if any(switches) else "run_forward")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B", [7, 20], ids=["one_part", "two_parts"])
+def test_weight_gradient_in_chunks_of_steps(dtype, B, cpu_loop, restore_threads):
+    """From H = 256 the compiled backward forms dW_h one chunk of WEIGHT_GRAD_CHUNK steps at
+    a time from a ring of two chunks. 21 steps: a short chunk first (steps 16-20), then
+    whole ones, the last one reaching h0. dW_h and the other gradients against the
+    reference, on one thread and two (the same values on both)."""
+    assert 21 > 2 * cpu_recurrence.WEIGHT_GRAD_CHUNK and 21 % cpu_recurrence.WEIGHT_GRAD_CHUNK != 0
+    fast, ref = twin_layers((False, True, True), dtype, randomised=dtype == torch.float64, max_steps=21, I=12,
+                            H=256)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(21, B, 12, generator=g, dtype=dtype)
+    state = (torch.randn(B, 256, generator=g, dtype=dtype), torch.randn(B, 256, generator=g, dtype=dtype))
+    run_r = run_with_grads(ref.train(), x, state)
+    runs = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        runs.append(run_with_grads(copy.deepcopy(fast).train(), x, state))
+        if dtype == torch.float32:
+            assert_float32_results(runs[-1], run_r)
+        else:
+            assert_same_results(runs[-1], run_r, atol=1e-11, rtol=1e-9)
+    if USE_COMPILED["value"]:
+        assert_same_results(runs[1], runs[0], atol=0, rtol=0)
+    expect_compiled(cpu_loop)
+
+
 @pytest.fixture
 def restore_threads():
     threads = torch.get_num_threads()

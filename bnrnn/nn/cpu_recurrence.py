@@ -34,12 +34,16 @@ from bnrnn.nn.workspace import WORKSPACE
 # at seqMNIST against the per-step projection it replaced: BN-input 155 -> 149 ms a step.
 NARROW_INPUT_MAX = 8
 
-# From this hidden size on, the backward writes dL/d(W_h h_{t-1}) of every step to a (T, B, 4H)
-# buffer and forms dW_h as one GEMM over the sequence (cuDNN's way); below it, dW_h
+# From this hidden size on, the backward keeps dL/d(W_h h_{t-1}) of WEIGHT_GRAD_CHUNK steps at
+# a time (in a ring of two chunks) and forms dW_h as one GEMM per chunk, over chunk * B rows
+# while they are still in cache (cuDNN forms it as one GEMM over the sequence); below it, dW_h
 # accumulates step by step from gradients still in cache. Measured on the 2-core CPU: at
-# PTB (H=1000) one GEMM took 280 ms against 330 ms for 100 per-step ones; at seqMNIST
-# (H=100) 41 ms against 25 ms for 784.
+# PTB (H=1000) one GEMM over the sequence took 280 ms against 330 ms for 100 per-step ones
+# (MKL); at seqMNIST (H=100) 41 ms against 25 ms for 784. Chunks of 8 against one GEMM over
+# the sequence (own kernel, interleaved in one process): the same time (ratio 1.00), and
+# 16 steps' buffer instead of T's (86 MB less at PTB).
 WHOLE_SEQUENCE_WEIGHT_GRAD_MIN_HIDDEN = PACKED_MIN_HIDDEN
+WEIGHT_GRAD_CHUNK = 8
 
 
 def recurrent_weight_halves(weight_hh: torch.Tensor, batch: int, transposed: bool = False) -> list[torch.Tensor]:
@@ -145,7 +149,9 @@ class CompiledLSTMRecurrence(torch.autograd.Function):
         norm_grads = [torch.empty_like(p) if p is not None else None for p in (gamma_x, gamma_h, gamma_c, gamma_c)]
         T = hs.shape[0]
         G = weight_hh.shape[0]
-        dwh_steps = WORKSPACE.empty((T, B, G), hs) if H >= WHOLE_SEQUENCE_WEIGHT_GRAD_MIN_HIDDEN else None
+        dwh_steps = None  # the ring of chunks (see WEIGHT_GRAD_CHUNK), for large hidden sizes
+        if H >= WHOLE_SEQUENCE_WEIGHT_GRAD_MIN_HIDDEN:
+            dwh_steps = WORKSPACE.empty((min(T, 2 * WEIGHT_GRAD_CHUNK), B, G), hs)
         torch.ops.bnrnn_cpu.recurrence_backward(
             grad_hs.contiguous(), grad_c_last.contiguous(), x, saved["wx"], weight_ih.contiguous(),
             weight_hh.contiguous(), gamma_x, gamma_h, gamma_c, h0, c0, hs, cs, saved["sig"], saved["tanh_c"], saved["wh"],

@@ -9,22 +9,27 @@
 //
 // Threads. With 16 rows or more both loops split each step's batch into BATCH_PARTS = 2
 // parts, one per thread, in one OpenMP region for the whole sequence: each part's GEMMs
-// (MKL, single-threaded inside the region) and loops over its rows; the threads meet at a
-// spin barrier only where a norm needs the whole batch's sums (twice a step with BN, never
-// for a vanilla LSTM). With a large hidden size (W_h packed for oneDNN, in two halves) each
-// thread instead computes one column half of the recurrent product over every row, and the
-// threads also meet before and after it (PTB forward 0.78-0.82x, inference 0.82x). The
-// parts' sums combine in a fixed order, so results are bit-identical on one thread or two. Measured on 2 cores at seqMNIST,
-// interleaved in one process against the previous design: forward 0.77-0.81x (BN-LSTM) and
-// 0.65x (vanilla); backward 0.97x (BN-LSTM) and 0.79x (vanilla). That previous design ran
-// the loops on one thread and the GEMMs on all; splitting only the loops (at::parallel_for,
-// ~9 regions a step) had cost twice as much once the process had used oneDNN (libgomp then
-// put the threads to sleep between regions). With one part (below 16 rows) the backward runs
-// a step's loops beside the previous step's weight-gradient GEMMs instead (beside()). The
-// parts' GEMMs call the BLAS directly (gemm()): through ATen each cost a few microseconds of
-// dispatch and operand tensors more; direct, a seqMNIST step took 0.92x (BN-LSTM and
-// vanilla). Still open: with BN the threads wait at the barriers for 2-6% of the step, as
-// one thread's GEMMs run slower than the other's for a whole run (which one varies).
+// (single-threaded inside the region) and loops over its rows; the threads meet at a spin
+// barrier only where a norm needs the whole batch's sums (twice a step with BN, never for a
+// vanilla LSTM). With a large hidden size each thread instead computes one column half of
+// the recurrent product over every row, and the threads also meet before and after it (PTB
+// forward 0.78-0.82x, inference 0.82x). The parts' sums combine in a fixed order, so results
+// are bit-identical on one thread or two. Measured on 2 cores at seqMNIST, interleaved in one
+// process against the previous design: forward 0.77-0.81x (BN-LSTM) and 0.65x (vanilla);
+// backward 0.97x (BN-LSTM) and 0.79x (vanilla). That previous design ran the loops on one
+// thread and the GEMMs on all; splitting only the loops (at::parallel_for, ~9 regions a step)
+// had cost twice as much once the process had used oneDNN (libgomp then put the threads to
+// sleep between regions). With one part (below 16 rows) the backward runs a step's loops
+// beside the previous step's weight-gradient GEMMs instead (beside()).
+//
+// GEMMs (GemmKernel): float32 on a CPU with AVX-512 uses small_gemm.h's kernel, with W_h
+// packed once per sequence. torch's MKL runs its AVX2 code on AMD processors (about 90
+// GFLOP/s on a Zen 5 core, the kernel 190-240): at seqMNIST a training step took 48 ms
+// against 92 (vanilla), 65 against 109 (BN-LSTM). Otherwise the BLAS, called directly
+// (through ATen each small GEMM cost a few microseconds of dispatch and operand tensors more;
+// direct, a seqMNIST step took 0.92x), and from H = 256 oneDNN's GEMM on W_h packed in
+// halves. With BN the threads wait at the barriers for 2-6% of the step, as one thread runs
+// slower than the other for a whole run (which one varies; on a shared VM by up to 40%).
 //
 // What else was measured and left out: streaming the saved buffers with non-temporal stores
 // from cache-resident step buffers (no gain: the copies cost what the avoided reads saved);
@@ -451,6 +456,21 @@ void gemm(GemmKernel kernel, int64_t m, int64_t n, int64_t k, const T* a, int64_
   const int LA = static_cast<int>(ldb), LB = static_cast<int>(trans_a ? csa : rsa), LC = static_cast<int>(ldc);
   const T one = T(1);
   Blas<T>::gemm(&tb, &ta, &M, &N, &K, &one, b, &LA, a, &LB, &beta, c, &LC);
+}
+
+// The same by ATen's mm where `kernel` is aten (operands described by strided tensors).
+template <typename T>
+void any_gemm(GemmKernel kernel, int64_t m, int64_t n, int64_t k, const T* a, int64_t rsa, int64_t csa, const T* b,
+              int64_t ldb, T beta, T* c, int64_t ldc) {
+  if (kernel != GemmKernel::aten) return gemm<T>(kernel, m, n, k, a, rsa, csa, b, ldb, beta, c, ldc);
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  const Tensor A = at::from_blob(const_cast<T*>(a), {m, k}, {rsa, csa}, options);
+  const Tensor Bm = at::from_blob(const_cast<T*>(b), {k, n}, {ldb, 1}, options);
+  Tensor C = at::from_blob(c, {m, n}, {ldc, 1}, options);
+  if (beta == T(0))
+    at::mm_out(C, A, Bm);
+  else
+    at::addmm_out(C, C, A, Bm, beta, 1);
 }
 
 // From this hidden size the own kernel forms the products by column halves, one per thread
@@ -1287,6 +1307,8 @@ struct BackwardShared {
   std::vector<double> narrow_d_weight, narrow_d_gamma;  // a narrow input's with BN_x (thread 0's)
   SpinBarrier barrier;
   GemmKernel kernel;  // of the per-step dW_h (the recurrent products: see RecurrentProduct)
+  const Tensor& grad_weight_hh;
+  int64_t ring, chunk;  // dwh_steps' slots, and the steps of a chunk (see chunk_weight_gradient)
 
   BackwardShared(const Tensor& grad_hs, const Tensor& grad_c_last, const Tensor& x, const OptTensor& wx,
                  const Tensor& weight_ih, const RecurrentProduct& recurrent, const Norm<T>& nx, const Norm<T>& nh,
@@ -1301,7 +1323,9 @@ struct BackwardShared {
         per_step_gemms(!dwh_steps.has_value() || wide),
         dc_next(grad_c_last.data_ptr<T>(), grad_c_last.data_ptr<T>() + B * H),
         dcn(B * H), dc_buffer(B * H), barrier(threads),
-        kernel(recurrent.kernel_in_use()) {
+        kernel(recurrent.kernel_in_use()), grad_weight_hh(grad_weight_hh),
+        ring(dwh_steps.has_value() ? dwh_steps->size(0) : 0), chunk(ring >= steps ? steps : ring / 2) {
+    TORCH_CHECK(!dwh_steps.has_value() || ring >= std::min<int64_t>(steps, 2), "bnrnn_cpu: dwh_steps too short");
     if (!wide) narrow.emplace(x, weight_ih, std::nullopt);  // (b is BN_x's beta here, not needed)
     const auto step_buffers = [&](bool needed) {
       std::array<Tensor, 2> slots;
@@ -1333,7 +1357,7 @@ struct BackwardShared {
   int64_t first_row(int k) const { return B * k / parts; }
   StepGradients gradients_of_step(int64_t t) const {
     StepGradients g;
-    g.dwh = dwh_steps.has_value() ? (*dwh_steps)[t] : nh.on() ? dwh_slots[t % 2] : dgates_slots[t % 2];
+    g.dwh = dwh_steps.has_value() ? (*dwh_steps)[ring_slot(t)] : nh.on() ? dwh_slots[t % 2] : dgates_slots[t % 2];
     g.dgates = nh.on() ? dgates_slots[t % 2] : g.dwh;  // without BN_h, dL/d(W_h h) = dgates
     g.dax = nx.on() && wide ? dax_slots[t % 2] : g.dgates;
     return g;
@@ -1369,6 +1393,25 @@ struct BackwardShared {
       Tensor gx = (*grad_x)[t].narrow(0, b0, batch);
       at::mm_out(gx, g.dax.narrow(0, b0, batch), weight_ih);
     }
+  }
+  // With dwh_steps, a ring of `ring` steps' dL/d(W_h h): dW_h += sum_s dwh_s^T h_{s-1} over the
+  // chunk of steps s in [t, t + chunk) (h_{-1} = h0) once the backward has reached t (a
+  // multiple of chunk), for rows [G k / threads, G (k + 1) / threads) of dW_h on thread k: one
+  // GEMM over chunk * B rows while they are still in cache (cuDNN's one GEMM over the
+  // sequence, in pieces). Each row of dW_h sums in the same order on any thread count.
+  // Step t's slot: chunks alternate between the ring's two halves, so that a thread may write
+  // the next chunk while another still reads this one (the whole sequence where it fits).
+  int64_t ring_slot(int64_t t) const { return ((t / chunk) % 2) * chunk + t % chunk; }
+  void chunk_weight_gradient(int64_t t, int thread) const {
+    const int64_t n = std::min(chunk, steps - t), f0 = G * thread / threads, f1 = G * (thread + 1) / threads;
+    const T* d = dwh_steps->template data_ptr<T>() + ring_slot(t) * B * G + f0;
+    T* out = grad_weight_hh.template data_ptr<T>() + f0 * H;
+    const T beta = t + chunk >= steps ? T(0) : T(1);  // the first chunk the backward meets
+    const int64_t first = t > 0 ? 0 : 1;  // steps of the chunk whose h_{s-1} is h0
+    if (first) any_gemm<T>(kernel, f1 - f0, H, B, d, 1, G, h0.template data_ptr<T>(), H, beta, out, H);
+    if (n > first)
+      any_gemm<T>(kernel, f1 - f0, H, (n - first) * B, d + first * B * G, 1, G,
+                  hs.template data_ptr<T>() + (t + first - 1) * B * H, H, first ? T(1) : beta, out, H);
   }
   // The loss's own gradient of h_t (B, H), null before the first step (h0's).
   const T* loss_gradient_of_h(int64_t t) const {
@@ -1522,6 +1565,11 @@ bool backward_rows(BackwardShared<T>& sh, int thread) {
     if (by_halves &&
         !column_halves(sh.barrier, thread, sh.threads, true, [&](int half) { sh.hidden_gradient_half(t, g, half); }))
       return false;
+    if (sh.ring && t % sh.chunk == 0) {
+      // every row of the chunk's dwh written (column halves: the threads met above)
+      if (!by_halves && meet && !sh.barrier.wait()) return false;
+      sh.chunk_weight_gradient(t, thread);
+    }
   }
   if (sh.parts == 1 && sh.per_step_gemms && p0 < p1) sh.weight_gradients(0, sh.gradients_of_step(0), sh.part[0], 0, B, 0, 1);
   if (lead && narrow && nx.on()) {
@@ -1529,30 +1577,6 @@ bool backward_rows(BackwardShared<T>& sh, int thread) {
     sh.narrow_d_gamma = narrow_grad->d_gamma;
   }
   return true;
-}
-
-// dW_h = sum_t dwh_t^T h_{t-1} (h_{-1} = h0) from dwh (T, B, G) and hs (T, B, H), one GEMM over
-// the sequence. The own kernel reads dwh^T in place, its G rows split over torch's threads
-// (each row's sums run in the same order however they split: the same bits on any count);
-// the other kernels go through ATen's threaded mm.
-template <typename T>
-void sequence_weight_gradient(GemmKernel kernel, const Tensor& dwh, const Tensor& h0, const Tensor& hs,
-                              const Tensor& grad_weight_hh) {
-  const int64_t steps = dwh.size(0), B = dwh.size(1), G = dwh.size(2), H = hs.size(2);
-  if (kernel == GemmKernel::own) {
-    const T *d = dwh.data_ptr<T>(), *h_first = h0.data_ptr<T>(), *h_rest = hs.data_ptr<T>();
-    T* out = grad_weight_hh.data_ptr<T>();
-    at::parallel_for(0, G, 64, [&](int64_t f0, int64_t f1) {
-      gemm<T>(kernel, f1 - f0, H, B, d + f0, 1, G, h_first, H, T(0), out + f0 * H, H);
-      gemm<T>(kernel, f1 - f0, H, (steps - 1) * B, d + B * G + f0, 1, G, h_rest, H, T(1), out + f0 * H, H);
-    });
-    return;
-  }
-  Tensor gw_hh = grad_weight_hh;
-  at::mm_out(gw_hh, dwh[0].t(), h0);
-  if (steps > 1)
-    at::addmm_out(gw_hh, gw_hh, dwh.narrow(0, 1, steps - 1).reshape({(steps - 1) * B, G}).t(),
-                  hs.narrow(0, 0, steps - 1).reshape({(steps - 1) * B, H}));
 }
 
 template <typename T>
@@ -1582,7 +1606,6 @@ void backward_loop(const Tensor& grad_hs, const Tensor& grad_c_last, const Tenso
     sum_parts(&BackwardPart<T>::gw_hh, grad_weight_hh);
     sum_parts(&BackwardPart<T>::gw_ih, grad_weight_ih);
   }
-  if (dwh_steps.has_value()) sequence_weight_gradient<T>(sh.kernel, *dwh_steps, h0, hs, grad_weight_hh);
   std::copy(sh.dc_next.begin(), sh.dc_next.end(), grad_c0.data_ptr<T>());
   const auto total = [&](std::vector<double> BackwardPart<T>::*member) {
     std::vector<double> sum = sh.part[0].*member;
