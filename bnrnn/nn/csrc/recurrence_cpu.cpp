@@ -528,55 +528,47 @@ struct RecurrentProduct {
   const Tensor& weight_hh() const { return weight; }
   GemmKernel kernel_in_use() const { return kernel; }
 
-  // Rows [r0, r0 + rows) of h W^T into the same rows of out (B, G).
+  // Rows [r0, r0 + rows) of h W^T into the same rows of out (B, G); h (B, H).
   template <typename T>
-  void forward_rows(const Tensor& h, int64_t r0, int64_t rows, T* out) const {
+  void forward_rows(const T* h, int64_t r0, int64_t rows, T* out) const {
     const int64_t G = weight.size(0), H = weight.size(1);
-    const T* a = h.data_ptr<T>() + r0 * H;
+    const T* a = h + r0 * H;
     if (own_product(a, H, rows, T(0), out + r0 * G, G, 0)) return;
     if (kernel == GemmKernel::aten) {
-      Tensor o = at::from_blob(out + r0 * G, {rows, G}, h.options());
-      at::mm_out(o, h.narrow(0, r0, rows), weight_t);
+      Tensor o = at::from_blob(out + r0 * G, {rows, G}, weight.options());
+      at::mm_out(o, at::from_blob(const_cast<T*>(a), {rows, H}, weight.options()), weight_t);
       return;
     }
     gemm<T>(kernel, rows, G, H, a, H, 1, weight_t.data_ptr<T>(), G, T(0), out + r0 * G, G);
   }
 
-  // Rows [r0, r0 + rows) of g W (+ the same rows of `add` where not null) into out (B, H).
+  // Rows [r0, r0 + rows) of g W (+ the same rows of `add` where not null) into out (B, H);
+  // g (B, G).
   template <typename T>
-  void backward_rows(const Tensor& g, int64_t r0, int64_t rows, const T* add, T* out) const {
+  void backward_rows(const T* g, int64_t r0, int64_t rows, const T* add, T* out) const {
     const int64_t G = weight.size(0), H = weight.size(1);
-    const T* a = g.data_ptr<T>() + r0 * G;
-    if (kernel == GemmKernel::aten) {
-      Tensor o = at::from_blob(out + r0 * H, {rows, H}, g.options());
-      const Tensor rows_of_g = g.narrow(0, r0, rows);
-      if (add)
-        at::addmm_out(o, at::from_blob(const_cast<T*>(add) + r0 * H, {rows, H}, g.options()), rows_of_g, weight);
-      else
-        at::mm_out(o, rows_of_g, weight);
-      return;
-    }
     if (add) std::copy(add + r0 * H, add + (r0 + rows) * H, out + r0 * H);
-    if (own_product(a, G, rows, T(add ? 1 : 0), out + r0 * H, H, 0)) return;
-    gemm<T>(kernel, rows, H, G, a, G, 1, weight.data_ptr<T>(), H, T(add ? 1 : 0), out + r0 * H, H);
+    if (own_product(g + r0 * G, G, rows, T(add ? 1 : 0), out + r0 * H, H, 0)) return;
+    any_gemm<T>(kernel, rows, H, G, g + r0 * G, G, 1, weight.data_ptr<T>(), H, T(add ? 1 : 0), out + r0 * H, H);
   }
 
-  // Column half `half` of h W^T (forward) or of g W [+ add] (backward) over every row, into
+  // Column half `half` of h W^T (forward) or of g W [+ add] (backward) over all B rows, into
   // out (B, G) or (B, H).
   template <typename T>
-  void forward_half(const Tensor& h, int half, T* out) const {
-    const int64_t G = weight.size(0), H = weight.size(1), B = h.size(0);
-    if (!own_product(h.data_ptr<T>(), H, B, T(0), out + first_column(G, half), G, half))
-      packed_half<T>(h, half, nullptr, out, G);
+  void forward_half(const T* h, int64_t B, int half, T* out) const {
+    const int64_t G = weight.size(0), H = weight.size(1);
+    if (!own_product(h, H, B, T(0), out + first_column(G, half), G, half))
+      packed_half<T>(at::from_blob(const_cast<T*>(h), {B, H}, weight.options()), half, nullptr, out, G);
   }
   template <typename T>
-  void backward_half(const Tensor& g, int half, const T* add, T* out) const {
-    const int64_t G = weight.size(0), H = weight.size(1), B = g.size(0);
-    if (!own_halves) return packed_half<T>(g, half, add, out, H);
+  void backward_half(const T* g, int64_t B, int half, const T* add, T* out) const {
+    const int64_t G = weight.size(0), H = weight.size(1);
+    if (!own_halves)
+      return packed_half<T>(at::from_blob(const_cast<T*>(g), {B, G}, weight.options()), half, add, out, H);
     const int64_t j0 = first_column(H, half), j1 = first_column(H, half + 1);
     if (add)
       for (int64_t b = 0; b < B; ++b) std::copy(add + b * H + j0, add + b * H + j1, out + b * H + j0);
-    own_product(g.data_ptr<T>(), G, B, T(add ? 1 : 0), out + j0, (int64_t)H, half);
+    own_product(g, G, B, T(add ? 1 : 0), out + j0, H, half);
   }
 
  private:
@@ -1047,28 +1039,28 @@ bool forward_rows(ForwardShared<T>& sh, int thread) {
     const bool wide_x = sh.nx.on() && x;
     // W_h h_{t-1}, a GEMM per part: kept in wh for BN_h's statistics and backward, else
     // straight into sig.
-    const Tensor product = sh.nh.on() ? (*sh.wh)[t] : sh.sig[t];
-    const Tensor h = t > 0 ? sh.hs[t - 1] : sh.h0;
+    T* const product = (sh.nh.on() ? sh.wh->template data_ptr<T>() : sh.sig.template data_ptr<T>()) + t * B * G;
+    const T* h = t > 0 ? sh.hs.template data_ptr<T>() + (t - 1) * B * H : sh.h0.template data_ptr<T>();
     const bool by_halves = sh.recurrent.by_column_halves();
     // W_h packed in halves (large H): a thread's half of the columns over every row, which
     // keeps oneDNN's single-threaded GEMM on its own half of W_h (at PTB's shape 4.6 ms
     // against 5.4 for the whole product on both threads); otherwise each part's rows.
     if (by_halves && !column_halves(sh.barrier, thread, sh.threads, t > 0, [&](int half) {
-          sh.recurrent.template forward_half<T>(h, half, product.template data_ptr<T>());
+          sh.recurrent.template forward_half<T>(h, B, half, product);
         }))
       return false;
     for (int part = p0; part < p1; ++part) {
       const int64_t r0 = sh.first_row(part), rows = sh.first_row(part + 1) - r0;
-      if (!by_halves) sh.recurrent.template forward_rows<T>(h, r0, rows, product.template data_ptr<T>());
+      if (!by_halves) sh.recurrent.template forward_rows<T>(h, r0, rows, product);
       const int64_t slot = (t % 2) * sh.parts + part;
       if (wide_x) sh.moments_x[slot].compute(x + r0 * G, rows, G);
-      if (sh.nh.on()) sh.moments_h[slot].compute(product.template data_ptr<T>() + r0 * G, rows, G);
+      if (sh.nh.on()) sh.moments_h[slot].compute(product + r0 * G, rows, G);
     }
     if ((wide_x || sh.nh.on()) && meet && !sh.barrier.wait()) return false;
     if (wide_x) combine_parts<T>(sh.moments_x, t, sh.parts, G, sh.nx, store, ax, mu, m2);
     if (sh.nx.on() && narrow) narrow->normalise(t, sh.nx, store);
     if (sh.nh.on()) combine_parts<T>(sh.moments_h, t, sh.parts, G, sh.nh, store, ah, mu, m2);
-    const T* p = product.template data_ptr<T>();
+    const T* p = product;
     pre.begin(G, x, narrow ? &*narrow : nullptr, t, ax, ah, sh.nh.on());
     for (int64_t b = b0; b < b1; ++b) {
       pre.row(b, p + b * G, s + b * G);
@@ -1169,10 +1161,10 @@ void population_loop(const Tensor& xin, const OptTensor& x_coef, const OptTensor
       const T* sc = csc ? csc + t * H : ones.data();
       const T* sf = csh ? csh + t * H : zeros.data();
       T* hp = hs.data_ptr<T>() + t * B * H;
-      const Tensor h = t > 0 ? hs[t - 1] : h0;
+      const T* h = t > 0 ? hs.data_ptr<T>() + (t - 1) * B * H : h0.data_ptr<T>();
       const bool by_halves = recurrent.by_column_halves();
       if (by_halves && !column_halves(barrier, thread, count, t > 0, [&](int half) {
-            recurrent.template forward_half<T>(h, half, buffer.data_ptr<T>());
+            recurrent.template forward_half<T>(h, B, half, buffer.data_ptr<T>());
           }))
         return;
       for (int k = p0; k < p1; ++k) {
@@ -1215,8 +1207,8 @@ void population_forward(const Tensor& xin, const OptTensor& x_coef, const OptTen
     TORCH_CHECK(xin.size(2) == G, "bnrnn_cpu: xin (T, B, 4H) expected");
   }
   AT_DISPATCH_FLOATING_TYPES(xin.scalar_type(), "bnrnn_population_forward", [&] {
-    population_loop<scalar_t>(xin, x_coef, x_shift, RecurrentProduct(weight_hh, packed_hh, Products::forward), h_scale, c_scale,
-                              c_shift, h0, c0, hs, c_last);
+    population_loop<scalar_t>(xin, x_coef, x_shift, RecurrentProduct(weight_hh, packed_hh, Products::forward),
+                              h_scale, c_scale, c_shift, h0, c0, hs, c_last);
   });
 }
 
@@ -1224,8 +1216,9 @@ void population_forward(const Tensor& xin, const OptTensor& x_coef, const OptTen
 
 // The gradients of one backward step (B, 4H) each: dL/d(pre-activations), dL/d(W_h h_{t-1})
 // and dL/d(W_x x_t); dwh and dax are dgates itself where their norm is off.
+template <typename T>
 struct StepGradients {
-  Tensor dgates, dwh, dax;
+  T *dgates, *dwh, *dax;  // (B, G) each
 };
 
 // Runs first() on one of torch's threads and second(part, parts), for part = 0 .. parts - 1,
@@ -1355,44 +1348,33 @@ struct BackwardShared {
   }
 
   int64_t first_row(int k) const { return B * k / parts; }
-  StepGradients gradients_of_step(int64_t t) const {
-    StepGradients g;
-    g.dwh = dwh_steps.has_value() ? (*dwh_steps)[ring_slot(t)] : nh.on() ? dwh_slots[t % 2] : dgates_slots[t % 2];
-    g.dgates = nh.on() ? dgates_slots[t % 2] : g.dwh;  // without BN_h, dL/d(W_h h) = dgates
-    g.dax = nx.on() && wide ? dax_slots[t % 2] : g.dgates;
+  StepGradients<T> gradients_of_step(int64_t t) const {
+    StepGradients<T> g;
+    const auto slot = [t](const std::array<Tensor, 2>& slots) { return slots[t % 2].template data_ptr<T>(); };
+    g.dwh = dwh_steps.has_value() ? dwh_steps->template data_ptr<T>() + ring_slot(t) * B * G
+            : nh.on()             ? slot(dwh_slots)
+                                  : slot(dgates_slots);
+    g.dgates = nh.on() ? slot(dgates_slots) : g.dwh;  // without BN_h, dL/d(W_h h) = dgates
+    g.dax = nx.on() && wide ? slot(dax_slots) : g.dgates;
     return g;
   }
   // The GEMMs of step t's weight gradients over rows [r0, r0 + rows) of the batch, into part
   // p's accumulators, in block `block` of `blocks` of their rows: dW_h += dwh^T h_{t-1} (step
   // by step), and for a wide input dW_x += dax^T x_t and dL/dx_t = dax W_x.
-  void weight_gradients(int64_t t, const StepGradients& g, BackwardPart<T>& p, int64_t r0, int64_t rows,
+  void weight_gradients(int64_t t, const StepGradients<T>& g, BackwardPart<T>& p, int64_t r0, int64_t rows,
                         int64_t block, int64_t blocks) const {
     const int64_t f0 = G * block / blocks, width = G * (block + 1) / blocks - f0;
-    if (!dwh_steps.has_value() && kernel != GemmKernel::aten) {  // dwh^T read in place
-      gemm<T>(kernel, width, H, rows, g.dwh.template data_ptr<T>() + r0 * G + f0, 1, G,
-              (t > 0 ? hs[t - 1] : h0).template data_ptr<T>() + r0 * H, H, T(1),
-              p.gw_hh.template data_ptr<T>() + f0 * H, H);
-    } else if (!dwh_steps.has_value()) {
-      Tensor out = p.gw_hh.narrow(0, f0, width);
-      at::addmm_out(out, out, g.dwh.narrow(0, r0, rows).narrow(1, f0, width).t(),
-                    (t > 0 ? hs[t - 1] : h0).narrow(0, r0, rows));
-    }
+    const T* h_prev = t > 0 ? hs.template data_ptr<T>() + (t - 1) * B * H : h0.template data_ptr<T>();
+    if (!dwh_steps.has_value())  // dwh^T read in place
+      any_gemm<T>(kernel, width, H, rows, g.dwh + r0 * G + f0, 1, G, h_prev + r0 * H, H, T(1),
+                  p.gw_hh.template data_ptr<T>() + f0 * H, H);
     if (!wide) return;
     const int64_t I = x.size(2), b0 = r0 + rows * block / blocks, batch = r0 + rows * (block + 1) / blocks - b0;
-    if (kernel != GemmKernel::aten) {  // dax^T read in place
-      gemm<T>(kernel, width, I, rows, g.dax.template data_ptr<T>() + r0 * G + f0, 1, G,
-              x.template data_ptr<T>() + (t * B + r0) * I, I, T(1), p.gw_ih.template data_ptr<T>() + f0 * I, I);
-      if (grad_x.has_value())
-        gemm<T>(kernel, batch, I, G, g.dax.template data_ptr<T>() + b0 * G, G, 1, weight_ih.template data_ptr<T>(), I,
-                T(0), grad_x->template data_ptr<T>() + (t * B + b0) * I, I);
-      return;
-    }
-    Tensor out = p.gw_ih.narrow(0, f0, width);
-    at::addmm_out(out, out, g.dax.narrow(0, r0, rows).narrow(1, f0, width).t(), x[t].narrow(0, r0, rows));
-    if (grad_x.has_value()) {
-      Tensor gx = (*grad_x)[t].narrow(0, b0, batch);
-      at::mm_out(gx, g.dax.narrow(0, b0, batch), weight_ih);
-    }
+    any_gemm<T>(kernel, width, I, rows, g.dax + r0 * G + f0, 1, G, x.template data_ptr<T>() + (t * B + r0) * I, I,
+                T(1), p.gw_ih.template data_ptr<T>() + f0 * I, I);
+    if (grad_x.has_value())
+      any_gemm<T>(kernel, batch, I, G, g.dax + b0 * G, G, 1, weight_ih.template data_ptr<T>(), I, T(0),
+                  grad_x->template data_ptr<T>() + (t * B + b0) * I, I);
   }
   // With dwh_steps, a ring of `ring` steps' dL/d(W_h h): dW_h += sum_s dwh_s^T h_{s-1} over the
   // chunk of steps s in [t, t + chunk) (h_{-1} = h0) once the backward has reached t (a
@@ -1419,14 +1401,14 @@ struct BackwardShared {
   }
   // dL/dh_{t-1} = dwh W_h (+ the loss's own gradient of h_{t-1}) for rows [r0, r0 + rows);
   // at t = 0 into grad_h0.
-  void hidden_gradient(int64_t t, const StepGradients& g, int64_t r0, int64_t rows) const {
+  void hidden_gradient(int64_t t, const StepGradients<T>& g, int64_t r0, int64_t rows) const {
     recurrent.template backward_rows<T>(g.dwh, r0, rows, loss_gradient_of_h(t - 1),
-                                        (t > 0 ? dh : grad_h0).template data_ptr<T>());
+                                        (t > 0 ? dh.template data_ptr<T>() : grad_h0.template data_ptr<T>()));
   }
   // The same for every row and column half `half` of dL/dh_{t-1} (products by column halves).
-  void hidden_gradient_half(int64_t t, const StepGradients& g, int half) const {
-    recurrent.template backward_half<T>(g.dwh, half, loss_gradient_of_h(t - 1),
-                                        (t > 0 ? dh : grad_h0).template data_ptr<T>());
+  void hidden_gradient_half(int64_t t, const StepGradients<T>& g, int half) const {
+    recurrent.template backward_half<T>(g.dwh, B, half, loss_gradient_of_h(t - 1),
+                                        (t > 0 ? dh.template data_ptr<T>() : grad_h0.template data_ptr<T>()));
   }
 };
 
@@ -1456,11 +1438,11 @@ bool backward_rows(BackwardShared<T>& sh, int thread) {
   const bool combine_g = sh.norms > 0 || (narrow && nx.on());
   T* const dcn = sh.dcn.data();
   for (int64_t t = sh.steps - 1; t >= 0; --t) {
-    const StepGradients g = sh.gradients_of_step(t);
+    const StepGradients<T> g = sh.gradients_of_step(t);
     const int64_t slot = t % 2;
     // Step t from dh = dL/dh_t to its gradients g, for rows [b0, b1); false if aborted.
     const auto step_backward = [&]() -> bool {
-      T* dg = g.dgates.template data_ptr<T>();
+      T* dg = g.dgates;
       const T* s = sh.sig.template data_ptr<T>() + t * B * G;
       const T* tc = sh.tanh_c.template data_ptr<T>() + t * B * H;
       const T* c = sh.cs.template data_ptr<T>() + t * B * H;
@@ -1500,12 +1482,12 @@ bool backward_rows(BackwardShared<T>& sh, int thread) {
       int count = 0;
       if (nh.on()) {
         bh.begin(sh.wh->template data_ptr<T>() + t * B * G, nh.mean_at(t), nh.invstd_at(t), nh.gamma,
-                 g.dwh.template data_ptr<T>());
+                 g.dwh);
         for (int k = 0; k < sh.parts; ++k) norm_totals[count][k] = &sh.part[k].d_gamma_h;
         norms[count++] = &bh;
       }
       if (nx.on() && sh.wide) {
-        bx.begin(sh.wide + t * B * G, nx.mean_at(t), nx.invstd_at(t), nx.gamma, g.dax.template data_ptr<T>());
+        bx.begin(sh.wide + t * B * G, nx.mean_at(t), nx.invstd_at(t), nx.gamma, g.dax);
         for (int k = 0; k < sh.parts; ++k) norm_totals[count][k] = &sh.part[k].d_gamma_x;
         norms[count++] = &bx;
       }
@@ -1548,7 +1530,7 @@ bool backward_rows(BackwardShared<T>& sh, int thread) {
       if (!step_backward()) return false;
     } else if (overlap) {
       // one part: the loops beside the previous step's weight GEMMs
-      const StepGradients later = sh.gradients_of_step(t + 1);
+      const StepGradients<T> later = sh.gradients_of_step(t + 1);
       beside([&] { step_backward(); },
              [&](int64_t block, int64_t blocks) {
                sh.weight_gradients(t + 1, later, sh.part[0], 0, B, block, blocks);

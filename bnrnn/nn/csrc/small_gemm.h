@@ -57,7 +57,8 @@ void block(int64_t K, const float* __restrict__ a, int64_t rsa, int64_t csa, con
       bv[v] = v + 1 < V ? _mm512_loadu_ps(bk + v * LANES) : _mm512_maskz_loadu_ps(last, bk + v * LANES);
     if (ahead)
 #pragma GCC unroll 3
-      for (int v = 0; v < V; ++v) _mm_prefetch(reinterpret_cast<const char*>(ahead + k * ahead_ld + v * LANES), _MM_HINT_T1);
+      for (int v = 0; v < V; ++v)
+        _mm_prefetch(reinterpret_cast<const char*>(ahead + k * ahead_ld + v * LANES), _MM_HINT_T1);
     const float* ak = a + k * csa;
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
