@@ -5,8 +5,11 @@ input projection inside: the Function takes x and W_x, so that its backward accu
 dW_x, dW_h and db step by step, from one step's gradients still in cache, instead of
 writing (T, B, 4H) gradient buffers (80 MB each at seqMNIST) and reading them back for one
 large GEMM each. From hidden size 256 (PTB's 1000) the balance turns: the recurrent products
-use W_h packed for oneDNN in two row halves, one per thread (packed_column_halves), and dW_h
-is one GEMM over the sequence (WHOLE_SEQUENCE_WEIGHT_GRAD_MIN_HIDDEN).
+come in column halves, one per thread, and dW_h is one GEMM per chunk of WEIGHT_GRAD_CHUNK
+steps (WHOLE_SEQUENCE_WEIGHT_GRAD_MIN_HIDDEN). The float32 GEMMs run on the extension's own
+AVX-512 kernel where the CPU has one (``csrc/small_gemm.h``, W_h packed in its panels by the
+C++ code), else on torch's BLAS, with W_h packed for oneDNN in two row halves from H = 256
+(recurrent_weight_halves).
 
 Buffers (all from the :mod:`~bnrnn.nn.workspace` pool):
     wx (T, B, 4H): W_x x (+ b when x is not normalised), for inputs wider than
@@ -14,6 +17,8 @@ Buffers (all from the :mod:`~bnrnn.nn.workspace` pool):
     hs, cs, tanh_c (T, B, H): h_t, c_t, tanh(BN_c(c_t));
     sig (T, B, 4H): the activated gates [sigmoid(i), sigmoid(f), tanh(g), sigmoid(o)];
     wh (T, B, 4H): W_h h_{t-1}, BN_h's input (with BN_h only);
+    dwh_steps (2 * WEIGHT_GRAD_CHUNK, B, 4H), backward, from H = 256: dL/d(W_h h_{t-1}) of two
+        chunks of steps;
     mean_<term>, invstd_<term> (T, F): the batch statistics of each norm in use.
 """
 
