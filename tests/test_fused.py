@@ -278,8 +278,8 @@ def test_pooled_buffers_give_the_same_gradients_step_after_step(cpu_loop):
 def test_large_hidden_size(switches, dtype, cpu_loop):
     """H = 256: in float32 the recurrent products go through W_h packed (for oneDNN,
     fused.PACKED_MIN_HIDDEN, or in the compiled loop for its own AVX-512 kernel where the CPU
-    has one; float64 stays on mm), and in the compiled loop dW_h is one GEMM over the sequence
-    (cpu_recurrence.WHOLE_SEQUENCE_WEIGHT_GRAD_MIN_HIDDEN): training and folded inference
+    has one; float64 stays on mm), and in the compiled loop dW_h is one GEMM per chunk of steps
+    (cpu_recurrence.CHUNKED_WEIGHT_GRAD_MIN_HIDDEN): training and folded inference
     against the reference."""
     fast, ref = twin_layers(switches, dtype, randomised=False, max_steps=4, I=12, H=256)
     packed = fused.packed_weight(fast.weight_hh, 8) is not None

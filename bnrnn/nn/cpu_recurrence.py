@@ -6,7 +6,7 @@ dW_x, dW_h and db step by step, from one step's gradients still in cache, instea
 writing (T, B, 4H) gradient buffers (80 MB each at seqMNIST) and reading them back for one
 large GEMM each. From hidden size 256 (PTB's 1000) the balance turns: the recurrent products
 come in column halves, one per thread, and dW_h is one GEMM per chunk of WEIGHT_GRAD_CHUNK
-steps (WHOLE_SEQUENCE_WEIGHT_GRAD_MIN_HIDDEN). The float32 GEMMs run on the extension's own
+steps (CHUNKED_WEIGHT_GRAD_MIN_HIDDEN). The float32 GEMMs run on the extension's own
 AVX-512 kernel where the CPU has one (``csrc/small_gemm.h``, W_h packed in its panels by the
 C++ code), else on torch's BLAS, with W_h packed for oneDNN in two row halves from H = 256
 (recurrent_weight_halves).
@@ -47,7 +47,7 @@ NARROW_INPUT_MAX = 8
 # (MKL); at seqMNIST (H=100) 41 ms against 25 ms for 784. Chunks of 8 against one GEMM over
 # the sequence (own kernel, interleaved in one process): the same time (ratio 1.00), and
 # 16 steps' buffer instead of T's (86 MB less at PTB).
-WHOLE_SEQUENCE_WEIGHT_GRAD_MIN_HIDDEN = PACKED_MIN_HIDDEN
+CHUNKED_WEIGHT_GRAD_MIN_HIDDEN = PACKED_MIN_HIDDEN
 WEIGHT_GRAD_CHUNK = 8
 
 
@@ -155,7 +155,7 @@ class CompiledLSTMRecurrence(torch.autograd.Function):
         T = hs.shape[0]
         G = weight_hh.shape[0]
         dwh_steps = None  # the ring of chunks (see WEIGHT_GRAD_CHUNK), for large hidden sizes
-        if H >= WHOLE_SEQUENCE_WEIGHT_GRAD_MIN_HIDDEN:
+        if H >= CHUNKED_WEIGHT_GRAD_MIN_HIDDEN:
             dwh_steps = WORKSPACE.empty((min(T, 2 * WEIGHT_GRAD_CHUNK), B, G), hs)
         torch.ops.bnrnn_cpu.recurrence_backward(
             grad_hs.contiguous(), grad_c_last.contiguous(), x, saved["wx"], weight_ih.contiguous(),

@@ -1336,7 +1336,7 @@ struct BackwardShared {
       BackwardPart<T>& p = part[k];
       if (narrow && !nx.on()) p.d_weight_ih.assign(G * I, 0.0);
       // one part accumulates into the outputs; more, each into its own, summed at the end
-      // (only those the steps accumulate: not dW_h when it is one GEMM over the sequence,
+      // (only those the steps accumulate: not dW_h when it is one GEMM per chunk of steps,
       // 16 MB each at PTB, nor a narrow input's dW_x, which sums in double)
       const auto accumulator = [&](const Tensor& out) {
         Tensor acc = parts == 1 ? out : at::empty_like(out);
