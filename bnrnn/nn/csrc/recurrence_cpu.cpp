@@ -753,7 +753,7 @@ struct NarrowInput {
 template <typename T>
 struct NarrowInputGradient {
   explicit NarrowInputGradient(NarrowInput<T>& input)
-      : in(input), d_weight(input.G * input.I, 0.0), d_gamma(input.G, 0.0) {}
+      : in(input), d_weight_t(input.I * input.G, 0.0), d_gamma(input.G, 0.0) {}
 
   // With `shifted` (BN_x on), D is taken about x_t's first row, D = dy^T (x_t - 1 x_t0^T),
   // which keeps the digits that D - sum_dy mu^T would cancel when |mu| >> spread.
@@ -768,28 +768,56 @@ struct NarrowInputGradient {
   }
   // With BN_x: the whole batch's D (I, G, shifted) and sum_dy (G) give this step's coef and
   // proj and, with `accumulate`, its dW_x and gamma gradient (added to the totals).
+  //
+  // In passes over the G features, each one vectorised, as NarrowInput::normalise (a loop per
+  // feature over its I inputs cost microseconds a step, and only the accumulating thread
+  // runs the second half: the other then waited for it at the next meeting).
   void finish(int64_t t, const Norm<T>& nx, const T* D, const T* sum_dy, bool accumulate) {
     const int64_t B = in.B, I = in.I, G = in.G;
     in.moments(t);  // this step's mu and cov, recomputed as the forward computed them
     std::vector<double> mu(I);  // about the shift, as D
     for (int64_t i = 0; i < I; ++i) mu[i] = in.mu[i] - static_cast<double>(shift[i]);
-    const T* invstd = nx.invstd_at(t);
     coef.resize(G);
     proj.resize(G);
+    sum_dy_xhat.assign(G, 0.0);
+    const T* __restrict__ invstd = nx.invstd_at(t);
+    const T* __restrict__ gamma = nx.gamma;
+    const T* __restrict__ sdy = sum_dy;
+    double* __restrict__ s = sum_dy_xhat.data();
+    double* __restrict__ cf = coef.data();
+    double* __restrict__ pj = proj.data();
+    for (int64_t i = 0; i < I; ++i) {  // s = sum_i w_i (D_i - sum_dy mu_i)
+      const double* __restrict__ wi = in.wt.data() + i * G;
+      const T* __restrict__ Di = D + i * G;
+      const double mu_i = mu[i];
+      for (int64_t f = 0; f < G; ++f) s[f] += wi[f] * (Di[f] - sdy[f] * mu_i);
+    }
+    const double inv_b = 1.0 / static_cast<double>(B);
     for (int64_t f = 0; f < G; ++f) {
-      const double* wf = in.w_row(f);
-      double s = 0.0;
-      for (int64_t i = 0; i < I; ++i) s += wf[i] * (D[i * G + f] - sum_dy[f] * mu[i]);
-      const double sum_dy_xhat = invstd[f] * s;
-      coef[f] = nx.gamma[f] * static_cast<double>(invstd[f]);
-      proj[f] = sum_dy_xhat / static_cast<double>(B) * invstd[f];
-      if (!accumulate) continue;
-      d_gamma[f] += sum_dy_xhat;
-      for (int64_t i = 0; i < I; ++i) {
-        d_weight[f * I + i] +=
-            coef[f] * (D[i * G + f] - sum_dy[f] * mu[i] - proj[f] * static_cast<double>(B) * in.cov_times(i, wf));
+      s[f] *= invstd[f];  // sum of dy times the normalised term
+      cf[f] = gamma[f] * static_cast<double>(invstd[f]);
+      pj[f] = s[f] * inv_b * invstd[f];
+    }
+    if (!accumulate) return;
+    double* __restrict__ dg = d_gamma.data();
+    for (int64_t f = 0; f < G; ++f) dg[f] += s[f];
+    for (int64_t i = 0; i < I; ++i) {  // dW_x^T row i += coef (D_i - sum_dy mu_i - proj B (C w)_i)
+      double* __restrict__ dw = d_weight_t.data() + i * G;
+      const T* __restrict__ Di = D + i * G;
+      const double mu_i = mu[i];
+      for (int64_t f = 0; f < G; ++f) {
+        double cw = 0.0;  // (C w_f)_i
+        for (int64_t j = 0; j < I; ++j) cw += in.cov[i * I + j] * in.wt[j * G + f];
+        dw[f] += cf[f] * (Di[f] - sdy[f] * mu_i - pj[f] * static_cast<double>(B) * cw);
       }
     }
+  }
+  // The totals of dW_x (G, I) with BN_x.
+  std::vector<double> weight_gradient() const {
+    std::vector<double> out(in.G * in.I);
+    for (int64_t i = 0; i < in.I; ++i)
+      for (int64_t f = 0; f < in.G; ++f) out[f * in.I + i] = d_weight_t[i * in.G + f];
+    return out;
   }
   // Rows [b0, b1) of dL/dx_t (B, I) = dax W_x; without BN_x (bn_x false) dax = dy; with it,
   // after finish(). sum_dy (G): the whole batch's.
@@ -823,13 +851,13 @@ struct NarrowInputGradient {
   NarrowInput<T>& in;
   const T* xt = nullptr;
   std::vector<T> shift;                   // (I)
-  std::vector<double> d_weight, d_gamma;  // totals over time with BN_x: (G, I), (G)
+  std::vector<double> d_weight_t, d_gamma;  // totals over time with BN_x: (I, G), (G)
 
  private:
   static void axpy_row(int64_t n, T a, const T* __restrict__ x, T* __restrict__ y) {
     for (int64_t f = 0; f < n; ++f) y[f] += a * x[f];
   }
-  std::vector<double> coef, proj;
+  std::vector<double> coef, proj, sum_dy_xhat;  // (G) each, this step's
   std::vector<T> U;
 };
 
@@ -1555,7 +1583,7 @@ bool backward_rows(BackwardShared<T>& sh, int thread) {
   }
   if (sh.parts == 1 && sh.per_step_gemms && p0 < p1) sh.weight_gradients(0, sh.gradients_of_step(0), sh.part[0], 0, B, 0, 1);
   if (lead && narrow && nx.on()) {
-    sh.narrow_d_weight = narrow_grad->d_weight;
+    sh.narrow_d_weight = narrow_grad->weight_gradient();
     sh.narrow_d_gamma = narrow_grad->d_gamma;
   }
   return true;
