@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bnrnn.nn import BNLSTM
+from bnrnn.nn import BNLSTM, cpu_kernels
 from bnrnn.nn.workspace import WORKSPACE
 
 TOLERANCE = 1e-5  # max |fast - reference| / max |reference| per tensor, our paths against our reference
@@ -386,6 +386,14 @@ def format_report(results: list[dict], checks: list[tuple[str, str, float, float
     return "\n".join(lines)
 
 
+def cpu_gemms() -> str:
+    """Which GEMMs the compiled CPU loops use here: the ratios depend on it (on an AMD CPU
+    torch's MKL runs its AVX2 code, the extension's own kernel AVX-512)."""
+    if not cpu_kernels.load():
+        return "compiled loops unavailable (ATen loop)"
+    return "loops' float32 GEMMs: bnrnn's AVX-512 kernel" if cpu_kernels.own_gemm() else "loops' GEMMs: torch's BLAS"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bnrnn bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", dest="shapes", action="append", type=parse_shape,
@@ -412,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         where = torch.cuda.get_device_name(device)
     else:
         allocator = "glibc allocator held steady" if steady_allocator() else "default allocator"
-        where = f"CPU, {torch.get_num_threads()} threads, {allocator}"
+        where = f"CPU, {torch.get_num_threads()} threads, {allocator}, {cpu_gemms()}"
     header = (f"bnrnn bench: torch {torch.__version__}, {where}; forward + backward per training step, "
               f"median of {args.repeats} after {args.warmup} warm-up, models timed round-robin "
               "(the reference in a round of its own); ratios: the median of the per-round ratios")

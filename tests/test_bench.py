@@ -71,3 +71,16 @@ def test_ratios_pair_the_models_within_each_round():
     assert bench.ratio_text(result, "train", "ours vanilla", "nn.LSTM") == "1.20"
     # A row timed in rounds of its own (the reference) falls back to the ratio of medians.
     assert bench.ratio_text(result, "train", "reference", "nn.LSTM") == "5.00"
+
+
+def test_the_header_says_which_gemms_the_cpu_loops_use(monkeypatch):
+    """The CPU ratios depend on who computes the loops' GEMMs (on an AMD CPU torch's MKL runs
+    its AVX2 code): the header names the extension's own kernel or torch's BLAS."""
+    if not cpu_kernels.load():
+        assert bench.cpu_gemms() == "compiled loops unavailable (ATen loop)"
+        return
+    monkeypatch.setenv("BNRNN_SMALL_GEMM", "0")
+    assert bench.cpu_gemms() == "loops' GEMMs: torch's BLAS"
+    monkeypatch.setenv("BNRNN_SMALL_GEMM", "1")
+    expected = "bnrnn's AVX-512 kernel" if cpu_kernels.own_gemm() else "torch's BLAS"
+    assert bench.cpu_gemms().endswith(expected)
