@@ -767,12 +767,13 @@ struct NarrowInputGradient {
     for (int64_t i = 0; i < in.I; ++i) axpy_row(in.G, xt[b * in.I + i] - shift[i], dy, D + i * in.G);
   }
   // With BN_x: the whole batch's D (I, G, shifted) and sum_dy (G) give this step's coef and
-  // proj and, with `accumulate`, its dW_x and gamma gradient (added to the totals).
+  // proj and, for features [f0, f1), its dW_x and gamma gradient (added to the totals; each
+  // thread takes its share of the features, so that none waits for another at the next
+  // meeting).
   //
   // In passes over the G features, each one vectorised, as NarrowInput::normalise (a loop per
-  // feature over its I inputs cost microseconds a step, and only the accumulating thread
-  // runs the second half: the other then waited for it at the next meeting).
-  void finish(int64_t t, const Norm<T>& nx, const T* D, const T* sum_dy, bool accumulate) {
+  // feature over its I inputs cost microseconds a step).
+  void finish(int64_t t, const Norm<T>& nx, const T* D, const T* sum_dy, int64_t f0, int64_t f1) {
     const int64_t B = in.B, I = in.I, G = in.G;
     in.moments(t);  // this step's mu and cov, recomputed as the forward computed them
     std::vector<double> mu(I);  // about the shift, as D
@@ -798,26 +799,27 @@ struct NarrowInputGradient {
       cf[f] = gamma[f] * static_cast<double>(invstd[f]);
       pj[f] = s[f] * inv_b * invstd[f];
     }
-    if (!accumulate) return;
     double* __restrict__ dg = d_gamma.data();
-    for (int64_t f = 0; f < G; ++f) dg[f] += s[f];
+    for (int64_t f = f0; f < f1; ++f) dg[f] += s[f];
     for (int64_t i = 0; i < I; ++i) {  // dW_x^T row i += coef (D_i - sum_dy mu_i - proj B (C w)_i)
+      cw.assign(G, 0.0);
+      double* __restrict__ c = cw.data();
+      for (int64_t j = 0; j < I; ++j) {
+        const double* __restrict__ wj = in.wt.data() + j * G;
+        const double c_ij = in.cov[i * I + j];
+        for (int64_t f = f0; f < f1; ++f) c[f] += c_ij * wj[f];
+      }
       double* __restrict__ dw = d_weight_t.data() + i * G;
       const T* __restrict__ Di = D + i * G;
-      const double mu_i = mu[i];
-      for (int64_t f = 0; f < G; ++f) {
-        double cw = 0.0;  // (C w_f)_i
-        for (int64_t j = 0; j < I; ++j) cw += in.cov[i * I + j] * in.wt[j * G + f];
-        dw[f] += cf[f] * (Di[f] - sdy[f] * mu_i - pj[f] * static_cast<double>(B) * cw);
-      }
+      const double mu_i = mu[i], b = static_cast<double>(B);
+      for (int64_t f = f0; f < f1; ++f) dw[f] += cf[f] * (Di[f] - sdy[f] * mu_i - pj[f] * b * c[f]);
     }
   }
-  // The totals of dW_x (G, I) with BN_x.
-  std::vector<double> weight_gradient() const {
-    std::vector<double> out(in.G * in.I);
+  // This thread's totals with BN_x, features [f0, f1), into dW_x (G, I) and d gamma (G).
+  void store_totals(int64_t f0, int64_t f1, std::vector<double>& weight, std::vector<double>& gamma) const {
     for (int64_t i = 0; i < in.I; ++i)
-      for (int64_t f = 0; f < in.G; ++f) out[f * in.I + i] = d_weight_t[i * in.G + f];
-    return out;
+      for (int64_t f = f0; f < f1; ++f) weight[f * in.I + i] = d_weight_t[i * in.G + f];
+    std::copy(d_gamma.begin() + f0, d_gamma.begin() + f1, gamma.begin() + f0);
   }
   // Rows [b0, b1) of dL/dx_t (B, I) = dax W_x; without BN_x (bn_x false) dax = dy; with it,
   // after finish(). sum_dy (G): the whole batch's.
@@ -857,7 +859,7 @@ struct NarrowInputGradient {
   static void axpy_row(int64_t n, T a, const T* __restrict__ x, T* __restrict__ y) {
     for (int64_t f = 0; f < n; ++f) y[f] += a * x[f];
   }
-  std::vector<double> coef, proj, sum_dy_xhat;  // (G) each, this step's
+  std::vector<double> coef, proj, sum_dy_xhat, cw;  // (G) each, this step's
   std::vector<T> U;
 };
 
@@ -1325,7 +1327,7 @@ struct BackwardShared {
   Tensor dh;                                                 // dL/dh_t (B, H), then dL/dh_{t-1}
   std::vector<T> dc_next, dcn, dc_buffer;                    // (B, H) each
   std::vector<BackwardPart<T>> part;
-  std::vector<double> narrow_d_weight, narrow_d_gamma;  // a narrow input's with BN_x (thread 0's)
+  std::vector<double> narrow_d_weight, narrow_d_gamma;  // a narrow input's with BN_x (G, I), (G)
   SpinBarrier barrier;
   GemmKernel kernel;  // of the per-step dW_h (the recurrent products: see RecurrentProduct)
   const Tensor& grad_weight_hh;
@@ -1348,6 +1350,10 @@ struct BackwardShared {
         ring(dwh_steps.has_value() ? dwh_steps->size(0) : 0), chunk(ring >= steps ? steps : ring / 2) {
     TORCH_CHECK(!dwh_steps.has_value() || ring >= std::min<int64_t>(steps, 2), "bnrnn_cpu: dwh_steps too short");
     if (!wide) narrow.emplace(x, weight_ih, std::nullopt);  // (b is BN_x's beta here, not needed)
+    if (narrow && nx.on()) {
+      narrow_d_weight.assign(G * narrow->I, 0.0);
+      narrow_d_gamma.assign(G, 0.0);
+    }
     const auto step_buffers = [&](bool needed) {
       std::array<Tensor, 2> slots;
       if (needed)
@@ -1452,7 +1458,9 @@ bool backward_rows(BackwardShared<T>& sh, int thread) {
   const int64_t B = sh.B, H = sh.H, G = sh.G;
   const int p0 = sh.parts * thread / sh.threads, p1 = sh.parts * (thread + 1) / sh.threads;
   const int64_t b0 = sh.first_row(p0), b1 = sh.first_row(p1);
-  const bool lead = thread == 0, meet = sh.threads > 1;
+  const bool meet = sh.threads > 1;
+  // this thread's share of the features of a narrow input's dW_x with BN_x
+  const int64_t g0 = G * thread / sh.threads, g1 = G * (thread + 1) / sh.threads;
   const Norm<T>&nx = sh.nx, &nh = sh.nh, &nc = sh.nc;
   std::optional<NarrowInput<T>> narrow;  // this thread's own (it holds the step's moments)
   if (sh.narrow) narrow.emplace(*sh.narrow);
@@ -1541,7 +1549,8 @@ bool backward_rows(BackwardShared<T>& sh, int thread) {
         std::fill(sums_g.begin(), sums_g.end(), T(0));
         for (int k = 0; k < sh.parts; ++k) add_row<T>(width_g, sh.part[k].step_g[slot].data(), sums_g.data());
         for (int n = 0; n < count; ++n) norms[n]->finish(B, G, sums_g.data(), sums_g.data() + G * (1 + n));
-        if (narrow && nx.on()) narrow_grad->finish(t, nx, sums_g.data() + G * (1 + count), sums_g.data(), lead);
+        if (narrow && nx.on())
+          narrow_grad->finish(t, nx, sums_g.data() + G * (1 + count), sums_g.data(), g0, g1);
         for (int64_t b = b0; b < b1; ++b)
           for (int n = 0; n < count; ++n) norms[n]->input_gradient_row(G, b, dg);
       }
@@ -1582,10 +1591,7 @@ bool backward_rows(BackwardShared<T>& sh, int thread) {
     }
   }
   if (sh.parts == 1 && sh.per_step_gemms && p0 < p1) sh.weight_gradients(0, sh.gradients_of_step(0), sh.part[0], 0, B, 0, 1);
-  if (lead && narrow && nx.on()) {
-    sh.narrow_d_weight = narrow_grad->weight_gradient();
-    sh.narrow_d_gamma = narrow_grad->d_gamma;
-  }
+  if (narrow && nx.on()) narrow_grad->store_totals(g0, g1, sh.narrow_d_weight, sh.narrow_d_gamma);
   return true;
 }
 
