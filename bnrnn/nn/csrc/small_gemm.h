@@ -13,8 +13,9 @@
 // by NV vectors of 16 columns stays in 24 registers over its whole K range (or KC of it),
 // every k adding the broadcast a(i, k) times NV vectors of B's row k: 24 FMAs for NV + MR
 // loads. Ragged edges use masked loads and stores (masked-off lanes never touch memory).
-// Each value of C is a sum over k in order, one FMA at a time from zero, then beta C added:
-// the same bits whatever the thread or call that computes it.
+// Each value of C is a sum over k in order, one FMA at a time from zero, then beta C added
+// (with K > KC, pass by pass, each pass adding to the last): the same bits whatever the
+// block, call or thread that computes it.
 #pragma once
 
 #include <algorithm>
@@ -40,6 +41,8 @@ constexpr int NV = 3;        // registers across a block's row (48 columns)
 constexpr int64_t KC = 512;  // k per pass over C (B's rows for one pass stay in L2)
 
 // One block: rows [0, R) by V registers of columns (the last one's lanes masked by `last`).
+// `ahead`, where not null: a panel whose row k (row stride ahead_ld) to prefetch into L2 at
+// each k.
 template <int R, int V>
 void block(int64_t K, const float* __restrict__ a, int64_t rsa, int64_t csa, const float* __restrict__ b,
            int64_t ldb, float beta, float* __restrict__ c, int64_t ldc, __mmask16 last, const float* ahead,
