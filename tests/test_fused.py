@@ -338,7 +338,8 @@ def restore_threads():
 @pytest.mark.parametrize("switches", [(True, True, True), (False, False, False)], ids=["bnlstm", "vanilla"])
 @pytest.mark.parametrize("B", [7, 20], ids=["one_part", "two_parts"])
 @pytest.mark.parametrize("gemm", ["own", "onednn"])
-def test_packed_halves_on_one_two_and_three_threads(switches, B, gemm, cpu_loop, restore_threads, monkeypatch):
+@pytest.mark.parametrize("H", [256, 257], ids=["even", "odd"])
+def test_packed_halves_on_one_two_and_three_threads(switches, B, gemm, H, cpu_loop, restore_threads, monkeypatch):
     """Float32 from H = 256: the recurrent products come in column halves, one per thread,
     the threads meeting before and after each (with one part of the rows too: the thread
     without rows then takes the backward's weight GEMMs). Each half is the extension's own
@@ -347,19 +348,21 @@ def test_packed_halves_on_one_two_and_three_threads(switches, B, gemm, cpu_loop,
     (backward) packed as two row halves. Every thread count gives the reference's results
     within float32 tolerance (training, and inference with population statistics), and
     exactly the same values as the others (each half is the same single-threaded GEMM
-    wherever it runs; the ATen loop's whole-weight GEMMs spread over oneDNN's threads)."""
+    wherever it runs; the ATen loop's whole-weight GEMMs spread over oneDNN's threads). An
+    odd H: halves of unequal widths (oneDNN's second half of the backward's dL/dh once
+    landed one column early, and dW went wrong by 0.5)."""
     if gemm == "onednn":
         monkeypatch.setenv("BNRNN_SMALL_GEMM", "0")
     elif not USE_COMPILED["value"]:
         pytest.skip("the ATen loop has no own kernel")
     elif not cpu_kernels.own_gemm():
         pytest.skip("the own GEMM kernel needs a CPU with AVX-512")
-    fast, ref = twin_layers(switches, torch.float32, randomised=False, I=12, H=256)
+    fast, ref = twin_layers(switches, torch.float32, randomised=False, I=12, H=H)
     if gemm == "onednn":  # the path under test
         assert len(cpu_recurrence.recurrent_weight_halves(fast.weight_hh, B)) == 2
     g = torch.Generator().manual_seed(2)
     x = torch.randn(9, B, 12, generator=g)
-    state = (torch.randn(B, 256, generator=g), torch.randn(B, 256, generator=g))
+    state = (torch.randn(B, H, generator=g), torch.randn(B, H, generator=g))
     run_r = run_with_grads(ref.train(), x, state)
     with torch.no_grad():
         eval_r, _ = copy.deepcopy(ref).double().eval()(x.double(), tuple(s.double() for s in state))

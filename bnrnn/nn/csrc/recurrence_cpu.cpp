@@ -588,18 +588,19 @@ struct RecurrentProduct {
   }
 
  private:
-  // Columns [half * n, (half + 1) * n) of the product of `a` (rows, K) with the packed
-  // weight's half (n columns), plus those of `add` where not null, into `out`; `add` and
-  // `out` have row stride ld.
+  // The product of `a` (rows, K) with the packed weight's half (n columns: the first or the
+  // last n of ld), plus those columns of `add` where not null, into those of `out`; `add`
+  // and `out` have row stride ld. (The halves of an odd width differ by one column: the
+  // second starts at ld - n, not at n.)
   template <typename T>
   void packed_half(const Tensor& a, int half, const T* add, T* out, int64_t ld) const {
     const Tensor product = linear(a, halves[half]).contiguous();
-    const int64_t rows = product.size(0), n = product.size(1);
+    const int64_t rows = product.size(0), n = product.size(1), first = half == 0 ? 0 : ld - n;
     const T* p = product.data_ptr<T>();
     for (int64_t b = 0; b < rows; ++b) {
-      T* o = out + b * ld + half * n;
+      T* o = out + b * ld + first;
       if (add) {
-        const T* q = add + b * ld + half * n;
+        const T* q = add + b * ld + first;
         for (int64_t j = 0; j < n; ++j) o[j] = p[b * n + j] + q[j];
       } else {
         std::copy(p + b * n, p + (b + 1) * n, o);
