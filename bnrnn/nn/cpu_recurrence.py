@@ -26,9 +26,8 @@ from __future__ import annotations
 
 import torch
 
-from bnrnn.nn import fused
+from bnrnn.nn import cpu_kernels, fused
 from bnrnn.nn.fused import PACKED_MIN_HIDDEN, STATISTICS, Norms, packed_column_halves, statistics_buffers
-from bnrnn.nn import cpu_kernels
 from bnrnn.nn.workspace import WORKSPACE
 
 

@@ -502,9 +502,9 @@ struct RecurrentProduct {
     TORCH_CHECK(halves.empty() || halves.size() == 2, "bnrnn_cpu: W_h packs in two halves or none");
     AT_DISPATCH_FLOATING_TYPES(weight_hh.scalar_type(), "bnrnn_recurrent_product",
                                [&] { kernel = gemm_kernel<scalar_t>(); });
-    // the BLAS's forward product reads W_h^T row-major
-    const bool blas_forward = kernel == GemmKernel::blas && products == Products::forward;
-    weight_t = blas_forward ? weight_hh.t().contiguous() : weight_hh.t();
+    // the BLAS's (and ATen's) forward product by rows reads W_h^T row-major
+    if (kernel != GemmKernel::own && products == Products::forward && halves.empty())
+      weight_t = weight_hh.t().contiguous();
 #if SMALL_GEMM_AVAILABLE
     if (kernel != GemmKernel::own) return;
     halves.clear();  // not needed (cpu_recurrence.py packs none then)
@@ -534,12 +534,7 @@ struct RecurrentProduct {
     const int64_t G = weight.size(0), H = weight.size(1);
     const T* a = h + r0 * H;
     if (own_product(a, H, rows, T(0), out + r0 * G, G, 0)) return;
-    if (kernel == GemmKernel::aten) {
-      Tensor o = at::from_blob(out + r0 * G, {rows, G}, weight.options());
-      at::mm_out(o, at::from_blob(const_cast<T*>(a), {rows, H}, weight.options()), weight_t);
-      return;
-    }
-    gemm<T>(kernel, rows, G, H, a, H, 1, weight_t.data_ptr<T>(), G, T(0), out + r0 * G, G);
+    any_gemm<T>(kernel, rows, G, H, a, H, 1, weight_t.data_ptr<T>(), G, T(0), out + r0 * G, G);
   }
 
   // Rows [r0, r0 + rows) of g W (+ the same rows of `add` where not null) into out (B, H);
@@ -587,7 +582,6 @@ struct RecurrentProduct {
     return false;
   }
 
- private:
   // The product of `a` (rows, K) with the packed weight's half (n columns: the first or the
   // last n of ld), plus those columns of `add` where not null, into those of `out`; `add`
   // and `out` have row stride ld. (The halves of an odd width differ by one column: the
@@ -618,7 +612,7 @@ struct RecurrentProduct {
     return stack[0].toTensor();
   }
 
-  Tensor weight, weight_t;  // W_h (G, H); W_h^T (H, G), contiguous where the BLAS reads it
+  Tensor weight, weight_t;  // W_h (G, H); W_h^T (H, G), made where a forward by rows reads it
   std::vector<Tensor> halves;  // oneDNN's packed halves
   GemmKernel kernel = GemmKernel::aten;
   bool own_halves = false;  // column halves by the own kernel
@@ -725,12 +719,6 @@ struct NarrowInput {
     }
   }
   const double* w_row(int64_t f) const { return w.data() + f * I; }
-  // (C w)_i for a row w of W_x, with this step's covariance C
-  double cov_times(int64_t i, const double* w_f) const {
-    double sum = 0.0;
-    for (int64_t j = 0; j < I; ++j) sum += cov[i * I + j] * w_f[j];
-    return sum;
-  }
 
   int64_t B, I, G;
   const T* x;
@@ -1437,13 +1425,15 @@ struct BackwardShared {
   // dL/dh_{t-1} = dwh W_h (+ the loss's own gradient of h_{t-1}) for rows [r0, r0 + rows);
   // at t = 0 into grad_h0.
   void hidden_gradient(int64_t t, const StepGradients<T>& g, int64_t r0, int64_t rows) const {
-    recurrent.template backward_rows<T>(g.dwh, r0, rows, loss_gradient_of_h(t - 1),
-                                        (t > 0 ? dh.template data_ptr<T>() : grad_h0.template data_ptr<T>()));
+    recurrent.template backward_rows<T>(g.dwh, r0, rows, loss_gradient_of_h(t - 1), hidden_gradient_out(t));
   }
   // The same for every row and column half `half` of dL/dh_{t-1} (products by column halves).
   void hidden_gradient_half(int64_t t, const StepGradients<T>& g, int half) const {
-    recurrent.template backward_half<T>(g.dwh, B, half, loss_gradient_of_h(t - 1),
-                                        (t > 0 ? dh.template data_ptr<T>() : grad_h0.template data_ptr<T>()));
+    recurrent.template backward_half<T>(g.dwh, B, half, loss_gradient_of_h(t - 1), hidden_gradient_out(t));
+  }
+  // Where step t's dL/dh_{t-1} goes: dh, or grad_h0 at t = 0.
+  T* hidden_gradient_out(int64_t t) const {
+    return t > 0 ? dh.template data_ptr<T>() : grad_h0.template data_ptr<T>();
   }
 };
 
