@@ -159,22 +159,37 @@ class PackedB {
   PackedB() = default;
   // B (k, j) = b[k * row_stride + j * col_stride]: a row-major B (col_stride 1), or the
   // transpose of a row-major matrix read in place (row_stride 1).
-  PackedB(int64_t K, int64_t N, const float* b, int64_t row_stride, int64_t col_stride = 1)
-      : K_(K), N_(N), panels_((N + WIDTH - 1) / WIDTH),
-        data_(static_cast<float*>(std::aligned_alloc(64, round_up(panels_ * K * WIDTH * sizeof(float), 64)))) {
-    for (int64_t p = 0; p < panels_; ++p) {
-      const int64_t j0 = p * WIDTH, cols = std::min(WIDTH, N - j0);
-      float* out = data_.get() + p * K * WIDTH;
-      for (int64_t k = 0; k < K; ++k) {
-        const float* row = b + k * row_stride + j0 * col_stride;
-        float* o = out + k * WIDTH;
-        if (col_stride == 1)
-          std::copy(row, row + cols, o);
-        else
-          for (int64_t j = 0; j < cols; ++j) o[j] = row[j * col_stride];
-        std::fill(o + cols, o + WIDTH, 0.0f);
-      }
+  PackedB(int64_t K, int64_t N, const float* b, int64_t row_stride, int64_t col_stride = 1) {
+    assign(K, N, b, row_stride, col_stride);
+  }
+  // Packs another B of the same kind, reusing the buffer where it is large enough (a new
+  // operand every few steps, e.g. the weight gradient's chunks of h).
+  void assign(int64_t K, int64_t N, const float* b, int64_t row_stride, int64_t col_stride = 1) {
+    K_ = K, N_ = N, panels_ = (N + WIDTH - 1) / WIDTH;
+    const size_t bytes = round_up(std::max<int64_t>(panels_ * K * WIDTH, 1) * sizeof(float), 64);
+    if (bytes > capacity_) {
+      data_.reset(static_cast<float*>(std::aligned_alloc(64, bytes)));
+      capacity_ = bytes;
     }
+    if (col_stride == 1)  // row by row: each row of b read once, in order
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t p = 0; p < panels_; ++p) {
+          const int64_t j0 = p * WIDTH, cols = std::min(WIDTH, N - j0);
+          const float* row = b + k * row_stride + j0;
+          float* o = data_.get() + p * K * WIDTH + k * WIDTH;
+          std::copy(row, row + cols, o);
+          std::fill(o + cols, o + WIDTH, 0.0f);
+        }
+    else  // panel by panel: each column of b read in order
+      for (int64_t p = 0; p < panels_; ++p) {
+        const int64_t j0 = p * WIDTH, cols = std::min(WIDTH, N - j0);
+        float* out = data_.get() + p * K * WIDTH;
+        for (int64_t k = 0; k < K; ++k) {
+          float* o = out + k * WIDTH;
+          for (int64_t j = 0; j < cols; ++j) o[j] = b[k * row_stride + (j0 + j) * col_stride];
+          std::fill(o + cols, o + WIDTH, 0.0f);
+        }
+      }
   }
   int64_t rows() const { return K_; }
   int64_t cols() const { return N_; }
@@ -189,6 +204,7 @@ class PackedB {
     void operator()(float* p) const { std::free(p); }
   };
   int64_t K_ = 0, N_ = 0, panels_ = 0;
+  size_t capacity_ = 0;
   std::unique_ptr<float[], Free> data_;
 };
 
