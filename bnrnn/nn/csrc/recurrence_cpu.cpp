@@ -11,9 +11,10 @@
 // parts, one per thread, in one OpenMP region for the whole sequence: each part's GEMMs
 // (single-threaded inside the region) and loops over its rows; the threads meet at a spin
 // barrier only where a norm needs the whole batch's sums (twice a step with BN, never for a
-// vanilla LSTM). With a large hidden size each thread instead computes one column half of
-// the recurrent product over every row, and the threads also meet before and after it (PTB
-// forward 0.78-0.82x, inference 0.82x). The parts' sums combine in a fixed order, so results
+// vanilla LSTM). With a large hidden size each thread instead computes one half of the
+// recurrent product over every row (forward: a column half; backward with the own kernel: a
+// half of its sum, which each thread then adds up for its rows), and the threads also meet
+// before and after it (PTB forward 0.78-0.82x, inference 0.82x). The parts' sums combine in a fixed order, so results
 // are bit-identical on one thread or two. Measured on 2 cores at seqMNIST, interleaved in one
 // process against the previous design: forward 0.77-0.81x (BN-LSTM) and 0.65x (vanilla);
 // backward 0.97x (BN-LSTM) and 0.79x (vanilla). That previous design ran the loops on one
@@ -486,11 +487,12 @@ inline int64_t first_column(int64_t n, int half) { return n * half / 2; }
 enum class Products { forward, backward };
 
 // h W_h^T (forward, (B, H) -> (B, G)) and g W_h [+ add] (backward, (B, G) -> (B, H)) of every
-// step, by rows [r0, r0 + rows) of the batch or, with a large hidden size, by column halves
-// (every row): one per thread, each streaming only its half of W_h.
+// step, by rows [r0, r0 + rows) of the batch or, with a large hidden size, by halves (every
+// row): one per thread, each streaming only its half of W_h.
 //
 // Kernels: the own kernel (float with AVX-512) reads W_h^T (forward) or W_h (backward) packed
-// once per sequence in its panels (small_gemm::PackedB), whole or as two column halves.
+// once per sequence in its panels (small_gemm::PackedB), whole or in two halves: column
+// halves of W_h^T, row halves of W_h (halves of the backward's sum over G).
 // Without it, from H = 256 the caller passes W_h (forward) or W_h^T (backward) packed once per
 // sequence into oneDNN's blocked layout (what torch.nn.LSTM does inside; see
 // cpu_recurrence.py) as two row halves: each column half is then a single-threaded oneDNN
@@ -514,10 +516,15 @@ struct RecurrentProduct {
     const int64_t G = weight_hh.size(0), H = weight_hh.size(1), K = forward ? H : G, N = forward ? G : H;
     const int64_t row_stride = forward ? 1 : H, col_stride = forward ? H : 1;
     const float* data = weight_hh.data_ptr<float>();
-    if (own_halves)
+    if (own_halves && forward)
       for (int half = 0; half < 2; ++half) {
         const int64_t j0 = first_column(N, half);
         packed.emplace_back(K, first_column(N, half + 1) - j0, data + j0 * col_stride, row_stride, col_stride);
+      }
+    else if (own_halves)  // backward: halves of K, the rows of W_h (see backward_half)
+      for (int half = 0; half < 2; ++half) {
+        const int64_t k0 = first_column(K, half);
+        packed.emplace_back(first_column(K, half + 1) - k0, N, data + k0 * row_stride, row_stride, col_stride);
       }
     else
       packed.emplace_back(K, N, data, row_stride, col_stride);
@@ -525,6 +532,9 @@ struct RecurrentProduct {
   }
 
   bool by_column_halves() const { return own_halves || !halves.empty(); }
+  // Whether backward_half forms halves of the sum over G (the own kernel), which the caller
+  // adds up, rather than column halves of the result (oneDNN's packed halves).
+  bool backward_by_sum_halves() const { return own_halves; }
   const Tensor& weight_hh() const { return weight; }
   GemmKernel kernel_in_use() const { return kernel; }
 
@@ -555,15 +565,26 @@ struct RecurrentProduct {
     if (!own_product(h, H, B, T(0), out + first_column(G, half), G, half))
       packed_half<T>(at::from_blob(const_cast<T*>(h), {B, H}, weight.options()), half, nullptr, out, G);
   }
+  // The backward's half `half` of g W [+ add] over all B rows; g (B, G). oneDNN's packed
+  // halves: column half `half` of the result into out (B, H). The own kernel: half `half` of
+  // the sum over G, g[:, k0:k1] W[k0:k1, :], into out (half 0, with `add`) or into `partial`
+  // (half 1), for the caller to add up (backward_by_sum_halves). Each half then spans all H
+  // columns, panels of 48 with one ragged edge, where column halves of PTB's H = 1000 were
+  // two halves of 500, each ending in a 20-column block that cost about a whole panel
+  // (single-threaded halves on 2 threads at PTB's shape: 1.26 ms at 500 columns, 1.17 at
+  // 480; in the loop the step's dL/dh_{t-1} products took 0.94x with halves of the sum).
   template <typename T>
-  void backward_half(const T* g, int64_t B, int half, const T* add, T* out) const {
+  void backward_half(const T* g, int64_t B, int half, const T* add, T* out, T* partial) const {
     const int64_t G = weight.size(0), H = weight.size(1);
     if (!own_halves)
       return packed_half<T>(at::from_blob(const_cast<T*>(g), {B, G}, weight.options()), half, add, out, H);
-    const int64_t j0 = first_column(H, half), j1 = first_column(H, half + 1);
-    if (add)
-      for (int64_t b = 0; b < B; ++b) std::copy(add + b * H + j0, add + b * H + j1, out + b * H + j0);
-    own_product(g, G, B, T(add ? 1 : 0), out + j0, H, half);
+    const T* a = g + first_column(G, half);
+    if (half == 1) {
+      own_product(a, G, B, T(0), partial, H, 1);
+      return;
+    }
+    if (add) std::copy(add, add + B * H, out);
+    own_product(a, G, B, T(add ? 1 : 0), out, H, 0);
   }
 
  private:
@@ -1314,6 +1335,7 @@ struct BackwardShared {
   bool per_step_gemms;  // a weight gradient GEMM each step: dW_h without dwh_steps, a wide dW_x
   std::array<Tensor, 2> dgates_slots, dwh_slots, dax_slots;  // step t's in slot t % 2
   Tensor dh;                                                 // dL/dh_t (B, H), then dL/dh_{t-1}
+  OptTensor dh_partial;  // (B, H): the second half of dL/dh_{t-1}'s sum (backward_by_sum_halves)
   std::vector<T> dc_next, dcn, dc_buffer;                    // (B, H) each
   std::vector<BackwardPart<T>> part;
   std::vector<double> narrow_d_weight, narrow_d_gamma;  // a narrow input's with BN_x (G, I), (G)
@@ -1359,6 +1381,7 @@ struct BackwardShared {
     dwh_slots = step_buffers(nh.on() && !dwh_steps.has_value());
     dax_slots = step_buffers(nx.on() && wide);
     dh = grad_hs[steps - 1].clone();
+    if (recurrent.backward_by_sum_halves()) dh_partial = at::empty({B, H}, cs.options());
     const int64_t I = narrow ? narrow->I : 0;
     part.assign(parts, BackwardPart<T>(G, H, G * (1 + norms) + I * G));
     for (int k = 0; k < parts; ++k) {
@@ -1447,9 +1470,18 @@ struct BackwardShared {
   void hidden_gradient(int64_t t, const StepGradients<T>& g, int64_t r0, int64_t rows) const {
     recurrent.template backward_rows<T>(g.dwh, r0, rows, loss_gradient_of_h(t - 1), hidden_gradient_out(t));
   }
-  // The same for every row and column half `half` of dL/dh_{t-1} (products by column halves).
+  // The same for every row, half `half` of the product (see RecurrentProduct::backward_half):
+  // a column half of dL/dh_{t-1}, or a half of its sum over G, the second into dh_partial
+  // (then added by add_partial_hidden_gradient).
   void hidden_gradient_half(int64_t t, const StepGradients<T>& g, int half) const {
-    recurrent.template backward_half<T>(g.dwh, B, half, loss_gradient_of_h(t - 1), hidden_gradient_out(t));
+    recurrent.template backward_half<T>(g.dwh, B, half, loss_gradient_of_h(t - 1), hidden_gradient_out(t),
+                                        data_or_null<T>(dh_partial));
+  }
+  // Rows [b0, b1) of dL/dh_{t-1} += the second half of its sum, once both halves are formed.
+  void add_partial_hidden_gradient(int64_t t, int64_t b0, int64_t b1) const {
+    const T* partial = dh_partial->template data_ptr<T>();
+    T* out = hidden_gradient_out(t);
+    for (int64_t b = b0; b < b1; ++b) add_row<T>(H, partial + b * H, out + b * H);
   }
   // Where step t's dL/dh_{t-1} goes: dh, or grad_h0 at t = 0.
   T* hidden_gradient_out(int64_t t) const {
@@ -1587,14 +1619,24 @@ bool backward_rows(BackwardShared<T>& sh, int thread) {
       return false;
     }
     const bool by_halves = sh.recurrent.by_column_halves();
+    // Step t's per-step weight GEMMs (a wide input's dW_x; dW_h without dwh_steps): each
+    // part's rows, or with products by halves, once every row is written, half of the
+    // features of each on each half's thread. (That dW_x (G, I) accumulates in one (G / 2, I)
+    // block a thread from all B rows at once instead of in all of G from its own rows, in
+    // cache: at PTB's shape 0.95x the backward's time in these GEMMs.)
+    const bool weight_gemms = sh.parts > 1 && sh.per_step_gemms;
     for (int k = p0; k < p1; ++k) {
       const int64_t r0 = sh.first_row(k), rows = sh.first_row(k + 1) - r0;
-      if (sh.parts > 1 && sh.per_step_gemms) sh.weight_gradients(t, g, sh.part[k], r0, rows, 0, 1);
+      if (weight_gemms && !by_halves) sh.weight_gradients(t, g, sh.part[k], r0, rows, 0, 1);
       if (!by_halves) sh.hidden_gradient(t, g, r0, rows);
     }
-    if (by_halves &&
-        !column_halves(sh.barrier, thread, sh.threads, true, [&](int half) { sh.hidden_gradient_half(t, g, half); }))
+    if (by_halves && !column_halves(sh.barrier, thread, sh.threads, true, [&](int half) {
+          if (weight_gemms) sh.weight_gradients(t, g, sh.part[0], 0, B, half, 2);
+          sh.hidden_gradient_half(t, g, half);
+        }))
       return false;
+    // each thread adds up the rows it reads next
+    if (by_halves && sh.recurrent.backward_by_sum_halves()) sh.add_partial_hidden_gradient(t, b0, b1);
     if (sh.ring && t % sh.chunk == 0) {
       // every row of the chunk's dwh written (column halves: the threads met above)
       if (!by_halves && meet && !sh.barrier.wait()) return false;
