@@ -328,6 +328,41 @@ def test_weight_gradient_in_chunks_of_steps(dtype, B, cpu_loop, restore_threads)
     expect_compiled(cpu_loop)
 
 
+@pytest.mark.parametrize("cpu_loop", ["compiled"], indirect=True)  # the ATen loop keeps every step's
+@pytest.mark.parametrize("I, H", [(1, 5), (12, 5), (12, 256)], ids=["narrow", "wide", "halves"])
+@pytest.mark.parametrize("switches", [(True, True, True), (False, True, True), (True, True, False)],
+                         ids=["bnlstm", "bn_h_c", "bn_x_h"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gates_formed_again_in_the_backward(switches, I, H, dtype, cpu_loop, restore_threads, monkeypatch):
+    """With BN_h the compiled forward keeps one step's activated gates, not T's, and the
+    backward forms each step's again from W_h h_{t-1} and the input term with the maps of the
+    stored statistics: the same values, so every output and gradient equals, bit for bit,
+    those of the run that keeps every step's gates; on one thread and two. (A narrow input
+    without BN_x keeps them all: its bias does not reach the backward.)"""
+    narrow_without_bn_x = I <= cpu_recurrence.NARROW_INPUT_MAX and not switches[0]
+    fast, _ = twin_layers(switches, dtype, randomised=True, max_steps=7, I=I, H=H)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(9, 20, I, generator=g, dtype=dtype)  # T > max_steps: the last statistics reused
+    kept = []
+    real = cpu_recurrence.keeps_one_gate_step
+
+    def spy(*args):
+        kept.append(real(*args))
+        return kept[-1]
+
+    monkeypatch.setattr(cpu_recurrence, "keeps_one_gate_step", spy)
+    runs = {}
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        runs[threads] = run_with_grads(copy.deepcopy(fast).train(), x)
+    assert kept == [not narrow_without_bn_x] * 2
+    monkeypatch.setattr(cpu_recurrence, "keeps_one_gate_step", lambda *args: False)
+    every_step = run_with_grads(copy.deepcopy(fast).train(), x)
+    for run in runs.values():
+        assert_same_results(run, every_step, atol=0, rtol=0)
+    expect_compiled(cpu_loop)
+
+
 @pytest.fixture
 def restore_threads():
     threads = torch.get_num_threads()

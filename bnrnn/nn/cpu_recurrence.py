@@ -15,7 +15,8 @@ Buffers (all from the :mod:`~bnrnn.nn.workspace` pool):
     wx (T, B, 4H): W_x x (+ b when x is not normalised), for inputs wider than
         NARROW_INPUT_MAX (for narrower ones the loops never form W_x x: see below);
     hs, cs, tanh_c (T, B, H): h_t, c_t, tanh(BN_c(c_t));
-    sig (T, B, 4H): the activated gates [sigmoid(i), sigmoid(f), tanh(g), sigmoid(o)];
+    sig (T, B, 4H): the activated gates [sigmoid(i), sigmoid(f), tanh(g), sigmoid(o)], or one
+        step's (1, B, 4H) where the backward forms them again (keeps_one_gate_step);
     wh (T, B, 4H): W_h h_{t-1}, BN_h's input (with BN_h only);
     dwh_steps (2 * WEIGHT_GRAD_CHUNK, B, 4H), backward, from H = 256: dL/d(W_h h_{t-1}) of two
         chunks of steps;
@@ -70,6 +71,14 @@ def project_input(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return wx
 
 
+def keeps_one_gate_step(gamma_x, gamma_h, wx) -> bool:
+    """Whether sig keeps one step's gates instead of T's: with BN_h the backward forms each
+    step's gates again from W_h h_{t-1} (kept for BN_h anyway) and the input term (wx, or a
+    narrow input normalised by BN_x; a narrow one's bias without BN_x is not passed to it),
+    which saves writing and reading back a (T, B, 4H) buffer (80 MB at seqMNIST)."""
+    return gamma_h is not None and (wx is not None or gamma_x is not None)
+
+
 def run_forward(x, weight_ih, bias, weight_hh, gamma_x, gamma_h, gamma_c, beta_c, eps, h0, c0):
     """The recurrence with batch statistics on the compiled loop.
 
@@ -92,7 +101,7 @@ def run_forward(x, weight_ih, bias, weight_hh, gamma_x, gamma_h, gamma_c, beta_c
     wx = project_input(x, weight_ih, input_bias) if I > NARROW_INPUT_MAX else None
     hs = WORKSPACE.empty((T, B, H), x)
     cs = WORKSPACE.empty((T, B, H), x)
-    sig = WORKSPACE.empty((T, B, G), x)
+    sig = WORKSPACE.empty((1 if keeps_one_gate_step(gamma_x, gamma_h, wx) else T, B, G), x)
     tanh_c = WORKSPACE.empty((T, B, H), x)
     wh = WORKSPACE.empty((T, B, G), x) if gamma_h is not None else None
     stats = statistics_buffers(T, G, x, n)
@@ -137,12 +146,13 @@ class CompiledLSTMRecurrence(torch.autograd.Function):
         hs, cs, saved = run_forward(x, weight_ih, bias, weight_hh, gamma_x, gamma_h, gamma_c, beta_c, eps, h0, c0)
         stats.update({k: saved[k] for k in STATISTICS if k in saved})
         ctx.saved = saved
-        ctx.save_for_backward(x, weight_ih, weight_hh, gamma_x, gamma_h, gamma_c, h0, c0, hs, cs)
+        ctx.eps_x = eps[0]
+        ctx.save_for_backward(x, weight_ih, bias, weight_hh, gamma_x, gamma_h, gamma_c, h0, c0, hs, cs)
         return hs, cs[-1].clone()
 
     @staticmethod
     def backward(ctx, grad_hs, grad_c_last):
-        x, weight_ih, weight_hh, gamma_x, gamma_h, gamma_c, h0, c0, hs, cs = ctx.saved_tensors
+        x, weight_ih, bias, weight_hh, gamma_x, gamma_h, gamma_c, h0, c0, hs, cs = ctx.saved_tensors
         saved = ctx.saved
         B, H = h0.shape
         grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
@@ -158,7 +168,8 @@ class CompiledLSTMRecurrence(torch.autograd.Function):
             dwh_steps = WORKSPACE.empty((min(T, 2 * WEIGHT_GRAD_CHUNK), B, G), hs)
         torch.ops.bnrnn_cpu.recurrence_backward(
             grad_hs.contiguous(), grad_c_last.contiguous(), x, saved["wx"], weight_ih.contiguous(),
-            weight_hh.contiguous(), gamma_x, gamma_h, gamma_c, h0, c0, hs, cs, saved["sig"], saved["tanh_c"], saved["wh"],
+            weight_hh.contiguous(), gamma_x, gamma_h, gamma_c, bias if gamma_x is not None else None, ctx.eps_x, h0, c0,
+            hs, cs, saved["sig"], saved["tanh_c"], saved["wh"],
             *(saved.get(k) for k in STATISTICS), grad_x, grad_weight_ih, grad_bias, grad_weight_hh, grad_h0, grad_c0,
             *norm_grads, recurrent_weight_halves(weight_hh, B, transposed=True), dwh_steps)
         grad_gamma_x, grad_gamma_h, grad_gamma_c, grad_beta_c = norm_grads

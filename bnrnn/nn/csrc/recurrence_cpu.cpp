@@ -45,6 +45,13 @@
 // sums over time (the gamma and beta gradients) accumulate in double.
 //
 // sig (T, B, G) holds the activated gates [sigmoid(i), sigmoid(f), tanh(g), sigmoid(o)].
+// GATES: or one step's, (1, B, G), where the caller chooses so (cpu_recurrence.py's
+// keeps_one_gate_step: BN_h, and a wide input or BN_x): the forward then writes each step's
+// gates over the last's, and the backward forms them again, the same values, from wh (which
+// BN_h keeps anyway) and the input term (backward_rows' gates_of_step). That saves writing
+// and reading back a (T, B, G) buffer, the BN-LSTM's peak memory at seqMNIST 238 -> 162 MB
+// and at PTB 457 -> 360, for about what forming the gates costs: the training step took
+// 0.98-1.02x its time at seqMNIST and 1.01x at PTB (interleaved in one process).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -190,10 +197,14 @@ inline void gates_row_narrow_in_place(int64_t n, int64_t I, const T* __restrict_
 // One row's gates [i, f, g, o] (4H pre-activations, in place) -> [sig(i), sig(f), tanh(g),
 // sig(o)], and c = sig(f) * c_prev + sig(i) * tanh(g).
 template <typename T>
-inline void cell_row(int64_t H, T* __restrict__ s, const T* __restrict__ c_prev, T* __restrict__ c) {
+inline void activate_row(int64_t H, T* __restrict__ s) {
   for (int64_t j = 0; j < 2 * H; ++j) s[j] = sigmoid(s[j]);
   for (int64_t j = 2 * H; j < 3 * H; ++j) s[j] = tanh_approx(s[j]);
   for (int64_t j = 3 * H; j < 4 * H; ++j) s[j] = sigmoid(s[j]);
+}
+template <typename T>
+inline void cell_row(int64_t H, T* __restrict__ s, const T* __restrict__ c_prev, T* __restrict__ c) {
+  activate_row<T>(H, s);
   for (int64_t j = 0; j < H; ++j) c[j] = s[H + j] * c_prev[j] + s[j] * s[2 * H + j];
 }
 
@@ -277,6 +288,13 @@ struct PartMoments {
 // var + eps), and mean and invstd written to `mean`, `invstd` where not null. The parts
 // combine pairwise in double (Chan, Golub and LeVeque's update); a part with no rows adds
 // nothing. mu, m2: scratch (F).
+// Feature f of a norm's map from its statistics: x -> gamma (x - mean) invstd + beta.
+template <typename T>
+inline void set_affine(int64_t f, T mean, T invstd, const T* gamma, const T* beta, Affine<T>& affine) {
+  affine.scale[f] = gamma[f] * invstd;
+  affine.shift[f] = (beta ? beta[f] : T(0)) - mean * affine.scale[f];
+}
+
 template <typename T>
 void combine_statistics(const PartMoments<T>* const* parts, int64_t count, int64_t F, const T* gamma, const T* beta,
                         double eps, T* mean, T* invstd, Affine<T>& affine, std::vector<double>& mu,
@@ -316,8 +334,7 @@ void combine_statistics(const PartMoments<T>* const* parts, int64_t count, int64
     const T is = static_cast<T>(1.0 / std::sqrt(q[f] * inv_n + eps));
     if (mean) mean[f] = mf;
     if (invstd) invstd[f] = is;
-    affine.scale[f] = gamma[f] * is;
-    affine.shift[f] = (beta ? beta[f] : T(0)) - mf * affine.scale[f];
+    set_affine(f, mf, is, gamma, beta, affine);
   }
 }
 
@@ -379,6 +396,11 @@ struct Norm {
   bool on() const { return gamma != nullptr; }
   T* mean_at(int64_t t) const { return mean + t * width; }
   T* invstd_at(int64_t t) const { return invstd + t * width; }
+  // Step t's map from its stored statistics, the same values combine_statistics set.
+  void affine_at(int64_t t, Affine<T>& affine) const {
+    if (!on()) return;
+    for (int64_t f = 0; f < width; ++f) set_affine(f, mean_at(t)[f], invstd_at(t)[f], gamma, beta, affine);
+  }
 };
 
 template <typename T>
@@ -1072,14 +1094,14 @@ bool forward_rows(ForwardShared<T>& sh, int thread) {
   std::vector<double> mu, m2;  // scratch of combine_statistics
   PreActivationRows<T> pre;
   for (int64_t t = 0; t < steps; ++t) {
-    T* s = sh.sig.template data_ptr<T>() + t * B * G;
+    T* s = sh.sig.template data_ptr<T>() + (t % sh.sig.size(0)) * B * G;  // every step's, or one (GATES)
     T* c = sh.cs.template data_ptr<T>() + t * B * H;
     const T* c_prev = t > 0 ? c - B * H : sh.c0.template data_ptr<T>();
     const T* x = sh.wx ? sh.wx + t * B * G : nullptr;
     const bool wide_x = sh.nx.on() && x;
     // W_h h_{t-1}, a GEMM per part: kept in wh for BN_h's statistics and backward, else
     // straight into sig.
-    T* const product = (sh.nh.on() ? sh.wh->template data_ptr<T>() : sh.sig.template data_ptr<T>()) + t * B * G;
+    T* const product = sh.nh.on() ? sh.wh->template data_ptr<T>() + t * B * G : s;
     const T* h = t > 0 ? sh.hs.template data_ptr<T>() + (t - 1) * B * H : sh.h0.template data_ptr<T>();
     const bool by_halves = sh.recurrent.by_column_halves();
     // W_h packed in halves (large H): a thread's half of the columns over every row, which
@@ -1515,6 +1537,28 @@ bool backward_rows(BackwardShared<T>& sh, int thread) {
   const int64_t I = narrow ? narrow->I : 0, width_g = G * (1 + sh.norms) + I * G;
   std::vector<T> sums_g(width_g), sums_c(2 * H);  // the whole batch's, this step
   const bool combine_g = sh.norms > 0 || (narrow && nx.on());
+  // Gates not kept (sig holds one step, GATES): this thread's rows of step t's
+  // pre-activations formed again from W_h h_{t-1} (wh) and the input term, with the maps
+  // from the stored statistics (a narrow input's recomputed from x_t as the forward did),
+  // then activated: the same values the forward computed.
+  const bool recompute_gates = sh.sig.size(0) < sh.steps;
+  Affine<T> ax(G), ah(G);
+  PreActivationRows<T> pre;
+  const auto gates_of_step = [&](int64_t t) -> T* {
+    T* s = sh.sig.template data_ptr<T>();
+    if (!recompute_gates) return s + t * B * G;
+    const T* wide_x = sh.wide ? sh.wide + t * B * G : nullptr;
+    if (wide_x) nx.affine_at(t, ax);
+    if (narrow && nx.on()) narrow->normalise(t, nx, false);
+    nh.affine_at(t, ah);
+    pre.begin(G, wide_x, narrow ? &*narrow : nullptr, t, ax, ah, true);
+    const T* p = sh.wh->template data_ptr<T>() + t * B * G;
+    for (int64_t b = b0; b < b1; ++b) {
+      pre.row(b, p + b * G, s + b * G);
+      activate_row<T>(H, s + b * G);
+    }
+    return s;
+  };
   T* const dcn = sh.dcn.data();
   for (int64_t t = sh.steps - 1; t >= 0; --t) {
     const StepGradients<T> g = sh.gradients_of_step(t);
@@ -1522,7 +1566,7 @@ bool backward_rows(BackwardShared<T>& sh, int thread) {
     // Step t from dh = dL/dh_t to its gradients g, for rows [b0, b1); false if aborted.
     const auto step_backward = [&]() -> bool {
       T* dg = g.dgates;
-      const T* s = sh.sig.template data_ptr<T>() + t * B * G;
+      const T* s = gates_of_step(t);
       const T* tc = sh.tanh_c.template data_ptr<T>() + t * B * H;
       const T* c = sh.cs.template data_ptr<T>() + t * B * H;
       const T* c_prev = t > 0 ? c - B * H : sh.c0_data;
@@ -1692,15 +1736,19 @@ void backward_loop(const Tensor& grad_hs, const Tensor& grad_c_last, const Tenso
 
 void recurrence_backward(const Tensor& grad_hs, const Tensor& grad_c_last, const Tensor& x, const OptTensor& wx,
                          const Tensor& weight_ih, const Tensor& weight_hh, const OptTensor& gamma_x,
-                         const OptTensor& gamma_h, const OptTensor& gamma_c, const Tensor& h0, const Tensor& c0,
-                         const Tensor& hs, const Tensor& cs, const Tensor& sig, const Tensor& tanh_c,
-                         const OptTensor& wh, const OptTensor& mean_x, const OptTensor& invstd_x,
+                         const OptTensor& gamma_h, const OptTensor& gamma_c, const OptTensor& beta_x, double eps_x,
+                         const Tensor& h0, const Tensor& c0, const Tensor& hs, const Tensor& cs, const Tensor& sig,
+                         const Tensor& tanh_c, const OptTensor& wh, const OptTensor& mean_x, const OptTensor& invstd_x,
                          const OptTensor& mean_h, const OptTensor& invstd_h, const OptTensor& mean_c,
                          const OptTensor& invstd_c, const OptTensor& grad_x, const Tensor& grad_weight_ih,
                          const Tensor& grad_bias, const Tensor& grad_weight_hh, const Tensor& grad_h0,
                          const Tensor& grad_c0, const OptTensor& grad_gamma_x, const OptTensor& grad_gamma_h,
                          const OptTensor& grad_gamma_c, const OptTensor& grad_beta_c, at::TensorList packed_hh_t,
                          const OptTensor& dwh_steps) {
+  TORCH_CHECK(sig.size(0) == cs.size(0) || (sig.size(0) == 1 && gamma_h.has_value() && wh.has_value() &&
+                                             (wx.has_value() || gamma_x.has_value())),
+              "bnrnn_cpu: sig holds every step, or one step where the backward can form the gates again (BN_h, "
+              "and a wide input or BN_x)");
   check_cpu_contiguous({{&grad_hs, "grad_hs"}, {&grad_c_last, "grad_c_last"}, {&x, "x"}, {&weight_hh, "weight_hh"},
                         {&h0, "h0"}, {&c0, "c0"}, {&hs, "hs"}, {&cs, "cs"}, {&sig, "sig"}, {&tanh_c, "tanh_c"},
                         {&grad_weight_ih, "grad_weight_ih"}, {&grad_weight_hh, "grad_weight_hh"},
@@ -1713,7 +1761,7 @@ void recurrence_backward(const Tensor& grad_hs, const Tensor& grad_c_last, const
   AT_DISPATCH_FLOATING_TYPES(cs.scalar_type(), "bnrnn_recurrence_backward", [&] {
     backward_loop<scalar_t>(grad_hs, grad_c_last, x, wx, weight_ih,
                             RecurrentProduct(weight_hh, packed_hh_t, Products::backward),
-                            make_norm<scalar_t>(gamma_x, std::nullopt, 0.0, mean_x, invstd_x, G),
+                            make_norm<scalar_t>(gamma_x, beta_x, eps_x, mean_x, invstd_x, G),
                             make_norm<scalar_t>(gamma_h, std::nullopt, 0.0, mean_h, invstd_h, G),
                             make_norm<scalar_t>(gamma_c, std::nullopt, 0.0, mean_c, invstd_c, H), h0, c0, hs, cs,
                             sig, tanh_c, wh, grad_x, grad_weight_ih, grad_bias, grad_weight_hh, grad_h0, grad_c0,
@@ -1794,8 +1842,8 @@ TORCH_LIBRARY(bnrnn_cpu, m) {
       "Tensor[] packed_hh) -> ()");
   m.def(
       "recurrence_backward(Tensor grad_hs, Tensor grad_c_last, Tensor x, Tensor? wx, Tensor weight_ih, "
-      "Tensor weight_hh, Tensor? gamma_x, Tensor? gamma_h, Tensor? gamma_c, Tensor h0, Tensor c0, Tensor hs, "
-      "Tensor cs, Tensor sig, Tensor tanh_c, Tensor? wh, Tensor? mean_x, Tensor? invstd_x, Tensor? mean_h, "
+      "Tensor weight_hh, Tensor? gamma_x, Tensor? gamma_h, Tensor? gamma_c, Tensor? beta_x, float eps_x, "
+      "Tensor h0, Tensor c0, Tensor hs, Tensor cs, Tensor sig, Tensor tanh_c, Tensor? wh, Tensor? mean_x, Tensor? invstd_x, Tensor? mean_h, "
       "Tensor? invstd_h, Tensor? mean_c, Tensor? invstd_c, Tensor(a!)? grad_x, Tensor(b!) grad_weight_ih, "
       "Tensor(c!) grad_bias, Tensor(d!) grad_weight_hh, Tensor(e!) grad_h0, Tensor(f!) grad_c0, "
       "Tensor(g!)? grad_gamma_x, Tensor(h!)? grad_gamma_h, Tensor(i!)? grad_gamma_c, Tensor(j!)? grad_beta_c, "
