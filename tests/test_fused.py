@@ -333,16 +333,18 @@ def test_weight_gradient_in_chunks_of_steps(dtype, B, cpu_loop, restore_threads)
 @pytest.mark.parametrize("switches", [(True, True, True), (False, True, True), (True, True, False)],
                          ids=["bnlstm", "bn_h_c", "bn_x_h"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_gates_formed_again_in_the_backward(switches, I, H, dtype, cpu_loop, restore_threads, monkeypatch):
+@pytest.mark.parametrize("B", [7, 20], ids=["one_part", "two_parts"])
+def test_gates_formed_again_in_the_backward(switches, I, H, dtype, B, cpu_loop, restore_threads, monkeypatch):
     """With BN_h the compiled forward keeps one step's activated gates, not T's, and the
     backward forms each step's again from W_h h_{t-1} and the input term with the maps of the
     stored statistics: the same values, so every output and gradient equals, bit for bit,
-    those of the run that keeps every step's gates; on one thread and two. (A narrow input
-    without BN_x keeps them all: its bias does not reach the backward.)"""
+    those of the run that keeps every step's gates; on one thread and two, with the batch in
+    one part (7 rows) or two. (A narrow input without BN_x keeps them all: its bias does not
+    reach the backward.)"""
     narrow_without_bn_x = I <= cpu_recurrence.NARROW_INPUT_MAX and not switches[0]
     fast, _ = twin_layers(switches, dtype, randomised=True, max_steps=7, I=I, H=H)
     g = torch.Generator().manual_seed(7)
-    x = torch.randn(9, 20, I, generator=g, dtype=dtype)  # T > max_steps: the last statistics reused
+    x = torch.randn(9, B, I, generator=g, dtype=dtype)  # T > max_steps: the last statistics reused
     kept = []
     real = cpu_recurrence.keeps_one_gate_step
 
