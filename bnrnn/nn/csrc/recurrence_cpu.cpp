@@ -288,11 +288,23 @@ struct PartMoments {
 // var + eps), and mean and invstd written to `mean`, `invstd` where not null. The parts
 // combine pairwise in double (Chan, Golub and LeVeque's update); a part with no rows adds
 // nothing. mu, m2: scratch (F).
-// Feature f of a norm's map from its statistics: x -> gamma (x - mean) invstd + beta.
+// A norm's map from its statistics, x -> gamma (x - mean) invstd + beta, in place: `affine`
+// holds invstd in scale and mean in shift on entry. (One vectorised loop: restrict-qualified
+// pointers, the branch on beta outside it.)
 template <typename T>
-inline void set_affine(int64_t f, T mean, T invstd, const T* gamma, const T* beta, Affine<T>& affine) {
-  affine.scale[f] = gamma[f] * invstd;
-  affine.shift[f] = (beta ? beta[f] : T(0)) - mean * affine.scale[f];
+void affine_from_statistics(int64_t F, const T* __restrict__ gamma, const T* __restrict__ beta, Affine<T>& affine) {
+  T* __restrict__ scale = affine.scale.data();
+  T* __restrict__ shift = affine.shift.data();
+  if (beta)
+    for (int64_t f = 0; f < F; ++f) {
+      scale[f] = gamma[f] * scale[f];
+      shift[f] = beta[f] - shift[f] * scale[f];
+    }
+  else
+    for (int64_t f = 0; f < F; ++f) {
+      scale[f] = gamma[f] * scale[f];
+      shift[f] = T(0) - shift[f] * scale[f];
+    }
 }
 
 template <typename T>
@@ -328,14 +340,19 @@ void combine_statistics(const PartMoments<T>* const* parts, int64_t count, int64
     }
     n += c;
   }
+  // mean and invstd in float first (into shift and scale), in one vectorised loop: with the
+  // stores to mean and invstd in it, GCC left it scalar, a double sqrt and divide at a time
+  // (0.9 us a step for BN_h's 400 features at seqMNIST, on each thread)
   const double inv_n = 1.0 / n;
+  T* __restrict__ sc = affine.scale.data();
+  T* __restrict__ sh = affine.shift.data();
   for (int64_t f = 0; f < F; ++f) {
-    const T mf = static_cast<T>(m[f]);
-    const T is = static_cast<T>(1.0 / std::sqrt(q[f] * inv_n + eps));
-    if (mean) mean[f] = mf;
-    if (invstd) invstd[f] = is;
-    set_affine(f, mf, is, gamma, beta, affine);
+    sh[f] = static_cast<T>(m[f]);
+    sc[f] = static_cast<T>(1.0 / std::sqrt(q[f] * inv_n + eps));
   }
+  if (mean) std::copy(sh, sh + F, mean);
+  if (invstd) std::copy(sc, sc + F, invstd);
+  affine_from_statistics(F, gamma, beta, affine);
 }
 
 // The backward of one batch norm at one step: dx from dy (B, F). In steps, so that BN_h and
@@ -399,7 +416,9 @@ struct Norm {
   // Step t's map from its stored statistics, the same values combine_statistics set.
   void affine_at(int64_t t, Affine<T>& affine) const {
     if (!on()) return;
-    for (int64_t f = 0; f < width; ++f) set_affine(f, mean_at(t)[f], invstd_at(t)[f], gamma, beta, affine);
+    std::copy(invstd_at(t), invstd_at(t) + width, affine.scale.begin());
+    std::copy(mean_at(t), mean_at(t) + width, affine.shift.begin());
+    affine_from_statistics(width, gamma, beta, affine);
   }
 };
 
