@@ -338,9 +338,9 @@ def test_gates_formed_again_in_the_backward(switches, I, H, dtype, B, cpu_loop, 
     """With BN_h the compiled forward keeps one step's activated gates, not T's, and the
     backward forms each step's again from W_h h_{t-1} and the input term with the maps of the
     stored statistics: the same values, so every output and gradient equals, bit for bit,
-    those of the run that keeps every step's gates; on one thread and two, with the batch in
-    one part (7 rows) or two. (A narrow input without BN_x keeps them all: its bias does not
-    reach the backward.)"""
+    those of the run that keeps every step's gates (on the same thread count: one and two),
+    with the batch in one part (7 rows) or two. (A narrow input without BN_x keeps them all:
+    its bias does not reach the backward.)"""
     narrow_without_bn_x = I <= cpu_recurrence.NARROW_INPUT_MAX and not switches[0]
     fast, _ = twin_layers(switches, dtype, randomised=True, max_steps=7, I=I, H=H)
     g = torch.Generator().manual_seed(7)
@@ -352,16 +352,14 @@ def test_gates_formed_again_in_the_backward(switches, I, H, dtype, B, cpu_loop, 
         kept.append(real(*args))
         return kept[-1]
 
-    monkeypatch.setattr(cpu_recurrence, "keeps_one_gate_step", spy)
-    runs = {}
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        runs[threads] = run_with_grads(copy.deepcopy(fast).train(), x)
+        monkeypatch.setattr(cpu_recurrence, "keeps_one_gate_step", spy)
+        one_step = run_with_grads(copy.deepcopy(fast).train(), x)
+        monkeypatch.setattr(cpu_recurrence, "keeps_one_gate_step", lambda *args: False)
+        every_step = run_with_grads(copy.deepcopy(fast).train(), x)
+        assert_same_results(one_step, every_step, atol=0, rtol=0)
     assert kept == [not narrow_without_bn_x] * 2
-    monkeypatch.setattr(cpu_recurrence, "keeps_one_gate_step", lambda *args: False)
-    every_step = run_with_grads(copy.deepcopy(fast).train(), x)
-    for run in runs.values():
-        assert_same_results(run, every_step, atol=0, rtol=0)
     expect_compiled(cpu_loop)
 
 

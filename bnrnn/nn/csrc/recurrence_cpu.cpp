@@ -238,8 +238,11 @@ struct Tanh {
   T operator()(T x) const { return tanh_approx(x); }
 };
 
+// (noinline, like the other functions that the backward's gates_of_step shares with the
+// forward: one copy of the machine code for both, so that they compute the same bits;
+// inlined into two callers, GCC could vectorise or contract a loop differently in each.)
 template <typename T>
-inline void activate_row(int64_t H, T* __restrict__ s) {
+__attribute__((noinline)) void activate_row(int64_t H, T* __restrict__ s) {
   map_in_place(2 * H, s, Sigmoid<T>());
   map_in_place(H, s + 2 * H, Tanh<T>());
   map_in_place(H, s + 3 * H, Sigmoid<T>());
@@ -345,7 +348,7 @@ struct PartMoments {
 // holds invstd in scale and mean in shift on entry. (One vectorised loop: restrict-qualified
 // pointers, the branch on beta outside it.)
 template <typename T>
-void affine_from_statistics(int64_t F, const T* __restrict__ gamma, const T* __restrict__ beta, Affine<T>& affine) {
+__attribute__((noinline)) void affine_from_statistics(int64_t F, const T* __restrict__ gamma, const T* __restrict__ beta, Affine<T>& affine) {
   T* __restrict__ scale = affine.scale.data();
   T* __restrict__ shift = affine.shift.data();
   if (beta)
@@ -792,7 +795,7 @@ struct NarrowInput {
   // In passes over the G features, each one vectorised (on the critical path of every step,
   // between the threads' first meeting and the gates; a loop per feature over its I inputs
   // took 4 us a step at seqMNIST): mean = W_x mu and var_f = sum_ij w_fi C_ij w_fj.
-  void normalise(int64_t t, const Norm<T>& nx, bool store) {
+  __attribute__((noinline)) void normalise(int64_t t, const Norm<T>& nx, bool store) {
     moments(t);
     mean_f.assign(G, 0.0);
     var_f.assign(G, 0.0);
@@ -990,7 +993,7 @@ struct PreActivationRows {
   }
   // Row b (G) into a, from p = row b of W_h h_{t-1}; without BN_h, a must be p itself (the
   // product was written where the gates go), with it a must not be.
-  void row(int64_t b, const T* p, T* a) const {
+  __attribute__((noinline)) void row(int64_t b, const T* p, T* a) const {
     if (narrow && normalised_h)
       gates_row_narrow<T>(G, narrow->I, x + b * narrow->I, narrow->coef.data(), narrow_shift.data(), p,
                           ah->scale.data(), a);
