@@ -7,21 +7,23 @@
 // (one pass), then one pass that normalises, adds the two terms, applies the activations and
 // updates the cell.
 //
-// Threads. With 16 rows or more both loops split each step's batch into BATCH_PARTS = 2
-// parts, one per thread, in one OpenMP region for the whole sequence: each part's GEMMs
+// Threads. With 16 rows or more both loops split each step's batch into BATCH_PARTS = 2 parts,
+// one per thread, in one OpenMP region for the whole sequence: each part's GEMMs
 // (single-threaded inside the region) and loops over its rows; the threads meet at a spin
 // barrier only where a norm needs the whole batch's sums (twice a step with BN, never for a
 // vanilla LSTM). With a large hidden size each thread instead computes one half of the
 // recurrent product over every row (forward: a column half; backward with the own kernel: a
 // half of its sum, which each thread then adds up for its rows), and the threads also meet
-// before and after it (PTB forward 0.78-0.82x, inference 0.82x). The parts' sums combine in a fixed order, so results
-// are bit-identical on one thread or two. Measured on 2 cores at seqMNIST, interleaved in one
-// process against the previous design: forward 0.77-0.81x (BN-LSTM) and 0.65x (vanilla);
-// backward 0.97x (BN-LSTM) and 0.79x (vanilla). That previous design ran the loops on one
-// thread and the GEMMs on all; splitting only the loops (at::parallel_for, ~9 regions a step)
-// had cost twice as much once the process had used oneDNN (libgomp then put the threads to
-// sleep between regions). With one part (below 16 rows) the backward runs a step's loops
-// beside the previous step's weight-gradient GEMMs instead (beside()).
+// before and after it (PTB forward 0.78-0.82x, inference 0.82x). The parts' sums combine in a
+// fixed order, so results are bit-identical on one thread or two (on the BLAS path from 16
+// rows: below, the forward runs outside the region, where MKL threads its GEMMs). Measured on
+// 2 cores at seqMNIST, interleaved in one process against the previous design: forward
+// 0.77-0.81x (BN-LSTM) and 0.65x (vanilla); backward 0.97x (BN-LSTM) and 0.79x (vanilla). That
+// previous design ran the loops on one thread and the GEMMs on all; splitting only the loops
+// (at::parallel_for, ~9 regions a step) had cost twice as much once the process had used
+// oneDNN (libgomp then put the threads to sleep between regions). With one part (below 16
+// rows) the backward runs a step's loops beside the previous step's weight-gradient GEMMs
+// instead (beside()).
 //
 // GEMMs (GemmKernel): float32 on a CPU with AVX-512 uses small_gemm.h's kernel, with W_h
 // packed once per sequence. torch's MKL runs its AVX2 code on AMD processors (about 90
@@ -194,8 +196,6 @@ inline void gates_row_narrow_in_place(int64_t n, int64_t I, const T* __restrict_
     for (int64_t f = 0; f < n; ++f) a[f] += x[i] * coef[i * n + f];
 }
 
-// One row's gates [i, f, g, o] (4H pre-activations, in place) -> [sig(i), sig(f), tanh(g),
-// sig(o)], and c = sig(f) * c_prev + sig(i) * tanh(g).
 // Ragged ends of the activation loops. GCC vectorises a loop over n values as 16-lane
 // iterations, then an 8-lane one, then scalar code for the rest: at H = 100 each of those
 // loops ends in 4 scalar activations (a polynomial and a divide apiece), which took about as
@@ -238,8 +238,9 @@ struct Tanh {
   T operator()(T x) const { return tanh_approx(x); }
 };
 
-// (noinline, like the other functions that the backward's gates_of_step shares with the
-// forward: one copy of the machine code for both, so that they compute the same bits;
+// One row's gates [i, f, g, o] (4H pre-activations, in place) -> [sig(i), sig(f), tanh(g),
+// sig(o)]. (noinline, like the other functions that the backward's gates_of_step shares with
+// the forward: one copy of the machine code for both, so that they compute the same bits;
 // inlined into two callers, GCC could vectorise or contract a loop differently in each.)
 template <typename T>
 __attribute__((noinline)) void activate_row(int64_t H, T* __restrict__ s) {
@@ -247,6 +248,8 @@ __attribute__((noinline)) void activate_row(int64_t H, T* __restrict__ s) {
   map_in_place(H, s + 2 * H, Tanh<T>());
   map_in_place(H, s + 3 * H, Sigmoid<T>());
 }
+
+// The same, and c = sig(f) * c_prev + sig(i) * tanh(g).
 template <typename T>
 inline void cell_row(int64_t H, T* __restrict__ s, const T* __restrict__ c_prev, T* __restrict__ c) {
   activate_row<T>(H, s);
@@ -339,16 +342,12 @@ struct PartMoments {
   int64_t count = 0;            // rows
 };
 
-// The batch statistics of one norm from the moments of the parts of its input (F features):
-// the map x -> gamma * (x - mean) * invstd + beta into `affine`, invstd = 1 / sqrt(biased
-// var + eps), and mean and invstd written to `mean`, `invstd` where not null. The parts
-// combine pairwise in double (Chan, Golub and LeVeque's update); a part with no rows adds
-// nothing. mu, m2: scratch (F).
 // A norm's map from its statistics, x -> gamma (x - mean) invstd + beta, in place: `affine`
 // holds invstd in scale and mean in shift on entry. (One vectorised loop: restrict-qualified
 // pointers, the branch on beta outside it.)
 template <typename T>
-__attribute__((noinline)) void affine_from_statistics(int64_t F, const T* __restrict__ gamma, const T* __restrict__ beta, Affine<T>& affine) {
+__attribute__((noinline)) void affine_from_statistics(int64_t F, const T* __restrict__ gamma,
+                                                      const T* __restrict__ beta, Affine<T>& affine) {
   T* __restrict__ scale = affine.scale.data();
   T* __restrict__ shift = affine.shift.data();
   if (beta)
@@ -363,6 +362,11 @@ __attribute__((noinline)) void affine_from_statistics(int64_t F, const T* __rest
     }
 }
 
+// The batch statistics of one norm from the moments of the parts of its input (F features):
+// the map x -> gamma * (x - mean) * invstd + beta into `affine`, invstd = 1 / sqrt(biased
+// var + eps), and mean and invstd written to `mean`, `invstd` where not null. The parts
+// combine pairwise in double (Chan, Golub and LeVeque's update); a part with no rows adds
+// nothing. mu, m2: scratch (F).
 template <typename T>
 void combine_statistics(const PartMoments<T>* const* parts, int64_t count, int64_t F, const T* gamma, const T* beta,
                         double eps, T* mean, T* invstd, Affine<T>& affine, std::vector<double>& mu,
@@ -398,7 +402,8 @@ void combine_statistics(const PartMoments<T>* const* parts, int64_t count, int64
   }
   // mean and invstd in float first (into shift and scale), in one vectorised loop: with the
   // stores to mean and invstd in it, GCC left it scalar, a double sqrt and divide at a time
-  // (0.9 us a step for BN_h's 400 features at seqMNIST, on each thread)
+  // (BN_h's 400 features at seqMNIST: 0.9-1.0 ms of a training step on each thread, now
+  // 0.4-0.7)
   const double inv_n = 1.0 / n;
   T* __restrict__ sc = affine.scale.data();
   T* __restrict__ sh = affine.shift.data();
@@ -1918,8 +1923,9 @@ TORCH_LIBRARY(bnrnn_cpu, m) {
   m.def(
       "recurrence_backward(Tensor grad_hs, Tensor grad_c_last, Tensor x, Tensor? wx, Tensor weight_ih, "
       "Tensor weight_hh, Tensor? gamma_x, Tensor? gamma_h, Tensor? gamma_c, Tensor? beta_x, float eps_x, "
-      "Tensor h0, Tensor c0, Tensor hs, Tensor cs, Tensor sig, Tensor tanh_c, Tensor? wh, Tensor? mean_x, Tensor? invstd_x, Tensor? mean_h, "
-      "Tensor? invstd_h, Tensor? mean_c, Tensor? invstd_c, Tensor(a!)? grad_x, Tensor(b!) grad_weight_ih, "
+      "Tensor h0, Tensor c0, Tensor hs, Tensor cs, Tensor sig, Tensor tanh_c, Tensor? wh, Tensor? mean_x, "
+      "Tensor? invstd_x, Tensor? mean_h, Tensor? invstd_h, Tensor? mean_c, Tensor? invstd_c, "
+      "Tensor(a!)? grad_x, Tensor(b!) grad_weight_ih, "
       "Tensor(c!) grad_bias, Tensor(d!) grad_weight_hh, Tensor(e!) grad_h0, Tensor(f!) grad_c0, "
       "Tensor(g!)? grad_gamma_x, Tensor(h!)? grad_gamma_h, Tensor(i!)? grad_gamma_c, Tensor(j!)? grad_beta_c, "
       "Tensor[] packed_hh_t, Tensor(k!)? dwh_steps) -> ()");
