@@ -375,7 +375,7 @@ def restore_threads():
 @pytest.mark.parametrize("gemm", ["own", "onednn"])
 @pytest.mark.parametrize("H", [256, 257], ids=["even", "odd"])
 def test_packed_halves_on_one_two_and_three_threads(switches, B, gemm, H, cpu_loop, restore_threads, monkeypatch):
-    """Float32 from H = 256: the recurrent products come in column halves, one per thread,
+    """Float32 from H = 256: the recurrent products come in halves, one per thread,
     the threads meeting before and after each (with one part of the rows too: the thread
     without rows then takes the backward's weight GEMMs). Each half is the extension's own
     AVX-512 kernel on its packed half of W_h (where the CPU has AVX-512), or, with

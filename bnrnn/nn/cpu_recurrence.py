@@ -5,7 +5,7 @@ input projection inside: the Function takes x and W_x, so that its backward accu
 dW_x, dW_h and db step by step, from one step's gradients still in cache, instead of
 writing (T, B, 4H) gradient buffers (80 MB each at seqMNIST) and reading them back for one
 large GEMM each. From hidden size 256 (PTB's 1000) the balance turns: the recurrent products
-come in column halves, one per thread, and dW_h is one GEMM per chunk of WEIGHT_GRAD_CHUNK
+come in halves, one per thread, and dW_h is one GEMM per chunk of WEIGHT_GRAD_CHUNK
 steps (CHUNKED_WEIGHT_GRAD_MIN_HIDDEN). The float32 GEMMs run on the extension's own
 AVX-512 kernel where the CPU has one (``csrc/small_gemm.h``, W_h packed in its panels by the
 C++ code), else on torch's BLAS, with W_h packed for oneDNN in two row halves from H = 256

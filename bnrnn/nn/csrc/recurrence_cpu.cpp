@@ -400,7 +400,7 @@ void combine_statistics(const PartMoments<T>* const* parts, int64_t count, int64
     }
     n += c;
   }
-  // mean and invstd in float first (into shift and scale), in one vectorised loop: with the
+  // mean and invstd in T first (into shift and scale), in one vectorised loop: with the
   // stores to mean and invstd in it, GCC left it scalar, a double sqrt and divide at a time
   // (BN_h's 400 features at seqMNIST: 0.9-1.0 ms of a training step on each thread, now
   // 0.4-0.7)
@@ -576,11 +576,11 @@ void any_gemm(GemmKernel kernel, int64_t m, int64_t n, int64_t k, const T* a, in
     at::addmm_out(C, C, A, Bm, beta, 1);
 }
 
-// From this hidden size the own kernel forms the products by column halves, one per thread
-// over every row (see RecurrentProduct), as the oneDNN path does from PACKED_MIN_HIDDEN in
+// From this hidden size the own kernel forms the products in halves, one per thread over
+// every row (see RecurrentProduct), as the oneDNN path does from PACKED_MIN_HIDDEN in
 // fused.py (the same 256): each thread then streams half of W_h from the shared cache
 // instead of all of it.
-constexpr int64_t OWN_COLUMN_HALVES_MIN_HIDDEN = 256;
+constexpr int64_t OWN_HALVES_MIN_HIDDEN = 256;
 
 // Columns [first_column(n, k), first_column(n, k + 1)) of n make half k.
 inline int64_t first_column(int64_t n, int half) { return n * half / 2; }
@@ -612,7 +612,7 @@ struct RecurrentProduct {
 #if SMALL_GEMM_AVAILABLE
     if (kernel != GemmKernel::own) return;
     halves.clear();  // not needed (cpu_recurrence.py packs none then)
-    own_halves = weight_hh.size(1) >= OWN_COLUMN_HALVES_MIN_HIDDEN;
+    own_halves = weight_hh.size(1) >= OWN_HALVES_MIN_HIDDEN;
     // B of the product: W_h^T (H, G) forward, read in place, or W_h (G, H) backward
     const bool forward = products == Products::forward;
     const int64_t G = weight_hh.size(0), H = weight_hh.size(1), K = forward ? H : G, N = forward ? G : H;
@@ -633,7 +633,7 @@ struct RecurrentProduct {
 #endif
   }
 
-  bool by_column_halves() const { return own_halves || !halves.empty(); }
+  bool by_halves() const { return own_halves || !halves.empty(); }
   // Whether backward_half forms halves of the sum over G (the own kernel), which the caller
   // adds up, rather than column halves of the result (oneDNN's packed halves).
   bool backward_by_sum_halves() const { return own_halves; }
@@ -659,8 +659,7 @@ struct RecurrentProduct {
     any_gemm<T>(kernel, rows, H, G, g + r0 * G, G, 1, weight.data_ptr<T>(), H, T(add ? 1 : 0), out + r0 * H, H);
   }
 
-  // Column half `half` of h W^T (forward) or of g W [+ add] (backward) over all B rows, into
-  // out (B, G) or (B, H).
+  // Column half `half` of h W^T over all B rows, into out (B, G).
   template <typename T>
   void forward_half(const T* h, int64_t B, int half, T* out) const {
     const int64_t G = weight.size(0), H = weight.size(1);
@@ -691,7 +690,7 @@ struct RecurrentProduct {
 
  private:
   // out (rows, its part of the columns, row stride ldc) = a (rows, K) times the packed B of
-  // `part` (0, or the column half) + beta out, by the own kernel; false where it is not the
+  // `part` (0, or the half) + beta out, by the own kernel; false where it is not the
   // kernel (or T is not float).
   template <typename T>
   bool own_product(const T* a, int64_t lda, int64_t rows, T beta, T* out, int64_t ldc, int part) const {
@@ -738,9 +737,9 @@ struct RecurrentProduct {
   Tensor weight, weight_t;  // W_h (G, H); W_h^T (H, G), made where a forward by rows reads it
   std::vector<Tensor> halves;  // oneDNN's packed halves
   GemmKernel kernel = GemmKernel::aten;
-  bool own_halves = false;  // column halves by the own kernel
+  bool own_halves = false;  // halves by the own kernel (see packed)
 #if SMALL_GEMM_AVAILABLE
-  std::vector<small_gemm::PackedB> packed;  // the own kernel's B: whole, or its two column halves
+  std::vector<small_gemm::PackedB> packed;  // the own kernel's B: whole, or its two halves
 #endif
 };
 
@@ -1095,11 +1094,11 @@ bool run_on_threads(int threads, SpinBarrier& barrier, Body&& body) {
 }
 
 // How many parts the batch's rows split into (BATCH_PARTS, or one below 16 rows), and on
-// how many threads they run (one inside another parallel region). The column halves of a
-// packed product go to two threads even where the rows make one part.
+// how many threads they run (one inside another parallel region). The halves of a product
+// by halves go to two threads even where the rows make one part.
 inline std::pair<int, int> parts_and_threads(int64_t batch, const RecurrentProduct& recurrent) {
   const int parts = batch < 16 ? 1 : BATCH_PARTS;
-  const int wanted = recurrent.by_column_halves() ? 2 : parts;
+  const int wanted = recurrent.by_halves() ? 2 : parts;
   int threads = 1;
 #ifdef _OPENMP
   if (!at::in_parallel_region()) threads = static_cast<int>(std::min<int64_t>(wanted, at::get_num_threads()));
@@ -1107,11 +1106,11 @@ inline std::pair<int, int> parts_and_threads(int64_t batch, const RecurrentProdu
   return {parts, threads};
 }
 
-// Thread `thread` of `threads`' share of a product by column halves (half(k) for its halves
-// k): the threads meet before it, where wait_before (every row of the operand written), and
-// after it (every column of the result). False once the barrier is aborted.
+// Thread `thread` of `threads`' share of a product by halves (half(k) for its halves k): the
+// threads meet before it, where wait_before (every row of the operand written), and after it
+// (every half formed). False once the barrier is aborted.
 template <typename Half>
-bool column_halves(SpinBarrier& barrier, int thread, int threads, bool wait_before, Half&& half) {
+bool product_halves(SpinBarrier& barrier, int thread, int threads, bool wait_before, Half&& half) {
   const bool meet = threads > 1;
   if (meet && wait_before && !barrier.wait()) return false;
   for (int k = thread; k < 2; k += threads) half(k);
@@ -1183,11 +1182,11 @@ bool forward_rows(ForwardShared<T>& sh, int thread) {
     // straight into sig.
     T* const product = sh.nh.on() ? sh.wh->template data_ptr<T>() + t * B * G : s;
     const T* h = t > 0 ? sh.hs.template data_ptr<T>() + (t - 1) * B * H : sh.h0.template data_ptr<T>();
-    const bool by_halves = sh.recurrent.by_column_halves();
+    const bool by_halves = sh.recurrent.by_halves();
     // W_h packed in halves (large H): a thread's half of the columns over every row, which
     // keeps oneDNN's single-threaded GEMM on its own half of W_h (at PTB's shape 4.6 ms
     // against 5.4 for the whole product on both threads); otherwise each part's rows.
-    if (by_halves && !column_halves(sh.barrier, thread, sh.threads, t > 0, [&](int half) {
+    if (by_halves && !product_halves(sh.barrier, thread, sh.threads, t > 0, [&](int half) {
           sh.recurrent.template forward_half<T>(h, B, half, product);
         }))
       return false;
@@ -1289,7 +1288,7 @@ void population_loop(const Tensor& xin, const OptTensor& x_coef, const OptTensor
   std::copy(c0.data_ptr<T>(), c0.data_ptr<T>() + B * H, cells.begin());
   const Tensor buffer = at::empty({B, G}, xin.options());
   // The rows of each part of the batch (see BATCH_PARTS): rows never meet, so the threads
-  // wait for each other only around a product by column halves (see forward_rows).
+  // wait for each other only around a product by halves (see forward_rows).
   const auto [parts, threads] = parts_and_threads(B, recurrent);
   SpinBarrier barrier(threads);
   const auto rows_of_thread = [&, parts = parts](int thread, int count) {
@@ -1304,8 +1303,8 @@ void population_loop(const Tensor& xin, const OptTensor& x_coef, const OptTensor
       const T* sf = csh ? csh + t * H : zeros.data();
       T* hp = hs.data_ptr<T>() + t * B * H;
       const T* h = t > 0 ? hs.data_ptr<T>() + (t - 1) * B * H : h0.data_ptr<T>();
-      const bool by_halves = recurrent.by_column_halves();
-      if (by_halves && !column_halves(barrier, thread, count, t > 0, [&](int half) {
+      const bool by_halves = recurrent.by_halves();
+      if (by_halves && !product_halves(barrier, thread, count, t > 0, [&](int half) {
             recurrent.template forward_half<T>(h, B, half, buffer.data_ptr<T>());
           }))
         return;
@@ -1742,7 +1741,7 @@ bool backward_rows(BackwardShared<T>& sh, int thread) {
     } else if (!step_backward()) {
       return false;
     }
-    const bool by_halves = sh.recurrent.by_column_halves();
+    const bool by_halves = sh.recurrent.by_halves();
     // Step t's per-step weight GEMMs (a wide input's dW_x; dW_h without dwh_steps): each
     // part's rows, or with products by halves, once every row is written, half of the
     // features of each on each half's thread. (That dW_x (G, I) accumulates in one (G / 2, I)
@@ -1754,7 +1753,7 @@ bool backward_rows(BackwardShared<T>& sh, int thread) {
       if (weight_gemms && !by_halves) sh.weight_gradients(t, g, sh.part[k], r0, rows, 0, 1);
       if (!by_halves) sh.hidden_gradient(t, g, r0, rows);
     }
-    if (by_halves && !column_halves(sh.barrier, thread, sh.threads, true, [&](int half) {
+    if (by_halves && !product_halves(sh.barrier, thread, sh.threads, true, [&](int half) {
           if (weight_gemms) sh.weight_gradients(t, g, sh.part[0], 0, B, half, 2);
           sh.hidden_gradient_half(t, g, half);
         }))
@@ -1762,7 +1761,7 @@ bool backward_rows(BackwardShared<T>& sh, int thread) {
     // each thread adds up the rows it reads next
     if (by_halves && sh.recurrent.backward_by_sum_halves()) sh.add_partial_hidden_gradient(t, b0, b1);
     if (sh.ring && t % sh.chunk == 0) {
-      // every row of the chunk's dwh written (column halves: the threads met above)
+      // every row of the chunk's dwh written (products by halves: the threads met above)
       if (!by_halves && meet && !sh.barrier.wait()) return false;
       sh.chunk_weight_gradient(t, thread);
     }
