@@ -1434,6 +1434,10 @@ struct BackwardShared {
   int norms;                            // behind dgates: BN_h, and BN_x of a wide input
   int parts, threads;
   bool per_step_gemms;  // a weight gradient GEMM each step: dW_h without dwh_steps, a wide dW_x
+  // Whether each part accumulates those into its own buffers, summed at the end: with the
+  // rows in parts, not with products by halves (each half's thread then takes its features
+  // over every row, into part 0's, the outputs themselves) nor with one part.
+  bool parts_accumulate;
   std::array<Tensor, 2> dgates_slots, dwh_slots, dax_slots;  // step t's in slot t % 2
   Tensor dh;                                                 // dL/dh_t (B, H), then dL/dh_{t-1}
   OptTensor dh_partial;  // (B, H): the second half of dL/dh_{t-1}'s sum (backward_by_sum_halves)
@@ -1482,17 +1486,19 @@ struct BackwardShared {
     dwh_slots = step_buffers(nh.on() && !dwh_steps.has_value());
     dax_slots = step_buffers(nx.on() && wide);
     dh = grad_hs[steps - 1].clone();
+    parts_accumulate = parts > 1 && !recurrent.by_halves();
     if (recurrent.backward_by_sum_halves()) dh_partial = at::empty({B, H}, cs.options());
     const int64_t I = narrow ? narrow->I : 0;
     part.assign(parts, BackwardPart<T>(G, H, G * (1 + norms) + I * G));
     for (int k = 0; k < parts; ++k) {
       BackwardPart<T>& p = part[k];
       if (narrow && !nx.on()) p.d_weight_ih.assign(G * I, 0.0);
-      // one part accumulates into the outputs; more, each into its own, summed at the end
-      // (only those the steps accumulate: not dW_h when it is one GEMM per chunk of steps,
-      // 16 MB each at PTB, nor a narrow input's dW_x, which sums in double)
+      // part 0 accumulates into the outputs; with parts_accumulate each part into its own,
+      // summed at the end (only those the steps accumulate: not dW_h when it is one GEMM per
+      // chunk of steps, 16 MB each at PTB, nor a narrow input's dW_x, which sums in double)
       const auto accumulator = [&](const Tensor& out) {
-        Tensor acc = parts == 1 ? out : at::empty_like(out);
+        if (!parts_accumulate && k > 0) return Tensor();
+        Tensor acc = parts_accumulate ? at::empty_like(out) : out;
         return acc.zero_();
       };
       if (!dwh_steps.has_value()) p.gw_hh = accumulator(grad_weight_hh);
@@ -1788,7 +1794,7 @@ void backward_loop(const Tensor& grad_hs, const Tensor& grad_c_last, const Tenso
     backward_rows<T>(sh, 0);
   }
   const int64_t steps = sh.steps, B = sh.B, H = sh.H, G = sh.G;
-  if (parts > 1) {  // the parts' weight gradients, in order
+  if (sh.parts_accumulate) {  // the parts' weight gradients, in order
     const auto sum_parts = [&](Tensor BackwardPart<T>::*member, const Tensor& out) {
       if (!(sh.part[0].*member).defined()) return;
       Tensor total = out;  // a handle on the output
