@@ -157,11 +157,24 @@ def test_the_environment_can_switch_the_extension_off(monkeypatch, untried_exten
 
 def test_build_targets_this_cpu_under_a_name_of_its_own():
     name, flags = cpu_kernels.build_options()
+    tag = cpu_kernels.checkout_tag()
     if cpu_kernels.cpu_fingerprint() is None:
-        assert "_generic_" in name and "-march=native" not in flags
+        assert "_generic_" in name and name.endswith(f"_{tag}") and "-march=native" not in flags
     else:
-        assert name == f"bnrnn_cpu_{cpu_kernels.cpu_fingerprint()}" and "-march=native" in flags
+        assert name == f"bnrnn_cpu_{cpu_kernels.cpu_fingerprint()}_{tag}" and "-march=native" in flags
     assert "-O3" in flags
+
+
+def test_each_copy_of_the_source_builds_under_its_own_name(tmp_path):
+    """Two clones (or worktrees) must not share a build directory: torch rebuilds whenever
+    the source path in it changes, so alternating between them rebuilt every time."""
+    here = cpu_kernels.SOURCE
+    elsewhere = tmp_path / "clone" / "bnrnn" / "nn" / "csrc" / here.name
+    elsewhere.parent.mkdir(parents=True)
+    elsewhere.write_bytes(here.read_bytes())
+    assert cpu_kernels.checkout_tag(here) == cpu_kernels.checkout_tag(here.parent / ".." / "csrc" / here.name)
+    assert cpu_kernels.checkout_tag(elsewhere) != cpu_kernels.checkout_tag(here)
+    assert len(cpu_kernels.checkout_tag(elsewhere)) == 6
 
 
 def test_openmp_where_torch_runs_its_threads_on_it(monkeypatch):

@@ -2,8 +2,8 @@
 
 The C++ source is compiled with the machine's C++ compiler through
 :func:`torch.utils.cpp_extension.load` the first time a CPU fast path needs it (under a
-minute, once per CPU kind, torch version and source; later processes load the cached build
-from ``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). It registers the ops
+minute, once per CPU kind, torch version, source and copy of bnrnn; later processes load
+the cached build from ``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). It registers the ops
 ``torch.ops.bnrnn_cpu.recurrence_forward``, ``recurrence_backward``, ``population_forward``
 and ``activations`` (the float activations, for their tests).
 
@@ -84,14 +84,24 @@ def headers_flag() -> str:
     return f"-DBNRNN_HEADERS_{digest}"
 
 
+def checkout_tag(source: Path = SOURCE) -> str:
+    """A short hash of where the source lies, so that each copy of bnrnn (a second clone, a
+    git worktree, another virtual environment) builds into a cache directory of its own.
+
+    torch.utils.cpp_extension keys a build by its name alone, and its build file names the
+    source by path: two copies using one name rebuilt the extension each time a process of
+    the other copy had used it last (about 25 s at every switch)."""
+    return hashlib.sha1(str(source.resolve()).encode()).hexdigest()[:6]
+
+
 def build_options() -> tuple[str, list[str]]:
-    """(extension name, compiler flags) for this machine."""
+    """(extension name, compiler flags) for this machine and this copy of the source."""
     fingerprint = cpu_fingerprint()
     if fingerprint is None:
         name, target = f"{EXTENSION_NAME}_generic_{torch.__version__.replace('.', '_').replace('+', '_')}", []
     else:
         name, target = f"{EXTENSION_NAME}_{fingerprint}", ["-march=native"]
-    return name, ["-O3", *target, *MATH_FLAGS, headers_flag()]
+    return f"{name}_{checkout_tag()}", ["-O3", *target, *MATH_FLAGS, headers_flag()]
 
 
 def import_cpp_extension():
