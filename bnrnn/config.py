@@ -58,6 +58,7 @@ class ModelConfig:
     forget_bias: float = 1.0
     h0_noise: float = 0.0
     t_max: Optional[int] = None
+    init: str = "orthogonal"  # orthogonal | identity_g (the authors' --init id)
     embedding_size: Optional[int] = None
     fused: bool = True
     gpu_kernels: bool = True
@@ -71,6 +72,7 @@ class TrainerConfig:
     lr: float = 1e-3
     momentum: float = 0.9
     rmsprop_alpha: float = 0.99
+    rmsprop_eps: float = 1e-8
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0
     clip_norm: Optional[float] = 1.0
@@ -86,6 +88,10 @@ class TrainerConfig:
     test_at_end: bool = True
     reestimate_stats: bool = False
     reestimate_batches: Optional[int] = None
+    reestimate_batch_size: Optional[int] = None
+    valid_stats: list[str] = field(default_factory=lambda: ["batch", "ema", "reestimated"])
+    select_on: str = "batch"
+    valid_reestimate_batches: int = 50
 
 
 @dataclass
@@ -121,15 +127,20 @@ CHOICES = {
     "trainer.optimizer": ("rmsprop", "adam", "sgd"),
     "trainer.progress": ("auto", "on", "off"),
     "device.name": ("auto", "cpu", "cuda"),
+    "model.init": ("orthogonal", "identity_g"),
+    "trainer.select_on": ("batch", "ema", "reestimated"),
 }
+STATISTICS_MODES = CHOICES["trainer.select_on"]
 POSITIVE = (
     "task.batch_size", "task.eval_batch_size", "task.seq_len", "task.eval_chunk",
     "model.hidden_size", "model.gamma_init", "model.eps", "trainer.lr",
-    "trainer.eval_every", "trainer.log_every", "trainer.max_bad_steps",
+    "trainer.eval_every", "trainer.log_every", "trainer.max_bad_steps", "trainer.valid_reestimate_batches",
+    "trainer.rmsprop_eps",
 )
 POSITIVE_OR_NULL = (
     "model.t_max", "model.embedding_size", "trainer.max_steps", "trainer.max_epochs",
-    "trainer.eval_batches", "trainer.checkpoint_every", "trainer.reestimate_batches", "trainer.clip_norm", "task.train_limit",
+    "trainer.eval_batches", "trainer.checkpoint_every", "trainer.reestimate_batches",
+    "trainer.reestimate_batch_size", "trainer.clip_norm", "task.train_limit",
 )
 NON_NEGATIVE = ("seed", "task.valid_size", "model.h0_noise", "trainer.weight_decay", "trainer.momentum")
 UNIT_INTERVAL = ("model.momentum",)  # (0, 1]
@@ -164,6 +175,11 @@ def validate(cfg: DictConfig) -> None:
     betas = get("trainer.betas")
     if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
         bad("trainer.betas", "two numbers in [0, 1)")
+    modes = list(get("trainer.valid_stats"))
+    if not modes or any(mode not in STATISTICS_MODES for mode in modes) or len(set(modes)) < len(modes):
+        bad("trainer.valid_stats", "a list of distinct modes from " + ", ".join(STATISTICS_MODES))
+    if get("trainer.select_on") not in modes:
+        bad("trainer.select_on", "one of the modes in trainer.valid_stats (" + ", ".join(modes) + ")")
     if get("trainer.max_steps") is None and get("trainer.max_epochs") is None:
         bad("trainer.max_steps", "set when trainer.max_epochs is null")
     if cfg.task.kind == "ptb" and cfg.task.seq_len < 2:

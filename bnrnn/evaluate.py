@@ -9,37 +9,24 @@ matplotlib is installed, a PNG.
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import OmegaConf
-from torch import nn
 
 from bnrnn.checkpoint import load_checkpoint
 from bnrnn.config import load_config
 from bnrnn.device import resolve_device
 from bnrnn.errors import BnrnnError, CheckpointError
-from bnrnn.nn.population import reestimate_population_statistics, time_norms
+from bnrnn.nn.population import time_norms
+from bnrnn.scoring import DESCRIPTIONS, reestimate, score
 from bnrnn.tasks import build_task
 
 log = logging.getLogger("bnrnn")
 
 PAPER_LENGTHS = (50, 100, 200, 300, 400, 500, 600, 700, 800, 900, 1000)
-
-
-def reestimate(task, model: nn.Module, device: torch.device, seed: int, max_batches: int | None) -> int:
-    """Re-estimate ``model``'s population statistics over the training batches of epoch 0
-    (or the first ``max_batches``); returns the number of batches used (0: no batch norm)."""
-    if not time_norms(model):
-        return 0
-    batches = itertools.islice(task.train.iterate(0, seed), max_batches)
-    used = reestimate_population_statistics(model, batches, lambda m, b: task.train_loss(m, b, device))
-    log.info("re-estimated population statistics over %d training batches", used)
-    return used
 
 
 def lengths_table(rows: list[dict[str, float]]) -> str:
@@ -84,6 +71,7 @@ def evaluate_run(
     split: str = "test",
     reestimate_stats: bool = False,
     reestimate_batches: int | None = None,
+    reestimate_batch_size: int | None = None,
     lengths: list[int] | None = None,
     batch_size: int | None = None,
     data_root: str | None = None,
@@ -122,13 +110,18 @@ def evaluate_run(
     metric, _ = task.selection
     result: dict[str, Any] = {
         "run": str(run_dir), "checkpoint": checkpoint, "step": payload["progress"]["step"], "split": split,
-        "ema": task.evaluate(model, split, device),
     }
-    log.info("%s, EMA population statistics: %s %.4f", split, metric, result["ema"][metric])
+    normalised = bool(time_norms(model))
+    for mode in ("ema", "batch") if normalised else ("ema",):
+        result[mode] = score(task, model, split, device, mode)
+        log.info("%s, %s: %s %.4f", split, DESCRIPTIONS[mode], metric, result[mode][metric])
     if reestimate_stats:
-        result["reestimate_batches"] = reestimate(task, model, device, cfg.seed, reestimate_batches)
-        result["reestimated"] = task.evaluate(model, split, device)
-        log.info("%s, re-estimated statistics: %s %.4f", split, metric, result["reestimated"][metric])
+        # Kept in the model (not only scored): the Fig. 3b sweep below uses them too.
+        result["reestimate_batches"] = reestimate(task, model, device, cfg.seed, reestimate_batches, reestimate_batch_size)
+        result["reestimated"] = score(task, model, split, device, "ema")
+        if normalised:
+            log.info("%s, %s over %d training batches: %s %.4f", split, DESCRIPTIONS["reestimated"],
+                     result["reestimate_batches"], metric, result["reestimated"][metric])
     if lengths:
         rows = task.evaluate_lengths(model, split, list(lengths), device, batch_size)
         result["lengths"] = rows

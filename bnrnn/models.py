@@ -25,4 +25,5 @@ def build_rnn(model_cfg: DictConfig, input_size: int, train_length: int) -> BNLS
         gpu_kernels=model_cfg.gpu_kernels,
         cuda_graphs=model_cfg.cuda_graphs,
         cpu_kernels=model_cfg.cpu_kernels,
+        init=model_cfg.init,
     )

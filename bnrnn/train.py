@@ -22,9 +22,9 @@ from bnrnn.config import load_config
 from bnrnn.device import resolve_device
 from bnrnn.diagnostics import divergence_report
 from bnrnn.errors import BnrnnError, CheckpointError, ConfigError
-from bnrnn.evaluate import reestimate
 from bnrnn.preemption import Preempted, StopRequest
 from bnrnn.runlog import RunLogger
+from bnrnn.scoring import DESCRIPTIONS, buffers_snapshot, flatten_modes, restore_buffers, score_modes
 from bnrnn.tasks import build_task
 
 log = logging.getLogger("bnrnn")
@@ -50,7 +50,7 @@ class Progress:
 def build_optimizer(trainer: DictConfig, params) -> torch.optim.Optimizer:
     if trainer.optimizer == "rmsprop":
         return torch.optim.RMSprop(
-            params, lr=trainer.lr, alpha=trainer.rmsprop_alpha, momentum=trainer.momentum,
+            params, lr=trainer.lr, alpha=trainer.rmsprop_alpha, eps=trainer.rmsprop_eps, momentum=trainer.momentum,
             weight_decay=trainer.weight_decay,
         )
     if trainer.optimizer == "adam":
@@ -83,16 +83,6 @@ def gamma_summary(model: nn.Module) -> dict[str, float]:
         if bn is not None:
             out[f"gamma_{term}_mean"] = bn.weight.detach().abs().mean().item()
     return out
-
-
-def buffers_snapshot(model: nn.Module) -> list[torch.Tensor]:
-    return [b.detach().clone() for b in model.buffers()]
-
-
-def restore_buffers(model: nn.Module, snapshot: list[torch.Tensor]) -> None:
-    with torch.no_grad():
-        for buffer, saved in zip(model.buffers(), snapshot):
-            buffer.copy_(saved)
 
 
 def total_gradient_norm(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -210,9 +200,12 @@ def train(cfg: DictConfig | dict, out_dir: str | Path) -> dict[str, Any]:
         })
 
     def validate() -> dict[str, float]:
-        model.eval()
-        metrics = task.evaluate(model, "valid", device, tcfg.eval_batches)
+        """Score the validation split in each of ``trainer.valid_stats``; the best checkpoint
+        follows the ``trainer.select_on`` number."""
+        scores = score_modes(task, model, "valid", device, tcfg.valid_stats, seed=cfg.seed,
+                             max_batches=tcfg.eval_batches, reestimate_batches=tcfg.valid_reestimate_batches)
         model.train()
+        metrics = flatten_modes(scores, tcfg.select_on)
         if is_better(metrics[metric], state.best_metric, mode):
             state.best_metric, state.best_step = metrics[metric], state.step
             checkpoint(BEST)
@@ -220,8 +213,8 @@ def train(cfg: DictConfig | dict, out_dir: str | Path) -> dict[str, Any]:
         logger.log("valid", state.step, metrics)
         checkpoint(LAST)
         logger.flush()
-        log.info("step %d: valid %s %.4f (loss %.4f), best %.4f at step %d",
-                 state.step, metric, metrics[metric], metrics["loss"], state.best_metric, state.best_step)
+        log.info("step %d: valid %s %.4f (loss %.4f%s), best %.4f at step %d", state.step, metric, metrics[metric],
+                 metrics["loss"], modes_note(scores, metrics["stats"], metric), state.best_metric, state.best_step)
         return metrics
 
     params = list(model.parameters())
@@ -331,25 +324,38 @@ def restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, devi
     return Progress(**payload["progress"])
 
 
+def modes_note(scores: dict[str, dict[str, Any]], chosen: str, metric: str) -> str:
+    """'; batch statistics; EMA population statistics 0.3010, ...': which statistics the
+    logged number is, then the other modes' numbers, for a log line."""
+    if chosen == "none":
+        return ""
+    others = ", ".join(f"{DESCRIPTIONS[m]} {v[metric]:.4f}" for m, v in scores.items() if m != chosen)
+    return f"; {DESCRIPTIONS[chosen]}" + (f"; {others}" if others else "")
+
+
 def finish(cfg, task, model, device, ckpt_dir: Path, state: Progress, logger: RunLogger) -> dict[str, Any]:
     """Test the best checkpoint (by validation) and write results.json."""
     metric, _ = task.selection
     results: dict[str, Any] = {
         "task": cfg.task.name, "model": cfg.model.name, "steps": state.step,
-        "best_step": state.best_step, f"valid_{metric}": state.best_metric,
+        "best_step": state.best_step, f"valid_{metric}": state.best_metric, "select_on": cfg.trainer.select_on,
         "elapsed": round(logger.elapsed, 1),
     }
-    if cfg.trainer.test_at_end and (ckpt_dir / BEST).exists():
+    tcfg = cfg.trainer
+    if tcfg.test_at_end and (ckpt_dir / BEST).exists():
         model.load_state_dict(load_checkpoint(ckpt_dir / BEST, map_location=device)["model"])
-        model.eval()
-        test = task.evaluate(model, "test", device)
-        if cfg.trainer.reestimate_stats and reestimate(task, model, device, cfg.seed, cfg.trainer.reestimate_batches):
-            logger.log("test_ema", state.best_step, test)
-            results.update({f"test_ema_{k}": v for k, v in test.items()})
-            test = task.evaluate(model, "test", device)
+        # The authors' protocol (trainer.reestimate_stats): the headline test number with the
+        # population statistics re-estimated over the training set; EMA and batch-statistics
+        # numbers are kept beside it.
+        final = "reestimated" if tcfg.reestimate_stats else "ema"
+        modes = ["ema", "batch"] + (["reestimated"] if tcfg.reestimate_stats else [])
+        scores = score_modes(task, model, "test", device, modes, seed=cfg.seed,
+                             reestimate_batches=tcfg.reestimate_batches, reestimate_batch_size=tcfg.reestimate_batch_size)
+        test = flatten_modes(scores, final)
         logger.log("test", state.best_step, test)
         results.update({f"test_{k}": v for k, v in test.items()})
-        log.info("test (best checkpoint, step %s): %s %.4f", state.best_step, metric, test[metric])
+        log.info("test (best checkpoint, step %s): %s %.4f (%s)", state.best_step, metric, test[metric],
+                 modes_note(scores, test["stats"], metric).lstrip("; "))
     logger.hparams(hparams_of(cfg), {k: v for k, v in results.items() if k.startswith(("valid_", "test_"))})
     out_dir = ckpt_dir.parent
     tmp = out_dir / "results.json.tmp"

@@ -74,13 +74,15 @@ def test_the_best_checkpoint_is_chosen_by_lowest_validation_bpc(small_ptb_cfg, t
 def test_reestimation_switch_tests_with_both_statistics(small_ptb_cfg, tmp_path):
     results = train(small_ptb_cfg("model=bnlstm", "trainer.max_steps=2", "trainer.reestimate_stats=true",
                                   "trainer.reestimate_batches=3"), tmp_path)
-    assert "test_ema_bpc" in results and "test_bpc" in results
-    assert results["test_bpc"] != results["test_ema_bpc"]
+    assert results["test_stats"] == "reestimated"
+    assert results["test_bpc"] == results["test_bpc_reestimated"]
+    assert len({results["test_bpc_ema"], results["test_bpc_batch"], results["test_bpc_reestimated"]}) == 3
 
 
 def test_reestimation_is_a_no_op_for_the_vanilla_lstm(small_ptb_cfg, tmp_path):
     results = train(small_ptb_cfg("model=lstm", "trainer.max_steps=2", "trainer.reestimate_stats=true"), tmp_path)
-    assert "test_ema_bpc" not in results and "test_bpc" in results
+    assert results["test_stats"] == "none" and "test_bpc" in results
+    assert not any(key.startswith("test_bpc_") for key in results)
 
 
 def test_a_resumed_ptb_run_matches_an_uninterrupted_one(small_ptb_cfg, tmp_path):

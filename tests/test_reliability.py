@@ -41,6 +41,10 @@ def tamper(monkeypatch, change=None, on_model=None):
     def build_task(cfg, out_dir):
         task = real_build_task(cfg, out_dir)
         if change is not None:
+            # Only the training steps see the tampered batches; the re-estimation of a
+            # validation draws the task's own (and must not shift the count).
+            untampered = task.training_batches()
+            task.training_batches = lambda batch_size=None: untampered
             task.train = TamperedBatches(task.train, change)
         if on_model is not None:
             real_build_model = task.build_model

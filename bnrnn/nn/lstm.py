@@ -28,6 +28,7 @@ from bnrnn.nn.gpu_recurrence import TritonLSTMRecurrence
 from bnrnn.nn.timebn import TimeBatchNorm
 
 State = tuple[torch.Tensor, torch.Tensor]
+INITS = ("orthogonal", "identity_g")
 
 
 class BNLSTM(nn.Module):
@@ -53,6 +54,11 @@ class BNLSTM(nn.Module):
             the ATen loop of :mod:`bnrnn.nn.fused` there too (for comparison).
         cpu_kernels: on the CPU, the fast path's time loops run in the
             compiled extension of :mod:`bnrnn.nn.cpu_kernels`; False keeps the ATen loop.
+        init: ``"orthogonal"``: every (H, H) / (H, I) gate block of W_h and W_x orthogonal on
+            its own. ``"identity_g"``: the authors' ``--init id``: the identity in the cell
+            candidate's block of W_h, one orthogonal matrix over the other three blocks
+            together (i, f, o; (3H, H) with orthonormal columns) and W_x orthogonal as one
+            (4H, I) matrix.
         cuda_graphs: on the GPU fast path, replay each training sequence shape as captured
             CUDA graphs (:mod:`bnrnn.nn.gpu_recurrence`) instead of launching every step.
 
@@ -77,8 +83,12 @@ class BNLSTM(nn.Module):
         gpu_kernels: bool = True,
         cuda_graphs: bool = True,
         cpu_kernels: bool = True,
+        init: str = "orthogonal",
     ) -> None:
         super().__init__()
+        if init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
+        self.init = init
         self.fused = fused
         self.gpu_kernels = gpu_kernels
         self.cpu_kernels = cpu_kernels
@@ -104,12 +114,21 @@ class BNLSTM(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Orthogonal weights per gate block, zero bias except forget gate, zero h0/c0."""
+        """Weights as ``init`` says, zero bias except the forget gate's, zero h0/c0."""
         H = self.hidden_size
         with torch.no_grad():
-            for weight in (self.weight_ih, self.weight_hh):
-                for block in weight.split(H, dim=0):
-                    nn.init.orthogonal_(block)
+            if self.init == "identity_g":
+                nn.init.orthogonal_(self.weight_ih)
+                i, f, g, o = self.weight_hh.split(H, dim=0)
+                others = torch.empty(3 * H, H)
+                nn.init.orthogonal_(others)
+                for block, values in zip((i, f, o), others.split(H, dim=0)):
+                    block.copy_(values)
+                g.copy_(torch.eye(H))
+            else:
+                for weight in (self.weight_ih, self.weight_hh):
+                    for block in weight.split(H, dim=0):
+                        nn.init.orthogonal_(block)
             self.bias.zero_()
             self.bias[H : 2 * H].fill_(self.forget_bias)
             self.h0.zero_()

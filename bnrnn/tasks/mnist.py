@@ -14,6 +14,7 @@ from bnrnn.data.mnist import NUM_CLASSES, SEQ_LEN, load_mnist, make_permutation,
 from bnrnn.errors import DataError
 from bnrnn.models import build_rnn
 from bnrnn.nn import SequenceClassifier
+from bnrnn.nn.population import batch_statistics
 
 PERMUTATION_FILE = "permutation.pt"
 
@@ -60,6 +61,15 @@ class MnistTask:
             "test": SequenceBatches(to_sequences(arrays.test_images, order), arrays.test_labels, task.eval_batch_size, False),
         }
         self.train_length = SEQ_LEN
+        self.batch_size = task.batch_size
+        self.eval_batch_size = task.eval_batch_size
+
+    def training_batches(self, batch_size: int | None = None) -> SequenceBatches:
+        """The training split in shuffled batches of ``batch_size`` (default: the training
+        batch size), e.g. the authors' batches of 5000 to re-estimate population statistics."""
+        if batch_size is None or batch_size == self.train.batch_size:
+            return self.train
+        return SequenceBatches(self.train.inputs, self.train.labels, min(batch_size, self.train.num_examples), True)
 
     def build_model(self, model_cfg: DictConfig) -> nn.Module:
         return SequenceClassifier(build_rnn(model_cfg, 1, self.train_length), NUM_CLASSES)
@@ -72,14 +82,33 @@ class MnistTask:
         return loss, {"accuracy": accuracy}
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, split: str, device: torch.device, max_batches: int | None = None) -> dict[str, float]:
-        """Mean loss and accuracy over the split (or its first ``max_batches`` batches)."""
+    def evaluate(self, model: nn.Module, split: str, device: torch.device, max_batches: int | None = None,
+                 batch_stats: bool = False) -> dict[str, float]:
+        """Mean loss and accuracy over the split (or its first ``max_batches`` batches of
+        ``task.eval_batch_size``), with the model in evaluation mode.
+
+        ``batch_stats``: every norm uses the statistics of the batch at hand instead of the
+        population's. Such a score depends on how the batches are formed, so they are fixed:
+        consecutive examples of the split in file order, in batches of the *training* batch
+        size (each step's statistics then come from as many examples as in training), the
+        last one possibly smaller; ``max_batches`` still covers the same examples.
+        """
+        examples = self.splits[split]
+        limit = None if max_batches is None else max_batches * examples.batch_size
+        if batch_stats:
+            examples = SequenceBatches(examples.inputs, examples.labels, self.batch_size, False)
         loss_sum, correct, count = 0.0, 0, 0
-        for index, (x, y) in enumerate(self.splits[split].iterate()):
-            if max_batches is not None and index >= max_batches:
-                break
+        for x, y in examples.iterate():
+            if limit is not None:
+                if count >= limit:
+                    break
+                x, y = x[:, : limit - count], y[: limit - count]
             x, y = x.to(device), y.to(device)
-            logits = model(x)
+            if batch_stats:
+                with batch_statistics(model):
+                    logits = model(x)
+            else:
+                logits = model(x)
             loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
             correct += (logits.argmax(1) == y).sum().item()
             count += y.shape[0]

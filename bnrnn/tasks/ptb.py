@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -54,7 +55,14 @@ class PtbTask:
             for split in ("valid", "test")
         }
         self.batch_size = task.batch_size
+        self.seq_len = task.seq_len
         self.train_length = task.seq_len - 1  # input steps per window = T_max
+
+    def training_batches(self, batch_size: int | None = None) -> WindowBatches:
+        """The training windows in batches of ``batch_size`` (default: the training batch size)."""
+        if batch_size is None or batch_size == self.batch_size:
+            return self.train
+        return WindowBatches(self.corpus.train, self.seq_len, batch_size)
 
     @property
     def vocab_size(self) -> int:
@@ -72,16 +80,21 @@ class PtbTask:
         return loss, {"bpc": loss.detach() / LN2}
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, split: str, device: torch.device, max_batches: int | None = None) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, split: str, device: torch.device, max_batches: int | None = None,
+                 batch_stats: bool = False) -> dict[str, float]:
         """Bits per character over the whole split, streamed with the state carried over.
 
         ``max_batches`` limits the number of chunks (a quick partial validation).
+        ``batch_stats``: every norm uses the statistics of the batch at hand: each chunk's
+        ``task.eval_batch_size`` parallel pieces of the stream, step by step (the same
+        batches as with population statistics).
         """
         nats, count, state = 0.0, 0, None
         for index, (inputs, targets, t0) in enumerate(self.splits[split].iterate()):
             if max_batches is not None and index >= max_batches:
                 break
-            logits, state = model(inputs.to(device), state, t0)
+            with batch_statistics(model) if batch_stats else nullcontext():
+                logits, state = model(inputs.to(device), state, t0)
             targets = targets.to(device)
             nats += summed_nats(logits, targets)
             count += int((targets != IGNORE).sum())
