@@ -26,6 +26,8 @@ commands:
   report PATH... [--out DIR]  figures (validation metric vs steps and vs wall-clock time) and a
                       table beside the paper's numbers, from run or sweep folders
                       e.g. bnrnn report runs/multirun --out report
+  paper-curves [--out DIR]  the paper's curves (Figs. 2, 3a, 3b) as TensorBoard runs under our tags,
+                      so that tensorboard --logdir runs draws them over yours (default runs/paper)
   gradflow [--out DIR]  the paper's Fig. 1: gradient norm over time at initialisation against gamma
   bench [opts]        time a training step of nn.LSTM, our vanilla, BN-input and BN-LSTM side by
                       side (seqMNIST and PTB shapes), with a numerics check; --help for options
@@ -211,13 +213,30 @@ def run_report(args: list[str]) -> int:
     return 0
 
 
+def run_paper_curves(args: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="bnrnn paper-curves",
+                                     description="Write the paper's curves as TensorBoard runs, under our tags.")
+    parser.add_argument("--out", type=Path, default=Path("runs/paper"), help="output folder (default runs/paper)")
+    opts = parser.parse_args(args)
+
+    from bnrnn.paper import write_tensorboard
+
+    for folder in write_tensorboard(opts.out):
+        print(f"wrote {folder}")
+    print(f"tensorboard --logdir {opts.out.parent} shows them beside the runs there")
+    return 0
+
+
 def run_gradflow(args: list[str]) -> int:
     from bnrnn.gradflow import main as gradflow_main
 
     return gradflow_main(args)
 
 
-COMMANDS = {"train": run_train, "eval": run_eval, "bench": run_bench, "report": run_report, "gradflow": run_gradflow}
+COMMANDS = {"train": run_train, "eval": run_eval, "bench": run_bench, "report": run_report,
+            "paper-curves": run_paper_curves, "gradflow": run_gradflow}
 
 
 def main(argv: list[str] | None = None) -> int:

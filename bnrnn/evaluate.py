@@ -30,13 +30,24 @@ PAPER_LENGTHS = (50, 100, 200, 300, 400, 500, 600, 700, 800, 900, 1000)
 
 
 def lengths_table(rows: list[dict[str, float]]) -> str:
+    """Fig. 3b as markdown, with the paper's BN-LSTM numbers at the same lengths."""
+    from bnrnn.paper import length_curves
+
+    paper = length_curves()
+
+    def paper_at(key: str, length: int) -> str:
+        value = paper[key].at(length)
+        return "-" if value is None else f"{value:.3f}"
+
     lines = [
-        "| sequence length | sequences | test bpc, population statistics | test bpc, batch statistics |",
-        "|---:|---:|---:|---:|",
+        "| sequence length | sequences | test bpc, population statistics | test bpc, batch statistics "
+        "| paper, population | paper, batch |",
+        "|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         lines.append(
-            f"| {row['length']} | {row['sequences']} | {row['bpc_population']:.4f} | {row['bpc_batch']:.4f} |"
+            f"| {row['length']} | {row['sequences']} | {row['bpc_population']:.4f} | {row['bpc_batch']:.4f} "
+            f"| {paper_at('population', row['length'])} | {paper_at('batch', row['length'])} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -50,15 +61,20 @@ def plot_lengths(rows: list[dict[str, float]], train_length: int, path: Path, ti
         import matplotlib.pyplot as plt
     except ImportError:
         return False
+    from bnrnn.paper import length_curves
+
     lengths = [r["length"] for r in rows]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(lengths, [r["bpc_population"] for r in rows], "o-", label="population statistics")
-    ax.plot(lengths, [r["bpc_batch"] for r in rows], "s--", label="batch statistics")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(lengths, [r["bpc_population"] for r in rows], "o-", label="ours: population statistics")
+    ax.plot(lengths, [r["bpc_batch"] for r in rows], "s--", label="ours: batch statistics")
+    for (key, curve), style in zip(length_curves().items(), ("^:", "o-", "s--")):
+        ax.plot(curve.x, curve.y, style, color="black", alpha=0.3 if key == "lstm" else 0.7, ms=3, lw=1,
+                label=curve.label)
     ax.axvline(train_length, color="grey", lw=0.8, ls=":", label=f"T_max = {train_length}")
     ax.set_xlabel("sequence length")
     ax.set_ylabel("bits per character")
     ax.set_title(title)
-    ax.legend()
+    ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -5,9 +5,13 @@ crashed are reported as far as they got), ``config.yaml`` and ``results.json`` a
 
 - ``<task>.png``: validation accuracy / bpc against training steps and against training
   wall-clock time, one line per run, labelled by model and by the settings that differ
-  between the runs (per-step gains can vanish on the clock);
+  between the runs (per-step gains can vanish on the clock); on the steps panel the other
+  statistics modes a run validated with (dotted) and the paper's curve for each task and
+  model present (black, from :mod:`bnrnn.paper`);
 - ``report.md``: one row per run with its best validation and final test numbers beside the
-  paper's (PAPER.md), with the difference.
+  paper's (PAPER.md), with the difference, and "ours / paper" at 1k, 5k and 10k steps and
+  at the run's last step; then every statistics mode at 1k, 2k, 5k, 10k steps and the last,
+  with the paper's row.
 """
 
 from __future__ import annotations
@@ -21,14 +25,13 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from bnrnn.errors import BnrnnError
+from bnrnn.paper import PAPER_TEST, validation_curve
+from bnrnn.scoring import DESCRIPTIONS, MODES
 from bnrnn.tasks import task_class
 
-# Test numbers of Cooijmans et al. (2017), Table 1 / section 5 (see PAPER.md).
-PAPER = {
-    ("seqmnist", "lstm"): 0.989, ("seqmnist", "bnlstm"): 0.990,
-    ("pmnist", "lstm"): 0.902, ("pmnist", "bnlstm"): 0.954,
-    ("ptb", "lstm"): 1.38, ("ptb", "bnlstm"): 1.32,
-}
+# Steps at which report.md holds our validation number against the paper's.
+TABLE_STEPS = (1000, 5000, 10000)
+MODE_TABLE_STEPS = (1000, 2000, 5000, 10000)
 # Settings that never distinguish runs in a legend (paths, bookkeeping).
 IGNORED_KEYS = ("data.", "trainer.resume", "trainer.progress", "device.", "trainer.eval_batches", "model.fused",
                 "model.gpu_kernels", "model.cuda_graphs",
@@ -58,6 +61,20 @@ class Run:
     @property
     def model(self) -> str:
         return str(self.config.get("model", {}).get("name", "?"))
+
+    @property
+    def last_step(self) -> int:
+        return max((r["step"] for r in self.records if r.get("split") == "train"), default=0)
+
+    @property
+    def stats(self) -> str | None:
+        """The statistics of the plain validation numbers ("batch", ..., "none"; None in
+        logs older than the statistics modes)."""
+        return next((r.get("stats") for r in self.records if r.get("split") == "valid"), None)
+
+    def valid_at(self, step: int, metric: str) -> float | None:
+        """The validation ``metric`` logged at exactly ``step``, or None."""
+        return next((v for s, _, v in self.curve("valid", metric) if s == step), None)
 
     def curve(self, split: str, metric: str) -> list[tuple[int, float, float]]:
         """(step, elapsed seconds, value) of every ``split`` record holding ``metric``."""
@@ -164,15 +181,23 @@ def format_delta(metric: str, ours: float | None, paper: float | None) -> str:
     return f"{100 * delta:+.2f} pt" if metric == "accuracy" else f"{delta:+.3f}"
 
 
+def ours_and_paper(run: Run, step: int, metric: str) -> str:
+    """'ours / paper' at one step ('-' for a number that is missing)."""
+    curve = validation_curve(run.task, run.model)
+    paper = curve.at(step) if curve is not None else None
+    return f"{format_metric(metric, run.valid_at(step, metric))} / {format_metric(metric, paper)}"
+
+
 def markdown_table(runs: list[Run]) -> str:
-    lines = ["| task | run | steps | best valid (step) | test | paper (test) | test - paper | status |",
-             "|---|---|---:|---|---|---|---|---|"]
+    at_steps = " | ".join(f"valid at {step // 1000}k: ours / paper" for step in TABLE_STEPS)
+    lines = [f"| task | run | steps | best valid (step) | test | paper (test) | test - paper | {at_steps} | "
+             f"valid at the last step: ours / paper | status |",
+             "|---|---|---:|---|---|---|---|" + "---|" * len(TABLE_STEPS) + "---|---|"]
     for run in runs:
-        train_steps = [r["step"] for r in run.records if r.get("split") == "train"]
-        steps = max(train_steps, default=0)
+        steps = run.last_step
         best, best_step = best_validation(run)
         test = test_value(run)
-        paper = PAPER.get((run.task, run.model))
+        paper = PAPER_TEST.get((run.task, run.model))
         if run.results:
             status = "finished"
         elif best is None:
@@ -183,13 +208,46 @@ def markdown_table(runs: list[Run]) -> str:
             status += f"; {run.torn_lines} torn log line(s) skipped"
         metric = run.selection[0]
         best_text = f"{format_metric(metric, best)} ({best_step})" if best is not None else "-"
+        at = " | ".join(ours_and_paper(run, step, metric) for step in TABLE_STEPS)
         lines.append(f"| {run.task} | {run.label} | {steps} | {best_text} | {format_metric(metric, test)} | "
-                     f"{format_metric(metric, paper)} | {format_delta(metric, test, paper)} | {status} |")
+                     f"{format_metric(metric, paper)} | {format_delta(metric, test, paper)} | {at} | "
+                     f"{ours_and_paper(run, steps, metric)} | {status} |")
     return "\n".join(lines) + "\n"
 
 
-def plot_task(task: str, runs: list[Run], path: Path) -> bool:
-    """Validation metric against steps and against wall-clock time; False if nothing to plot."""
+def modes_table(runs: list[Run]) -> str:
+    """Validation in every statistics mode a run logged, at MODE_TABLE_STEPS and its last
+    step, below the paper's curve for the same task and model."""
+    header = " | ".join(f"{step // 1000}k" for step in MODE_TABLE_STEPS)
+    lines = [f"| task | run | statistics | {header} | last step |", "|---|---|---|" + "---:|" * (len(MODE_TABLE_STEPS) + 1)]
+    papers_done = set()
+    for run in runs:
+        metric = run.selection[0]
+        curve = validation_curve(run.task, run.model)
+        if curve is not None and (run.task, run.model) not in papers_done:
+            papers_done.add((run.task, run.model))
+            cells = " | ".join(format_metric(metric, curve.at(step)) for step in MODE_TABLE_STEPS)
+            lines.append(f"| {run.task} | {curve.label} | most likely batch | {cells} | - |")
+        for key, name in mode_keys(run, metric):
+            cells = " | ".join(format_metric(metric, run.valid_at(step, key)) for step in MODE_TABLE_STEPS)
+            last = f"{format_metric(metric, run.valid_at(run.last_step, key))} ({run.last_step})"
+            lines.append(f"| {run.task} | {run.label} | {name} | {cells} | {last} |")
+    return "\n".join(lines) + "\n"
+
+
+def mode_keys(run: Run, metric: str) -> list[tuple[str, str]]:
+    """(record key, statistics named) of each mode the run logged; the plain key when it
+    logged one number only (a model without batch norm, or an older log)."""
+    logged = [(f"{metric}_{mode}", DESCRIPTIONS[mode]) for mode in MODES if run.curve("valid", f"{metric}_{mode}")]
+    if logged:
+        return logged
+    return [(metric, "none (no batch norm)" if run.stats == "none" else "as logged")]
+
+
+def plot_task(task: str, runs: list[Run], path: Path) -> dict[str, tuple[list[float], list[float]]] | None:
+    """Validation metric against steps and against wall-clock time, with the paper's curves
+    on the steps panel. Returns the steps panel's lines ({label: (x, y)}, as plotted), or
+    None if there is nothing to plot."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -199,15 +257,33 @@ def plot_task(task: str, runs: list[Run], path: Path) -> bool:
     curves = [(run, run.curve("valid", metric)) for run in runs]
     curves = [(run, c) for run, c in curves if c]
     if not curves:
-        return False
-    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(12, 4.5 + 0.25 * len(curves)))
+        return None
+    scale = 100 if metric == "accuracy" else 1
+    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(12, 4.8 + 0.25 * len(curves)))
+    last_step = max(run.last_step for run, _ in curves)
+    for model in dict.fromkeys(run.model for run, _ in curves):
+        paper = validation_curve(task, model)
+        if paper is None:
+            continue
+        keep = [(x, y) for x, y in zip(paper.x, paper.y) if x <= 1.05 * last_step]
+        if keep:
+            xs, ys = zip(*keep)
+            by_step.plot(xs, [scale * y for y in ys], color="black", lw=1.2, ls="-" if "bn" in model else "--",
+                         alpha=0.75, label=paper.label)
     for run, curve in curves:
         steps, seconds, values = zip(*curve)
-        scale = 100 if metric == "accuracy" else 1
         style = "-" if "bn" in run.model else "--"
-        by_step.plot(steps, [scale * v for v in values], style, marker="." if len(steps) < 30 else None, label=run.label)
-        by_time.plot([s / 60 for s in seconds], [scale * v for v in values], style,
-                     marker="." if len(steps) < 30 else None, label=run.label)
+        marker = "." if len(steps) < 30 else None
+        stats = f" ({DESCRIPTIONS.get(run.stats, run.stats)})" if run.stats not in (None, "none") else ""
+        (line,) = by_step.plot(steps, [scale * v for v in values], style, marker=marker, label=run.label + stats)
+        by_time.plot([s / 60 for s in seconds], [scale * v for v in values], style, marker=marker,
+                     color=line.get_color(), label=run.label)
+        for mode in MODES:
+            other = run.curve("valid", f"{metric}_{mode}")
+            if mode != run.stats and other:
+                s_, _, v_ = zip(*other)
+                by_step.plot(s_, [scale * v for v in v_], ":", color=line.get_color(), alpha=0.7, lw=1.2,
+                             label=f"{run.label} ({DESCRIPTIONS[mode]})")
     ylabel = "validation accuracy (%)" if metric == "accuracy" else "validation bits per character"
     for ax, xlabel in ((by_step, "training steps"), (by_time, "training time (minutes)")):
         ax.set_xlabel(xlabel)
@@ -216,11 +292,12 @@ def plot_task(task: str, runs: list[Run], path: Path) -> bool:
     handles, labels = by_step.get_legend_handles_labels()
     rows = math.ceil(len(labels) / 2)
     fig.legend(handles, labels, loc="lower center", ncol=2, fontsize="small", frameon=False)
-    fig.suptitle(f"{task}: validation {metric} (solid: batch-normalised, dashed: plain LSTM)")
+    fig.suptitle(f"{task}: validation {metric} (solid: batch-normalised, dashed: plain LSTM; black: the paper)")
     fig.tight_layout(rect=(0, 0.05 + 0.045 * rows, 1, 1))  # room for the legend below the panels
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return True
+    return {line.get_label(): (list(map(float, line.get_xdata())), list(map(float, line.get_ydata())))
+            for line in by_step.get_lines()}
 
 
 def make_report(paths: list[Path], out_dir: Path) -> dict[str, Any]:
@@ -230,16 +307,20 @@ def make_report(paths: list[Path], out_dir: Path) -> dict[str, Any]:
         raise BnrnnError(f"no runs found under {', '.join(map(str, paths))} (a run folder holds metrics.jsonl)")
     assign_labels(runs)
     out_dir.mkdir(parents=True, exist_ok=True)
-    figures = []
+    figures, plotted = [], {}
     for task in sorted({run.task for run in runs}):
         path = out_dir / f"{task}.png"
-        if plot_task(task, [run for run in runs if run.task == task], path):
+        lines = plot_task(task, [run for run in runs if run.task == task], path)
+        if lines is not None:
             figures.append(path)
+            plotted[task] = lines
     table = markdown_table(runs)
-    body = ["# bnrnn report", "", table]
+    body = ["# bnrnn report", "", table, "## Validation by statistics", "",
+            "The paper's curves are read from its figures (bnrnn/paper_curves/README.md); which statistics "
+            "they were validated with is not written, most likely batch statistics.", "", modes_table(runs)]
     body += [f"![{p.stem}]({p.name})" for p in figures]
     no_curve = [run.label for run in runs if best_validation(run)[0] is None]
     if no_curve:
         body.append(f"\nNo validation logged yet for: {', '.join(no_curve)}.")
     (out_dir / "report.md").write_text("\n".join(body) + "\n")
-    return {"runs": len(runs), "figures": [str(p) for p in figures], "table": table}
+    return {"runs": len(runs), "figures": [str(p) for p in figures], "table": table, "plotted": plotted}
