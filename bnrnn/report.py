@@ -265,7 +265,10 @@ def plot_task(task: str, runs: list[Run], path: Path) -> dict[str, tuple[list[fl
         paper = validation_curve(task, model)
         if paper is None:
             continue
-        keep = [(x, y) for x, y in zip(paper.x, paper.y) if x <= 1.05 * last_step]
+        limit = 1.05 * last_step
+        keep = [(x, y) for x, y in zip(paper.x, paper.y) if x <= limit]
+        if paper.at(limit) is not None and (not keep or keep[-1][0] < limit):
+            keep.append((limit, paper.at(limit)))  # the line runs to the panel's edge
         if keep:
             xs, ys = zip(*keep)
             by_step.plot(xs, [scale * y for y in ys], color="black", lw=1.2, ls="-" if "bn" in model else "--",
@@ -278,11 +281,11 @@ def plot_task(task: str, runs: list[Run], path: Path) -> dict[str, tuple[list[fl
         (line,) = by_step.plot(steps, [scale * v for v in values], style, marker=marker, label=run.label + stats)
         by_time.plot([s / 60 for s in seconds], [scale * v for v in values], style, marker=marker,
                      color=line.get_color(), label=run.label)
-        for mode in MODES:
+        for mode, mode_style in zip(MODES, ("--", ":", "-.")):
             other = run.curve("valid", f"{metric}_{mode}")
             if mode != run.stats and other:
                 s_, _, v_ = zip(*other)
-                by_step.plot(s_, [scale * v for v in v_], ":", color=line.get_color(), alpha=0.7, lw=1.2,
+                by_step.plot(s_, [scale * v for v in v_], mode_style, color=line.get_color(), alpha=0.6, lw=1.2,
                              label=f"{run.label} ({DESCRIPTIONS[mode]})")
     ylabel = "validation accuracy (%)" if metric == "accuracy" else "validation bits per character"
     for ax, xlabel in ((by_step, "training steps"), (by_time, "training time (minutes)")):
@@ -292,7 +295,8 @@ def plot_task(task: str, runs: list[Run], path: Path) -> dict[str, tuple[list[fl
     handles, labels = by_step.get_legend_handles_labels()
     rows = math.ceil(len(labels) / 2)
     fig.legend(handles, labels, loc="lower center", ncol=2, fontsize="small", frameon=False)
-    fig.suptitle(f"{task}: validation {metric} (solid: batch-normalised, dashed: plain LSTM; black: the paper)")
+    fig.suptitle(f"{task}: validation {metric} (solid: batch-normalised, dashed: plain LSTM; black: the paper; "
+                 f"dotted / dash-dotted: EMA / re-estimated statistics)", fontsize="medium")
     fig.tight_layout(rect=(0, 0.05 + 0.045 * rows, 1, 1))  # room for the legend below the panels
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -44,6 +44,13 @@ class RunLogger:
         record = {"split": split, "step": step, "time": now, "elapsed": round(self.elapsed, 3), **metrics}
         self.jsonl.write(json.dumps(record) + "\n")
 
+    def overlay_statistics_modes(self, metric: str) -> None:
+        """A Custom Scalars chart per metric that overlays its validation modes
+        (``valid/<metric>_batch``, ``_ema``, ``_reestimated``; tags are regular expressions),
+        since TensorBoard otherwise draws each tag of a run in a chart of its own."""
+        charts = {name: ["Multiline", [rf"valid/{name}_(batch|ema|reestimated)$"]] for name in (metric, "loss")}
+        self.writer.add_custom_scalars({"validation by statistics": charts})
+
     def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
         """One HParams-tab entry for this run: its settings against its final metrics."""
         numeric = {f"hparam/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -101,8 +102,15 @@ def score_modes(task, model: nn.Module, split: str, device: torch.device, modes:
     """{mode: metrics} for each mode; a model without batch norm is scored once, under the
     key ``"none"`` (its modes are all the same function)."""
     if not time_norms(model):
-        return {"none": score(task, model, split, device, "ema", **options)}
-    return {mode: score(task, model, split, device, mode, **options) for mode in modes}
+        return {"none": timed(score, task, model, split, device, "ema", **options)}
+    return {mode: timed(score, task, model, split, device, mode, **options) for mode in modes}
+
+
+def timed(scorer, *args: Any, **options: Any) -> dict[str, Any]:
+    """``scorer``'s metrics plus ``seconds``, the wall-clock time it took."""
+    start = time.perf_counter()
+    metrics = scorer(*args, **options)
+    return {**metrics, "seconds": round(time.perf_counter() - start, 3)}
 
 
 def flatten_modes(scores: dict[str, dict[str, Any]], select_on: str) -> dict[str, Any]:
@@ -118,5 +126,5 @@ def flatten_modes(scores: dict[str, dict[str, Any]], select_on: str) -> dict[str
     return flat
 
 
-# The metrics that differ between modes (the example and character counts do not).
-SCORED = ("loss", "accuracy", "bpc")
+# The numbers that differ between modes (the example and character counts do not).
+SCORED = ("loss", "accuracy", "bpc", "seconds")

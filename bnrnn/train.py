@@ -185,6 +185,7 @@ def train(cfg: DictConfig | dict, out_dir: str | Path) -> dict[str, Any]:
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
 
     logger = RunLogger(out_dir, purge_step=state.step + 1 if resume else None, elapsed_offset=state.elapsed)
+    logger.overlay_statistics_modes(metric)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("%s / %s: %d parameters, %d steps (%d per epoch) on %s -> %s",
              task.name, cfg.model.name, n_params, max_steps, steps_per_epoch, device, out_dir)
