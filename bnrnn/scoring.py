@@ -74,7 +74,7 @@ def reestimate(task, model: nn.Module, device: torch.device, seed: int, max_batc
     if not time_norms(model):
         return 0
     batches = itertools.islice(task.training_batches(batch_size).iterate(0, seed), max_batches)
-    return reestimate_population_statistics(model, batches, lambda m, b: task.train_loss(m, b, device))
+    return reestimate_population_statistics(model, batches, lambda m, b: task.statistics_pass(m, b, device))
 
 
 def score(task, model: nn.Module, split: str, device: torch.device, mode: str, *, seed: int = 0,

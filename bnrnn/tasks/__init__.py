@@ -5,7 +5,9 @@ A task object offers:
     train: batches with len() and iterate(epoch, seed, start)
     build_model(model_cfg) -> nn.Module
     train_loss(model, batch, device) -> (loss tensor, {metric: float})
-    evaluate(model, split, device, max_batches) -> {metric: float}
+    training_batches(batch_size=None): the training split at another batch size
+    statistics_pass(model, batch, device) -- the forward that re-estimating population statistics runs
+    evaluate(model, split, device, max_batches, batch_stats=False) -> {metric: float}
 """
 
 from __future__ import annotations
