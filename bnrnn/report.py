@@ -181,6 +181,34 @@ def format_delta(metric: str, ours: float | None, paper: float | None) -> str:
     return f"{100 * delta:+.2f} pt" if metric == "accuracy" else f"{delta:+.3f}"
 
 
+# Time to a result: the first validation reaching these numbers (plain metric).
+TARGETS = {"accuracy": (0.8, 0.9), "bpc": (1.8, 1.6)}
+
+
+def seconds_per_step(run: Run) -> float | None:
+    """Training seconds per step: the median over consecutive training records with no
+    validation (or resume) between them, so that evaluation time is not counted."""
+    marks = sorted((r["step"], r.get("split"), r.get("elapsed")) for r in run.records
+                   if r.get("split") in ("train", "valid") and isinstance(r.get("elapsed"), (int, float)))
+    rates = []
+    for (s0, k0, e0), (s1, k1, e1) in zip(marks, marks[1:]):
+        if k0 == k1 == "train" and s1 > s0 and e1 > e0:
+            rates.append((e1 - e0) / (s1 - s0))
+    if not rates:
+        return None
+    rates.sort()
+    return rates[len(rates) // 2]
+
+
+def time_to(run: Run, metric: str, target: float) -> str:
+    """'step (minutes)' of the first validation at or past ``target``, or '-'."""
+    better = (lambda v: v >= target) if run.selection[1] == "max" else (lambda v: v <= target)
+    for step, elapsed, value in run.curve("valid", metric):
+        if better(value):
+            return f"{step} ({elapsed / 60:.0f} min)"
+    return "-"
+
+
 def ours_and_paper(run: Run, step: int, metric: str) -> str:
     """'ours / paper' at one step ('-' for a number that is missing)."""
     curve = validation_curve(run.task, run.model)
@@ -191,8 +219,8 @@ def ours_and_paper(run: Run, step: int, metric: str) -> str:
 def markdown_table(runs: list[Run]) -> str:
     at_steps = " | ".join(f"valid at {step // 1000}k: ours / paper" for step in TABLE_STEPS)
     lines = [f"| task | run | steps | best valid (step) | test | paper (test) | test - paper | {at_steps} | "
-             f"valid at the last step: ours / paper | status |",
-             "|---|---|---:|---|---|---|---|" + "---|" * len(TABLE_STEPS) + "---|---|"]
+             f"valid at the last step: ours / paper | s / step | status |",
+             "|---|---|---:|---|---|---|---|" + "---|" * len(TABLE_STEPS) + "---|---:|---|"]
     for run in runs:
         steps = run.last_step
         best, best_step = best_validation(run)
@@ -211,8 +239,29 @@ def markdown_table(runs: list[Run]) -> str:
         at = " | ".join(ours_and_paper(run, step, metric) for step in TABLE_STEPS)
         lines.append(f"| {run.task} | {run.label} | {steps} | {best_text} | {format_metric(metric, test)} | "
                      f"{format_metric(metric, paper)} | {format_delta(metric, test, paper)} | {at} | "
-                     f"{ours_and_paper(run, steps, metric)} | {status} |")
+                     f"{ours_and_paper(run, steps, metric)} | {format_seconds(seconds_per_step(run))} | {status} |")
     return "\n".join(lines) + "\n"
+
+
+def format_seconds(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds:.3f}"
+
+
+def time_table(runs: list[Run]) -> str:
+    """Seconds per training step and the step (and training time, evaluation included) at
+    which the plain validation number first reached each target."""
+    lines = []
+    for task in dict.fromkeys(run.task for run in runs):
+        group = [run for run in runs if run.task == task]
+        metric = group[0].selection[0]
+        targets = TARGETS.get(metric, ())
+        heads = " | ".join(f"first at {format_metric(metric, t)}: step (time)" for t in targets)
+        lines += [f"| task | run | s / training step | {heads} |", "|---|---|---:|" + "---|" * len(targets)]
+        for run in group:
+            cells = " | ".join(time_to(run, metric, t) for t in targets)
+            lines.append(f"| {task} | {run.label} | {format_seconds(seconds_per_step(run))} | {cells} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def modes_table(runs: list[Run]) -> str:
@@ -321,7 +370,11 @@ def make_report(paths: list[Path], out_dir: Path) -> dict[str, Any]:
     table = markdown_table(runs)
     body = ["# bnrnn report", "", table, "## Validation by statistics", "",
             "The paper's curves are read from its figures (bnrnn/paper_curves/README.md); which statistics "
-            "they were validated with is not written, most likely batch statistics.", "", modes_table(runs)]
+            "they were validated with is not written, most likely batch statistics.", "", modes_table(runs),
+            "## Time to a result", "",
+            "Seconds per training step (median between log records, evaluation excluded) and the first "
+            "validation that reached each number, with the training time to it (evaluation included).", "",
+            time_table(runs)]
     body += [f"![{p.stem}]({p.name})" for p in figures]
     no_curve = [run.label for run in runs if best_validation(run)[0] is None]
     if no_curve:

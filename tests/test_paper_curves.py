@@ -112,3 +112,22 @@ def test_paper_curves_command(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "seqmnist-bnlstm" in result.stdout and (tmp_path / "paper" / "ptb-bnlstm").is_dir()
+
+
+def test_time_to_a_result_leaves_evaluation_out_of_the_step_time(tmp_path):
+    from bnrnn.report import find_runs, seconds_per_step, time_to
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("task: {name: seqmnist, kind: mnist}\nmodel: {name: bnlstm}\n")
+    records = [
+        {"split": "train", "step": 20, "elapsed": 10.0}, {"split": "train", "step": 40, "elapsed": 20.0},
+        {"split": "valid", "step": 40, "elapsed": 50.0, "accuracy": 0.85},  # 30 s of validation
+        {"split": "train", "step": 60, "elapsed": 60.0}, {"split": "train", "step": 80, "elapsed": 70.0},
+        {"split": "valid", "step": 80, "elapsed": 100.0, "accuracy": 0.95},
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (loaded,) = find_runs([run])
+    assert seconds_per_step(loaded) == 0.5
+    assert time_to(loaded, "accuracy", 0.8) == "40 (1 min)" and time_to(loaded, "accuracy", 0.9) == "80 (2 min)"
+    assert time_to(loaded, "accuracy", 0.99) == "-"
