@@ -2,13 +2,15 @@
 
 A BN-LSTM can be evaluated three ways, and early in training they disagree by tens of points:
 
-- ``batch``: each batch normalised with its own statistics (what the authors' training
-  script selected checkpoints on, and most likely what the paper's Fig. 2 shows);
+- ``batch``: each batch normalised with its own statistics, as in a training-mode forward
+  (with the training's h0 noise, from a seeded RNG): what the authors' training script
+  selected checkpoints on, and most likely what the paper's Fig. 2 shows;
 - ``ema``: the population statistics kept as an exponential moving average during
   training (what the model deploys with; they lag the weights by about 1 / momentum steps);
 - ``reestimated``: population statistics re-estimated with the weights frozen, as the plain
-  average of the batch statistics over N training batches (the authors' final-number
-  protocol, over the whole training set).
+  average of the batch statistics of training-mode forwards over N training batches (the
+  authors' final-number protocol, over the whole training set); the split is then scored
+  with them, without noise.
 
 Scoring never changes the training: re-estimation runs on a copy of the population buffers'
 values and puts the EMA back afterwards, with the RNG states, so a run that validates this
@@ -28,7 +30,7 @@ import torch
 from torch import nn
 
 from bnrnn.checkpoint import rng_state, set_rng_state
-from bnrnn.nn.population import reestimate_population_statistics, time_norms
+from bnrnn.nn.population import inputs_as_in_training, reestimate_population_statistics, time_norms
 
 log = logging.getLogger("bnrnn")
 
@@ -68,13 +70,26 @@ def reestimate(task, model: nn.Module, device: torch.device, seed: int, max_batc
     batches of ``batch_size`` (default: the training batch size), or over their first
     ``max_batches``; returns the number of batches used (0: the model has no batch norm).
 
-    The batches are a pure function of the seed, the same at every call, and drawing them
-    consumes no global random state.
+    The batches are a pure function of the seed, the same at every call. The layers draw
+    their training-time h0 noise (from an RNG seeded with ``seed``; the global RNG states are
+    put back afterwards), so that the statistics are those the weights were trained with.
     """
     if not time_norms(model):
         return 0
     batches = itertools.islice(task.training_batches(batch_size).iterate(0, seed), max_batches)
-    return reestimate_population_statistics(model, batches, lambda m, b: task.statistics_pass(m, b, device))
+    with seeded_rng(seed, device), inputs_as_in_training(model):
+        return reestimate_population_statistics(model, batches, lambda m, b: task.statistics_pass(m, b, device))
+
+
+@contextmanager
+def seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Within the block the RNG (of the CPU and of ``device``) starts from ``seed``; the
+    states are put back on leaving, so scoring draws the same noise at every call and the
+    training's random stream does not move."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 def score(task, model: nn.Module, split: str, device: torch.device, mode: str, *, seed: int = 0,
@@ -94,7 +109,11 @@ def score(task, model: nn.Module, split: str, device: torch.device, mode: str, *
         with training_state_kept(model):
             reestimate(task, model, device, seed, reestimate_batches, reestimate_batch_size)
             return task.evaluate(model, split, device, max_batches)
-    return task.evaluate(model, split, device, max_batches, batch_stats=mode == "batch")
+    if mode == "batch":
+        # the statistics of a training-mode forward: with the training's h0 noise, seeded
+        with seeded_rng(seed, device), inputs_as_in_training(model):
+            return task.evaluate(model, split, device, max_batches, batch_stats=True)
+    return task.evaluate(model, split, device, max_batches)
 
 
 def score_modes(task, model: nn.Module, split: str, device: torch.device, modes: list[str] | tuple[str, ...],

@@ -14,7 +14,7 @@ from bnrnn.config import load_config
 from bnrnn.errors import ConfigError
 from bnrnn.nn import BNLSTM
 from bnrnn.nn.population import reestimate_population_statistics
-from bnrnn.scoring import flatten_modes, score, score_modes
+from bnrnn.scoring import flatten_modes, reestimate, score, score_modes, training_state_kept
 from bnrnn.tasks import build_task
 from bnrnn.train import train
 from conftest import assert_same_final_weights
@@ -40,13 +40,17 @@ def trained_task_and_model(small_mnist_cfg, tmp_path, steps=6):
 
 def test_batch_statistics_validation_equals_a_training_mode_forward_on_the_same_batches(small_mnist_cfg, tmp_path):
     cfg, task, model = trained_task_and_model(small_mnist_cfg, tmp_path)
-    got = score(task, model, "valid", CPU, "batch")
-    # By hand: a training-mode forward (on a copy: it would move the EMA) over the split's
-    # examples in file order, in batches of the training batch size (16; the valid split is 32).
+    assert model.rnn.h0_noise == 0.1
+    rng = torch.get_rng_state()
+    got = score(task, model, "valid", CPU, "batch", seed=7)
+    assert torch.equal(torch.get_rng_state(), rng)  # the training's random stream did not move
+    # By hand: a training-mode forward (on a copy: it would move the EMA), h0 noise included,
+    # from the RNG seeded with the seed given, over the split's examples in file order, in
+    # batches of the training batch size (16; the valid split is 32).
     reference = copy.deepcopy(model).train()
-    reference.rnn.h0_noise = 0.0  # evaluation adds no noise to h0
     split = task.splits["valid"]
     loss, correct = 0.0, 0
+    torch.manual_seed(7)
     with torch.no_grad():
         for start in range(0, split.num_examples, cfg.task.batch_size):
             x = split.inputs[start:start + cfg.task.batch_size].t().unsqueeze(-1)
@@ -70,9 +74,16 @@ def test_reestimated_validation_equals_reestimating_by_hand_and_leaves_the_model
         assert torch.equal(value, buffers[key]), key
     assert torch.equal(torch.get_rng_state(), rng)
 
-    by_hand = copy.deepcopy(model)
-    batches = list(task.train.iterate(0, cfg.seed))[:3]
-    assert reestimate_population_statistics(by_hand, batches, lambda m, b: task.train_loss(m, b, CPU)) == 3
+    # By hand: the first 3 training batches through the whole classifier in training mode
+    # (h0 noise from the RNG seeded with the run's seed), the norms averaging cumulatively.
+    by_hand = copy.deepcopy(model).train()
+    for bn in by_hand.rnn.norms():
+        bn.reset_running_stats()
+        bn.momentum = None
+    torch.manual_seed(cfg.seed)
+    with torch.no_grad():
+        for x, _ in list(task.train.iterate(0, cfg.seed))[:3]:
+            by_hand(x)
     expected = task.evaluate(by_hand.eval(), "valid", CPU)
     # by hand: whole sequences through the classifier; scoring: the layer alone, in pieces
     assert got["loss"] == pytest.approx(expected["loss"], rel=1e-6) and got["accuracy"] == expected["accuracy"]
@@ -189,6 +200,20 @@ def test_tensorboard_gets_every_mode_and_a_chart_that_overlays_them(small_mnist_
     layout.ParseFromString(layout_event.tensor_proto.string_val[0])
     charts = {chart.title: list(chart.multiline.tag) for chart in layout.category[0].chart}
     assert charts["accuracy"] == [r"valid/accuracy_(batch|ema|reestimated)$"]
+
+
+def test_reestimating_draws_the_training_h0_noise(small_mnist_cfg, tmp_path):
+    """Without the noise the leading black pixels leave W_h h without variance, and the
+    statistics differ from those the weights were trained with."""
+    cfg, task, model = trained_task_and_model(small_mnist_cfg, tmp_path)
+    variance_at_step_0 = {}
+    for noise in (0.1, 0.0):
+        model.rnn.h0_noise = noise
+        with training_state_kept(model):
+            assert reestimate(task, model, CPU, cfg.seed, 2) == 2
+            variance_at_step_0[noise] = model.rnn.bn_h.running_var[0].clone()
+    assert variance_at_step_0[0.1].min() > 1e-4  # the noise's spread through W_h
+    assert variance_at_step_0[0.0].max() < 1e-9  # every image in the same state
 
 
 @pytest.mark.parametrize("fused", [True, False])

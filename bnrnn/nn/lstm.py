@@ -98,6 +98,9 @@ class BNLSTM(nn.Module):
         self.max_steps = max_steps
         self.forget_bias = forget_bias
         self.h0_noise = h0_noise
+        # Evaluation that must see the statistics of training (batch-statistics validation,
+        # re-estimating the population) draws the h0 noise too: see bnrnn.nn.population.
+        self.h0_noise_in_eval = False
         gates = 4 * hidden_size
         self.weight_ih = nn.Parameter(torch.empty(gates, input_size))
         self.weight_hh = nn.Parameter(torch.empty(gates, hidden_size))
@@ -146,7 +149,7 @@ class BNLSTM(nn.Module):
         """Learned (h0, c0) broadcast to the batch, each (B, H); h0 noisy in training."""
         h0 = self.h0.expand(batch_size, -1)
         c0 = self.c0.expand(batch_size, -1)
-        if self.training and self.h0_noise > 0:
+        if (self.training or self.h0_noise_in_eval) and self.h0_noise > 0:
             h0 = h0 + self.h0_noise * torch.randn_like(h0)
         return h0, c0
 

@@ -36,6 +36,30 @@ def batch_statistics(model: nn.Module) -> Iterator[None]:
             bn.batch_stats_in_eval = False
 
 
+@contextmanager
+def inputs_as_in_training(model: nn.Module) -> Iterator[None]:
+    """Within the block, every LSTM layer draws its training-time noise on h0 in evaluation
+    mode too, so that batch statistics are those of the training distribution.
+
+    On MNIST this matters: without the noise every image has the same state over the
+    leading black pixels, W_h h has no variance there, and population statistics
+    re-estimated that way give the transition to the first varying pixels a gain
+    gamma / sqrt(var + eps) that training never saw (measured on a 3,500-step seqMNIST
+    BN-LSTM: 91.6 % validation accuracy re-estimated without the noise, 96.4 % with it,
+    95.2 % with batch statistics).
+    """
+    from bnrnn.nn.lstm import BNLSTM
+
+    layers = [m for m in model.modules() if isinstance(m, BNLSTM)]
+    for layer in layers:
+        layer.h0_noise_in_eval = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.h0_noise_in_eval = False
+
+
 @torch.no_grad()
 def reestimate_population_statistics(
     model: nn.Module, batches: Iterable[Any], run_batch: Callable[[nn.Module, Any], Any]
@@ -43,9 +67,10 @@ def reestimate_population_statistics(
     """Replace every population slot by the plain average of the batch statistics over
     ``batches`` (each passed to ``run_batch(model, batch)``), weights frozen.
 
-    The rest of the model runs in evaluation mode (no h0 noise); only the norms are put in
-    training mode, with a cumulative average instead of the EMA. Returns the number of
-    batches used; the model comes back in evaluation mode with its momentum restored.
+    The rest of the model runs in evaluation mode; only the norms are put in training mode,
+    with a cumulative average instead of the EMA. Returns the number of batches used; the
+    model comes back in evaluation mode with its momentum restored. (Callers that want the
+    training's h0 noise wrap this in :func:`inputs_as_in_training`.)
     """
     norms = time_norms(model)
     if not norms:
