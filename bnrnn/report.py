@@ -34,8 +34,10 @@ TABLE_STEPS = (1000, 5000, 10000)
 MODE_TABLE_STEPS = (1000, 2000, 5000, 10000)
 # Settings that never distinguish runs in a legend (paths, bookkeeping).
 IGNORED_KEYS = ("data.", "trainer.resume", "trainer.progress", "device.", "trainer.eval_batches", "model.fused",
-                "model.gpu_kernels", "model.cuda_graphs",
-                "trainer.test_at_end", "trainer.log_every", "trainer.checkpoint_every", "trainer.max_bad_steps")
+                "model.gpu_kernels", "model.cuda_graphs", "model.cpu_kernels",
+                "trainer.test_at_end", "trainer.log_every", "trainer.checkpoint_every", "trainer.max_bad_steps",
+                "trainer.eval_every", "trainer.max_steps", "trainer.max_epochs", "trainer.reestimate",
+                "trainer.valid_", "trainer.select_on")
 
 
 @dataclass
@@ -130,7 +132,9 @@ def assign_labels(runs: list[Run]) -> None:
         flat = [flatten(run.config) for run in group]
         keys = sorted({k for f in flat for k in f})
         def varies(key: str, runs_flat: list[dict[str, Any]]) -> bool:
-            return len({json.dumps(f.get(key), sort_keys=True) for f in runs_flat}) > 1
+            # Among the runs that have the key: a run logged before a key existed differs in
+            # nothing there.
+            return len({json.dumps(f[key], sort_keys=True) for f in runs_flat if key in f}) > 1
 
         def set_by_model(key: str) -> bool:
             """Constant within each model: a model preset's default (h0_noise of bnlstm), not a sweep axis."""
@@ -140,8 +144,8 @@ def assign_labels(runs: list[Run]) -> None:
         differing = [k for k in keys if not k.startswith(IGNORED_KEYS) and k != "model.name"
                      and varies(k, flat) and not set_by_model(k)]
         for run, f in zip(group, flat):
-            extras = [f"{k.split('.')[-1] if k.startswith(('model.', 'trainer.', 'task.')) else k}={f.get(k)}"
-                      for k in differing if not k.startswith("model.bn.")]
+            extras = [f"{k.split('.')[-1] if k.startswith(('model.', 'trainer.', 'task.')) else k}={f[k]}"
+                      for k in differing if not k.startswith("model.bn.") and k in f]
             run.label = " ".join([run.model, *extras])
         labels = [run.label for run in group]
         for run in group:  # still ambiguous (e.g. same settings, two folders): add the folder
@@ -308,7 +312,7 @@ def plot_task(task: str, runs: list[Run], path: Path) -> dict[str, tuple[list[fl
     if not curves:
         return None
     scale = 100 if metric == "accuracy" else 1
-    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(12, 4.8 + 0.25 * len(curves)))
+    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(12, 4.8))
     last_step = max(run.last_step for run, _ in curves)
     for model in dict.fromkeys(run.model for run, _ in curves):
         paper = validation_curve(task, model)
@@ -342,11 +346,14 @@ def plot_task(task: str, runs: list[Run], path: Path) -> dict[str, tuple[list[fl
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     handles, labels = by_step.get_legend_handles_labels()
-    rows = math.ceil(len(labels) / 2)
-    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize="small", frameon=False)
-    fig.suptitle(f"{task}: validation {metric} (solid: batch-normalised, dashed: plain LSTM; black: the paper; "
+    columns = 1 if max(map(len, labels)) > 60 else 2  # long labels (many differing settings) one a row
+    rows = math.ceil(len(labels) / columns)
+    height = 4.8 + 0.2 * rows
+    fig.set_size_inches(12, height)
+    fig.legend(handles, labels, loc="lower center", ncol=columns, fontsize="small", frameon=False)
+    fig.suptitle(f"{task}: validation {metric} (solid: batch-normalised, dashed: plain LSTM; black: the paper;\n"
                  f"dotted / dash-dotted: EMA / re-estimated statistics)", fontsize="medium")
-    fig.tight_layout(rect=(0, 0.05 + 0.045 * rows, 1, 1))  # room for the legend below the panels
+    fig.tight_layout(rect=(0, (0.2 * rows + 0.3) / height, 1, 1))  # room for the legend below the panels
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return {line.get_label(): (list(map(float, line.get_xdata())), list(map(float, line.get_ydata())))

@@ -355,8 +355,8 @@ def finish(cfg, task, model, device, ckpt_dir: Path, state: Progress, logger: Ru
         test = flatten_modes(scores, final)
         logger.log("test", state.best_step, test)
         results.update({f"test_{k}": v for k, v in test.items()})
-        log.info("test (best checkpoint, step %s): %s %.4f (%s)", state.best_step, metric, test[metric],
-                 modes_note(scores, test["stats"], metric).lstrip("; "))
+        log.info("test (best checkpoint, step %s): %s %.4f%s", state.best_step, metric, test[metric],
+                 modes_note(scores, test["stats"], metric))
     logger.hparams(hparams_of(cfg), {k: v for k, v in results.items() if k.startswith(("valid_", "test_"))})
     out_dir = ckpt_dir.parent
     tmp = out_dir / "results.json.tmp"
