@@ -340,6 +340,10 @@ def plot_task(task: str, runs: list[Run], path: Path) -> dict[str, tuple[list[fl
                 s_, _, v_ = zip(*other)
                 by_step.plot(s_, [scale * v for v in v_], mode_style, color=line.get_color(), alpha=0.6, lw=1.2,
                              label=f"{run.label} ({DESCRIPTIONS[mode]})")
+    if metric != "accuracy":  # the paper's bpc starts at log2(50) = 5.6: keep our range readable
+        worst = max(v for _, curve in curves for _, _, v in curve)
+        best = min(v for _, curve in curves for _, _, v in curve)
+        by_step.set_ylim(top=worst + 0.15 * (worst - best or 1.0))
     ylabel = "validation accuracy (%)" if metric == "accuracy" else "validation bits per character"
     for ax, xlabel in ((by_step, "training steps"), (by_time, "training time (minutes)")):
         ax.set_xlabel(xlabel)
