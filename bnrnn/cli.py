@@ -20,8 +20,9 @@ commands:
   train [overrides]   train a model; Hydra overrides, -m for sweeps, --help for the config
                       e.g. bnrnn train task=seqmnist model=bnlstm
                            bnrnn train -m task=pmnist model=lstm,bnlstm model.gamma_init=0.1,1.0
-  eval RUN_DIR [opts]  score a run's checkpoint; --reestimate population statistics over the
-                      training set; --lengths paper: PTB bpc against sequence length (Fig. 3b)
+  eval RUN_DIR [opts]  score a run's checkpoint with EMA and batch statistics; --reestimate population
+                      statistics over the training set too; --lengths paper: PTB bpc against
+                      sequence length (Fig. 3b, with the paper's points)
                       e.g. bnrnn eval runs/ptb-bnlstm/2026-11-22_10-00-00 --reestimate --lengths paper
   report PATH... [--out DIR]  figures (validation metric vs steps and vs wall-clock time) and a
                       table beside the paper's numbers, from run or sweep folders

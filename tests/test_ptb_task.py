@@ -94,6 +94,13 @@ def test_a_resumed_ptb_run_matches_an_uninterrupted_one(small_ptb_cfg, tmp_path)
     assert_same_final_weights(tmp_path / "straight", tmp_path / "resumed")
 
 
+def test_fig3b_table_holds_the_papers_points():
+    from bnrnn.evaluate import lengths_table
+
+    table = lengths_table([{"length": 100, "sequences": 8, "bpc_population": 2.0, "bpc_batch": 2.1}])
+    assert table.splitlines()[2] == "| 100 | 8 | 2.0000 | 2.1000 | 1.398 | 1.420 |"
+
+
 def test_eval_reestimates_and_sweeps_lengths(small_ptb_cfg, tmp_path):
     train(small_ptb_cfg("model=bnlstm", "trainer.max_steps=2"), tmp_path / "run")
     result = evaluate_run(tmp_path / "run", reestimate_stats=True, lengths=[10, 19, 40], batch_size=4)
@@ -104,6 +111,9 @@ def test_eval_reestimates_and_sweeps_lengths(small_ptb_cfg, tmp_path):
         assert row["bpc_population"] != row["bpc_batch"]
     table = (tmp_path / "run/eval/lengths.md").read_text().splitlines()
     assert len(table) == 2 + 3 and table[2].startswith("| 10 |")
+    assert "paper, population" in table[0]
+    assert table[2].endswith("| - | - |")  # the paper's Fig. 3b starts at length 100
+    assert result["batch"]["characters"] == result["ema"]["characters"]
     assert json.loads((tmp_path / "run/eval/eval.json").read_text())["lengths"] == result["lengths"]
     # The population statistics in the checkpoint were not changed by the evaluation.
     before = torch.load(tmp_path / "run/checkpoints/best.pt", weights_only=True)["model"]
