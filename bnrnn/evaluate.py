@@ -64,7 +64,7 @@ def plot_lengths(rows: list[dict[str, float]], train_length: int, path: Path, ti
     from bnrnn.paper import length_curves
 
     lengths = [r["length"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(8.5, 4))
     ax.plot(lengths, [r["bpc_population"] for r in rows], "o-", label="ours: population statistics")
     ax.plot(lengths, [r["bpc_batch"] for r in rows], "s--", label="ours: batch statistics")
     for (key, curve), style in zip(length_curves().items(), ("^:", "o-", "s--")):
@@ -74,7 +74,7 @@ def plot_lengths(rows: list[dict[str, float]], train_length: int, path: Path, ti
     ax.set_xlabel("sequence length")
     ax.set_ylabel("bits per character")
     ax.set_title(title)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -149,7 +149,8 @@ def evaluate_run(
             for row in rows:
                 writer.add_scalars("fig3b/bpc", {"population": row["bpc_population"], "batch": row["bpc_batch"]},
                                    row["length"])
-        title = f"{cfg.task.name} {cfg.model.name}, {split} (step {result['step']})"
+        stats = "re-estimated population statistics" if reestimate_stats else "EMA population statistics"
+        title = f"{cfg.task.name} {cfg.model.name}, {split} (step {result['step']}; {stats})"
         if plot_lengths(rows, task.train_length, out_dir / "lengths.png", title):
             result["plot"] = str(out_dir / "lengths.png")
         print(table, end="")
