@@ -12,9 +12,9 @@ A BN-LSTM can be evaluated three ways, and early in training they disagree by te
   authors' final-number protocol, over the whole training set); the split is then scored
   with them, without noise.
 
-Scoring never changes the training: re-estimation runs on a copy of the population buffers'
-values and puts the EMA back afterwards, with the RNG states, so a run that validates this
-way reaches the same weights as one that does not.
+Scoring never changes the training: re-estimation puts the EMA buffers back afterwards, and
+the noise that scoring draws comes from a seeded RNG whose states are put back too, so a run
+that validates this way reaches the same weights as one that does not.
 """
 
 from __future__ import annotations
@@ -29,12 +29,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnrnn.checkpoint import rng_state, set_rng_state
+from bnrnn.config import STATISTICS_MODES as MODES
 from bnrnn.nn.population import inputs_as_in_training, reestimate_population_statistics, time_norms
 
 log = logging.getLogger("bnrnn")
 
-MODES = ("batch", "ema", "reestimated")
 DESCRIPTIONS = {
     "batch": "batch statistics",
     "ema": "EMA population statistics",
@@ -53,15 +52,15 @@ def restore_buffers(model: nn.Module, snapshot: list[torch.Tensor]) -> None:
 
 
 @contextmanager
-def training_state_kept(model: nn.Module) -> Iterator[None]:
-    """Within the block the model's buffers (population statistics) and the RNG states may
-    change; on leaving, both are put back exactly as they were."""
-    buffers, rng = buffers_snapshot(model), rng_state()
+def population_kept(model: nn.Module) -> Iterator[None]:
+    """Within the block the model's buffers (population statistics) may change; on leaving
+    they are put back exactly as they were. (The RNG states are kept by :func:`seeded_rng`,
+    around the only draws scoring makes.)"""
+    buffers = buffers_snapshot(model)
     try:
         yield
     finally:
         restore_buffers(model, buffers)
-        set_rng_state(rng)
 
 
 def reestimate(task, model: nn.Module, device: torch.device, seed: int, max_batches: int | None = None,
@@ -106,7 +105,7 @@ def score(task, model: nn.Module, split: str, device: torch.device, mode: str, *
         raise ValueError(f"unknown statistics mode {mode!r}; choose one of {', '.join(MODES)}")
     model.eval()
     if mode == "reestimated":
-        with training_state_kept(model):
+        with population_kept(model):
             reestimate(task, model, device, seed, reestimate_batches, reestimate_batch_size)
             return task.evaluate(model, split, device, max_batches)
     if mode == "batch":

@@ -14,7 +14,7 @@ from bnrnn.config import load_config
 from bnrnn.errors import ConfigError
 from bnrnn.nn import BNLSTM
 from bnrnn.nn.population import reestimate_population_statistics
-from bnrnn.scoring import flatten_modes, reestimate, score, score_modes, training_state_kept
+from bnrnn.scoring import flatten_modes, reestimate, score, score_modes, population_kept
 from bnrnn.tasks import build_task
 from bnrnn.train import train
 from conftest import assert_same_final_weights
@@ -209,7 +209,7 @@ def test_reestimating_draws_the_training_h0_noise(small_mnist_cfg, tmp_path):
     variance_at_step_0 = {}
     for noise in (0.1, 0.0):
         model.rnn.h0_noise = noise
-        with training_state_kept(model):
+        with population_kept(model):
             assert reestimate(task, model, CPU, cfg.seed, 2) == 2
             variance_at_step_0[noise] = model.rnn.bn_h.running_var[0].clone()
     assert variance_at_step_0[0.1].min() > 1e-4  # the noise's spread through W_h

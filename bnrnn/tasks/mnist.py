@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -63,7 +64,6 @@ class MnistTask:
         }
         self.train_length = SEQ_LEN
         self.batch_size = task.batch_size
-        self.eval_batch_size = task.eval_batch_size
 
     def training_batches(self, batch_size: int | None = None) -> SequenceBatches:
         """The training split in shuffled batches of ``batch_size`` (default: the training
@@ -112,10 +112,7 @@ class MnistTask:
                     break
                 x, y = x[:, : limit - count], y[: limit - count]
             x, y = x.to(device), y.to(device)
-            if batch_stats:
-                with batch_statistics(model):
-                    logits = model(x)
-            else:
+            with batch_statistics(model) if batch_stats else nullcontext():
                 logits = model(x)
             loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
             correct += (logits.argmax(1) == y).sum().item()
