@@ -45,9 +45,6 @@ def config_dir() -> str:
     return str((Path(__file__).resolve().parents[1] / "conf"))
 
 
-GROUPS = ("task", "model", "trainer", "device", "experiment")
-
-
 def group_choices(group: str) -> list[str]:
     return sorted(p.stem for p in Path(config_dir(), group).glob("*.yaml"))
 
@@ -58,6 +55,8 @@ def check_group_choices(args: list[str]) -> str | None:
     Hydra would answer with its config search path; a researcher wants the valid choices.
     Sweep lists (``model=lstm,bnlstm``) are checked option by option.
     """
+    from bnrnn.config import GROUPS
+
     for arg in args:
         key, sep, value = arg.partition("=")
         if not sep or key not in GROUPS or not re.fullmatch(r"[\w.,-]+", value):
@@ -76,26 +75,36 @@ def error(message: str) -> None:
 class TrainApp:
     """The Hydra task function for ``bnrnn train``; remembers failed jobs of a sweep."""
 
-    def __init__(self) -> None:
+    def __init__(self, preflight=None) -> None:
         self.failures = 0
+        self.preflight = preflight  # bnrnn.preflight.Preflight, or None where the checks did not run
 
     def __call__(self, cfg) -> float | None:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
-        from omegaconf import open_dict
+        from omegaconf import OmegaConf, open_dict
 
+        from bnrnn.config import GROUPS
         from bnrnn.errors import BnrnnError
-        from bnrnn.train import train
+        from bnrnn.preemption import Preempted
+        from bnrnn.train import Launch, train
 
         hydra_cfg = HydraConfig.get()
         multirun = hydra_cfg.mode == RunMode.MULTIRUN
         if multirun and cfg.trainer.get("progress") == "auto":
             with open_dict(cfg):
                 cfg.trainer.progress = "off"  # parallel jobs would interleave their bars
+        out_dir = Path(hydra_cfg.runtime.output_dir)
+        choices = OmegaConf.to_container(hydra_cfg.runtime.choices)
+        launch = Launch(
+            overrides=list(hydra_cfg.overrides.task),
+            choices={k: v for k, v in choices.items() if k in GROUPS},
+            new_folder=bool(self.preflight and self.preflight.creates(out_dir)),
+        )
         try:
-            results = train(cfg, Path(hydra_cfg.runtime.output_dir))
+            results = train(cfg, out_dir, launch)
         except BnrnnError as exc:
-            if not multirun:
+            if not multirun or isinstance(exc, Preempted):  # a stop signal stops the whole sweep
                 error(str(exc))
                 sys.exit(getattr(exc, "exit_code", 2))  # 128 + signal when preempted
             self.failures += 1
@@ -108,13 +117,21 @@ class TrainApp:
 def run_train(args: list[str]) -> int:
     import hydra
 
+    from bnrnn.errors import BnrnnError
+    from bnrnn.preflight import check_command_line
+
     problem = check_group_choices(args)
     if problem:
         error(problem)
         return 2
-    app = TrainApp()
+    try:
+        preflight = check_command_line(args)
+    except BnrnnError as exc:
+        error(str(exc))
+        return 2
+    app = TrainApp(preflight)
     entry = hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")(app)
-    sys.argv = ["bnrnn train", *args]
+    sys.argv = ["bnrnn train", *args, *(preflight.hydra_overrides if preflight else [])]
     if "COMP_LINE" in os.environ:
         os.environ["COMP_LINE"] = os.environ["COMP_LINE"].replace(" train", "", 1)
     entry()
@@ -247,7 +264,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, args = argv[0], argv[1:]
     if command in COMMANDS:
-        return COMMANDS[command](args)
+        try:
+            return COMMANDS[command](args)
+        except KeyboardInterrupt:  # Ctrl-C outside a training loop (which says more itself)
+            error(f"interrupted; bnrnn {command} stopped")
+            return 130
     error(f"unknown command '{command}'; choose one of: {', '.join(COMMANDS)}")
     print(USAGE, end="", file=sys.stderr)
     return 2

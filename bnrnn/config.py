@@ -122,6 +122,9 @@ def typed_config(cfg: DictConfig | dict) -> DictConfig:
     return merged
 
 
+# The config groups of conf/: one option each on the command line (``model=lstm``).
+GROUPS = ("task", "model", "trainer", "device", "experiment")
+
 CHOICES = {
     "task.kind": ("mnist", "ptb"),
     "trainer.optimizer": ("rmsprop", "adam", "sgd"),
@@ -135,14 +138,16 @@ POSITIVE = (
     "task.batch_size", "task.eval_batch_size", "task.seq_len", "task.eval_chunk",
     "model.hidden_size", "model.gamma_init", "model.eps", "trainer.lr",
     "trainer.eval_every", "trainer.log_every", "trainer.max_bad_steps", "trainer.valid_reestimate_batches",
-    "trainer.rmsprop_eps",
+    "trainer.rmsprop_eps", "task.valid_size",
 )
 POSITIVE_OR_NULL = (
     "model.t_max", "model.embedding_size", "trainer.max_steps", "trainer.max_epochs",
     "trainer.eval_batches", "trainer.checkpoint_every", "trainer.reestimate_batches",
     "trainer.reestimate_batch_size", "trainer.clip_norm", "task.train_limit",
 )
-NON_NEGATIVE = ("seed", "task.valid_size", "model.h0_noise", "trainer.weight_decay", "trainer.momentum")
+NON_NEGATIVE = ("seed", "model.h0_noise", "trainer.weight_decay", "trainer.momentum")
+# The seed also seeds each epoch's data order as seed * 1_000_003 + epoch, a 64-bit integer.
+MAX_SEED = 2**32 - 1
 UNIT_INTERVAL = ("model.momentum",)  # (0, 1]
 
 
@@ -155,6 +160,11 @@ def validate(cfg: DictConfig) -> None:
     def bad(key: str, rule: str) -> None:
         raise ConfigError(f"{key}={get(key)} is invalid: it must be {rule}")
 
+    # First, since a NaN or an infinity passes every comparison below in one direction or
+    # the other (momentum=inf is "zero or more"), and only shows up later as a diverged loss.
+    for key, value in leaves(cfg):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}={value} is invalid: it must be a finite number")
     for key, allowed in CHOICES.items():
         if get(key) not in allowed:
             bad(key, "one of " + ", ".join(allowed))
@@ -167,6 +177,8 @@ def validate(cfg: DictConfig) -> None:
     for key in NON_NEGATIVE:
         if not get(key) >= 0:
             bad(key, "zero or more")
+    if get("seed") > MAX_SEED:
+        bad("seed", f"at most {MAX_SEED}")
     for key in UNIT_INTERVAL:
         if not 0 < get(key) <= 1:
             bad(key, "in (0, 1]")
@@ -186,6 +198,34 @@ def validate(cfg: DictConfig) -> None:
         bad("task.seq_len", "at least 2 for PTB (a window of L characters gives L - 1 predictions)")
     if cfg.task.batch_size < 2 and (cfg.model.bn.x or cfg.model.bn.h or cfg.model.bn.c):
         bad("task.batch_size", "at least 2 with batch norm (a batch of one has no variance)")
+
+
+def leaves(cfg: DictConfig, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, value) for every leaf of ``cfg``; a list is one leaf, its items checked too."""
+    out = []
+    for key, value in cfg.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, DictConfig):
+            out.extend(leaves(value, path + "."))
+        else:
+            out.append((path, value))
+            if OmegaConf.is_list(value):
+                out.extend((f"{path}[{i}]", item) for i, item in enumerate(value))
+    return out
+
+
+def read_yaml_mapping(path, remedy: str) -> DictConfig:
+    """A YAML file of settings (a run's config.yaml); ConfigError naming the file and ``remedy``
+    if it cannot be read, is not YAML, or is not a mapping."""
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as exc:  # OSError, yaml's and OmegaConf's errors: no common base
+        text = str(exc).strip()
+        first = text.splitlines()[0] if text else type(exc).__name__
+        raise ConfigError(f"{path} is not a readable config ({first}); {remedy}") from exc
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path} does not hold a mapping of settings; {remedy}")
+    return loaded
 
 
 def load_config(cfg: DictConfig | dict) -> DictConfig:

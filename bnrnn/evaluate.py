@@ -14,13 +14,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
 from bnrnn.checkpoint import load_checkpoint
-from bnrnn.config import load_config
+from bnrnn.config import load_config, read_yaml_mapping
 from bnrnn.device import resolve_device
 from bnrnn.errors import BnrnnError, CheckpointError
 from bnrnn.nn.population import time_norms
+from bnrnn.runfolder import make_writable_folder
 from bnrnn.scoring import DESCRIPTIONS, reestimate, score
 from bnrnn.tasks import build_task
 
@@ -100,7 +99,7 @@ def evaluate_run(
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
         raise BnrnnError(f"{run_dir} is not a bnrnn run folder (no config.yaml)")
-    cfg = OmegaConf.load(config_file)
+    cfg = read_yaml_mapping(config_file, "fix it: bnrnn eval reads the run's settings from it")
     if data_root is not None:
         cfg.data.root = data_root
     if device_name is not None:
@@ -109,19 +108,19 @@ def evaluate_run(
     if split not in ("valid", "test"):
         raise BnrnnError(f"unknown split '{split}'; choose valid or test")
     ckpt_path = run_dir / "checkpoints" / f"{checkpoint}.pt"
+    out_dir = Path(out_dir) if out_dir is not None else run_dir / "eval"
+    make_writable_folder(out_dir, "the output folder (--out)")  # before the work, not after it
+    payload = load_checkpoint(ckpt_path)
     device = resolve_device(cfg.device.name)
     task = build_task(cfg, run_dir)
     if lengths and not hasattr(task, "evaluate_lengths"):
         raise BnrnnError(f"--lengths needs a language-modelling task; {run_dir} trained on {cfg.task.name}")
     model = task.build_model(cfg.model).to(device)
-    payload = load_checkpoint(ckpt_path, map_location=device)
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError as exc:
         raise CheckpointError(f"{ckpt_path} does not fit the model in {config_file}") from exc
     model.eval()
-    out_dir = Path(out_dir) if out_dir is not None else run_dir / "eval"
-    out_dir.mkdir(parents=True, exist_ok=True)
 
     metric, _ = task.selection
     result: dict[str, Any] = {

@@ -38,6 +38,14 @@ class StopRequest:
     def __init__(self) -> None:
         self.signum: int | None = None
         self.previous: dict[int, object] = {}
+        self.at_once: str | None = None
+
+    def stop_at_once(self, message: str) -> None:
+        """From now on a signal raises :class:`Preempted` with ``message`` ({signal} is filled
+        in) at once, instead of waiting for the end of a step: for work that cannot be
+        checkpointed halfway, such as the final test, where waiting would only make the
+        scheduler kill the process without a word."""
+        self.at_once = message
 
     @property
     def requested(self) -> bool:
@@ -51,6 +59,8 @@ class StopRequest:
         if self.signum == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
+        if self.at_once is not None:
+            raise Preempted(self.at_once.format(signal=self.name), signum)
         log.warning("%s received: finishing the current step, then writing a checkpoint "
                     "(Ctrl-C again to stop at once)", signal.Signals(signum).name)
 

@@ -17,6 +17,7 @@ crashed are reported as far as they got), ``config.yaml`` and ``results.json`` a
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +25,14 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from bnrnn.config import read_yaml_mapping
 from bnrnn.errors import BnrnnError
 from bnrnn.paper import PAPER_TEST, validation_curve
+from bnrnn.runfolder import make_writable_folder
 from bnrnn.scoring import DESCRIPTIONS, MODES
 from bnrnn.tasks import task_class
+
+log = logging.getLogger("bnrnn")
 
 # Steps at which report.md holds our validation number against the paper's.
 TABLE_STEPS = (1000, 5000, 10000)
@@ -85,34 +90,53 @@ class Run:
 
 
 def read_run(path: Path) -> Run:
+    """One run folder's logs. Records that are not objects with an integer step (a torn line,
+    a hand edit) are skipped and counted; BnrnnError if the folder's config is unreadable."""
     config_file = path / "config.yaml"
     if not config_file.exists():
         config_file = path / ".hydra" / "config.yaml"
-    config = OmegaConf.to_container(OmegaConf.load(config_file)) if config_file.exists() else {}
-    records, torn = [], 0
+    config = {}
+    if config_file.exists():
+        config = OmegaConf.to_container(read_yaml_mapping(config_file, "fix it, or leave the run out of the report"))
+    records, skipped = [], 0
     for line in (path / "metrics.jsonl").read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
-            torn += 1  # a line cut short by a crash
+            record = None  # a line cut short by a crash
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and not isinstance(record["step"], bool):
+            records.append(record)
+        else:
+            skipped += 1
     results = {}
     if (path / "results.json").exists():
         try:
             results = json.loads((path / "results.json").read_text())
         except json.JSONDecodeError:
             pass
-    return Run(path, config, records, results, torn)
+        if not isinstance(results, dict):
+            log.warning("%s holds no results object; the run's test numbers are left out", path / "results.json")
+            results = {}
+    if skipped:
+        log.warning("%s: %d line(s) skipped (not a record with an integer step)", path / "metrics.jsonl", skipped)
+    return Run(path, config, records, results, skipped)
 
 
 def find_runs(paths: list[Path]) -> list[Run]:
-    """Every folder holding a metrics.jsonl at or below the given paths, in path order."""
+    """Every folder holding a metrics.jsonl at or below the given paths, in path order. A folder
+    that cannot be read is left out with a warning: one bad run must not sink the report."""
     found: list[Path] = []
     for path in paths:
         if not path.exists():
             raise BnrnnError(f"{path} does not exist")
         found += sorted(p.parent for p in path.rglob("metrics.jsonl"))
-    unique = list(dict.fromkeys(found))
-    return [read_run(p) for p in unique]
+    runs = []
+    for folder in dict.fromkeys(found):
+        try:
+            runs.append(read_run(folder))
+        except (BnrnnError, OSError) as exc:
+            log.warning("left out of the report: %s", exc)
+    return runs
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -237,7 +261,7 @@ def markdown_table(runs: list[Run]) -> str:
         else:
             status = "partial (no results.json: running or stopped)"
         if run.torn_lines:
-            status += f"; {run.torn_lines} torn log line(s) skipped"
+            status += f"; {run.torn_lines} unreadable log line(s) skipped"
         metric = run.selection[0]
         best_text = f"{format_metric(metric, best)} ({best_step})" if best is not None else "-"
         at = " | ".join(ours_and_paper(run, step, metric) for step in TABLE_STEPS)
@@ -369,8 +393,8 @@ def make_report(paths: list[Path], out_dir: Path) -> dict[str, Any]:
     runs = find_runs(paths)
     if not runs:
         raise BnrnnError(f"no runs found under {', '.join(map(str, paths))} (a run folder holds metrics.jsonl)")
+    make_writable_folder(out_dir, "the output folder (--out)")
     assign_labels(runs)
-    out_dir.mkdir(parents=True, exist_ok=True)
     figures, plotted = [], {}
     for task in sorted({run.task for run in runs}):
         path = out_dir / f"{task}.png"

@@ -7,8 +7,11 @@ import logging
 import math
 import os
 import random
+import re
+import shutil
+import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +26,14 @@ from bnrnn.device import resolve_device
 from bnrnn.diagnostics import divergence_report
 from bnrnn.errors import BnrnnError, CheckpointError, ConfigError
 from bnrnn.preemption import Preempted, StopRequest
+from bnrnn.runfolder import BEST, LAST, RunPlan, make_writable_folder, plan_run, record_event
+from bnrnn.runlock import RunLock, command_line
 from bnrnn.runlog import RunLogger
 from bnrnn.scoring import DESCRIPTIONS, buffers_snapshot, flatten_modes, restore_buffers, score_modes
 from bnrnn.tasks import build_task
 
 log = logging.getLogger("bnrnn")
 
-LAST, BEST = "last.pt", "best.pt"
 DIAGNOSTICS = "diagnostics"
 
 
@@ -45,6 +49,30 @@ class Progress:
     best_metric: float | None = None
     best_step: int | None = None
     elapsed: float = 0.0
+    # The training metrics summed since the last logged record: saved with the checkpoint so
+    # that a run resumed between two records logs the same averages as an uninterrupted one.
+    window: dict[str, float] = field(default_factory=dict)
+    window_steps: int = 0
+
+    def add_to_window(self, values: dict[str, float]) -> None:
+        for key, value in values.items():
+            self.window[key] = self.window.get(key, 0.0) + value
+        self.window_steps += 1
+
+    def take_window(self) -> dict[str, float]:
+        """The window's averages; the window starts again."""
+        averaged = {key: value / self.window_steps for key, value in self.window.items()}
+        self.window, self.window_steps = {}, 0
+        return averaged
+
+
+@dataclass
+class Launch:
+    """How ``bnrnn train`` started this job: what ``train`` cannot tell from the config alone."""
+
+    overrides: list[str] | None = None  # the command line's overrides (None: the config is the whole intent)
+    choices: dict[str, str] | None = None  # its config-group options (model=bnlstm, ...), for history.jsonl
+    new_folder: bool = False  # the run folder did not exist before this launch
 
 
 def build_optimizer(trainer: DictConfig, params) -> torch.optim.Optimizer:
@@ -62,16 +90,6 @@ def is_better(value: float, best: float | None, mode: str) -> bool:
     if best is None:
         return True
     return value > best if mode == "max" else value < best
-
-
-def ensure_writable(out_dir: Path) -> None:
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(f"the output folder {out_dir} is not writable ({exc.strerror})") from exc
 
 
 def gamma_summary(model: nn.Module) -> dict[str, float]:
@@ -113,9 +131,11 @@ def report_skipped_step(model: nn.Module, loss, grad_norm, batch, step: int, att
         "diagnostics": str(path),
     })
     logger.flush()
-    log.warning("step %d: non-finite loss %s / gradient norm %s (in %s); update skipped; likely cause: %s; see %s",
-                step, report["loss"], report["grad_norm"], ", ".join(report["nonfinite_grads"][:5]) or "-",
-                report["likely_cause"], path)
+    # Name what was not finite: a finite loss with an overflowing gradient is another problem.
+    what = "loss and gradient" if not torch.isfinite(loss) else "gradient (the loss was finite)"
+    log.warning("step %d: non-finite %s: loss %s, gradient norm %s (non-finite in %s); update skipped; likely cause: "
+                "%s; see %s", step, what, report["loss"], report["grad_norm"],
+                ", ".join(report["nonfinite_grads"][:5]) or "-", report["likely_cause"], path)
     return report
 
 
@@ -130,199 +150,272 @@ def hparams_of(cfg: DictConfig) -> dict[str, Any]:
     return {key: ("none" if value is None else value) for key, value in values.items()}
 
 
-def requeued() -> bool:
-    """True in a SLURM job that the scheduler restarted (preempted and requeued, e.g. by the
-    submitit launcher): the same command then continues its run instead of refusing it."""
-    try:
-        return int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0
-    except ValueError:
-        return False
-
-
 def progress_enabled(setting: str) -> bool:
     if setting == "auto":
         return sys.stderr.isatty()
     return setting == "on"
 
 
-def train(cfg: DictConfig | dict, out_dir: str | Path) -> dict[str, Any]:
+def train(cfg: DictConfig | dict, out_dir: str | Path, launch: Launch | None = None) -> dict[str, Any]:
     """Train one model on one task; write everything into ``out_dir``; return final metrics.
 
     The metrics dict holds the step count, the best validation metric and its step, and the
     test metrics of the best checkpoint (``test_<metric>``) when ``trainer.test_at_end``.
+    Every error the user can fix is raised before the first step where it can be known
+    (config, run folder, checkpoints, data); a run folder this launch created is then removed.
     """
-    cfg = load_config(cfg)
     out_dir = Path(out_dir)
-    ensure_writable(out_dir)
-    tcfg = cfg.trainer
-    device = resolve_device(cfg.device.name)
-    ckpt_dir = out_dir / "checkpoints"
-    resume = tcfg.resume or (requeued() and (ckpt_dir / LAST).exists())
-    if resume and not tcfg.resume:
-        log.info("requeued by the scheduler (SLURM_RESTART_COUNT=%s): resuming from %s",
-                 os.environ.get("SLURM_RESTART_COUNT"), ckpt_dir / LAST)
-    if not resume and (ckpt_dir / LAST).exists():
-        raise ConfigError(
-            f"{out_dir} already holds a run; pass trainer.resume=true to continue it, or choose "
-            f"another hydra.run.dir"
-        )
-    if resume and not (ckpt_dir / LAST).exists():
-        raise CheckpointError(f"trainer.resume=true but {ckpt_dir / LAST} does not exist; nothing to resume")
+    launch = launch or Launch(new_folder=not out_dir.exists())
+    plan = plan_run(load_config(cfg), out_dir, launch.overrides)
+    lock = RunLock(out_dir)
+    make_writable_folder(out_dir, "the run folder")
+    lock.acquire()  # if refused, nothing is touched: the folder is another live run's
+    try:
+        run = start(plan, out_dir)
+    except (BnrnnError, KeyboardInterrupt) as exc:
+        lock.release()
+        if launch.new_folder:
+            shutil.rmtree(out_dir, ignore_errors=True)  # it holds only what this launch wrote
+        if isinstance(exc, KeyboardInterrupt):
+            raise Preempted("interrupted during start-up, before the first step; nothing was trained",
+                            signal.SIGINT) from None
+        raise
+    record_event(out_dir, "resume" if plan.resume else "start", run.state.step, command=command_line(),
+                 changes=plan.changes, choices=launch.choices)
+    try:
+        results = run.loop()
+    except Preempted as exc:
+        record_event(out_dir, "stopped", run.state.step, reason=str(exc))
+        raise
+    except BaseException as exc:
+        record_event(out_dir, "failed", run.state.step, reason=str(exc) or type(exc).__name__)
+        raise
+    finally:
+        run.close()
+        lock.release()
+    record_event(out_dir, "finished", run.state.step)
+    return results
 
+
+def start(plan: RunPlan, out_dir: Path) -> Run:
+    """Build the task, model and optimiser of ``plan``, restored from its checkpoint on a resume."""
+    cfg, tcfg = plan.config, plan.config.trainer
+    device = resolve_device(cfg.device.name)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     task = build_task(cfg, out_dir)
-    model = task.build_model(cfg.model).to(device)
+    model = build_model(task, cfg, device)
     optimizer = build_optimizer(tcfg, model.parameters())
-    metric, mode = task.selection
-    steps_per_epoch = len(task.train)
-    max_steps = tcfg.max_steps or tcfg.max_epochs * steps_per_epoch
     state = Progress()
-
-    if resume:
-        state = restore(ckpt_dir / LAST, model, optimizer, device, cfg)
-        log.info("resumed %s at step %d", out_dir, state.step)
+    ckpt_dir = out_dir / "checkpoints"
+    if plan.resume:
+        if os.environ.get("SLURM_RESTART_COUNT") and not tcfg.resume:
+            log.info("requeued by the scheduler (SLURM_RESTART_COUNT=%s): resuming from %s",
+                     os.environ.get("SLURM_RESTART_COUNT"), ckpt_dir / LAST)
+        state = restore(ckpt_dir / LAST, model, optimizer, device, tcfg)
+        changed = "; ".join(f"{key} {old} -> {new}" for key, (old, new) in plan.changes.items())
+        log.info("resumed %s at step %d%s", out_dir, state.step, f" with {changed}" if changed else "")
+        if plan.best_missing:
+            log.warning("%s is missing: the best checkpoint is chosen again from the next validation", ckpt_dir / BEST)
+            state.best_metric = state.best_step = None
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    return Run(cfg, out_dir, task, model, optimizer, device, state, resumed=plan.resume)
 
-    logger = RunLogger(out_dir, purge_step=state.step + 1 if resume else None, elapsed_offset=state.elapsed)
-    logger.overlay_statistics_modes(metric)
-    n_params = sum(p.numel() for p in model.parameters())
-    log.info("%s / %s: %d parameters, %d steps (%d per epoch) on %s -> %s",
-             task.name, cfg.model.name, n_params, max_steps, steps_per_epoch, device, out_dir)
 
-    def checkpoint(name: str) -> None:
-        state.elapsed = logger.elapsed
-        save_checkpoint(ckpt_dir / name, {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "progress": vars(state).copy(),
+def build_model(task, cfg: DictConfig, device: torch.device) -> nn.Module:
+    """The task's model on ``device``; a model too large for memory is one sentence, not an allocator's traceback."""
+    try:
+        return task.build_model(cfg.model).to(device)
+    except (MemoryError, RuntimeError) as exc:
+        text = str(exc)
+        if not isinstance(exc, (MemoryError, torch.OutOfMemoryError)) and "alloc" not in text:
+            raise
+        wanted = re.search(r"allocate (\d+) bytes", text)
+        size = f" (one tensor alone needs {int(wanted.group(1)) / 2**30:,.1f} GiB)" if wanted else ""
+        raise ConfigError(f"model.hidden_size={cfg.model.hidden_size}: the model does not fit in memory on "
+                          f"{device}{size}; choose a smaller model.hidden_size") from None
+
+
+class Run:
+    """One run being trained: the loop, validation, checkpoints and the final test."""
+
+    def __init__(self, cfg: DictConfig, out_dir: Path, task, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 device: torch.device, state: Progress, resumed: bool) -> None:
+        self.cfg, self.tcfg, self.out_dir = cfg, cfg.trainer, out_dir
+        self.task, self.model, self.optimizer, self.device, self.state = task, model, optimizer, device, state
+        self.ckpt_dir = out_dir / "checkpoints"
+        self.metric, self.mode = task.selection
+        self.steps_per_epoch = len(task.train)
+        self.max_steps = self.tcfg.max_steps or self.tcfg.max_epochs * self.steps_per_epoch
+        self.saved_step = state.step if resumed else None  # the step of checkpoints/last.pt
+        self.logger = RunLogger(out_dir, purge_step=state.step + 1 if resumed else None, elapsed_offset=state.elapsed)
+        self.logger.overlay_statistics_modes(self.metric)
+        n_params = sum(p.numel() for p in model.parameters())
+        log.info("%s / %s: %d parameters, %d steps (%d per epoch) on %s -> %s", task.name, cfg.model.name, n_params,
+                 self.max_steps, self.steps_per_epoch, device, out_dir)
+        self.bar = tqdm(total=self.max_steps, initial=state.step, disable=not progress_enabled(self.tcfg.progress),
+                        dynamic_ncols=True, desc=f"{task.name}/{cfg.model.name}")
+        self.stop = StopRequest()
+        self.bad_steps = 0  # consecutive non-finite steps
+
+    def close(self) -> None:
+        self.bar.close()
+        self.logger.close()
+
+    def checkpoint(self, name: str) -> None:
+        self.state.elapsed = self.logger.elapsed
+        save_checkpoint(self.ckpt_dir / name, {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "progress": vars(self.state).copy(),
             "rng": rng_state(),
-            "config": OmegaConf.to_container(cfg),
+            "config": OmegaConf.to_container(self.cfg),
         })
+        if name == LAST:
+            self.saved_step = self.state.step
 
-    def validate() -> dict[str, float]:
+    def last_checkpoint_note(self) -> str:
+        if self.saved_step is None:
+            return "no checkpoint was written yet"
+        return f"the last checkpoint is {self.ckpt_dir / LAST} (step {self.saved_step})"
+
+    def validate(self) -> dict[str, float]:
         """Score the validation split in each of ``trainer.valid_stats``; the best checkpoint
         follows the ``trainer.select_on`` number."""
-        scores = score_modes(task, model, "valid", device, tcfg.valid_stats, seed=cfg.seed,
+        state, metric, tcfg = self.state, self.metric, self.tcfg
+        scores = score_modes(self.task, self.model, "valid", self.device, tcfg.valid_stats, seed=self.cfg.seed,
                              max_batches=tcfg.eval_batches, reestimate_batches=tcfg.valid_reestimate_batches)
-        model.train()
+        self.model.train()
         metrics = flatten_modes(scores, tcfg.select_on)
-        if is_better(metrics[metric], state.best_metric, mode):
+        if is_better(metrics[metric], state.best_metric, self.mode):
             state.best_metric, state.best_step = metrics[metric], state.step
-            checkpoint(BEST)
+            self.checkpoint(BEST)
         metrics["best_" + metric] = state.best_metric
-        logger.log("valid", state.step, metrics)
-        checkpoint(LAST)
-        logger.flush()
+        self.logger.log("valid", state.step, metrics)
+        self.checkpoint(LAST)
+        self.logger.flush()
         log.info("step %d: valid %s %.4f (loss %.4f%s), best %.4f at step %d", state.step, metric, metrics[metric],
                  metrics["loss"], modes_note(scores, metrics["stats"], metric), state.best_metric, state.best_step)
         return metrics
 
-    params = list(model.parameters())
-    clip = tcfg.clip_norm if tcfg.clip_norm is not None else math.inf
-    bad_steps = 0
-    window: dict[str, float] = {}
-    window_steps = 0
-    bar = tqdm(total=max_steps, initial=state.step, disable=not progress_enabled(tcfg.progress),
-               dynamic_ncols=True, desc=f"{task.name}/{cfg.model.name}")
-    model.train()
-    stop = StopRequest()
-
-    def stop_if_requested() -> None:
+    def stop_if_requested(self) -> None:
         """Between steps: on SIGTERM/SIGINT, checkpoint the completed steps and stop."""
-        if stop.requested:
-            checkpoint(LAST)
-            logger.flush()
+        if self.stop.requested:
+            self.checkpoint(LAST)
+            self.logger.flush()
             raise Preempted(
-                f"stopped by {stop.name} after step {state.step}; checkpoint written to {ckpt_dir / LAST}; "
-                f"continue with the same command plus hydra.run.dir={out_dir} trainer.resume=true",
-                stop.signum,
+                f"stopped by {self.stop.name} after step {self.state.step}; checkpoint written to "
+                f"{self.ckpt_dir / LAST}; continue with the same command plus hydra.run.dir={self.out_dir} "
+                f"trainer.resume=true",
+                self.stop.signum,
             )
 
-    try:
-        with stop:
-            while state.step < max_steps:
-                epoch, start = divmod(state.step, steps_per_epoch)
-                for batch in task.train.iterate(epoch, cfg.seed, start):
-                    stop_if_requested()
-                    snapshot = buffers_snapshot(model)
-                    loss, batch_metrics = task.train_loss(model, batch, device)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    # The norm first, clipping only when it is finite: clipping an inf norm would
-                    # turn every gradient into NaN and hide which parameters overflowed.
-                    grad_norm = total_gradient_norm([p.grad for p in params if p.grad is not None])
-                    if torch.isfinite(grad_norm):
-                        torch.nn.utils.clip_grads_with_norm_(params, clip, grad_norm)
-                    if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-                        bad_steps += 1
-                        report = report_skipped_step(model, loss, grad_norm, batch, state.step + 1, bad_steps, out_dir, logger)
-                        restore_buffers(model, snapshot)  # the population must not see this step either
-                        if bad_steps >= tcfg.max_bad_steps:
-                            raise DivergedError(
-                                f"training diverged: {bad_steps} consecutive steps with a non-finite loss or "
-                                f"gradient (last at step {state.step + 1}); likely cause: "
-                                f"{report['likely_cause']}; diagnostics in {out_dir / DIAGNOSTICS}; "
-                                f"the last good checkpoint is {ckpt_dir / LAST}"
-                            )
-                        continue
-                    bad_steps = 0
-                    optimizer.step()
-                    state.step += 1
-                    bar.update(1)
+    def loop(self) -> dict[str, Any]:
+        """Train to ``max_steps``, validating every ``eval_every``; then test the best checkpoint."""
+        state = self.state
+        self.model.train()
+        try:
+            with self.stop:
+                while state.step < self.max_steps:
+                    epoch, begin = divmod(state.step, self.steps_per_epoch)
+                    for batch in self.task.train.iterate(epoch, self.cfg.seed, begin):
+                        self.stop_if_requested()
+                        self.guarded_step(batch)
+                        if state.step >= self.max_steps:
+                            break
+                    self.stop_if_requested()
+                self.stop.stop_at_once(
+                    f"stopped by {{signal}} during the final test; the training is complete ({self.last_checkpoint_note()}); "
+                    f"run the same command plus hydra.run.dir={self.out_dir} trainer.resume=true to test it"
+                )
+                return finish(self.cfg, self.task, self.model, self.device, self.ckpt_dir, state, self.logger)
+        except KeyboardInterrupt:
+            raise Preempted(f"stopped at once by a second Ctrl-C during step {state.step + 1}; "
+                            f"{self.last_checkpoint_note()}; continue with the same command plus "
+                            f"hydra.run.dir={self.out_dir} trainer.resume=true", signal.SIGINT) from None
 
-                    values = {"loss": loss.item(), "grad_norm": grad_norm.item()}
-                    values.update({k: float(v) for k, v in batch_metrics.items()})
-                    for k, v in values.items():
-                        window[k] = window.get(k, 0.0) + v
-                    window_steps += 1
-                    if state.step % tcfg.log_every == 0 or state.step == max_steps:
-                        averaged = {k: v / window_steps for k, v in window.items()}
-                        averaged["lr"] = optimizer.param_groups[0]["lr"]
-                        averaged["epoch"] = state.step / steps_per_epoch
-                        averaged.update(gamma_summary(model))
-                        logger.log("train", state.step, averaged)
-                        bar.set_postfix(loss=f"{averaged['loss']:.3f}")
-                        window, window_steps = {}, 0
-                    if state.step % tcfg.eval_every == 0 or state.step == max_steps:
-                        validate()
-                    elif tcfg.checkpoint_every and state.step % tcfg.checkpoint_every == 0:
-                        checkpoint(LAST)
-                    if state.step >= max_steps:
-                        break
-                stop_if_requested()
-            results = finish(cfg, task, model, device, ckpt_dir, state, logger)
-    finally:
-        bar.close()
-        logger.close()
-    return results
-
-
-# Settings a run cannot change on resume: the checkpoint would not mean the same thing.
-# (Others, e.g. trainer.max_steps or trainer.lr, may change: extending a run is common.)
-FIXED_ON_RESUME = ("task.name", "model.name", "model.hidden_size", "model.bn.x", "model.bn.h", "model.bn.c",
-                   "trainer.optimizer")
+    def guarded_step(self, batch) -> None:
+        """One optimiser step on ``batch``, skipped (with diagnostics) if its loss or gradient is
+        not finite; DivergedError after ``trainer.max_bad_steps`` such steps in a row."""
+        state, tcfg, model = self.state, self.tcfg, self.model
+        params = list(model.parameters())
+        snapshot = buffers_snapshot(model)
+        loss, batch_metrics = self.task.train_loss(model, batch, self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        # The norm first, clipping only when it is finite: clipping an inf norm would
+        # turn every gradient into NaN and hide which parameters overflowed.
+        grad_norm = total_gradient_norm([p.grad for p in params if p.grad is not None])
+        if torch.isfinite(grad_norm):
+            clip = tcfg.clip_norm if tcfg.clip_norm is not None else math.inf
+            torch.nn.utils.clip_grads_with_norm_(params, clip, grad_norm)
+        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+            self.bad_steps += 1
+            report = report_skipped_step(model, loss, grad_norm, batch, state.step + 1, self.bad_steps, self.out_dir,
+                                         self.logger)
+            restore_buffers(model, snapshot)  # the population must not see this step either
+            if self.bad_steps >= tcfg.max_bad_steps:
+                raise DivergedError(
+                    f"training diverged: {self.bad_steps} consecutive steps with a non-finite loss or "
+                    f"gradient (last at step {state.step + 1}); likely cause: "
+                    f"{report['likely_cause']}; diagnostics in {self.out_dir / DIAGNOSTICS}; "
+                    f"{self.last_checkpoint_note()}"
+                )
+            return
+        self.bad_steps = 0
+        self.optimizer.step()
+        state.step += 1
+        self.bar.update(1)
+        values = {"loss": loss.item(), "grad_norm": grad_norm.item()}
+        values.update({k: float(v) for k, v in batch_metrics.items()})
+        state.add_to_window(values)
+        if state.step % tcfg.log_every == 0 or state.step == self.max_steps:
+            averaged = state.take_window()
+            averaged["lr"] = self.optimizer.param_groups[0]["lr"]
+            averaged["epoch"] = state.step / self.steps_per_epoch
+            averaged.update(gamma_summary(model))
+            self.logger.log("train", state.step, averaged)
+            self.bar.set_postfix(loss=f"{averaged['loss']:.3f}")
+        if state.step % tcfg.eval_every == 0 or state.step == self.max_steps:
+            self.validate()
+        elif tcfg.checkpoint_every and state.step % tcfg.checkpoint_every == 0:
+            self.checkpoint(LAST)
 
 
 def restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
-            cfg: DictConfig) -> Progress:
+            trainer_cfg: DictConfig) -> Progress:
+    """Load ``path`` into ``model`` and ``optimizer``; the RNG states too; return the counters.
+
+    (Whether the checkpoint fits the run's settings was decided by :func:`bnrnn.resume.resume_config`.)
+    """
     payload = load_checkpoint(path, map_location=device)
-    saved = OmegaConf.create(payload.get("config", {}))
-    changed = [
-        f"{key} {OmegaConf.select(saved, key)} -> {OmegaConf.select(cfg, key)}" for key in FIXED_ON_RESUME
-        if OmegaConf.select(saved, key) != OmegaConf.select(cfg, key)
-    ]
-    if changed:
-        raise CheckpointError(f"{path} was written for a different run ({'; '.join(changed)}); "
-                              f"resume with the original settings or start a new run folder")
     try:
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
     except (RuntimeError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0]
         raise CheckpointError(f"{path} was written for a different model or optimiser ({first})") from exc
+    apply_hyperparameters(optimizer, trainer_cfg)
     set_rng_state(payload["rng"])
     return Progress(**payload["progress"])
+
+
+def apply_hyperparameters(optimizer: torch.optim.Optimizer, trainer_cfg: DictConfig) -> None:
+    """Set the config's lr, momentum, betas... on a restored optimiser.
+
+    ``load_state_dict`` brings back the hyperparameters saved with the state; without this a
+    resume with a new ``trainer.lr`` would go on at the old one while config.yaml says otherwise.
+    """
+    dummy = torch.zeros(1, requires_grad=True)
+    settings = {k: v for k, v in build_optimizer(trainer_cfg, [dummy]).param_groups[0].items() if k != "params"}
+    for group in optimizer.param_groups:
+        group.update(settings)
+        if isinstance(optimizer, torch.optim.RMSprop) and group["momentum"] > 0:
+            # momentum switched on by the resume: RMSprop makes the buffer only for a fresh state
+            for p in group["params"]:
+                state = optimizer.state.get(p)
+                if state and "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def modes_note(scores: dict[str, dict[str, Any]], chosen: str, metric: str) -> str:

@@ -89,7 +89,7 @@ def test_mnist_file_of_the_wrong_kind_is_refused(tmp_path):
 def test_an_output_folder_that_cannot_be_created_is_named(tmp_path, fake_mnist):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    with pytest.raises(ConfigError, match="is not writable"):
+    with pytest.raises(ConfigError, match="cannot be created: .*a-file is a file"):
         train(small(fake_mnist), blocker / "run")
 
 
@@ -108,7 +108,7 @@ def test_a_resume_from_a_truncated_checkpoint_names_the_file_and_keeps_it(tmp_pa
 def test_a_resume_with_another_optimizer_is_refused(tmp_path, fake_mnist):
     run = tmp_path / "run"
     train(small(fake_mnist), run)
-    with pytest.raises(CheckpointError, match=r"different run \(trainer.optimizer rmsprop -> adam\)"):
+    with pytest.raises(CheckpointError, match=r"cannot resume .* with trainer.optimizer rmsprop -> adam \(the optimiser state"):
         train(small(fake_mnist, "trainer.resume=true", "trainer=adam"), run)
     with pytest.raises(CheckpointError, match="model.bn.h True -> False"):
         train(small(fake_mnist, "trainer.resume=true", "model=bnlstm_input"), run)

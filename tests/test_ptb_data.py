@@ -26,6 +26,16 @@ def test_vocabulary_is_the_training_symbols_plus_the_line_end(fake_ptb):
     assert int((corpus.train == 0).sum()) == len(lines)  # one line end per line
 
 
+def test_a_byte_order_mark_is_not_a_symbol(fake_ptb, tmp_path):
+    root = copy_corpus(fake_ptb, tmp_path)
+    for split in SPLITS:
+        path = root / "ptb" / f"ptb.char.{split}.txt"
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # what some editors save
+    with_bom, plain = load_ptb(root, allow_download=False), load_ptb(fake_ptb, allow_download=False)
+    assert len(with_bom.vocab) == 50 and with_bom.vocab == plain.vocab
+    assert torch.equal(with_bom.train, plain.train) and torch.equal(with_bom.test, plain.test)
+
+
 @pytest.mark.parametrize("split", SPLITS)
 def test_decode_inverts_encode(fake_ptb, split):
     corpus = load_ptb(fake_ptb, allow_download=False)

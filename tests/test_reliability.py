@@ -123,7 +123,7 @@ def test_persistent_nan_input_stops_the_run_naming_the_cause(small_mnist_cfg, tm
     assert all(torch.isfinite(v).all() for v in payload["model"].values() if v.is_floating_point())
 
 
-def test_an_infinite_gradient_is_caught_and_named(small_mnist_cfg, tmp_path, monkeypatch):
+def test_an_infinite_gradient_is_caught_and_named(small_mnist_cfg, tmp_path, monkeypatch, caplog):
     calls = {"n": 0}
 
     def poison_weight_hh(model):
@@ -135,9 +135,12 @@ def test_an_infinite_gradient_is_caught_and_named(small_mnist_cfg, tmp_path, mon
 
     tamper(monkeypatch, on_model=poison_weight_hh)
     cfg = small_mnist_cfg("model=lstm", "trainer.max_steps=50", "trainer.max_bad_steps=2", "trainer.clip_norm=null")
-    with pytest.raises(DivergedError) as info:
+    with pytest.raises(DivergedError) as info, caplog.at_level("WARNING", logger="bnrnn"):
         train(cfg, tmp_path / "run")
     assert "gradient overflowed with a finite loss" in str(info.value)
+    # the per-step warning names what was not finite: here the gradient alone
+    warnings = [r.getMessage() for r in caplog.records if "update skipped" in r.getMessage()]
+    assert len(warnings) == 2 and all("non-finite gradient (the loss was finite)" in w for w in warnings)
     bad = records(tmp_path / "run", "diverge")
     assert [r["step"] for r in bad] == [3, 3]  # nothing was applied, so both tries are step 3
     assert bad[0]["nonfinite_grads"] == ["rnn.weight_hh"]
@@ -226,7 +229,7 @@ def test_a_requeued_slurm_job_resumes_its_own_run(small_mnist_cfg, tmp_path, mon
     """SLURM (and submitit's requeue on preemption) restarts the same command in the same folder."""
     run = tmp_path / "run"
     train(small_mnist_cfg("trainer.max_steps=2"), run)
-    with pytest.raises(Exception, match="already holds a run"):  # a plain re-run is refused ...
+    with pytest.raises(Exception, match="already holds a (finished )?run"):  # a plain re-run is refused ...
         train(small_mnist_cfg("trainer.max_steps=4"), run)
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # ... a requeued one continues
     results = train(small_mnist_cfg("trainer.max_steps=4"), run)

@@ -103,7 +103,7 @@ def test_report_on_a_partial_or_crashed_run(two_runs, tmp_path):
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"split": "train", "step": 5, "lo')  # torn by a kill
     table = make_report([run], tmp_path / "report")["table"]
-    assert "partial" in table and "1 torn log line(s) skipped" in table
+    assert "partial" in table and "1 unreadable log line(s) skipped" in table
     # a run that has not validated yet: a row, no figure, no traceback
     fresh = tmp_path / "fresh"
     fresh.mkdir()

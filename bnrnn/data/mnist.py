@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from bnrnn.data.files import is_present, read_bytes
 from bnrnn.errors import DataError
 
 IMAGE_SIDE = 28
@@ -48,14 +49,14 @@ def candidate_dirs(root: Path) -> list[Path]:
 def locate_files(root: Path) -> dict[str, Path] | None:
     for folder in candidate_dirs(root):
         paths = {key: folder / name for key, name in FILES.items()}
-        if all(p.is_file() for p in paths.values()):
+        if all(is_present(p) for p in paths.values()):
             return paths
     return None
 
 
 def missing_files_message(root: Path) -> str:
     folder = root / "MNIST" / "raw"
-    missing = [name for name in FILES.values() if not (folder / name).is_file()]
+    missing = [name for name in FILES.values() if not is_present(folder / name)]
     return (
         f"MNIST not found: {folder} lacks {', '.join(missing)}; run online with "
         f"data.download=true, or set data.root to a folder holding MNIST/raw/ with the four "
@@ -94,9 +95,9 @@ def download(root: Path) -> dict[str, Path]:
 
 def read_idx(path: Path, dims: int) -> torch.Tensor:
     """Read a gzip'd IDX file of unsigned bytes with ``dims`` dimensions; DataError if corrupt."""
+    compressed = read_bytes(path)  # unreadable is not corrupt: that error says so
     try:
-        with gzip.open(path, "rb") as f:
-            raw = f.read()
+        raw = gzip.decompress(compressed)
     except (OSError, EOFError, zlib.error) as exc:
         raise DataError(f"{path} is corrupt ({exc}); delete it and download it again") from exc
     header = 4 + 4 * dims
@@ -129,6 +130,14 @@ def load_mnist(root: str | Path, allow_download: bool) -> MnistArrays:
         if images.shape[0] != labels.shape[0] or tuple(images.shape[1:]) != (IMAGE_SIDE, IMAGE_SIDE):
             raise DataError(
                 f"MNIST {split} files disagree: images {tuple(images.shape)}, labels {tuple(labels.shape)}"
+            )
+        # Checked now, not at the first batch that holds one: an out-of-range test label would
+        # otherwise crash the final test, after all the training.
+        bad = ((labels < 0) | (labels >= NUM_CLASSES)).nonzero().flatten()
+        if len(bad):
+            raise DataError(
+                f"{paths[split + '_labels']} holds label {int(labels[bad[0]])} at index {int(bad[0])} "
+                f"({len(bad)} such); MNIST labels are 0-{NUM_CLASSES - 1}"
             )
     return arrays
 

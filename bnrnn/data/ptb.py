@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bnrnn.data.files import is_present, read_bytes
 from bnrnn.errors import DataError
 
 SPLITS = ("train", "valid", "test")
@@ -47,9 +48,12 @@ def file_md5(path: Path) -> str:
 
 
 def read_symbols(path: Path) -> list[str]:
-    """The symbols of one split file in order, a line end after every line; DataError if empty."""
+    """The symbols of one split file in order, a line end after every line; DataError if empty.
+
+    A UTF-8 byte-order mark (some editors write one) is not a symbol: it is dropped.
+    """
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_bytes(path).decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     if not text.strip():
@@ -127,14 +131,14 @@ def locate(root: Path) -> dict[str, Path] | None:
     """The three files under root/ptb or root; None if some are missing in both."""
     for folder in (root / "ptb", root):
         paths = {split: folder / name for split, name in FILE_NAMES.items()}
-        if all(p.is_file() for p in paths.values()):
+        if all(is_present(p) for p in paths.values()):
             return paths
     return None
 
 
 def missing_message(root: Path) -> str:
     folder = root / "ptb"
-    missing = [name for name in FILE_NAMES.values() if not (folder / name).is_file()]
+    missing = [name for name in FILE_NAMES.values() if not is_present(folder / name)]
     return (
         f"Penn Treebank characters not found: {folder} lacks {', '.join(missing)}; run online with "
         f"data.download=true, or set data.root to a folder holding ptb/ptb.char.{{train,valid,test}}.txt"

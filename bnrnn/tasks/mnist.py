@@ -57,6 +57,11 @@ class MnistTask:
                 f"training images, fewer than one batch of {task.batch_size}"
             )
         limit = min(task.train_limit or n_train, n_train)
+        if limit < task.batch_size:
+            raise DataError(
+                f"task.train_limit={task.train_limit} leaves {limit} training images, fewer than one batch of "
+                f"task.batch_size={task.batch_size}: an epoch would have no step"
+            )
         self.train = SequenceBatches(train_all[:limit], arrays.train_labels[:limit], task.batch_size, shuffle=True)
         self.splits = {
             "valid": SequenceBatches(train_all[n_train:], arrays.train_labels[n_train:], task.eval_batch_size, False),

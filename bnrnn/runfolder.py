@@ -1,0 +1,163 @@
+"""A run folder's state, and what a launch into it may do, decided before anything is written.
+
+:func:`plan_run` is called twice with the same answer: by ``bnrnn train`` before Hydra
+creates or writes anything (for every job of a sweep before the first one starts), and by
+:func:`bnrnn.train.train` itself. It writes nothing. It refuses:
+
+- a folder that cannot be made or written (a file in the way, no permission);
+- a folder another live process is writing to (:mod:`bnrnn.runlock`);
+- a folder that already holds a run, unless ``trainer.resume=true``;
+- a resume with no checkpoint, an unreadable ``last.pt`` or ``best.pt``, or a refused
+  change of settings (:mod:`bnrnn.resume`).
+
+Each launch and each end is appended to ``history.jsonl``: what ran, from which step, with
+which accepted changes, and how it ended.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from bnrnn.checkpoint import load_checkpoint
+from bnrnn.errors import CheckpointError, ConfigError
+from bnrnn.resume import CONFIG_FILE, resume_config
+from bnrnn.runlock import check_free
+
+LAST, BEST = "last.pt", "best.pt"
+HISTORY_FILE = "history.jsonl"
+RESULTS_FILE = "results.json"
+# Any of these marks a folder that a run has written to.
+RUN_MARKERS = (CONFIG_FILE, HISTORY_FILE, "metrics.jsonl", f"checkpoints/{LAST}", RESULTS_FILE)
+
+
+@dataclass
+class RunPlan:
+    """What a launch will do: the config it runs with, whether it resumes, what it changes."""
+
+    config: DictConfig
+    resume: bool
+    changes: dict[str, list] = field(default_factory=dict)
+    best_missing: bool = False  # resuming a run whose best.pt has gone: the best restarts
+
+
+def requeued() -> bool:
+    """True in a SLURM job that the scheduler restarted (preempted and requeued, e.g. by the
+    submitit launcher): the same command then continues its run instead of refusing it."""
+    try:
+        return int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0
+    except ValueError:
+        return False
+
+
+def holds_run(run_dir: Path) -> bool:
+    return any((run_dir / marker).exists() for marker in RUN_MARKERS)
+
+
+def check_output_location(run_dir: Path) -> None:
+    """ConfigError if ``run_dir`` cannot be created or written: a file in the way, no permission."""
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == run_dir else f"cannot be created: {existing} is a file"
+        raise ConfigError(f"the run folder {run_dir} {where}; choose another hydra.run.dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == run_dir else f" ({existing} is not writable)"
+        raise ConfigError(f"the run folder {run_dir} is not writable{where}; choose another hydra.run.dir")
+
+
+def make_writable_folder(folder: Path, what: str) -> None:
+    """Create ``folder`` (``what`` names it for the user: "the run folder", "--out") and check
+    that files can be written there; ConfigError with the reason otherwise."""
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{what} {folder} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(f"{what} {folder} cannot be written to ({reason}: {exc.filename or folder})") from exc
+
+
+def check_best(path: Path) -> None:
+    try:
+        load_checkpoint(path)
+    except CheckpointError as exc:
+        raise CheckpointError(
+            f"{exc}; delete it to resume, and the best checkpoint is chosen again from the next validation"
+        ) from exc
+
+
+def plan_run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> RunPlan:
+    """Decide what a launch of ``cfg`` into ``run_dir`` does; raise the one-sentence error if
+    it must not run. ``overrides``: the command line's (None: ``cfg`` is the whole intent)."""
+    check_output_location(run_dir)
+    check_free(run_dir)
+    last = run_dir / "checkpoints" / LAST
+    resume = cfg.trainer.resume or (requeued() and last.exists())
+    if not resume:
+        if (run_dir / RESULTS_FILE).exists():
+            raise ConfigError(
+                f"{run_dir} already holds a finished run; pass trainer.resume=true with a larger trainer.max_steps to "
+                f"extend it, or choose another hydra.run.dir"
+            )
+        if holds_run(run_dir):
+            hint = "" if last.exists() else " (it stopped before its first checkpoint: delete the folder to start it again)"
+            raise ConfigError(f"{run_dir} already holds a run{hint}; pass trainer.resume=true to continue it, "
+                              f"or choose another hydra.run.dir")
+        return RunPlan(cfg, resume=False)
+    if not last.exists():
+        raise CheckpointError(f"trainer.resume=true but {last} does not exist; nothing to resume")
+    payload = load_checkpoint(last)
+    best = run_dir / "checkpoints" / BEST
+    if best.exists():
+        check_best(best)
+    effective, changes = resume_config(cfg, run_dir, payload.get("config", {}), overrides, saved_choices(run_dir))
+    best_missing = payload["progress"].get("best_step") is not None and not best.exists()
+    return RunPlan(effective, resume=True, changes=changes, best_missing=best_missing)
+
+
+def saved_choices(run_dir: Path) -> dict[str, str]:
+    """The config-group options the run was made with (``{"model": "bnlstm", ...}``): from its
+    first launch in history.jsonl, else from Hydra's record of it; {} if neither says."""
+    for record in read_history(run_dir):
+        if record.get("choices"):
+            return record["choices"]
+    try:
+        return dict(OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra.runtime.choices)
+    except Exception:  # absent or unreadable: the groups are then compared key by key
+        return {}
+
+
+def read_history(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / HISTORY_FILE
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def record_event(run_dir: Path, event: str, step: int, **details: Any) -> None:
+    """Append one line to history.jsonl: event (start, resume, finished, stopped, failed),
+    step, time, host, pid, and ``details`` (the command, accepted changes, the reason...)."""
+    record = {"event": event, "step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "host": socket.gethostname(), "pid": os.getpid(), **details}
+    with open(run_dir / HISTORY_FILE, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, default=str) + "\n")

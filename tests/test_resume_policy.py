@@ -1,0 +1,142 @@
+"""A resume continues the run as it was made, with exactly the changes given, recorded.
+
+``Launch(overrides=...)`` is what ``bnrnn train`` passes: the command line's overrides, so
+that only those apply over the run's own config.yaml (docs/reliability.md, "Resuming").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from bnrnn.checkpoint import load_checkpoint
+from bnrnn.errors import ConfigError
+from bnrnn.runfolder import read_history
+from bnrnn.runlock import LOCK_FILE, RunBusyError, RunLock
+from bnrnn.train import Launch, train
+from conftest import SMALL_MNIST, compose
+
+
+def first_run(root: Path, run: Path, *overrides: str) -> list[str]:
+    """Train 4 steps with SMALL_MNIST on ``root``; return the overrides used."""
+    args = [f"data.root={root}", "data.download=false", *SMALL_MNIST, "trainer.max_steps=4",
+            "trainer.test_at_end=false", *overrides]
+    launch = Launch(overrides=args, choices={"task": "seqmnist", "model": "bnlstm", "trainer": "rmsprop",
+                                             "device": "auto", "experiment": None}, new_folder=True)
+    train(compose(args), run, launch)
+    return args
+
+
+def resume(run: Path, *overrides: str) -> dict:
+    """What ``bnrnn train hydra.run.dir=RUN trainer.resume=true OVERRIDES`` does: a config
+    composed from those overrides alone (defaults elsewhere), the overrides passed along."""
+    args = ["trainer.resume=true", *overrides]
+    return train(compose(args), run, Launch(overrides=args))
+
+
+def test_the_readme_resume_command_continues_with_the_runs_own_settings(fake_mnist, tmp_path):
+    run = tmp_path / "run"
+    first_run(fake_mnist, run)
+    before = (run / "config.yaml").read_text()
+    results = resume(run, "trainer.max_steps=6")  # no data.root, no sizes: the run's own are kept
+    assert results["steps"] == 6
+    after = (run / "config.yaml").read_text()
+    assert after == before.replace("max_steps: 4", "max_steps: 6").replace("resume: false", "resume: true")
+    history = read_history(run)
+    assert [r["event"] for r in history] == ["start", "finished", "resume", "finished"]
+    assert history[2]["step"] == 4 and history[2]["changes"] == {"trainer.max_steps": [4, 6]}
+
+
+def test_a_new_learning_rate_takes_effect_and_is_recorded(fake_mnist, tmp_path):
+    run = tmp_path / "run"
+    first_run(fake_mnist, run)
+    resume(run, "trainer.max_steps=6", "trainer.lr=0.002")
+    payload = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert [g["lr"] for g in payload["optimizer"]["param_groups"]] == [0.002]
+    assert payload["config"]["trainer"]["lr"] == 0.002
+    assert read_history(run)[-2]["changes"] == {"trainer.lr": [0.001, 0.002], "trainer.max_steps": [4, 6]}
+
+
+def test_a_hand_edit_of_config_yaml_is_applied_and_recorded(fake_mnist, tmp_path):
+    run = tmp_path / "run"
+    first_run(fake_mnist, run)
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("lr: 0.001", "lr: 0.002").replace("max_steps: 4", "max_steps: 5"))
+    resume(run)
+    payload = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert payload["progress"]["step"] == 5
+    assert payload["optimizer"]["param_groups"][0]["lr"] == 0.002
+    assert read_history(run)[-2]["changes"] == {"trainer.lr": [0.001, 0.002], "trainer.max_steps": [4, 5]}
+
+
+def test_the_runs_own_group_option_changes_nothing(fake_mnist, tmp_path):
+    run = tmp_path / "run"
+    first_run(fake_mnist, run)
+    # model=bnlstm is the run's choice: it does not bring back bnlstm.yaml's hidden_size of 100
+    resume(run, "model=bnlstm", "trainer.max_steps=5")
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["config"]["model"]["hidden_size"] == 8
+
+
+def test_momentum_switched_on_at_a_resume_gets_its_buffer(fake_mnist, tmp_path):
+    run = tmp_path / "run"
+    first_run(fake_mnist, run, "trainer=rmsprop_authors")  # momentum 0: no buffer in the saved state
+    resume(run, "trainer.max_steps=6", "trainer.momentum=0.5")
+    payload = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert payload["optimizer"]["param_groups"][0]["momentum"] == 0.5
+    assert all("momentum_buffer" in s for s in payload["optimizer"]["state"].values())
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over(fake_mnist, tmp_path):
+    run = tmp_path / "run"
+    first_run(fake_mnist, run)
+    (run / LOCK_FILE).write_text(json.dumps({"pid": 999999, "host": "gone", "since": "yesterday", "command": []}))
+    resume(run, "trainer.max_steps=5")
+    assert json.loads((run / LOCK_FILE).read_text())["pid"] == os.getpid()
+
+
+def test_a_live_lock_refuses_a_second_writer_naming_it(fake_mnist, tmp_path):
+    run = tmp_path / "run"
+    first_run(fake_mnist, run)
+    with RunLock(run):
+        with pytest.raises(RunBusyError, match=rf"another bnrnn process is writing to {run} \(pid {os.getpid()} on "):
+            resume(run, "trainer.max_steps=5")
+    assert read_history(run)[-1]["event"] == "finished"  # the refused launch recorded nothing
+
+
+def test_a_missing_best_checkpoint_is_chosen_again(fake_mnist, tmp_path):
+    run = tmp_path / "run"
+    first_run(fake_mnist, run)
+    (run / "checkpoints" / "best.pt").unlink()
+    results = resume(run, "trainer.max_steps=6", "trainer.test_at_end=true")
+    assert results["best_step"] == 6 and (run / "checkpoints" / "best.pt").is_file()
+    assert "test_accuracy" in results
+
+
+def test_a_start_up_error_removes_the_folder_it_created(tmp_path):
+    from conftest import make_fake_mnist
+    from bnrnn.errors import DataError
+
+    root = make_fake_mnist(tmp_path / "data", n_train=96, n_test=8)
+    (root / "MNIST" / "raw" / "t10k-images-idx3-ubyte.gz").write_bytes(b"not gzip")
+    with pytest.raises(DataError, match="t10k-images-idx3-ubyte.gz is corrupt"):
+        first_run(root, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_config_error_in_a_resume_names_the_key(fake_mnist, tmp_path):
+    run = tmp_path / "run"
+    first_run(fake_mnist, run)
+    with pytest.raises(ConfigError, match="trainer.lr=-1.0 is invalid"):
+        resume(run, "trainer.lr=-1")
+
+
+def test_the_docs_list_every_key_the_resume_policy_fixes():
+    from bnrnn.resume import FIXED_ON_RESUME, INIT_ONLY
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "reliability.md").read_text()
+    for key in [*FIXED_ON_RESUME, *INIT_ONLY]:
+        assert f"`{key}`" in docs, key
+    for reason in set(FIXED_ON_RESUME.values()):
+        assert reason in docs, reason

@@ -1,0 +1,323 @@
+"""What a user may do wrong, and what they get: one table, run as real ``bnrnn`` processes.
+
+Each row is one case from the hostile-but-realistic tries of issue 20: the command, the
+exit status, the one sentence the error must say (a regular expression), and the files
+that must come out untouched (byte for byte) or must not exist. README.md's reliability
+table points here. The behaviour cases (a resume that applies what it says, the metric
+window, signals) follow the table.
+
+Cases that need a user without root's override (unreadable data, unwritable folders) drop
+that override (``setpriv``) when the tests run as root, and skip with the reason when they cannot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+from conftest import make_fake_mnist, make_fake_ptb, write_idx
+
+TINY = ["data.root={data}", "data.download=false", "model.hidden_size=8", "task.batch_size=16",
+        "task.eval_batch_size=16", "task.valid_size=32", "trainer.max_steps=4", "trainer.eval_every=2",
+        "trainer.log_every=1", "trainer.progress=off", "device=cpu"]
+# root's override of file permissions (CAP_DAC_*), dropped for the cases that need a plain user
+NO_OVERRIDE = ["setpriv", "--inh-caps=-dac_override,-dac_read_search", "--bounding-set=-dac_override,-dac_read_search"]
+
+
+def bnrnn(args: list[str], cwd: Path, as_user: bool = False, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``bnrnn ARGS``; ``as_user``: without root's override of file permissions."""
+    prefix = NO_OVERRIDE if as_user and os.geteuid() == 0 else []
+    return subprocess.run([*prefix, sys.executable, "-m", "bnrnn.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@dataclass
+class Where:
+    """The paths one case works in (all under a fresh folder)."""
+
+    tmp: Path
+    data: Path
+    run: Path
+
+    def fill(self, text: str) -> str:
+        return text.format(tmp=self.tmp, data=self.data, run=self.run)
+
+
+@dataclass
+class Case:
+    id: str
+    args: list[str]
+    status: int
+    sentence: str | tuple[str, ...]  # regex(es) searched in the error line (in all of stderr if not one_line)
+    prepare: Callable[[Where], object] | None = None
+    untouched: tuple[str, ...] = ()  # folders (relative to tmp) whose every file must keep its bytes
+    absent: tuple[str, ...] = ()  # paths (relative to tmp) that must not exist afterwards
+    as_user: bool = False
+    one_line: bool = True  # the error is a single "bnrnn: error: ..." line
+
+
+# ---------------------------------------------------------------- situations a case starts from
+
+FINISHED: dict[str, Path] = {}  # filled once per session by the `finished_run` fixture
+
+
+def finished(where: Where) -> None:
+    """A run of TINY that ran to its end (4 steps, best.pt, last.pt, results.json)."""
+    shutil.copytree(FINISHED["run"], where.run)
+
+
+def checkpointed(where: Where) -> None:
+    """A run stopped after its last checkpoint, before its end (no results.json)."""
+    finished(where)
+    (where.run / "results.json").unlink()
+
+
+def edited(**changes: str) -> Callable[[Where], None]:
+    def prepare(where: Where) -> None:
+        checkpointed(where)
+        text = (where.run / "config.yaml").read_text()
+        for old, new in changes.items():
+            text = text.replace(old, new)
+        (where.run / "config.yaml").write_text(text)
+    return prepare
+
+
+def truncated(name: str) -> Callable[[Where], None]:
+    def prepare(where: Where) -> None:
+        checkpointed(where)
+        path = where.run / "checkpoints" / name
+        path.write_bytes(path.read_bytes()[:1000])
+    return prepare
+
+
+def no_checkpoint(where: Where) -> None:
+    """A run killed before its first checkpoint: logs, but no checkpoints/."""
+    checkpointed(where)
+    shutil.rmtree(where.run / "checkpoints")
+
+
+def held(where: Where):
+    """A live process (this test) is writing to the run."""
+    from bnrnn.runlock import RunLock
+
+    checkpointed(where)
+    return RunLock(where.run).acquire()
+
+
+def bad_test_label(where: Where) -> None:
+    raw = where.data / "MNIST" / "raw"
+    labels = torch.randint(0, 10, (32,), dtype=torch.uint8)
+    labels[17] = 12
+    write_idx(raw / "t10k-labels-idx1-ubyte.gz", labels)
+
+
+def file_in_the_way(where: Where) -> None:
+    (where.tmp / "a-file").write_text("")
+
+
+def missing_file(where: Where) -> None:
+    (where.data / "MNIST" / "raw" / "train-images-idx3-ubyte.gz").unlink()
+
+
+def two_runs_one_unreadable(where: Where) -> None:
+    shutil.copytree(FINISHED["run"], where.tmp / "runs" / "good")
+    shutil.copytree(FINISHED["run"], where.tmp / "runs" / "broken")
+    (where.tmp / "runs" / "broken" / "config.yaml").write_text("model: [unclosed\n")
+
+
+def odd_records(where: Where) -> None:
+    finished(where)
+    with open(where.run / "metrics.jsonl", "a") as f:
+        f.write("[1, 2]\n")
+        f.write(json.dumps({"split": "valid", "step": "abc", "accuracy": 2.0}) + "\n")
+    (where.run / "results.json").write_text("[]")
+
+
+def unreadable(relative: str) -> Callable[[Where], None]:
+    def prepare(where: Where) -> None:
+        if relative.startswith("ptb"):
+            make_fake_ptb(where.data, sizes=(600, 200, 200))
+        os.chmod(where.data / relative, 0)
+    return prepare
+
+
+def unwritable_out(where: Where) -> None:
+    (where.tmp / "locked").mkdir()
+    os.chmod(where.tmp / "locked", 0o555)
+
+
+T = ["train", *TINY]
+RESUME = [*T, "hydra.run.dir={run}", "trainer.resume=true"]
+NEW = [*T, "hydra.run.dir={run}"]
+
+CASES = [
+    # -- a launch into a run folder that is taken: refused, the run's record untouched
+    Case("finished run, no resume", NEW, 2, r"already holds a finished run; pass trainer.resume=true",
+         finished, untouched=("run",)),
+    Case("run stopped before its first checkpoint", NEW, 2, r"stopped before its first checkpoint",
+         no_checkpoint, untouched=("run",)),
+    Case("second writer", NEW, 2, r"another bnrnn process is writing to .*\(pid \d+ on ", held, untouched=("run",)),
+    Case("second writer, resuming", RESUME, 2, r"another bnrnn process is writing to", held, untouched=("run",)),
+    # -- a resume that would change what the checkpoint means: refused, naming the key and why
+    Case("resume, another batch size", [*RESUME, "task.batch_size=32"], 2,
+         r"cannot resume .* with task.batch_size 16 -> 32 \(the checkpoint's place in the data", checkpointed,
+         untouched=("run",)),
+    Case("resume, another seed", [*RESUME, "seed=2"], 2, r"seed 1 -> 2 \(the data order", checkpointed,
+         untouched=("run",)),
+    Case("resume, another model group", [*RESUME, "model=lstm"], 2, r"model.name bnlstm -> lstm", checkpointed,
+         untouched=("run",)),
+    Case("resume, an init-only key", [*RESUME, "model.gamma_init=0.5"], 2,
+         r"model.gamma_init 0.1 -> 0.5 \(used only to initialise the weights: it would have no effect\)",
+         checkpointed, untouched=("run",)),
+    Case("resume, an experiment preset", [*RESUME, "experiment=paper_seqmnist"], 2,
+         r"experiment=paper_seqmnist on a resume would replace the run's settings", checkpointed,
+         untouched=("run",)),
+    Case("resume, config.yaml edited to another shape", ["train", "hydra.run.dir={run}", "trainer.resume=true"], 2,
+         r"model.hidden_size 8 -> 9 \(.*, edited in .*config.yaml\)", edited(**{"hidden_size: 8": "hidden_size: 9"}),
+         untouched=("run",)),
+    Case("resume, config.yaml malformed", ["train", "hydra.run.dir={run}", "trainer.resume=true"], 2,
+         r"config.yaml is not a readable config .*; fix it, or delete it", edited(**{"model:": "model: [oops"}),
+         untouched=("run",)),
+    Case("resume, truncated best.pt", RESUME, 2,
+         r"best.pt is not a readable checkpoint .*; delete it to resume", truncated("best.pt"), untouched=("run",)),
+    Case("resume, truncated last.pt", RESUME, 2, r"last.pt is not a readable checkpoint", truncated("last.pt"),
+         untouched=("run",)),
+    Case("resume, no checkpoint", RESUME, 2, r"trainer.resume=true but .*last.pt does not exist", no_checkpoint,
+         untouched=("run",)),
+    # -- errors found before the work, leaving nothing behind
+    Case("test label out of range", NEW, 2, r"t10k-labels-idx1-ubyte.gz holds label 12 at index 17 .*labels are 0-9",
+         bad_test_label, absent=("run",)),
+    Case("missing data file", NEW, 2, r"MNIST not found: .* lacks train-images-idx3-ubyte.gz", missing_file,
+         absent=("run",)),
+    Case("no validation split", [*NEW, "task.valid_size=0"], 2, r"task.valid_size=0 is invalid: it must be a positive",
+         absent=("run",)),
+    Case("a bad job in a sweep", [*T, "-m", "trainer.lr=1e-3,nan", "hydra.sweep.dir={tmp}/sweep"], 2,
+         r"job 1 of the sweep \(.*trainer.lr=nan.*\): trainer.lr=nan is invalid", absent=("sweep",)),
+    Case("an interval sweep without a sweeper that draws", [*T, "-m", "trainer.lr=interval(0.1,0.2)",
+                                                             "hydra.sweep.dir={tmp}/sweep"], 2,
+         r"interval\(\.\.\.\) sweeps need a sweeper that draws values", absent=("sweep",)),
+    Case("a list where one value is wanted", [*NEW, "model.hidden_size=8,9"], 2,
+         r"Ambiguous value for argument 'model.hidden_size=8,9'", absent=("run",)),
+    Case("batch larger than the data", [*NEW, "task.train_limit=40", "task.batch_size=64"], 2,
+         r"task.train_limit=40 leaves 40 training images, fewer than one batch of task.batch_size=64", absent=("run",)),
+    Case("batch larger than the data, by epochs", [*NEW, "task.train_limit=40", "task.batch_size=64",
+                                                   "trainer.max_steps=null", "trainer.max_epochs=1"], 2,
+         r"fewer than one batch", absent=("run",)),
+    Case("infinite h0 noise", [*NEW, "model.h0_noise=inf"], 2, r"model.h0_noise=inf is invalid: it must be a finite",
+         absent=("run",)),
+    Case("NaN forget bias", [*NEW, "model.forget_bias=nan"], 2, r"model.forget_bias=nan is invalid", absent=("run",)),
+    Case("infinite momentum", [*NEW, "trainer.momentum=inf"], 2, r"trainer.momentum=inf is invalid", absent=("run",)),
+    Case("seed beyond 64 bits", [*NEW, "seed=99999999999999999999"], 2, r"seed", absent=("run",)),
+    Case("a model too large for memory", [*NEW, "model.hidden_size=1000000"], 2,
+         r"model.hidden_size=1000000: the model does not fit in memory", absent=("run",)),
+    Case("an override with no key", ["train", "=5", "hydra.run.dir={run}"], 2, r"the override '=5' names no key; write key=value",
+         absent=("run",)),
+    Case("run folder under a file", [*T, "hydra.run.dir={tmp}/a-file/run"], 2,
+         r"cannot be created: .*a-file is a file", file_in_the_way, untouched=("a-file",)),
+    # -- divergence before the first checkpoint says so
+    Case("diverged before any checkpoint", [*NEW, "trainer.lr=1e30"], 2,
+         r"training diverged: .*; no checkpoint was written yet"),
+    # -- eval and report
+    Case("eval --out a file", ["eval", "{run}", "--out", "{tmp}/a-file"], 2,
+         r"the output folder \(--out\) .*a-file is a file, not a folder", lambda w: (finished(w), file_in_the_way(w)),
+         untouched=("run", "a-file")),
+    Case("report --out a file", ["report", "{run}", "--out", "{tmp}/a-file"], 2,
+         r"the output folder \(--out\) .*a-file is a file, not a folder", lambda w: (finished(w), file_in_the_way(w)),
+         untouched=("run", "a-file")),
+    Case("eval, malformed config.yaml", ["eval", "{run}"], 2, r"config.yaml is not a readable config",
+         edited(**{"model:": "model: [oops"}), untouched=("run",)),
+    Case("report, one unreadable run among two", ["report", "{tmp}/runs", "--out", "{tmp}/report"], 0,
+         r"left out of the report: .*broken/config.yaml is not a readable config", two_runs_one_unreadable,
+         one_line=False),
+    Case("report, odd records", ["report", "{run}", "--out", "{tmp}/report"], 0,
+         (r"metrics.jsonl: 2 line\(s\) skipped \(not a record with an integer step\)",
+          r"results.json holds no results object"), odd_records, one_line=False),
+    # -- a user without root's override
+    Case("unreadable data.root", NEW, 2, r"cannot read .*data.*\(Permission denied\)", unreadable("."),
+         absent=("run",), as_user=True),
+    Case("unreadable .gz is not corrupt", NEW, 2,
+         r"cannot read .*train-labels-idx1-ubyte.gz \(Permission denied\)",
+         unreadable("MNIST/raw/train-labels-idx1-ubyte.gz"), absent=("run",), as_user=True),
+    Case("unreadable PTB file", ["train", "task=ptb", "data.root={data}", "data.download=false", "task.seq_len=20",
+                                 "task.batch_size=4", "model.hidden_size=8", "hydra.run.dir={run}"], 2,
+         r"cannot read .*ptb.char.valid.txt \(Permission denied\)", unreadable("ptb/ptb.char.valid.txt"),
+         absent=("run",), as_user=True),
+    Case("unwritable output folder", [*T, "hydra.run.dir={tmp}/locked/run"], 2,
+         r"the run folder .*locked/run is not writable", unwritable_out, as_user=True),
+]
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("finished")
+    data = make_fake_mnist(base / "data")
+    run = base / "run"
+    done = bnrnn([fill_all(a, base, data, run) for a in NEW], cwd=base)
+    assert done.returncode == 0, done.stderr
+    FINISHED["run"], FINISHED["data"] = run, data
+    return run
+
+
+def fill_all(text: str, tmp: Path, data: Path, run: Path) -> str:
+    return Where(tmp, data, run).fill(text)
+
+
+@pytest.fixture(scope="session")
+def permissions_bind() -> str | None:
+    """None if file permissions can be made to bind here (not root, or root able to drop its
+    override with setpriv); else why not."""
+    if os.geteuid() != 0:
+        return None
+    if shutil.which("setpriv") is None:
+        return "running as root without util-linux's setpriv: file permissions do not bind"
+    return None
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_a_user_case(case: Case, finished_run, permissions_bind, tmp_path):
+    if case.as_user and permissions_bind:
+        pytest.skip(permissions_bind)
+    tmp = tmp_path
+    where = Where(tmp, tmp / "data", tmp / "run")
+    shutil.copytree(FINISHED["data"], where.data)
+    holder = case.prepare(where) if case.prepare else None
+    try:
+        before = {name: file_hashes(tmp / name) if (tmp / name).is_dir() else (tmp / name).read_bytes()
+                  for name in case.untouched}
+        result = bnrnn([where.fill(a) for a in case.args], cwd=tmp, as_user=case.as_user)
+    finally:
+        if hasattr(holder, "release"):
+            holder.release()
+        for path in tmp.rglob("*"):  # give back what a case made unreadable, for the cleanup
+            if not path.is_symlink():
+                os.chmod(path, 0o755)
+    assert result.returncode == case.status, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr[-3000:]
+    text = result.stderr
+    if case.one_line:
+        errors = [line for line in result.stderr.splitlines() if line.startswith("bnrnn: error:")]
+        assert len(errors) == 1, result.stderr[-3000:]
+        text = errors[0]
+    for sentence in (case.sentence,) if isinstance(case.sentence, str) else case.sentence:
+        assert re.search(sentence, text), text[-3000:]
+    for name, old in before.items():
+        now = file_hashes(tmp / name) if (tmp / name).is_dir() else (tmp / name).read_bytes()
+        assert now == old, f"{name} changed"
+    for name in case.absent:
+        assert not (tmp / name).exists(), f"{name} was left behind: {list((tmp / name).rglob('*'))}"
