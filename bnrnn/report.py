@@ -130,12 +130,16 @@ def find_runs(paths: list[Path]) -> list[Run]:
         if not path.exists():
             raise BnrnnError(f"{path} does not exist")
         found += sorted(p.parent for p in path.rglob("metrics.jsonl"))
-    runs = []
+    runs, left_out = [], 0
     for folder in dict.fromkeys(found):
         try:
             runs.append(read_run(folder))
         except (BnrnnError, OSError) as exc:
             log.warning("left out of the report: %s", exc)
+            left_out += 1
+    if left_out and not runs:
+        raise BnrnnError(f"none of the {left_out} run folder(s) under {', '.join(map(str, paths))} could be read "
+                         f"(the warnings above say why)")
     return runs
 
 

@@ -26,7 +26,6 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from bnrnn.checkpoint import load_checkpoint
 from bnrnn.errors import CheckpointError, ConfigError
 from bnrnn.resume import CONFIG_FILE, resume_config
 from bnrnn.runlock import check_free
@@ -90,6 +89,8 @@ def make_writable_folder(folder: Path, what: str) -> None:
 
 
 def check_best(path: Path) -> None:
+    from bnrnn.checkpoint import load_checkpoint
+
     try:
         load_checkpoint(path)
     except CheckpointError as exc:
@@ -118,6 +119,9 @@ def plan_run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None)
         return RunPlan(cfg, resume=False)
     if not last.exists():
         raise CheckpointError(f"trainer.resume=true but {last} does not exist; nothing to resume")
+    # Imported here: torch takes seconds to import, and a launch refused above should not wait for it.
+    from bnrnn.checkpoint import load_checkpoint
+
     payload = load_checkpoint(last)
     best = run_dir / "checkpoints" / BEST
     if best.exists():
