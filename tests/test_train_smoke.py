@@ -82,7 +82,8 @@ def test_resume_without_a_checkpoint_says_so(small_mnist_cfg, tmp_path):
 
 def test_resume_with_a_different_model_shape_is_refused(small_mnist_cfg, tmp_path):
     train(small_mnist_cfg("trainer.max_steps=1"), tmp_path)
-    with pytest.raises(CheckpointError, match=r"cannot resume .* with model.hidden_size 8 -> 9 \(the checkpoint.s weights have another shape"):
+    refusal = r"cannot resume .* with model.hidden_size 8 -> 9 \(the checkpoint.s weights have another shape"
+    with pytest.raises(CheckpointError, match=refusal):
         train(small_mnist_cfg("trainer.max_steps=2", "trainer.resume=true", "model.hidden_size=9"), tmp_path)
 
 
