@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bnrnn.nn import BNLSTM, cpu_kernels
+from bnrnn.nn import BNLSTM, cpu_extension
 from bnrnn.nn.workspace import WORKSPACE
 
 TOLERANCE = 1e-5  # max |fast - reference| / max |reference| per tensor, our paths against our reference
@@ -70,20 +70,20 @@ MODELS = {
     "ours vanilla": VANILLA,
     "BN-input": BN_INPUT,
     "BN-LSTM": {},
-    "BN-LSTM reference": dict(fused=False),
+    "BN-LSTM reference": dict(backend="reference"),
 }
 # The rows the training table's ratio columns are relative to.
 BASES = ("nn.LSTM", "ours vanilla")
-# On a GPU, also the fast path's parts: the Triton kernels launched step by step (no CUDA
-# graphs), and the CPU fast path's ATen loop.
+# On a GPU, also the triton backend's parts: its kernels launched step by step (no CUDA
+# graphs), and the aten backend it replaces.
 GPU_VARIANTS = {
     "ours vanilla, no graphs": dict(VANILLA, cuda_graphs=False),
     "BN-LSTM, no graphs": dict(cuda_graphs=False),
-    "BN-LSTM, ATen loop": dict(gpu_kernels=False),
+    "BN-LSTM, aten backend": dict(backend="aten"),
 }
-# On the CPU, the ATen loop the compiled one replaces.
+# On the CPU, the aten backend the cpu backend replaces.
 CPU_VARIANTS = {
-    "BN-LSTM, ATen loop": dict(cpu_kernels=False),
+    "BN-LSTM, aten backend": dict(backend="aten"),
 }
 
 
@@ -219,7 +219,7 @@ def numerics_check(shape: Shape, device: torch.device) -> list[tuple[str, float,
     for model in ("ours vanilla", "BN-input", *(m for m in variants(device) if "no graphs" not in m), "BN-LSTM"):
         fast = build(model, shape, device).train()
         ref = copy.deepcopy(fast).double()
-        ref.fused = False
+        ref.backend = "reference"
         errors = compare_training(fast, ref, x, weight)
         worst = max(errors, key=errors.get)
         results.append((f"{model} fast vs float64 reference (output, grads, population; worst: {worst})",
@@ -340,7 +340,7 @@ def bench_shape(shape: Shape, models: list[str], device: torch.device, warmup: i
     infer_layers = {"nn.LSTM": layers.get("nn.LSTM") or build("nn.LSTM", shape, device)}
     folded = build("BN-LSTM", shape, device).eval()
     unfolded = copy.deepcopy(folded)
-    unfolded.fused = False
+    unfolded.backend = "reference"
     infer_layers["BN-LSTM folded"] = folded
     infer_layers["BN-LSTM unfolded"] = unfolded
 
@@ -389,9 +389,9 @@ def format_report(results: list[dict], checks: list[tuple[str, str, float, float
 def cpu_gemms() -> str:
     """Which GEMMs the compiled CPU loops use here: the ratios depend on it (on an AMD CPU
     torch's MKL runs its AVX2 code, the extension's own kernel AVX-512)."""
-    if not cpu_kernels.load():
-        return "compiled loops unavailable (ATen loop)"
-    return "loops' float32 GEMMs: bnrnn's AVX-512 kernel" if cpu_kernels.own_gemm() else "loops' GEMMs: torch's BLAS"
+    if not cpu_extension.load():
+        return "compiled loops unavailable (aten backend)"
+    return "loops' float32 GEMMs: bnrnn's AVX-512 kernel" if cpu_extension.own_gemm() else "loops' GEMMs: torch's BLAS"
 
 
 def main(argv: list[str] | None = None) -> int:

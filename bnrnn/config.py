@@ -60,10 +60,8 @@ class ModelConfig:
     t_max: Optional[int] = None
     init: str = "orthogonal"  # orthogonal | identity_g (the authors' --init id)
     embedding_size: Optional[int] = None
-    fused: bool = True
-    gpu_kernels: bool = True
+    backend: str = "auto"  # auto | triton | cpu | aten | reference (bnrnn.nn.backends)
     cuda_graphs: bool = True
-    cpu_kernels: bool = True
 
 
 @dataclass
@@ -131,6 +129,7 @@ CHOICES = {
     "trainer.progress": ("auto", "on", "off"),
     "device.name": ("auto", "cpu", "cuda"),
     "model.init": ("orthogonal", "identity_g"),
+    "model.backend": ("auto", "triton", "cpu", "aten", "reference"),
     "trainer.select_on": ("batch", "ema", "reestimated"),
 }
 STATISTICS_MODES = CHOICES["trainer.select_on"]
@@ -212,6 +211,26 @@ def leaves(cfg: DictConfig, prefix: str = "") -> list[tuple[str, Any]]:
             if OmegaConf.is_list(value):
                 out.extend((f"{path}[{i}]", item) for i, item in enumerate(value))
     return out
+
+
+def without_unknown_keys(saved: DictConfig | dict) -> tuple[DictConfig, list[str]]:
+    """A saved config (a run's config.yaml, a checkpoint's) without the keys this version of
+    the schema does not have (a setting since renamed or removed), and the keys dropped, so
+    that older runs can still be resumed and evaluated."""
+    schema = OmegaConf.structured(TrainConfig)
+    saved = OmegaConf.create(saved) if isinstance(saved, dict) else saved.copy()
+    dropped = []
+
+    def prune(node: DictConfig, known, prefix: str) -> None:
+        for key in list(node.keys()):
+            if key not in known:
+                dropped.append(prefix + str(key))
+                del node[key]
+            elif isinstance(node[key], DictConfig) and isinstance(known[key], DictConfig):
+                prune(node[key], known[key], f"{prefix}{key}.")
+
+    prune(saved, schema, "")
+    return saved, dropped
 
 
 def read_yaml_mapping(path, remedy: str) -> DictConfig:

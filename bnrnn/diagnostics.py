@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnrnn.nn.timebn import TimeBatchNorm
+from bnrnn.nn.reference import TimeBatchNorm
 
 # A batch variance below this many eps counts as collapsed (BN's gain is then within ~3x
 # of its maximum gamma / sqrt(eps)).

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bnrnn.checkpoint import load_checkpoint
-from bnrnn.config import load_config, read_yaml_mapping
+from bnrnn.config import load_config, read_yaml_mapping, without_unknown_keys
 from bnrnn.device import resolve_device
 from bnrnn.errors import BnrnnError, CheckpointError
 from bnrnn.nn.population import time_norms
@@ -99,7 +99,9 @@ def evaluate_run(
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
         raise BnrnnError(f"{run_dir} is not a bnrnn run folder (no config.yaml)")
-    cfg = read_yaml_mapping(config_file, "fix it: bnrnn eval reads the run's settings from it")
+    cfg, dropped = without_unknown_keys(read_yaml_mapping(config_file, "fix it: bnrnn eval reads the run's settings from it"))
+    if dropped:
+        log.warning("%s: settings this version no longer has are ignored: %s", config_file, ", ".join(dropped))
     if data_root is not None:
         cfg.data.root = data_root
     if device_name is not None:
@@ -112,7 +114,8 @@ def evaluate_run(
     make_writable_folder(out_dir, "the output folder (--out)")  # before the work, not after it
     payload = load_checkpoint(ckpt_path)
     device = resolve_device(cfg.device.name)
-    task = build_task(cfg, run_dir)
+    task = build_task(cfg)
+    task.keep_artifacts(run_dir)  # the run's pixel order / vocabulary must be the data's
     if lengths and not hasattr(task, "evaluate_lengths"):
         raise BnrnnError(f"--lengths needs a language-modelling task; {run_dir} trained on {cfg.task.name}")
     model = task.build_model(cfg.model).to(device)

@@ -31,6 +31,7 @@ from torch import nn
 from bnrnn.data.mnist import load_mnist, to_sequences
 from bnrnn.errors import BnrnnError
 from bnrnn.nn import BNLSTM, TimeBatchNorm
+from bnrnn.nn.reference import reference_forward
 
 GAMMAS = (0.1, 0.3, 0.5, 0.7, 1.0)
 
@@ -76,7 +77,7 @@ def hidden_gradient_norms(kind: str, gamma: float, x: torch.Tensor, y: torch.Ten
     else:
         # A little h0 noise, as in training: with a shared h0 and black leading pixels the
         # batch variance of W_h h is 0 and BN's gain would make these gradients meaningless.
-        rnn = BNLSTM(x.shape[2], hidden, T, gamma_init=gamma, h0_noise=0.1, fused=False)
+        rnn = BNLSTM(x.shape[2], hidden, T, gamma_init=gamma, h0_noise=0.1)
     head = nn.Linear(hidden, 10)
     rnn.train()
     states: list[torch.Tensor] = []
@@ -88,7 +89,7 @@ def hidden_gradient_norms(kind: str, gamma: float, x: torch.Tensor, y: torch.Ten
     if kind == "tanh":
         h_last = rnn(x, step_hook=keep)
     else:
-        _, (h_last, _) = rnn.forward_reference(x, step_hook=keep)
+        _, (h_last, _) = reference_forward(rnn, x, step_hook=keep)
     nn.functional.cross_entropy(head(h_last), y).backward()
     return np.array([h.grad.norm().item() for h in states])
 

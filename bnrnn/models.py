@@ -21,9 +21,7 @@ def build_rnn(model_cfg: DictConfig, input_size: int, train_length: int) -> BNLS
         eps=model_cfg.eps,
         forget_bias=model_cfg.forget_bias,
         h0_noise=model_cfg.h0_noise,
-        fused=model_cfg.fused,
-        gpu_kernels=model_cfg.gpu_kernels,
+        backend=model_cfg.backend,
         cuda_graphs=model_cfg.cuda_graphs,
-        cpu_kernels=model_cfg.cpu_kernels,
         init=model_cfg.init,
     )

@@ -8,6 +8,7 @@ steps. A second Ctrl-C stops at once (KeyboardInterrupt), for when a step hangs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
@@ -39,6 +40,8 @@ class StopRequest:
         self.signum: int | None = None
         self.previous: dict[int, object] = {}
         self.at_once: str | None = None
+        self.deferring = False  # inside deferred(): a second Ctrl-C waits for the block's end
+        self.interrupt_pending = False
 
     def stop_at_once(self, message: str) -> None:
         """From now on a signal raises :class:`Preempted` with ``message`` ({signal} is filled
@@ -57,12 +60,29 @@ class StopRequest:
 
     def handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            if self.deferring:
+                self.interrupt_pending = True
+                return
             raise KeyboardInterrupt
         self.signum = signum
         if self.at_once is not None:
             raise Preempted(self.at_once.format(signal=self.name), signum)
         log.warning("%s received: finishing the current step, then writing a checkpoint "
                     "(Ctrl-C again to stop at once)", signal.Signals(signum).name)
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """A block that a second Ctrl-C must not cut in two (a checkpoint being written: an
+        exception inside torch.save's writer leaves it a torn file and a confusing error);
+        the interrupt is raised when the block ends."""
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False
+        if self.interrupt_pending:
+            self.interrupt_pending = False
+            raise KeyboardInterrupt
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():

@@ -38,8 +38,8 @@ log = logging.getLogger("bnrnn")
 TABLE_STEPS = (1000, 5000, 10000)
 MODE_TABLE_STEPS = (1000, 2000, 5000, 10000)
 # Settings that never distinguish runs in a legend (paths, bookkeeping).
-IGNORED_KEYS = ("data.", "trainer.resume", "trainer.progress", "device.", "trainer.eval_batches", "model.fused",
-                "model.gpu_kernels", "model.cuda_graphs", "model.cpu_kernels",
+IGNORED_KEYS = ("data.", "trainer.resume", "trainer.progress", "device.", "trainer.eval_batches", "model.backend",
+                "model.cuda_graphs",
                 "trainer.test_at_end", "trainer.log_every", "trainer.checkpoint_every", "trainer.max_bad_steps",
                 "trainer.eval_every", "trainer.max_steps", "trainer.max_epochs", "trainer.reestimate",
                 "trainer.valid_", "trainer.select_on")
@@ -63,7 +63,8 @@ class Run:
     @property
     def selection(self) -> tuple[str, str]:
         """(metric, "max" | "min"): the task's own model-selection rule."""
-        return task_class(str(self.config.get("task", {}).get("kind", "mnist"))).selection
+        kind = str(self.config.get("task", {}).get("kind", "mnist"))
+        return task_class(kind if kind in ("mnist", "ptb") else "mnist").selection
 
     @property
     def model(self) -> str:

@@ -18,13 +18,16 @@ is taken as a whole, and checked against the checkpoint's the same way.
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from bnrnn.config import GROUPS, load_config, read_yaml_mapping, typed_config
+from bnrnn.config import GROUPS, load_config, read_yaml_mapping, typed_config, without_unknown_keys
 from bnrnn.errors import CheckpointError, ConfigError
+
+log = logging.getLogger("bnrnn")
 
 CONFIG_FILE = "config.yaml"
 
@@ -73,6 +76,9 @@ def read_saved_config(run_dir: Path) -> DictConfig | None:
         return None
     remedy = "fix it, or delete it to resume with the settings saved in the checkpoint"
     loaded = read_yaml_mapping(path, remedy)
+    loaded, dropped = without_unknown_keys(loaded)
+    if dropped:
+        log.warning("%s: settings this version no longer has are ignored: %s", path, ", ".join(dropped))
     try:
         return typed_config(loaded)
     except ConfigError as exc:
@@ -127,7 +133,7 @@ def resume_config(requested: DictConfig, run_dir: Path, checkpoint_config: dict,
 
     CheckpointError naming every refused change (with where it came from) if there is one.
     """
-    at_checkpoint = typed_config(checkpoint_config)
+    at_checkpoint = typed_config(without_unknown_keys(checkpoint_config)[0])
     if overrides is None:
         effective, given = requested, None
     else:

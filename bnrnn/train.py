@@ -203,7 +203,8 @@ def start(plan: RunPlan, out_dir: Path) -> Run:
     device = resolve_device(cfg.device.name)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    task = build_task(cfg, out_dir)
+    task = build_task(cfg)
+    task.keep_artifacts(out_dir)
     model = build_model(task, cfg, device)
     optimizer = build_optimizer(tcfg, model.parameters())
     state = Progress()
@@ -264,6 +265,12 @@ class Run:
 
     def checkpoint(self, name: str) -> None:
         self.state.elapsed = self.logger.elapsed
+        with self.stop.deferred():
+            self.write_checkpoint(name)
+            if name == LAST:
+                self.saved_step = self.state.step
+
+    def write_checkpoint(self, name: str) -> None:
         save_checkpoint(self.ckpt_dir / name, {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -271,8 +278,6 @@ class Run:
             "rng": rng_state(),
             "config": OmegaConf.to_container(self.cfg),
         })
-        if name == LAST:
-            self.saved_step = self.state.step
 
     def last_checkpoint_note(self) -> str:
         if self.saved_step is None:

@@ -157,10 +157,26 @@ def small_mnist_cfg(fake_mnist):
 def require_compiled_cpu_loop() -> None:
     """Skip the calling test where the compiled CPU extension cannot be built (no C++
     compiler), but fail it in CI, which has one: there the compiled path must be tested."""
-    from bnrnn.nn import cpu_kernels
+    from bnrnn.nn import cpu_extension
 
-    if not cpu_kernels.load():
-        reason = f"the compiled CPU loop did not build: {cpu_kernels.failure()}"
+    if not cpu_extension.load():
+        reason = f"the compiled CPU loop did not build: {cpu_extension.failure()}"
         if os.environ.get("CI"):
             pytest.fail(reason)
         pytest.skip(reason)
+
+
+@pytest.fixture
+def limit_gemm():
+    """``limit_gemm("blas" | "aten")``: until the test ends, the compiled loops' GEMMs are at
+    best torch's BLAS (as on a CPU without AVX-512), or ATen's mm for everything."""
+    import contextlib
+
+    from bnrnn.nn import cpu_extension
+
+    with contextlib.ExitStack() as stack:
+        def limit(kind: str) -> None:
+            if cpu_extension.load():
+                stack.enter_context(cpu_extension.gemm_limit(kind))
+
+        yield limit

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bnrnn import bench
-from bnrnn.nn import cpu_kernels, cpu_recurrence, fused
+from bnrnn.nn import aten_recurrence, cpu_extension, cpu_recurrence
 
 
 def test_bench_prints_every_model_and_passes_its_numerics_check(capsys, tmp_path):
@@ -12,18 +12,18 @@ def test_bench_prints_every_model_and_passes_its_numerics_check(capsys, tmp_path
                          "--json", str(tmp_path / "bench.json")])
     out = capsys.readouterr().out
     assert status == 0, out
-    for model in ("nn.LSTM", "ours vanilla", "BN-input", "BN-LSTM", "BN-LSTM reference", "BN-LSTM, ATen loop"):
+    for model in ("nn.LSTM", "ours vanilla", "BN-input", "BN-LSTM", "BN-LSTM reference", "BN-LSTM, aten backend"):
         assert f"| 12,3,8,6 | {model} |" in out
     for row in ("BN-LSTM folded", "BN-LSTM unfolded"):
         assert f"| 12,3,8,6 | {row} |" in out
     assert "FAIL" not in out and out.count("  ok   12,3,8,6") == 6
-    assert "ok   12,3,8,6: BN-LSTM, ATen loop fast vs float64 reference" in out
+    assert "ok   12,3,8,6: BN-LSTM, aten backend fast vs float64 reference" in out
     # ratios are relative to nn.LSTM's own row
     assert "| 12,3,8,6 | nn.LSTM |" in out and "| 1.00 |" in out
     assert (tmp_path / "bench.json").stat().st_size > 0
 
 
-@pytest.mark.parametrize("module, forward", [(cpu_recurrence, "run_forward"), (fused, "recurrence_forward")],
+@pytest.mark.parametrize("module, forward", [(cpu_recurrence, "run_forward"), (aten_recurrence, "recurrence_forward")],
                          ids=["compiled", "aten"])
 def test_bench_exits_1_when_the_fast_path_disagrees_with_the_reference(monkeypatch, capsys, module, forward):
     real_forward = getattr(module, forward)
@@ -33,9 +33,8 @@ def test_bench_exits_1_when_the_fast_path_disagrees_with_the_reference(monkeypat
         return hs * (1 + 1e-3), cs, stats
 
     monkeypatch.setattr(module, forward, off_by_a_little)
-    if module is fused:  # the ATen loop runs where the compiled one is switched off
-        monkeypatch.setenv("BNRNN_CPU_KERNELS", "0")
-        monkeypatch.setattr(cpu_kernels, "_loaded", None)
+    if module is aten_recurrence:  # auto runs the aten backend where the compiled loops are unavailable
+        monkeypatch.setattr(cpu_extension, "_loaded", False)
     # on the CPU: that is the path perturbed here (a GPU runs the Triton kernels)
     status = bench.main(["--shape", "12,3,8,6", "--repeats", "1", "--warmup", "0", "--no-memory", "--device", "cpu"])
     captured = capsys.readouterr()
@@ -73,14 +72,13 @@ def test_ratios_pair_the_models_within_each_round():
     assert bench.ratio_text(result, "train", "reference", "nn.LSTM") == "5.00"
 
 
-def test_the_header_says_which_gemms_the_cpu_loops_use(monkeypatch):
+def test_the_header_says_which_gemms_the_cpu_loops_use():
     """The CPU ratios depend on who computes the loops' GEMMs (on an AMD CPU torch's MKL runs
     its AVX2 code): the header names the extension's own kernel or torch's BLAS."""
-    if not cpu_kernels.load():
-        assert bench.cpu_gemms() == "compiled loops unavailable (ATen loop)"
+    if not cpu_extension.load():
+        assert bench.cpu_gemms() == "compiled loops unavailable (aten backend)"
         return
-    monkeypatch.setenv("BNRNN_SMALL_GEMM", "0")
-    assert bench.cpu_gemms() == "loops' GEMMs: torch's BLAS"
-    monkeypatch.setenv("BNRNN_SMALL_GEMM", "1")
-    expected = "bnrnn's AVX-512 kernel" if cpu_kernels.own_gemm() else "torch's BLAS"
+    with cpu_extension.gemm_limit("blas"):
+        assert bench.cpu_gemms() == "loops' GEMMs: torch's BLAS"
+    expected = "bnrnn's AVX-512 kernel" if cpu_extension.own_gemm() else "torch's BLAS"
     assert bench.cpu_gemms().endswith(expected)

@@ -60,11 +60,11 @@ def randomise(layer: BNLSTM, seed=0):
     return layer
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+@pytest.mark.parametrize("backend", ["reference", "auto"])
 @pytest.mark.parametrize("T,B,I,H", [(7, 5, 3, 4), (20, 16, 1, 10)])
-def test_all_switches_off_equals_torch_lstm(T, B, I, H, fused):
+def test_all_switches_off_equals_torch_lstm(T, B, I, H, backend):
     torch.manual_seed(0)
-    ours = BNLSTM(I, H, max_steps=T, bn_x=False, bn_h=False, bn_c=False, fused=fused)
+    ours = BNLSTM(I, H, max_steps=T, bn_x=False, bn_h=False, bn_c=False, backend=backend)
     ref = nn.LSTM(I, H)
     with torch.no_grad():
         ours.weight_ih.copy_(ref.weight_ih_l0)
@@ -90,25 +90,25 @@ def test_all_switches_off_equals_torch_lstm(T, B, I, H, fused):
     torch.testing.assert_close(ours.bias.grad, ref.bias_ih_l0.grad, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+@pytest.mark.parametrize("backend", ["reference", "auto"])
 @pytest.mark.parametrize("switches", [(True, True, True), (True, False, False), (False, True, False), (False, False, True)])
-def test_training_mode_matches_per_step_batch_statistics(switches, fused):
+def test_training_mode_matches_per_step_batch_statistics(switches, backend):
     """Float64: randomise() gives every example the same h0, so W_h h_0 has zero batch
     variance, and BN's gain gamma / sqrt(eps) amplifies float32 rounding differences between
-    two correct formulas (the fused path computes x * s + m, the reference (x - mean) * s)."""
+    two correct formulas (the fast paths compute x * s + m, the reference (x - mean) * s)."""
     torch.manual_seed(1)
-    layer = BNLSTM(3, 6, max_steps=9, bn_x=switches[0], bn_h=switches[1], bn_c=switches[2], fused=fused)
+    layer = BNLSTM(3, 6, max_steps=9, bn_x=switches[0], bn_h=switches[1], bn_c=switches[2], backend=backend)
     layer = randomise(layer).double()
     x = torch.randn(9, 8, 3, dtype=torch.float64)
     out, _ = layer.train()(x)
     torch.testing.assert_close(out, naive_bnlstm(layer, x, training=True), atol=1e-10, rtol=1e-10)
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
-def test_training_output_at_step_t_ignores_later_steps(fused):
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_training_output_at_step_t_ignores_later_steps(backend):
     """Statistics shared over time (a common port bug) would leak later steps into step t."""
     torch.manual_seed(2)
-    layer = randomise(BNLSTM(2, 5, max_steps=12, fused=fused)).train()
+    layer = randomise(BNLSTM(2, 5, max_steps=12, backend=backend)).train()
     x = torch.randn(12, 6, 2)
     y = x.clone()
     y[6:] = 10 * torch.randn(6, 6, 2)
@@ -118,11 +118,11 @@ def test_training_output_at_step_t_ignores_later_steps(fused):
     assert not torch.allclose(out_x[6:], out_y[6:])
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
-def test_training_step_t_depends_on_the_batch_at_step_t(fused):
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_training_step_t_depends_on_the_batch_at_step_t(backend):
     """Same example, different batch-mates at step t only: its output at t changes."""
     torch.manual_seed(3)
-    layer = randomise(BNLSTM(2, 5, max_steps=4, bn_x=True, bn_h=False, bn_c=False, fused=fused)).train()
+    layer = randomise(BNLSTM(2, 5, max_steps=4, bn_x=True, bn_h=False, bn_c=False, backend=backend)).train()
     x = torch.randn(4, 6, 2)
     y = x.clone()
     y[3, 1:] += 1.0  # examples 1.. differ at the last step only
@@ -132,12 +132,12 @@ def test_training_step_t_depends_on_the_batch_at_step_t(fused):
     assert (out_x[3, 0] - out_y[3, 0]).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
-@torch.no_grad()  # inference as the evaluator runs it (the fused path folds BN into the weights)
-def test_eval_mode_uses_population_statistics_and_reuses_the_last_beyond_t_max(fused):
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+@torch.no_grad()  # inference as the evaluator runs it (the fast paths fold BN into the weights)
+def test_eval_mode_uses_population_statistics_and_reuses_the_last_beyond_t_max(backend):
     torch.manual_seed(4)
     t_max = 5
-    layer = randomise(BNLSTM(3, 4, max_steps=t_max, fused=fused)).eval()
+    layer = randomise(BNLSTM(3, 4, max_steps=t_max, backend=backend)).eval()
     x = torch.randn(t_max + 4, 7, 3)  # 4 steps beyond T_max
     out, _ = layer(x)
     torch.testing.assert_close(out, naive_bnlstm(layer, x, training=False), atol=1e-5, rtol=1e-5)
@@ -153,10 +153,10 @@ def test_eval_mode_uses_population_statistics_and_reuses_the_last_beyond_t_max(f
     assert not torch.allclose(out2[t_max:], out[t_max:])
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
-def test_gradcheck_float64_tiny_bnlstm(fused):
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_gradcheck_float64_tiny_bnlstm(backend):
     torch.manual_seed(5)
-    layer = randomise(BNLSTM(2, 3, max_steps=4, fused=fused)).double().train()
+    layer = randomise(BNLSTM(2, 3, max_steps=4, backend=backend)).double().train()
     x = torch.randn(4, 5, 2, dtype=torch.float64, requires_grad=True)
     params = [layer.weight_ih, layer.weight_hh, layer.bias, layer.h0, layer.c0]
     params += [p for bn in layer.norms() for p in bn.parameters()]
@@ -168,11 +168,11 @@ def test_gradcheck_float64_tiny_bnlstm(fused):
     assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-5)
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
-def test_running_statistics_after_one_step_follow_the_ema_formula(fused):
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_running_statistics_after_one_step_follow_the_ema_formula(backend):
     torch.manual_seed(6)
     momentum = 0.05
-    layer = BNLSTM(3, 4, max_steps=6, momentum=momentum, fused=fused).train()
+    layer = BNLSTM(3, 4, max_steps=6, momentum=momentum, backend=backend).train()
     x = torch.randn(6, 10, 3)
     before_mean = layer.bn_x.running_mean.clone()
     before_var = layer.bn_x.running_var.clone()
@@ -187,10 +187,10 @@ def test_running_statistics_after_one_step_follow_the_ema_formula(fused):
     assert layer.bn_x.num_batches_tracked.tolist() == [1] * 6
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+@pytest.mark.parametrize("backend", ["reference", "auto"])
 @torch.no_grad()
-def test_eval_does_not_touch_running_statistics(fused):
-    layer = BNLSTM(2, 3, max_steps=4, fused=fused).eval()
+def test_eval_does_not_touch_running_statistics(backend):
+    layer = BNLSTM(2, 3, max_steps=4, backend=backend).eval()
     before = {k: v.clone() for k, v in layer.state_dict().items()}
     layer(torch.randn(6, 3, 2))
     for k, v in layer.state_dict().items():
@@ -230,12 +230,12 @@ def test_h0_noise_only_in_training():
     assert torch.all(h_eval == 0)
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+@pytest.mark.parametrize("backend", ["reference", "auto"])
 @torch.no_grad()
-def test_state_can_be_carried_between_chunks(fused):
+def test_state_can_be_carried_between_chunks(backend):
     """A long sequence in two chunks (state and time offset passed on) equals one pass."""
     torch.manual_seed(7)
-    layer = randomise(BNLSTM(2, 3, max_steps=4, fused=fused)).eval()
+    layer = randomise(BNLSTM(2, 3, max_steps=4, backend=backend)).eval()
     x = torch.randn(10, 3, 2)
     full, (h, c) = layer(x)
     first, state = layer(x[:6])

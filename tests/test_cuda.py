@@ -15,7 +15,7 @@ def test_fused_path_on_cuda_matches_the_reference_on_cuda(switches):
     torch.manual_seed(0)
     fast = BNLSTM(3, 32, max_steps=20, bn_x=switches[0], bn_h=switches[1], bn_c=switches[2]).cuda().train()
     ref = copy.deepcopy(fast)
-    ref.fused = False
+    ref.backend = "reference"
     x = torch.randn(25, 16, 3, device="cuda")
     state = (torch.randn(16, 32, device="cuda"), torch.randn(16, 32, device="cuda"))
     outs = []

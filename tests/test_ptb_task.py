@@ -34,7 +34,7 @@ class UniformModel(nn.Module):
 def test_a_uniform_model_scores_log2_of_the_vocabulary(small_ptb_cfg, tmp_path, streams):
     from bnrnn.config import load_config
 
-    task = PtbTask(load_config(small_ptb_cfg(f"task.eval_batch_size={streams}")), tmp_path)
+    task = PtbTask(load_config(small_ptb_cfg(f"task.eval_batch_size={streams}")))
     model = UniformModel(task.vocab_size)
     assert task.vocab_size == 50
     for split in ("valid", "test"):

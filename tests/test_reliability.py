@@ -38,8 +38,8 @@ def tamper(monkeypatch, change=None, on_model=None):
     """Make train() build its task with tampered batches and/or hand its model to ``on_model``."""
     real_build_task = train_module.build_task
 
-    def build_task(cfg, out_dir):
-        task = real_build_task(cfg, out_dir)
+    def build_task(cfg):
+        task = real_build_task(cfg)
         if change is not None:
             # Only the training steps see the tampered batches; the re-estimation of a
             # validation draws the task's own (and must not shift the count).

@@ -140,3 +140,14 @@ def test_the_docs_list_every_key_the_resume_policy_fixes():
         assert f"`{key}`" in docs, key
     for reason in set(FIXED_ON_RESUME.values()):
         assert reason in docs, reason
+
+
+def test_a_run_saved_with_a_since_removed_setting_still_resumes(fake_mnist, tmp_path, caplog):
+    run = tmp_path / "run"
+    first_run(fake_mnist, run)
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("model:\n", "model:\n  retired: true\n", 1))  # a setting since removed
+    with caplog.at_level("WARNING", logger="bnrnn"):
+        resume(run, "trainer.max_steps=5")
+    assert "settings this version no longer has are ignored: model.retired" in caplog.text
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["progress"]["step"] == 5

@@ -13,7 +13,7 @@ import torch
 
 from bnrnn.nn import triton_lstm, triton_sequence
 from bnrnn.nn.gpu_recurrence import TritonLSTMRecurrence
-from test_fused import (SWITCH_IDS, SWITCHES, assert_float32_results, assert_same_buffers, assert_same_results,
+from test_backends import (SWITCH_IDS, SWITCHES, assert_float32_results, assert_same_buffers, assert_same_results,
                         run_with_grads, twin_layers)
 
 pytestmark = pytest.mark.skipif(triton_lstm.triton is None, reason="triton is not installed")
@@ -53,6 +53,7 @@ def triton_path(request, monkeypatch):
 
 
 def on_device(fast, ref):
+    fast.backend = "triton"
     fast.to(DEVICE).cuda_graphs = False  # graphs: tests/test_cuda.py
     return fast, ref.to(DEVICE)
 

@@ -32,7 +32,7 @@ def trained_task_and_model(small_mnist_cfg, tmp_path, steps=6):
     cfg = load_config(small_mnist_cfg("model=bnlstm", "model.momentum=0.1",
                                       f"trainer.max_steps={steps}", "trainer.test_at_end=false"))
     train(cfg, tmp_path / "run")
-    task = build_task(cfg, tmp_path / "run")
+    task = build_task(cfg)
     model = task.build_model(cfg.model)
     model.load_state_dict(torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["model"])
     return cfg, task, model
@@ -149,7 +149,7 @@ def test_flatten_modes_names_the_statistics_of_the_plain_keys():
 
 def test_score_modes_scores_a_vanilla_model_once(small_mnist_cfg, tmp_path):
     cfg = load_config(small_mnist_cfg("model=lstm"))
-    task = build_task(cfg, tmp_path)
+    task = build_task(cfg)
     scores = score_modes(task, task.build_model(cfg.model), "valid", CPU, ["batch", "ema", "reestimated"])
     assert list(scores) == ["none"]
 
@@ -216,11 +216,11 @@ def test_reestimating_draws_the_training_h0_noise(small_mnist_cfg, tmp_path):
     assert variance_at_step_0[0.0].max() < 1e-9  # every image in the same state
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_statistics_in_pieces_equal_those_of_one_pass(fused):
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_statistics_in_pieces_equal_those_of_one_pass(backend):
     """Re-estimating in pieces of steps (the authors' batches of 5000 would take 11 GB whole)."""
     torch.manual_seed(0)
-    whole = BNLSTM(1, 12, max_steps=30, fused=fused, h0_noise=0.0)
+    whole = BNLSTM(1, 12, max_steps=30, backend=backend, h0_noise=0.0)
     pieces = copy.deepcopy(whole)
     x = torch.rand(30, 40, 1)
     reestimate_population_statistics(whole, [x], lambda m, b: m(b))

@@ -2,6 +2,6 @@
 
 from bnrnn.nn.heads import CharLanguageModel, SequenceClassifier
 from bnrnn.nn.lstm import BNLSTM
-from bnrnn.nn.timebn import TimeBatchNorm
+from bnrnn.nn.reference import TimeBatchNorm
 
 __all__ = ["BNLSTM", "CharLanguageModel", "SequenceClassifier", "TimeBatchNorm"]

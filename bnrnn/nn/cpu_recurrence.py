@@ -1,6 +1,6 @@
-"""The CPU fast path on the compiled loops of :mod:`bnrnn.nn.cpu_kernels`.
+"""The ``cpu`` backend: the compiled loops of :mod:`bnrnn.nn.cpu_extension`.
 
-The same function as :class:`~bnrnn.nn.fused.FusedLSTMRecurrence` (the ATen loop), with the
+The same function as :class:`~bnrnn.nn.aten_recurrence.FusedLSTMRecurrence` (the aten backend), with the
 input projection inside: the Function takes x and W_x, so that its backward accumulates
 dW_x, dW_h and db step by step, from one step's gradients still in cache, instead of
 writing (T, B, 4H) gradient buffers (80 MB each at seqMNIST) and reading them back for one
@@ -27,26 +27,22 @@ from __future__ import annotations
 
 import torch
 
-from bnrnn.nn import cpu_kernels, fused
-from bnrnn.nn.fused import PACKED_MIN_HIDDEN, STATISTICS, Norms, packed_column_halves, statistics_buffers
+from bnrnn.nn import aten_recurrence, cpu_extension
+from bnrnn.nn.aten_recurrence import PACKED_MIN_HIDDEN, STATISTICS, Norms, packed_column_halves, statistics_buffers
 from bnrnn.nn.workspace import WORKSPACE
 
 
 # Up to this input width (seqMNIST's I = 1) the loops take the input term from x itself: BN_x's
 # statistics from the (I, I) covariance of x_t, the normalised term as I multiply-adds per
 # value in the gates pass, its backward from dy^T x_t (NarrowInput in the C++ source). Wider
-# inputs are projected by one GEMM into wx and normalised like the recurrent term. Measured
-# at seqMNIST against the per-step projection it replaced: BN-input 155 -> 149 ms a step.
+# inputs are projected by one GEMM into wx and normalised like the recurrent term.
 NARROW_INPUT_MAX = 8
 
 # From this hidden size on, the backward keeps dL/d(W_h h_{t-1}) of WEIGHT_GRAD_CHUNK steps at
 # a time (in a ring of two chunks) and forms dW_h as one GEMM per chunk, over chunk * B rows
 # while they are still in cache (cuDNN forms it as one GEMM over the sequence); below it, dW_h
-# accumulates step by step from gradients still in cache. Measured on the 2-core CPU: at
-# PTB (H=1000) one GEMM over the sequence took 280 ms against 330 ms for 100 per-step ones
-# (MKL); at seqMNIST (H=100) 41 ms against 25 ms for 784. Chunks of 8 against one GEMM over
-# the sequence (own kernel, interleaved in one process): the same time (ratio 1.00), and
-# 16 steps' buffer instead of T's (86 MB less at PTB).
+# accumulates step by step from gradients still in cache. Chunks hold 16 steps' buffer
+# instead of T's at the speed of one GEMM over the sequence (docs/performance.md).
 CHUNKED_WEIGHT_GRAD_MIN_HIDDEN = PACKED_MIN_HIDDEN
 WEIGHT_GRAD_CHUNK = 8
 
@@ -55,15 +51,15 @@ def recurrent_weight_halves(weight_hh: torch.Tensor, batch: int, transposed: boo
     """W_h (forward) or W_h^T (backward) packed for oneDNN in two row halves where the loops
     form the recurrent products by oneDNN (see packed_column_halves), or []: always where
     the extension's own AVX-512 kernel forms them (it reads W_h as it is)."""
-    return [] if cpu_kernels.own_gemm() else packed_column_halves(weight_hh, batch, transposed)
+    return [] if cpu_extension.own_gemm() else packed_column_halves(weight_hh, batch, transposed)
 
 
 def project_input(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """W_x x [+ b]: (T, B, I) -> (T, B, 4H) into a pooled buffer, as fused.project_input, on the
+    """W_x x [+ b]: (T, B, I) -> (T, B, 4H) into a pooled buffer, as aten_recurrence.project_input, on the
     extension's own kernel for float32 where it has one (torch's MKL runs its AVX2 code on
     AMD CPUs). No autograd."""
-    if x.dtype != torch.float32 or not cpu_kernels.own_gemm():
-        return fused.project_input(x, weight, bias)
+    if x.dtype != torch.float32 or not cpu_extension.own_gemm():
+        return aten_recurrence.project_input(x, weight, bias)
     T, B, I = x.shape
     wx = WORKSPACE.empty((T, B, weight.shape[0]), x)
     torch.ops.bnrnn_cpu.project_input(x.contiguous().view(T * B, I), weight.detach(),
@@ -116,7 +112,7 @@ def run_forward(x, weight_ih, bias, weight_hh, gamma_x, gamma_h, gamma_c, beta_c
 @torch.no_grad()
 def population_forward(xin, weight_hh, h_scale, c_scale, c_shift, h0, c0, x_coef=None, x_shift=None):
     """Inference with population statistics on the compiled loop: the arguments and results
-    of :func:`bnrnn.nn.fused.population_recurrence` (hs (T, B, H), c_T (B, H)).
+    of :func:`bnrnn.nn.aten_recurrence.population_recurrence` (hs (T, B, H), c_T (B, H)).
 
     For a narrow input (up to NARROW_INPUT_MAX features) ``xin`` may be x itself (T, B, I),
     with ``x_coef`` (T, I, 4H), W_x^T scaled by BN_x's per-step scale, and ``x_shift``

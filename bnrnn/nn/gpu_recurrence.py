@@ -1,7 +1,7 @@
 """The recurrence on the Triton kernels as one autograd Function, optionally as CUDA graphs.
 
 :class:`TritonLSTMRecurrence` is the GPU counterpart of
-:class:`bnrnn.nn.fused.FusedLSTMRecurrence`: (xin, W_h, gamma_h, gamma_c, beta_c, h0, c0)
+:class:`bnrnn.nn.aten_recurrence.FusedLSTMRecurrence`: (xin, W_h, gamma_h, gamma_c, beta_c, h0, c0)
 -> (hs, c_T), where ``xin = BN_x(W_x x) + b`` was computed outside with ordinary autograd
 ops.
 

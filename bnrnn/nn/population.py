@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnrnn.nn.timebn import TimeBatchNorm
+from bnrnn.nn.reference import TimeBatchNorm
 
 
 def time_norms(model: nn.Module) -> list[TimeBatchNorm]:

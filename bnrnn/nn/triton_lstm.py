@@ -1,6 +1,6 @@
 """The GPU fast path of BNLSTM training: one Triton kernel per time step and direction.
 
-On a GPU the ATen fast path (:mod:`bnrnn.nn.fused`) is bound by kernel launches: a BN-LSTM
+On a GPU the aten backend (:mod:`bnrnn.nn.aten_recurrence`) is bound by kernel launches: a BN-LSTM
 step is ~14 small kernels forward and ~25 backward, each far shorter than its launch. Here
 a step is two launches each way:
 
@@ -137,10 +137,9 @@ if triton is not None:
 
 
 # Small batches: each step kernel also does its own slice of the recurrent product (one
-# launch per step and direction), because cuBLAS picks slow kernels for GEMMs of 16 rows
-# (H100: 33 us for (16, 100) @ (100, 400) against 3.7 us at 64 rows). Larger hidden sizes
-# and batches: cuBLAS's GEMM, then the kernel (measured on an H100, 2026-11-22: at B=64,
-# H=100 a step forward + backward costs 18.5 us that way, 32 us fused; at B=16, 95 us and 16 us).
+# launch per step and direction), because cuBLAS picks slow kernels for GEMMs of 16 rows.
+# Larger hidden sizes and batches: cuBLAS's GEMM, then the kernel (the thresholds were
+# measured on an H100: docs/performance.md, "Measurements behind the code's thresholds").
 FUSE_GEMM_MAX_BATCH = 16
 FUSE_GEMM_MAX_HIDDEN = 256
 

@@ -12,13 +12,8 @@ step of a sequence:
   memory; ~0.9 us on an H100), since step t+1 needs every program's h_t (forward) or
   dL/d(W_h h_{t+1}) (backward).
 
-Measured on an H100 at T=784, B=64, H=100 with BN on h and c (2026-11-23), one sequence:
-
-| direction | step kernels, CUDA graph | step kernels, eager | whole sequence |
-|---|---:|---:|---:|
-| forward | 7.1 ms | 59 ms | 10.8 ms ("ieee"); 5.7 ms ("tf32x3") |
-| backward | 10.7 ms | 99 ms | 14.3 ms ("ieee") |
-| inference, population statistics | | 91.5 ms (ATen loop) | 8.3 ms ("ieee"); 4.8 ms ("tf32x3") |
+The step kernels replayed from a CUDA graph are faster for training, the whole-sequence
+kernel for everything launched eagerly (measurements: docs/performance.md, "On a GPU").
 
 So a training sequence replayed from a CUDA graph runs on the step kernels, and one launched
 eagerly (``cuda_graphs`` off, or the no-grad forward that re-estimates the population) runs

@@ -3,7 +3,7 @@
 A seqMNIST BN-LSTM step fills several (T, B, 4H) float buffers of 80 MB each. Fresh from the
 allocator, such a buffer is fresh pages from the kernel (glibc serves anything this large
 with mmap and unmaps it on free), and faulting them in cost more than the arithmetic written
-into them: a forward into fresh buffers measured 145 ms, into reused ones 69 ms (2 cores).
+into them (docs/performance.md, "Measurements behind the code's thresholds").
 This pool hands out views of buffers kept from earlier steps once nothing references them
 any more (no saved tensor, no output a caller still holds), and allocates otherwise.
 """

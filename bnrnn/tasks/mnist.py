@@ -21,34 +21,16 @@ PERMUTATION_FILE = "permutation.pt"
 STATISTICS_CHUNK = 112  # steps per piece when re-estimating (784 = 7 x 112)
 
 
-def run_permutation(task_cfg: DictConfig, out_dir: Path) -> torch.Tensor:
-    """The pixel order of this run: drawn from permutation_seed and saved in the run folder.
-
-    A resumed run reads the saved order back and refuses to go on if the config now draws a
-    different one.
-    """
-    order = make_permutation(task_cfg.permutation_seed, SEQ_LEN, task_cfg.permutation_with_replacement)
-    saved = out_dir / PERMUTATION_FILE
-    if saved.is_file():
-        previous = torch.load(saved, weights_only=True)
-        if not torch.equal(previous, order):
-            raise DataError(
-                f"{saved} holds a different pixel order than task.permutation_seed="
-                f"{task_cfg.permutation_seed} draws; use the run's original seed or a new run folder"
-            )
-    else:
-        torch.save(order, saved)
-    return order
-
-
 class MnistTask:
     selection = ("accuracy", "max")
 
-    def __init__(self, cfg: DictConfig, out_dir: Path) -> None:
+    def __init__(self, cfg: DictConfig) -> None:
         task = cfg.task
         self.name = task.name
+        self.permutation_seed = task.permutation_seed
         arrays = load_mnist(cfg.data.root, cfg.data.download)
-        order = run_permutation(task, out_dir) if task.permute else None
+        order = make_permutation(task.permutation_seed, SEQ_LEN, task.permutation_with_replacement) if task.permute else None
+        self.order = order  # (784,) int64 for pMNIST, None for seqMNIST
         train_all = to_sequences(arrays.train_images, order)
         n_train = train_all.shape[0] - task.valid_size
         if n_train < task.batch_size:
@@ -69,6 +51,21 @@ class MnistTask:
         }
         self.train_length = SEQ_LEN
         self.batch_size = task.batch_size
+
+    def keep_artifacts(self, out_dir: Path) -> None:
+        """pMNIST: save the pixel order with the run (permutation.pt), or, when the run holds
+        one, refuse to go on with another (DataError)."""
+        if self.order is None:
+            return
+        saved = out_dir / PERMUTATION_FILE
+        if saved.is_file():
+            if not torch.equal(torch.load(saved, weights_only=True), self.order):
+                raise DataError(
+                    f"{saved} holds a different pixel order than task.permutation_seed={self.permutation_seed} "
+                    f"draws; use the run's original seed or a new run folder"
+                )
+        else:
+            torch.save(self.order, saved)
 
     def training_batches(self, batch_size: int | None = None) -> SequenceBatches:
         """The training split in shuffled batches of ``batch_size`` (default: the training

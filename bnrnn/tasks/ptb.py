@@ -31,24 +31,13 @@ def summed_nats(logits: torch.Tensor, targets: torch.Tensor) -> float:
     return losses.double().sum().item()
 
 
-def run_vocabulary(vocab: Vocabulary, out_dir: Path) -> None:
-    """Save the vocabulary with the run; a resumed run must see the same one."""
-    saved = out_dir / VOCAB_FILE
-    if saved.is_file():
-        if Vocabulary.load(saved) != vocab:
-            raise DataError(f"{saved} differs from the vocabulary of the training split now in data.root")
-    else:
-        vocab.save(saved)
-
-
 class PtbTask:
     selection = ("bpc", "min")
 
-    def __init__(self, cfg: DictConfig, out_dir: Path) -> None:
+    def __init__(self, cfg: DictConfig) -> None:
         task = cfg.task
         self.name = task.name
         self.corpus: PtbCorpus = load_ptb(cfg.data.root, cfg.data.download)
-        run_vocabulary(self.corpus.vocab, out_dir)
         self.train = WindowBatches(self.corpus.train, task.seq_len, task.batch_size)
         self.splits = {
             split: StreamBatches(getattr(self.corpus, split), task.eval_batch_size, task.eval_chunk)
@@ -57,6 +46,15 @@ class PtbTask:
         self.batch_size = task.batch_size
         self.seq_len = task.seq_len
         self.train_length = task.seq_len - 1  # input steps per window = T_max
+
+    def keep_artifacts(self, out_dir: Path) -> None:
+        """Save the vocabulary with the run (vocab.json); a resumed run must see the same one."""
+        saved = out_dir / VOCAB_FILE
+        if saved.is_file():
+            if Vocabulary.load(saved) != self.corpus.vocab:
+                raise DataError(f"{saved} differs from the vocabulary of the training split now in data.root")
+        else:
+            self.corpus.vocab.save(saved)
 
     def training_batches(self, batch_size: int | None = None) -> WindowBatches:
         """The training windows in batches of ``batch_size`` (default: the training batch size)."""

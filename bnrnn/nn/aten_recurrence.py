@@ -1,4 +1,4 @@
-"""The ATen fast path of :class:`~bnrnn.nn.lstm.BNLSTM`: the recurrence as one autograd Function.
+"""The ``aten`` backend of :class:`~bnrnn.nn.lstm.BNLSTM`: the recurrence as one autograd Function.
 
 At the paper's sizes (hidden 100, batch 64-100) a time step is a few dozen small ops, and
 per-op overhead (Python, dispatch, autograd bookkeeping) dominates the arithmetic. Here the
@@ -14,15 +14,15 @@ The input projection W_x x for all steps is one GEMM before it (:class:`InputPro
 the Function receives W_x x (plus b when x is not normalised) of shape (T, B, 4H) and
 normalises it step by step with BN_x.
 
-On the CPU this loop runs where the compiled loops of :mod:`bnrnn.nn.cpu_recurrence` cannot be
-built (or with ``cpu_kernels=False``); on a GPU, with ``gpu_kernels=False``.
+It runs with ``model.backend=aten``, and under ``auto`` where neither the Triton kernels nor
+the compiled CPU loops can (:mod:`bnrnn.nn.backends`).
 
 Inference with population statistics uses :func:`population_recurrence`: the x and h
 normalisations are affine maps folded into the input projection, the bias and a per-step
 column scale of W_h h (applied in the same fused multiply-add that adds the input term), so
 only the normalisation of c remains a separate (one-op) affine step.
 
-The readable reference is :meth:`BNLSTM.forward_reference`; tests hold the two equal.
+The readable reference is :func:`bnrnn.nn.reference.reference_forward`; tests hold the two equal.
 """
 
 from __future__ import annotations
@@ -44,8 +44,7 @@ def split_gates(buffer: torch.Tensor, hidden: int) -> list[list[torch.Tensor]]:
     return [list(block.unbind(0)) for block in blocks]
 
 
-# Packed (weight-stationary) GEMMs pay off from this hidden size on (measured on a 2-core
-# x86 CPU: 1.3x at H=256, 1.4x at H=1000, no gain at H<=128).
+# Packed (weight-stationary) GEMMs pay off from this hidden size on (docs/performance.md).
 PACKED_MIN_HIDDEN = 256
 
 
@@ -76,8 +75,8 @@ def packed_column_halves(weight: torch.Tensor, batch: int, transposed: bool = Fa
     """W = weight (4H, H), or W^T, as its two row halves, each packed like
     :func:`packed_weight`, or [] where packing does not pay. The compiled CPU loops form
     h W^T (forward) and g W (backward) by column halves, one per thread, each a
-    single-threaded oneDNN GEMM on its own half: 4.6 ms against 5.4 for the whole forward
-    product on both threads at PTB's shape (H = 1000, B = 64, 2 cores)."""
+    single-threaded oneDNN GEMM on its own half, faster than oneDNN's GEMM of the whole
+    product on both threads at PTB's shape (docs/performance.md)."""
     if not packing_pays(weight):
         return []
     return [torch.ops.mkldnn._reorder_linear_weight(half.contiguous(), batch)

@@ -7,16 +7,17 @@ the cached build from ``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extens
 ``torch.ops.bnrnn_cpu.recurrence_forward``, ``recurrence_backward``, ``population_forward``
 and ``activations`` (the float activations, for their tests).
 
-When it cannot be built (no compiler, no ninja) the fast path keeps the ATen loop of
-:mod:`bnrnn.nn.fused`, which computes the same function, and says so once. Setting
-``BNRNN_CPU_KERNELS=0`` skips the build altogether.
+Asking whether it can run (:func:`usable`) never builds it: the ``cpu`` backend of
+:mod:`bnrnn.nn.backends` calls :func:`load` when it first runs. When it cannot be built (no
+compiler, no ninja) the ``aten`` backend runs instead, which computes the same function, and
+a warning says so once. ``model.backend=aten`` skips the build altogether.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
-import os
 import platform
 import threading
 import warnings
@@ -70,8 +71,7 @@ def openmp_flags() -> list[str]:
 # which may raise the invalid flag on a NaN; under the default -ftrapping-math GCC (12) keeps
 # them as branches and leaves every activation loop scalar. Nothing here reads the FP
 # exception flags, and the flag allows no reassociation: the same values, computed 8 lanes
-# at a time. Measured on 2 cores at seqMNIST, alternating processes: training step
-# 0.55-0.70x (vanilla) and 0.56-0.80x (BN-LSTM), folded inference 0.41x.
+# at a time (docs/performance.md, "Measurements behind the code's thresholds").
 # -fno-math-errno: sqrt without the errno branch, so the statistics' per-feature 1/sqrt in
 # double vectorises too (nothing here reads errno; a negative argument still gives NaN).
 MATH_FLAGS = ["-fno-trapping-math", "-fno-math-errno"]
@@ -81,7 +81,7 @@ def headers_flag() -> str:
     """A define carrying a hash of the headers the source includes: torch.utils.cpp_extension
     rebuilds when the sources or the flags change, and would not see an edited header."""
     digest = hashlib.sha1(b"".join(path.read_bytes() for path in HEADERS)).hexdigest()[:10]
-    return f"-DBNRNN_HEADERS_{digest}"
+    return f"-DHEADERS_DIGEST_{digest}"
 
 
 def checkout_tag(source: Path = SOURCE) -> str:
@@ -117,19 +117,12 @@ def import_cpp_extension():
     return cpp_extension
 
 
-def disabled_by_environment() -> bool:
-    return os.environ.get("BNRNN_CPU_KERNELS", "1").strip().lower() in ("0", "false", "no", "off")
-
-
 def load() -> bool:
     """Build (first time) and load the extension; True when its ops are registered."""
     global _loaded, _failure
     with _lock:
         if _loaded is not None:
             return _loaded
-        if disabled_by_environment():
-            _loaded, _failure = False, "disabled by BNRNN_CPU_KERNELS=0"
-            return False
         try:
             cpp_extension = import_cpp_extension()
             log.info("bnrnn: loading the compiled CPU recurrence (the first build takes under a minute)")
@@ -154,7 +147,7 @@ def load() -> bool:
         if not _loaded:
             warnings.warn(
                 f"bnrnn: the compiled CPU recurrence is unavailable ({_failure.splitlines()[0]}); "
-                "the CPU fast path uses the ATen loop instead (same results, about 2x slower at hidden 100)",
+                "the aten backend runs instead (the same results, slower: docs/performance.md)",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -163,9 +156,26 @@ def load() -> bool:
 
 def own_gemm() -> bool:
     """Whether the compiled loops' float GEMMs run on the extension's own AVX-512 kernel
-    (``csrc/small_gemm.h``; a build for a CPU with AVX-512, unless ``BNRNN_SMALL_GEMM=0``)
-    rather than on torch's BLAS and oneDNN."""
+    (``csrc/small_gemm.h``; a build for a CPU with AVX-512, unless :func:`gemm_limit` says
+    otherwise) rather than on torch's BLAS and oneDNN."""
     return load() and torch.ops.bnrnn_cpu.own_gemm()
+
+
+GEMM_KINDS = ("own", "blas", "aten")  # best first
+
+
+@contextlib.contextmanager
+def gemm_limit(kind: str):
+    """Within the block, the compiled loops use at best ``kind`` for their GEMMs: ``"blas"``
+    (torch's BLAS and oneDNN instead of the own kernel, as on a CPU without AVX-512) or
+    ``"aten"`` (ATen's mm for everything). For the tests and the bench's comparisons."""
+    if not load():
+        raise RuntimeError(f"the compiled CPU recurrence is unavailable: {failure()}")
+    torch.ops.bnrnn_cpu.set_gemm_ceiling(GEMM_KINDS.index(kind))
+    try:
+        yield
+    finally:
+        torch.ops.bnrnn_cpu.set_gemm_ceiling(0)
 
 
 def failure() -> str | None:
@@ -173,12 +183,8 @@ def failure() -> str | None:
     return _failure
 
 
-def eligible(sequence: torch.Tensor, hidden: int) -> bool:
-    """Whether the compiled loop runs a recurrence over ``sequence`` (its input x or input
-    term, (T, B, .)) with hidden size ``hidden``."""
-    return (
-        sequence.device.type == "cpu"
-        and sequence.dtype in (torch.float32, torch.float64)
-        and hidden > 0
-        and load()
-    )
+def usable(sequence: torch.Tensor) -> bool:
+    """Whether the compiled loops can run a recurrence over ``sequence`` (its input x or input
+    term, (T, B, .)): a CPU float32/float64 tensor, and the extension not known to be
+    unbuildable. Builds nothing."""
+    return sequence.device.type == "cpu" and sequence.dtype in (torch.float32, torch.float64) and _loaded is not False

@@ -1,7 +1,7 @@
 """The compiled CPU loops (bnrnn/nn/csrc/recurrence_cpu.cpp) and the buffer pool they use.
 
-Their equivalence with the reference layer is in test_fused.py (every test there runs on both
-CPU loops); here: the float activations' accuracy, results independent of the thread count,
+Their equivalence with the reference layer is in test_backends.py (every test there runs on
+both CPU backends); here: the float activations' accuracy, results independent of the thread count,
 the pool's reuse rules, and the fallback when the extension cannot be built.
 """
 
@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 
-from bnrnn.nn import BNLSTM, cpu_kernels, workspace
+from bnrnn.nn import BNLSTM, backends, cpu_extension, workspace
 from conftest import require_compiled_cpu_loop
 
 
@@ -124,77 +124,82 @@ def test_pooled_buffers_are_aligned_for_huge_pages():
 
 @pytest.fixture
 def untried_extension(monkeypatch):
-    """cpu_kernels as before its first load (restored afterwards)."""
-    monkeypatch.setattr(cpu_kernels, "_loaded", None)
-    monkeypatch.setattr(cpu_kernels, "_failure", None)
+    """cpu_extension as before its first load (restored afterwards)."""
+    monkeypatch.setattr(cpu_extension, "_loaded", None)
+    monkeypatch.setattr(cpu_extension, "_failure", None)
 
 
-def test_a_failed_build_falls_back_to_the_aten_loop_and_says_so_once(monkeypatch, tmp_path, untried_extension):
-    monkeypatch.setattr(cpu_kernels, "SOURCE", tmp_path / "missing.cpp")
+def test_a_failed_build_falls_back_to_the_aten_backend_and_says_so_once(monkeypatch, tmp_path, untried_extension):
+    monkeypatch.setattr(cpu_extension, "SOURCE", tmp_path / "missing.cpp")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "build"))
     x = torch.randn(6, 4, 3)
-    with pytest.warns(RuntimeWarning, match="uses the ATen loop instead"):
-        assert not cpu_kernels.eligible(x, 5)
-    assert cpu_kernels.failure()
+    assert backends.select("auto", x) == "cpu"  # asking builds nothing ...
+    assert cpu_extension.failure() is None
+    torch.manual_seed(0)
+    layer = BNLSTM(3, 5, max_steps=6)
+    with pytest.warns(RuntimeWarning, match="the aten backend runs instead"):
+        out, _ = layer(x)  # ... running does, and the build fails
+    assert cpu_extension.failure()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # said once only
-        assert not cpu_kernels.eligible(x, 5)
-        torch.manual_seed(0)
-        layer = BNLSTM(3, 5, max_steps=6)
-        out, _ = layer(x)
-    reference = BNLSTM(3, 5, max_steps=6, fused=False)
+        assert not cpu_extension.usable(x) and backends.select("auto", x) == "aten"
+        layer(x)
+    reference = BNLSTM(3, 5, max_steps=6, backend="reference")
     reference.load_state_dict(layer.state_dict())
     torch.testing.assert_close(out, reference(x)[0], atol=1e-6, rtol=1e-5)
 
 
-def test_the_environment_can_switch_the_extension_off(monkeypatch, untried_extension):
-    monkeypatch.setenv("BNRNN_CPU_KERNELS", "0")
+def test_the_aten_backend_never_builds_the_extension(monkeypatch, untried_extension):
+    monkeypatch.setattr(cpu_extension, "load", lambda: pytest.fail("the extension was built"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # asked for: no warning
-        assert not cpu_kernels.eligible(torch.randn(6, 4, 3), 5)
-    assert "BNRNN_CPU_KERNELS=0" in cpu_kernels.failure()
+        BNLSTM(3, 5, max_steps=6, backend="aten")(torch.randn(6, 4, 3))
+    assert cpu_extension.failure() is None
 
 
 def test_build_targets_this_cpu_under_a_name_of_its_own():
-    name, flags = cpu_kernels.build_options()
-    tag = cpu_kernels.checkout_tag()
-    if cpu_kernels.cpu_fingerprint() is None:
+    name, flags = cpu_extension.build_options()
+    tag = cpu_extension.checkout_tag()
+    if cpu_extension.cpu_fingerprint() is None:
         assert "_generic_" in name and name.endswith(f"_{tag}") and "-march=native" not in flags
     else:
-        assert name == f"bnrnn_cpu_{cpu_kernels.cpu_fingerprint()}_{tag}" and "-march=native" in flags
+        assert name == f"bnrnn_cpu_{cpu_extension.cpu_fingerprint()}_{tag}" and "-march=native" in flags
     assert "-O3" in flags
 
 
 def test_each_copy_of_the_source_builds_under_its_own_name(tmp_path):
     """Two clones (or worktrees) must not share a build directory: torch rebuilds whenever
     the source path in it changes, so alternating between them rebuilt every time."""
-    here = cpu_kernels.SOURCE
+    here = cpu_extension.SOURCE
     elsewhere = tmp_path / "clone" / "bnrnn" / "nn" / "csrc" / here.name
     elsewhere.parent.mkdir(parents=True)
     elsewhere.write_bytes(here.read_bytes())
-    assert cpu_kernels.checkout_tag(here) == cpu_kernels.checkout_tag(here.parent / ".." / "csrc" / here.name)
-    assert cpu_kernels.checkout_tag(elsewhere) != cpu_kernels.checkout_tag(here)
-    assert len(cpu_kernels.checkout_tag(elsewhere)) == 6
+    assert cpu_extension.checkout_tag(here) == cpu_extension.checkout_tag(here.parent / ".." / "csrc" / here.name)
+    assert cpu_extension.checkout_tag(elsewhere) != cpu_extension.checkout_tag(here)
+    assert len(cpu_extension.checkout_tag(elsewhere)) == 6
 
 
 def test_openmp_where_torch_runs_its_threads_on_it(monkeypatch):
     """-fopenmp (the backward's loops beside its GEMMs, on torch's OpenMP threads) on Linux
     when torch's parallel backend is OpenMP, and nowhere else."""
-    monkeypatch.setattr(cpu_kernels.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(cpu_extension.platform, "system", lambda: "Linux")
     monkeypatch.setattr(torch.__config__, "parallel_info", lambda: "ATen parallel backend: OpenMP")
-    assert cpu_kernels.openmp_flags() == ["-fopenmp"]
+    assert cpu_extension.openmp_flags() == ["-fopenmp"]
     monkeypatch.setattr(torch.__config__, "parallel_info", lambda: "OpenMP 201511\nATen parallel backend: native thread pool")
-    assert cpu_kernels.openmp_flags() == []
-    monkeypatch.setattr(cpu_kernels.platform, "system", lambda: "Darwin")
+    assert cpu_extension.openmp_flags() == []
+    monkeypatch.setattr(cpu_extension.platform, "system", lambda: "Darwin")
     monkeypatch.setattr(torch.__config__, "parallel_info", lambda: "ATen parallel backend: OpenMP")
-    assert cpu_kernels.openmp_flags() == []
+    assert cpu_extension.openmp_flags() == []
 
 
-def test_eligibility():
+def test_which_inputs_the_cpu_backend_takes():
     require_compiled_cpu_loop()
     x = torch.randn(3, 2, 4)
-    assert cpu_kernels.eligible(x, 100) and cpu_kernels.eligible(x.double(), 1000)
-    assert not cpu_kernels.eligible(x.half(), 100)
+    assert cpu_extension.usable(x) and cpu_extension.usable(x.double())
+    assert not cpu_extension.usable(x.half())
+    assert backends.select("auto", x) == "cpu" and backends.select("auto", x.half()) == "aten"
+    with pytest.raises(ValueError, match="model.backend=cpu cannot run this input"):
+        backends.select("cpu", x.half())
 
 
 def test_batch_statistics_keep_their_precision_far_from_zero(compiled):
@@ -204,7 +209,7 @@ def test_batch_statistics_keep_their_precision_far_from_zero(compiled):
     torch.manual_seed(0)
     layer = BNLSTM(1, 8, max_steps=5, bn_h=False, bn_c=False, momentum=None)  # population = batch stats
     reference = copy.deepcopy(layer).double()
-    reference.fused = False
+    reference.backend = "reference"
     x = 3000.0 + torch.randn(5, 64, 1)
     layer(x)
     reference(x.double())
@@ -222,7 +227,7 @@ def test_narrow_input_statistics_from_nearly_collinear_inputs(compiled):
     with torch.no_grad():
         layer.weight_ih[::2] = torch.tensor([1.0, -1.0])  # half the features see x_0 - x_1
     reference = copy.deepcopy(layer).double()
-    reference.fused = False
+    reference.backend = "reference"
     base = 5.0 + torch.randn(4, 64, 1)
     x = torch.cat([base, base + 1e-3 * torch.randn(4, 64, 1)], dim=2)
     x64 = x.double().requires_grad_()
@@ -242,7 +247,7 @@ def test_narrow_input_statistics_from_nearly_collinear_inputs(compiled):
 
 @pytest.fixture(scope="module")
 def small_gemm(compiled):
-    if not cpu_kernels.own_gemm():
+    if not cpu_extension.own_gemm():
         pytest.skip("the extension's own GEMM kernel needs a CPU with AVX-512 (this build uses the BLAS)")
     return compiled.small_gemm
 
@@ -290,20 +295,20 @@ def test_small_gemm_gives_a_row_the_same_bits_in_any_block(small_gemm):
     assert torch.equal(tail, whole[3:])
 
 
-def test_the_environment_can_turn_the_own_gemm_off(small_gemm, monkeypatch):
-    """BNRNN_SMALL_GEMM=0: the loops' float GEMMs go back to torch's BLAS (and oneDNN's packed
+def test_the_own_gemm_can_be_limited_to_the_blas(small_gemm):
+    """gemm_limit("blas"): the loops' float GEMMs go back to torch's BLAS (and oneDNN's packed
     halves from H = 256), e.g. to compare the two; the results agree within float32 rounding."""
     torch.manual_seed(0)
     layer = BNLSTM(3, 40, max_steps=6)
     x = torch.randn(6, 20, 3)
     outputs = []
-    for setting in ("1", "0"):
-        monkeypatch.setenv("BNRNN_SMALL_GEMM", setting)
-        assert cpu_kernels.own_gemm() == (setting == "1")
-        layer.zero_grad()
-        out = layer(x)[0]
-        out.square().sum().backward()
-        outputs.append((out.detach(), layer.weight_hh.grad.clone()))
+    for limit in ("own", "blas"):
+        with cpu_extension.gemm_limit(limit):
+            assert cpu_extension.own_gemm() == (limit == "own")
+            layer.zero_grad()
+            out = layer(x)[0]
+            out.square().sum().backward()
+            outputs.append((out.detach(), layer.weight_hh.grad.clone()))
     torch.testing.assert_close(outputs[0][0], outputs[1][0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(outputs[0][1], outputs[1][1], atol=1e-5, rtol=1e-5)
 

@@ -1,16 +1,33 @@
-"""Batch normalisation with separate statistics for every time step (Cooijmans et al., eq. 5).
+"""The paper's model, as the paper writes it: per-time-step batch norm and the BN-LSTM.
 
-The statistics are per feature over the minibatch and *per time step*: step t is normalised
-with the mean and biased variance of step t's activations only. gamma (and beta, where it is
-not redundant with a bias that follows) are shared over time. Population statistics are kept
-for t = 0 .. max_steps - 1; beyond that the last step's statistics are reused, which is how
-the paper generalises to sequences longer than those seen in training.
+Cooijmans et al. (2017), eqs. 5-8. For a time step t, features over a minibatch of B:
+
+    BN(h; gamma, beta) = beta + gamma * (h - E[h]) / sqrt(Var[h] + eps)          (5)
+
+with E and Var the batch mean and (biased) variance of *that step* in training, and the
+population statistics of that step at inference (the last step's beyond T_max). The LSTM:
+
+    (i~, f~, g~, o~) = BN(W_h h_{t-1}; gamma_h, 0) + BN(W_x x_t; gamma_x, 0) + b     (6)
+    c_t = sigmoid(f~) * c_{t-1} + sigmoid(i~) * tanh(g~)                             (7)
+    h_t = sigmoid(o~) * tanh(BN(c_t; gamma_c, beta_c))                               (8)
+
+The x and h terms carry no beta of their own (the bias b plays that role), the cell
+*update* is never normalised, and each of the three norms can be switched off
+(all off: a vanilla LSTM; BN_x alone: Laurent et al.'s BN-input LSTM).
+
+:func:`reference_forward` is this, step by step: every fast path in
+:mod:`bnrnn.nn.backends` is tested against it (tests/test_bnlstm_reference.py,
+tests/test_backends.py, tests/test_cpu_extension.py, tests/test_triton_path.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
+
+State = tuple[torch.Tensor, torch.Tensor]
 
 
 class TimeBatchNorm(nn.Module):
@@ -155,3 +172,41 @@ class TimeBatchNorm(nn.Module):
         if self.bias is not None:
             shift = shift + self.bias
         return scale, shift
+
+
+def reference_forward(layer, x: torch.Tensor, state: State | None = None, t0: int = 0,
+                      step_hook: Callable[[int, torch.Tensor], None] | None = None) -> tuple[torch.Tensor, State]:
+    """Eqs. 6-8 over a sequence, one step at a time, for a :class:`~bnrnn.nn.lstm.BNLSTM` layer.
+
+    Args:
+        layer: the parameters (weight_ih (4H, I), weight_hh (4H, H), bias (4H,)) and the
+            norms bn_x, bn_h (4H features), bn_c (H features); None where switched off.
+        x: (T, B, I), time-major.
+        state: (h, c), each (B, H); None for the layer's learned initial state.
+        t0: the time index of x[0], for the per-step statistics of a sequence cut in pieces.
+        step_hook: ``step_hook(t, h_t)`` sees every hidden state (B, H) as a node of the graph
+            (e.g. to read dL/dh_t, the paper's Fig. 1).
+    Returns:
+        the hidden states (T, B, H), and the final (h_T, c_T).
+    """
+    h, c = layer.initial_state(x.shape[1]) if state is None else state
+    # W_x x for all steps in one product; its per-step statistics do not depend on h.
+    wx = torch.matmul(x, layer.weight_ih.t())
+    if layer.bn_x is not None:
+        wx = layer.bn_x.forward_sequence(wx, t0)
+    wx = wx + layer.bias
+    outputs = []
+    # unbind(0), not wx[t]: indexing a tensor that needs grad makes every step's backward
+    # allocate a full (T, B, 4H) zero gradient.
+    for step, wx_t in enumerate(wx.unbind(0)):
+        wh = torch.mm(h, layer.weight_hh.t())
+        if layer.bn_h is not None:
+            wh = layer.bn_h(wh, t0 + step)
+        i, f, g, o = (wx_t + wh).chunk(4, dim=1)  # gate order of torch.nn.LSTM
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        c_out = c if layer.bn_c is None else layer.bn_c(c, t0 + step)
+        h = torch.sigmoid(o) * torch.tanh(c_out)
+        if step_hook is not None:
+            step_hook(t0 + step, h)
+        outputs.append(h)
+    return torch.stack(outputs), (h, c)

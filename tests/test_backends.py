@@ -1,10 +1,11 @@
-"""The CPU fast path against the readable reference path of the same layer.
+"""The CPU backends against the paper's reference (bnrnn.nn.reference) on the same layer.
 
-Two layers with identical parameters and buffers, one ``fused=True`` and one ``fused=False``,
+Two layers with identical parameters and buffers, one on a fast backend and one on
+``backend="reference"``,
 must give the same outputs, final state, gradients (inputs, weights, gammas, betas, initial
 state) and population statistics, in every statistics mode and beyond T_max. Every test runs
-on both CPU loops: the compiled one (bnrnn.nn.cpu_recurrence) and the ATen one
-(bnrnn.nn.fused).
+on both CPU backends: ``cpu``, the compiled loops (bnrnn.nn.cpu_recurrence), and ``aten``
+(bnrnn.nn.aten_recurrence).
 """
 
 import copy
@@ -12,7 +13,7 @@ import copy
 import pytest
 import torch
 
-from bnrnn.nn import BNLSTM, cpu_kernels, cpu_recurrence, fused
+from bnrnn.nn import BNLSTM, aten_recurrence, cpu_extension, cpu_recurrence
 from bnrnn.nn.population import batch_statistics
 from conftest import require_compiled_cpu_loop
 
@@ -53,11 +54,11 @@ SWITCH_IDS = ["bnlstm", "bn_x", "bn_h", "bn_c", "vanilla"]
 
 
 def twin_layers(switches, dtype, randomised: bool, seed: int = 0, max_steps: int = 6, I: int = 3, H: int = 5):
-    """(fused layer, reference layer) with equal parameters and buffers."""
+    """(fast layer, reference layer) with equal parameters and buffers."""
     torch.manual_seed(seed)
-    fast = BNLSTM(I, H, max_steps=max_steps, bn_x=switches[0], bn_h=switches[1], bn_c=switches[2], fused=True)
+    fast = BNLSTM(I, H, max_steps=max_steps, bn_x=switches[0], bn_h=switches[1], bn_c=switches[2],
+                  backend="cpu" if USE_COMPILED["value"] else "aten")
     fast = fast.to(dtype)
-    fast.cpu_kernels = USE_COMPILED["value"]
     if randomised:
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
@@ -68,7 +69,7 @@ def twin_layers(switches, dtype, randomised: bool, seed: int = 0, max_steps: int
                 bn.running_mean.copy_(torch.randn(bn.running_mean.shape, generator=g, dtype=dtype))
                 bn.running_var.copy_(0.5 + torch.rand(bn.running_var.shape, generator=g, dtype=dtype))
     ref = copy.deepcopy(fast)
-    ref.fused = False
+    ref.backend = "reference"
     return fast, ref
 
 
@@ -277,12 +278,12 @@ def test_pooled_buffers_give_the_same_gradients_step_after_step(cpu_loop):
 @pytest.mark.parametrize("switches", [(True, True, True), (False, False, False)], ids=["bnlstm", "vanilla"])
 def test_large_hidden_size(switches, dtype, cpu_loop):
     """H = 256: in float32 the recurrent products go through W_h packed (for oneDNN,
-    fused.PACKED_MIN_HIDDEN, or in the compiled loop for its own AVX-512 kernel where the CPU
+    aten_recurrence.PACKED_MIN_HIDDEN, or in the compiled loop for its own AVX-512 kernel where the CPU
     has one; float64 stays on mm), and in the compiled loop dW_h is one GEMM per chunk of steps
     (cpu_recurrence.CHUNKED_WEIGHT_GRAD_MIN_HIDDEN): training and folded inference
     against the reference."""
     fast, ref = twin_layers(switches, dtype, randomised=False, max_steps=4, I=12, H=256)
-    packed = fused.packed_weight(fast.weight_hh, 8) is not None
+    packed = aten_recurrence.packed_weight(fast.weight_hh, 8) is not None
     assert packed == (dtype == torch.float32)  # the paths under test
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 8, 12, generator=g, dtype=dtype)
@@ -374,12 +375,12 @@ def restore_threads():
 @pytest.mark.parametrize("B", [7, 20], ids=["one_part", "two_parts"])
 @pytest.mark.parametrize("gemm", ["own", "onednn"])
 @pytest.mark.parametrize("H", [256, 257], ids=["even", "odd"])
-def test_packed_halves_on_one_two_and_three_threads(switches, B, gemm, H, cpu_loop, restore_threads, monkeypatch):
+def test_packed_halves_on_one_two_and_three_threads(switches, B, gemm, H, cpu_loop, restore_threads, limit_gemm):
     """Float32 from H = 256: the recurrent products come in halves, one per thread,
     the threads meeting before and after each (with one part of the rows too: the thread
     without rows then takes the backward's weight GEMMs). Each half is the extension's own
     AVX-512 kernel on its packed half of W_h (where the CPU has AVX-512), or, with
-    BNRNN_SMALL_GEMM=0 or without AVX-512, oneDNN's GEMM on W_h (forward) and W_h^T
+    the GEMM limited to the BLAS or without AVX-512, oneDNN's GEMM on W_h (forward) and W_h^T
     (backward) packed as two row halves. Every thread count gives the reference's results
     within float32 tolerance (training, and inference with population statistics), and
     exactly the same values as the others (each half is the same single-threaded GEMM
@@ -387,10 +388,10 @@ def test_packed_halves_on_one_two_and_three_threads(switches, B, gemm, H, cpu_lo
     odd H: halves of unequal widths (oneDNN's second half of the backward's dL/dh once
     landed one column early, and dW went wrong by 0.5)."""
     if gemm == "onednn":
-        monkeypatch.setenv("BNRNN_SMALL_GEMM", "0")
+        limit_gemm("blas")
     elif not USE_COMPILED["value"]:
         pytest.skip("the ATen loop has no own kernel")
-    elif not cpu_kernels.own_gemm():
+    elif not cpu_extension.own_gemm():
         pytest.skip("the own GEMM kernel needs a CPU with AVX-512")
     fast, ref = twin_layers(switches, torch.float32, randomised=False, I=12, H=H)
     if gemm == "onednn":  # the path under test
@@ -424,7 +425,7 @@ def test_packed_halves_on_one_two_and_three_threads(switches, B, gemm, H, cpu_lo
 @pytest.mark.parametrize("I, H", [(3, 5), (12, 5), (12, 256)], ids=["narrow", "wide", "wide_large_hidden"])
 @pytest.mark.parametrize("B", [7, 20], ids=["one_part", "two_parts"])
 @pytest.mark.parametrize("blas", ["direct", "aten"])
-def test_same_results_on_one_two_and_three_threads(switches, I, H, B, blas, cpu_loop, restore_threads, monkeypatch):
+def test_same_results_on_one_two_and_three_threads(switches, I, H, B, blas, cpu_loop, restore_threads, limit_gemm):
     """The compiled loops split a batch of 16 rows or more in two parts, one per thread (a
     team of three leaves one idle; BATCH_PARTS in the C++ source); with one part (below 16
     rows) the backward runs a step's loops beside the previous step's weight-gradient GEMMs,
@@ -432,9 +433,9 @@ def test_same_results_on_one_two_and_three_threads(switches, I, H, B, blas, cpu_
     test_packed_halves_on_one_two_and_three_threads.) On one thread all of it runs one after the other. Every thread count gives
     the reference's results (float64, training and inference with population statistics),
     and the same as the others; with the GEMMs called on the BLAS directly, and through
-    ATen (BNRNN_DIRECT_BLAS=0)."""
+    ATen (limit_gemm("aten"))."""
     if blas == "aten":
-        monkeypatch.setenv("BNRNN_DIRECT_BLAS", "0")
+        limit_gemm("aten")
     fast, ref = twin_layers(switches, torch.float64, randomised=True, I=I, H=H)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(9, B, I, generator=g, dtype=torch.float64)

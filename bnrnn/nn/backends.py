@@ -1,0 +1,206 @@
+"""Which implementation runs a BN-LSTM layer's recurrence: one ordered list, one switch.
+
+``model.backend`` (``BNLSTM(backend=...)``) picks one of
+
+=========== ================================================================ ==============
+name        what runs                                                        where
+=========== ================================================================ ==============
+triton      Triton step kernels, replayed as CUDA graphs (``cuda_graphs``);  CUDA, float32
+            inference as one whole-sequence kernel
+cpu         the compiled C++ loops of ``csrc/`` (built on first use)         CPU
+aten        the recurrence as one autograd Function of ATen ops               any device
+reference   the paper's equations step by step (:mod:`bnrnn.nn.reference`)   any device
+=========== ================================================================ ==============
+
+``auto`` (the default) takes the first of triton, cpu, aten that can run the input. All
+compute the same function (tests hold each to the reference). Asking whether a backend
+can run (``available``) has no side effects; the compiled CPU loops are built the first
+time the ``cpu`` backend runs, and if that fails the ``aten`` backend takes over, with a
+warning. The backend that runs is logged once per process.
+
+Each backend has two paths: training statistics (each step's batch statistics, folded
+into the population) and inference with population statistics, where BN_x and BN_h are
+per-step affine maps folded into the input term and a per-step scale of W_h h, so that
+only BN_c stays a separate (one-op) affine step.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from bnrnn.nn import cpu_extension, cpu_recurrence, triton_lstm, triton_sequence
+from bnrnn.nn.cpu_recurrence import CompiledLSTMRecurrence
+from bnrnn.nn.aten_recurrence import (FusedLSTMRecurrence, InputProjection, Norms, population_recurrence, project_input,
+                            recurrence_forward)
+from bnrnn.nn.gpu_recurrence import TritonLSTMRecurrence
+from bnrnn.nn.reference import State, reference_forward
+
+log = logging.getLogger("bnrnn")
+
+NAMES = ("auto", "triton", "cpu", "aten", "reference")
+AUTO_ORDER = ("triton", "cpu", "aten")
+_logged: set[str] = set()
+
+
+def available(name: str, x: torch.Tensor) -> bool:
+    """Whether backend ``name`` can run a sequence ``x`` (T, B, I): no side effects."""
+    if name == "triton":
+        return triton_lstm.available(x)
+    if name == "cpu":
+        return cpu_extension.usable(x)
+    return name in ("aten", "reference")
+
+
+def select(requested: str, x: torch.Tensor) -> str:
+    """The backend that runs ``x``: ``requested``, or for ``auto`` the first of AUTO_ORDER that can.
+
+    ValueError with one sentence if a named backend cannot run this input.
+    """
+    if requested == "auto":
+        return next(name for name in AUTO_ORDER if available(name, x))
+    if requested not in NAMES:
+        raise ValueError(f"unknown backend {requested!r}; choose one of {', '.join(NAMES)}")
+    if not available(requested, x):
+        where = {"triton": "a CUDA GPU, float32 and the triton package",
+                 "cpu": "a float CPU tensor and a compiled extension (see the warning above)"}[requested]
+        raise ValueError(f"model.backend={requested} cannot run this input ({x.device}, {x.dtype}): it needs {where}")
+    return requested
+
+
+def announce(name: str, layer) -> None:
+    if name not in _logged:
+        _logged.add(name)
+        log.info("bnrnn: the recurrence runs on the %s backend (model.backend=%s)", name, layer.backend)
+
+
+def run(layer, x: torch.Tensor, state: State | None, t0: int) -> tuple[torch.Tensor, State]:
+    """``layer``'s forward over ``x`` (T, B, I): output (T, B, H) and the final (h, c)."""
+    name = select(layer.backend, x)
+    if name == "cpu" and not cpu_extension.load():  # the first run builds it; on failure, aten
+        name = "aten"
+    announce(name, layer)
+    if state is None:
+        state = layer.initial_state(x.shape[1])
+    h0, c0 = state
+    norms = layer.norms()
+    batch_stats = [bn.uses_batch_stats for bn in norms]
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or h0.requires_grad or c0.requires_grad or any(p.requires_grad for p in layer.parameters())
+    )
+    mixed = any(batch_stats) and not all(batch_stats)
+    grad_through_population = norms and not any(batch_stats) and needs_grad
+    if name == "reference" or mixed or grad_through_population:
+        # Mixed statistics modes, or gradients through population statistics (analysis in eval
+        # mode): only the reference covers them.
+        return reference_forward(layer, x, state, t0)
+    if norms and not any(batch_stats):
+        return population_forward(name, layer, x, h0, c0, t0)
+    return TRAINING[name](layer, x, h0, c0, t0, needs_grad)
+
+
+def aten_training(layer, x, h0, c0, t0: int, needs_grad: bool) -> tuple[torch.Tensor, State]:
+    # W_x x for all steps in one GEMM; b rides along unless it is BN_x's beta.
+    wx = InputProjection.apply(x, layer.weight_ih, layer.bias if layer.bn_x is None else None)
+    (gamma_x, gamma_h, gamma_c), beta_c, eps = layer.norm_tensors()
+    beta_x = layer.bias if layer.bn_x is not None else None  # b is BN_x's beta
+    if needs_grad:
+        stats: dict[str, torch.Tensor] = {}
+        hs, c_last = FusedLSTMRecurrence.apply(
+            wx, layer.weight_hh, gamma_x, beta_x, gamma_h, gamma_c, beta_c, h0, c0, eps, stats)
+    else:
+        with torch.no_grad():
+            norms = Norms(gamma_x, beta_x, gamma_h, gamma_c, beta_c, eps)
+            hs, cs, stats = recurrence_forward(wx, layer.weight_hh, norms, h0, c0, False)
+        c_last = cs[-1]
+    layer.fold_into_population(stats, t0, ("x", layer.bn_x), ("h", layer.bn_h), ("c", layer.bn_c))
+    return hs, (hs[-1], c_last)
+
+
+def cpu_training(layer, x, h0, c0, t0: int, needs_grad: bool) -> tuple[torch.Tensor, State]:
+    (gamma_x, gamma_h, gamma_c), beta_c, eps = layer.norm_tensors()
+    if needs_grad:
+        stats: dict[str, torch.Tensor] = {}
+        hs, c_last = CompiledLSTMRecurrence.apply(x, layer.weight_ih, layer.bias, layer.weight_hh, gamma_x, gamma_h,
+                                                  gamma_c, beta_c, h0, c0, eps, stats)
+    else:
+        with torch.no_grad():
+            hs, cs, stats = cpu_recurrence.run_forward(x, layer.weight_ih, layer.bias, layer.weight_hh, gamma_x,
+                                                       gamma_h, gamma_c, beta_c, eps, h0, c0)
+        c_last = cs[-1]
+    layer.fold_into_population(stats, t0, ("x", layer.bn_x), ("h", layer.bn_h), ("c", layer.bn_c))
+    return hs, (hs[-1], c_last)
+
+
+def triton_training(layer, x, h0, c0, t0: int, needs_grad: bool) -> tuple[torch.Tensor, State]:
+    """The input term for all steps in autograd ops (BN_x's statistics are over (T, B, 4H) at
+    once, with no recurrence), the recurrence on the Triton step kernels."""
+    wx = torch.matmul(x, layer.weight_ih.t())
+    xin = (wx if layer.bn_x is None else layer.bn_x.forward_sequence(wx, t0)) + layer.bias
+    (_, gamma_h, gamma_c), beta_c, (_, eps_h, eps_c) = layer.norm_tensors()
+    h0, c0 = h0.contiguous(), c0.contiguous()
+    if needs_grad:
+        stats: dict[str, torch.Tensor] = {}
+        hs, c_last = TritonLSTMRecurrence.apply(xin, layer.weight_hh, gamma_h, gamma_c, beta_c, h0, c0,
+                                                (eps_h, eps_c), stats, layer.cuda_graphs)
+    else:
+        with torch.no_grad():
+            params = triton_lstm.Parameters(layer.weight_hh, gamma_h, gamma_c, beta_c, eps_h, eps_c)
+            out = triton_lstm.run_sequence(xin.contiguous(), params, h0, c0)
+        hs, c_last, stats = out.hs, out.cs[-1], out.statistics()
+    layer.fold_into_population(stats, t0, ("h", layer.bn_h), ("c", layer.bn_c))
+    return hs, (hs[-1], c_last)
+
+
+TRAINING = {"aten": aten_training, "cpu": cpu_training, "triton": triton_training}
+
+
+def population_forward(name: str, layer, x, h0, c0, t0: int) -> tuple[torch.Tensor, State]:
+    """Inference with population statistics on backend ``name``, x (T, B, I).
+
+    BN_x(W_x x) = (W_x x) * s_x + m_x is W_x with its rows scaled (applied to the precomputed
+    W_x x, the same product); its shift, BN_h's shift and b become one per-step bias; BN_h's
+    scale s_h is applied to W_h h in the fused multiply-add that adds the input term (T_max
+    scaled copies of W_h would cost T_max times its memory for no fewer operations). On the
+    compiled CPU loop a narrow input (seqMNIST's one pixel) never forms W_x x: the loop takes
+    x_t times W_x^T scaled per step.
+    """
+    steps = x.shape[0]
+    with torch.no_grad():
+        shift = layer.bias.expand(steps, -1)  # the input term is W_x x * s_x + (m_x + b + m_h)
+        scale = h_scale = c_scale = c_shift = None
+        if layer.bn_x is not None:
+            scale, x_shift = layer.bn_x.affine_at(t0, steps)
+            shift = shift + x_shift
+        if layer.bn_h is not None:
+            h_scale, h_shift = layer.bn_h.affine_at(t0, steps)
+            shift = shift + h_shift
+        if layer.bn_c is not None:
+            c_scale, c_shift = layer.bn_c.affine_at(t0, steps)
+        if name == "cpu" and x.shape[2] <= cpu_recurrence.NARROW_INPUT_MAX:
+            coef = layer.weight_ih.t().unsqueeze(0).expand(steps, -1, -1)  # (T, I, 4H)
+            if scale is not None:
+                coef = coef * scale.unsqueeze(1)
+            hs, c_last = cpu_recurrence.population_forward(x, layer.weight_hh, h_scale, c_scale, c_shift, h0, c0,
+                                                           x_coef=coef, x_shift=shift)
+            return hs, (hs[-1], c_last)
+        # W_x x into a pooled buffer, and the input term written over it in one pass: no new
+        # (T, B, 4H) tensor, whose fresh pages would cost more than the pass.
+        wx = (cpu_recurrence.project_input if name == "cpu" else project_input)(x.contiguous(), layer.weight_ih, None)
+        if scale is not None:
+            xin = torch.addcmul(shift.unsqueeze(1), wx, scale.unsqueeze(1), out=wx)
+        else:
+            xin = wx.add_(shift.unsqueeze(1))
+        whole = (triton_sequence.sequence_config(steps, xin.shape[1], layer.hidden_size, xin.device)
+                 if name == "triton" else None)
+        if whole is not None:  # one kernel launch for the sequence
+            hs, c_last = triton_sequence.run_inference(
+                xin.contiguous(), layer.weight_hh,
+                *(None if t is None else t.contiguous() for t in (h_scale, c_scale, c_shift)),
+                h0.contiguous(), c0.contiguous(), whole)
+        elif name == "cpu":
+            hs, c_last = cpu_recurrence.population_forward(xin, layer.weight_hh, h_scale, c_scale, c_shift, h0, c0)
+        else:
+            hs, c_last = population_recurrence(xin, layer.weight_hh, h_scale, c_scale, c_shift, h0, c0)
+    return hs, (hs[-1], c_last)
