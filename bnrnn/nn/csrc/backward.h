@@ -260,17 +260,12 @@ bool backward_rows(BackwardShared<T>& sh, int thread) {
 }
 
 template <typename T>
-void backward_loop(const Tensor& grad_hs, const Tensor& grad_c_last, const Tensor& x, const OptTensor& wx,
-                   const Tensor& weight_ih, const RecurrentProduct& recurrent, const Norm<T>& nx, const Norm<T>& nh,
-                   const Norm<T>& nc, const Tensor& h0, const Tensor& c0, const Tensor& hs, const Tensor& cs,
-                   const Tensor& sig, const Tensor& tanh_c, const OptTensor& wh, const OptTensor& grad_x,
-                   const Tensor& grad_weight_ih, const Tensor& grad_bias, const Tensor& grad_weight_hh,
-                   const Tensor& grad_h0, const Tensor& grad_c0, const OptTensor& grad_gamma_x,
-                   const OptTensor& grad_gamma_h, const OptTensor& grad_gamma_c, const OptTensor& grad_beta_c,
-                   const OptTensor& dwh_steps) {
+void backward_loop(const Tensor& grad_hs, const Tensor& grad_c_last, const SavedForward& saved,
+                   const RecurrentProduct& recurrent, const Norm<T>& nx, const Norm<T>& nh, const Norm<T>& nc,
+                   const BackwardOutputs& out) {
+  const Tensor& cs = saved.cs;
   const auto [parts, threads] = parts_and_threads(cs.size(1), recurrent);
-  BackwardShared<T> sh(grad_hs, grad_c_last, x, wx, weight_ih, recurrent, nx, nh, nc, h0, c0, hs, cs, sig, tanh_c, wh,
-                       grad_x, grad_weight_ih, grad_weight_hh, grad_h0, dwh_steps, parts, threads);
+  BackwardShared<T> sh(grad_hs, grad_c_last, saved, recurrent, nx, nh, nc, out, parts, threads);
   if (threads == 1 || !run_on_threads(threads, sh.barrier, [&](int thread) { backward_rows<T>(sh, thread); })) {
     sh.threads = 1;
     backward_rows<T>(sh, 0);
@@ -283,22 +278,22 @@ void backward_loop(const Tensor& grad_hs, const Tensor& grad_c_last, const Tenso
       total.copy_(sh.part[0].*member);
       for (int k = 1; k < parts; ++k) total.add_(sh.part[k].*member);
     };
-    sum_parts(&BackwardPart<T>::gw_hh, grad_weight_hh);
-    sum_parts(&BackwardPart<T>::gw_ih, grad_weight_ih);
+    sum_parts(&BackwardPart<T>::gw_hh, out.grad_weight_hh);
+    sum_parts(&BackwardPart<T>::gw_ih, out.grad_weight_ih);
   }
-  std::copy(sh.dc_next.begin(), sh.dc_next.end(), grad_c0.data_ptr<T>());
+  std::copy(sh.dc_next.begin(), sh.dc_next.end(), out.grad_c0.data_ptr<T>());
   const auto total = [&](std::vector<double> BackwardPart<T>::*member) {
     std::vector<double> sum = sh.part[0].*member;
     for (int k = 1; k < parts; ++k)
       for (size_t f = 0; f < sum.size(); ++f) sum[f] += (sh.part[k].*member)[f];
     return sum;
   };
-  store<T>(total(&BackwardPart<T>::d_bias), grad_bias);
-  if (sh.narrow) store<T>(nx.on() ? sh.narrow_d_weight : total(&BackwardPart<T>::d_weight_ih), grad_weight_ih);
-  if (nx.on()) store<T>(sh.narrow ? sh.narrow_d_gamma : total(&BackwardPart<T>::d_gamma_x), grad_gamma_x);
-  if (nh.on()) store<T>(total(&BackwardPart<T>::d_gamma_h), grad_gamma_h);
-  if (nc.on()) store<T>(total(&BackwardPart<T>::d_gamma_c), grad_gamma_c);
-  if (nc.on()) store<T>(total(&BackwardPart<T>::d_beta_c), grad_beta_c);
+  store<T>(total(&BackwardPart<T>::d_bias), out.grad_bias);
+  if (sh.narrow) store<T>(nx.on() ? sh.narrow_d_weight : total(&BackwardPart<T>::d_weight_ih), out.grad_weight_ih);
+  if (nx.on()) store<T>(sh.narrow ? sh.narrow_d_gamma : total(&BackwardPart<T>::d_gamma_x), out.grad_gamma_x);
+  if (nh.on()) store<T>(total(&BackwardPart<T>::d_gamma_h), out.grad_gamma_h);
+  if (nc.on()) store<T>(total(&BackwardPart<T>::d_gamma_c), out.grad_gamma_c);
+  if (nc.on()) store<T>(total(&BackwardPart<T>::d_beta_c), out.grad_beta_c);
 }
 
 void recurrence_backward(const Tensor& grad_hs, const Tensor& grad_c_last, const Tensor& x, const OptTensor& wx,
@@ -325,14 +320,15 @@ void recurrence_backward(const Tensor& grad_hs, const Tensor& grad_c_last, const
   if (dwh_steps.has_value()) check_cpu_contiguous({{&*dwh_steps, "dwh_steps"}});
   TORCH_CHECK(!gamma_h.has_value() || wh.has_value(), "bnrnn_cpu: BN_h needs the wh buffer");
   const int64_t H = cs.size(2), G = 4 * H;
+  // The op's flat arguments (its schema), grouped: what the forward saved, where gradients go.
+  const SavedForward saved{x, wx, weight_ih, h0, c0, hs, cs, tanh_c, sig, wh};
+  const BackwardOutputs out{grad_x,       grad_weight_ih, grad_bias,    grad_weight_hh, grad_h0,  grad_c0,
+                            grad_gamma_x, grad_gamma_h,   grad_gamma_c, grad_beta_c,    dwh_steps};
   AT_DISPATCH_FLOATING_TYPES(cs.scalar_type(), "bnrnn_recurrence_backward", [&] {
-    backward_loop<scalar_t>(grad_hs, grad_c_last, x, wx, weight_ih,
-                            RecurrentProduct(weight_hh, packed_hh_t, Products::backward),
+    backward_loop<scalar_t>(grad_hs, grad_c_last, saved, RecurrentProduct(weight_hh, packed_hh_t, Products::backward),
                             make_norm<scalar_t>(gamma_x, beta_x, eps_x, mean_x, invstd_x, G),
                             make_norm<scalar_t>(gamma_h, std::nullopt, 0.0, mean_h, invstd_h, G),
-                            make_norm<scalar_t>(gamma_c, std::nullopt, 0.0, mean_c, invstd_c, H), h0, c0, hs, cs,
-                            sig, tanh_c, wh, grad_x, grad_weight_ih, grad_bias, grad_weight_hh, grad_h0, grad_c0,
-                            grad_gamma_x, grad_gamma_h, grad_gamma_c, grad_beta_c, dwh_steps);
+                            make_norm<scalar_t>(gamma_c, std::nullopt, 0.0, mean_c, invstd_c, H), out);
   });
 }
 

@@ -78,6 +78,25 @@ struct BackwardPart {
   Tensor gw_hh, gw_ih;              // this part's dW_h (G, H) and a wide input's dW_x (G, I)
 };
 
+// What the forward saved for the backward, and what it ran on: the op's arguments, by name.
+struct SavedForward {
+  const Tensor& x;  // (T, B, I)
+  const OptTensor& wx;  // (T, B, G): a wide input's W_x x, or none (a narrow input)
+  const Tensor& weight_ih;  // (G, I)
+  const Tensor &h0, &c0;  // (B, H)
+  const Tensor &hs, &cs, &tanh_c;  // (T, B, H)
+  const Tensor& sig;  // (T, B, G), or one step's (1, B, G): see forward.h
+  const OptTensor& wh;  // (T, B, G): W_h h_{t-1}, kept with BN_h
+};
+
+// Where the backward writes: each gradient, (T, B, G) dwh_steps a ring for dW_h's chunks.
+struct BackwardOutputs {
+  const OptTensor& grad_x;  // (T, B, I), or none when x needs none
+  const Tensor &grad_weight_ih, &grad_bias, &grad_weight_hh, &grad_h0, &grad_c0;
+  const OptTensor &grad_gamma_x, &grad_gamma_h, &grad_gamma_c, &grad_beta_c;
+  const OptTensor& dwh_steps;
+};
+
 // The backward's arguments and what its threads share.
 template <typename T>
 struct BackwardShared {
@@ -110,21 +129,19 @@ struct BackwardShared {
   std::vector<small_gemm::PackedB> chunk_h;  // each thread's packed rows of h for its chunk GEMMs
 #endif
 
-  BackwardShared(const Tensor& grad_hs, const Tensor& grad_c_last, const Tensor& x, const OptTensor& wx,
-                 const Tensor& weight_ih, const RecurrentProduct& recurrent, const Norm<T>& nx, const Norm<T>& nh,
-                 const Norm<T>& nc, const Tensor& h0, const Tensor& c0, const Tensor& hs, const Tensor& cs,
-                 const Tensor& sig, const Tensor& tanh_c, const OptTensor& wh, const OptTensor& grad_x,
-                 const Tensor& grad_weight_ih, const Tensor& grad_weight_hh, const Tensor& grad_h0,
-                 const OptTensor& dwh_steps, int parts, int threads)
-      : grad_hs(grad_hs), x(x), weight_ih(weight_ih), h0(h0), hs(hs), cs(cs), sig(sig), tanh_c(tanh_c),
-        grad_h0(grad_h0), wh(wh), grad_x(grad_x), dwh_steps(dwh_steps), recurrent(recurrent), nx(nx), nh(nh),
-        nc(nc), steps(cs.size(0)), B(cs.size(1)), H(cs.size(2)), G(4 * cs.size(2)), c0_data(c0.data_ptr<T>()),
-        wide(data_or_null<T>(wx)), norms(int(nh.on()) + int(nx.on() && wide)), parts(parts), threads(threads),
-        per_step_gemms(!dwh_steps.has_value() || wide),
+  BackwardShared(const Tensor& grad_hs, const Tensor& grad_c_last, const SavedForward& saved,
+                 const RecurrentProduct& recurrent, const Norm<T>& nx, const Norm<T>& nh, const Norm<T>& nc,
+                 const BackwardOutputs& out, int parts, int threads)
+      : grad_hs(grad_hs), x(saved.x), weight_ih(saved.weight_ih), h0(saved.h0), hs(saved.hs), cs(saved.cs),
+        sig(saved.sig), tanh_c(saved.tanh_c),
+        grad_h0(out.grad_h0), wh(saved.wh), grad_x(out.grad_x), dwh_steps(out.dwh_steps), recurrent(recurrent),
+        nx(nx), nh(nh), nc(nc), steps(cs.size(0)), B(cs.size(1)), H(cs.size(2)), G(4 * cs.size(2)),
+        c0_data(saved.c0.data_ptr<T>()), wide(data_or_null<T>(saved.wx)), norms(int(nh.on()) + int(nx.on() && wide)), parts(parts), threads(threads),
+        per_step_gemms(!out.dwh_steps.has_value() || wide),
         dc_next(grad_c_last.data_ptr<T>(), grad_c_last.data_ptr<T>() + B * H),
         dcn(B * H), dc_buffer(B * H), barrier(threads),
-        kernel(recurrent.kernel_in_use()), grad_weight_hh(grad_weight_hh),
-        ring(dwh_steps.has_value() ? dwh_steps->size(0) : 0), chunk(ring >= steps ? steps : ring / 2) {
+        kernel(recurrent.kernel_in_use()), grad_weight_hh(out.grad_weight_hh),
+        ring(out.dwh_steps.has_value() ? out.dwh_steps->size(0) : 0), chunk(ring >= steps ? steps : ring / 2) {
     TORCH_CHECK(!dwh_steps.has_value() || ring >= std::min<int64_t>(steps, 2), "bnrnn_cpu: dwh_steps too short");
 #if SMALL_GEMM_AVAILABLE
     if (dwh_steps.has_value()) chunk_h.resize(threads);
@@ -160,7 +177,7 @@ struct BackwardShared {
         return acc.zero_();
       };
       if (!dwh_steps.has_value()) p.gw_hh = accumulator(grad_weight_hh);
-      if (wide) p.gw_ih = accumulator(grad_weight_ih);
+      if (wide) p.gw_ih = accumulator(out.grad_weight_ih);
     }
   }
 
