@@ -390,7 +390,7 @@ def test_packed_halves_on_one_two_and_three_threads(switches, B, gemm, H, cpu_lo
     if gemm == "onednn":
         limit_gemm("blas")
     elif not USE_COMPILED["value"]:
-        pytest.skip("the ATen loop has no own kernel")
+        pytest.skip("the aten backend has no own kernel")
     elif not cpu_extension.own_gemm():
         pytest.skip("the own GEMM kernel needs a CPU with AVX-512")
     fast, ref = twin_layers(switches, torch.float32, randomised=False, I=12, H=H)
