@@ -29,6 +29,8 @@ commands:
                       e.g. bnrnn report runs/multirun --out report
   paper-curves [--out DIR]  the paper's curves (Figs. 2, 3a, 3b) as TensorBoard runs under our tags,
                       so that tensorboard --logdir runs draws them over yours (default runs/paper)
+  sample RUN_DIR [opts]  text from a PTB run (--prime TEXT, --length N, --temperature T, --seed S),
+                      with population statistics far past T_max
   gradflow [--out DIR]  the paper's Fig. 1: gradient norm over time at initialisation against gamma
   bench [opts]        time a training step of nn.LSTM, our vanilla, BN-input and BN-LSTM side by
                       side (seqMNIST and PTB shapes), with a numerics check; --help for options
@@ -247,6 +249,32 @@ def run_paper_curves(args: list[str]) -> int:
     return 0
 
 
+def run_sample(args: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="bnrnn sample", description="Text from a PTB run's checkpoint.")
+    parser.add_argument("run_dir", help="a PTB run folder (config.yaml, vocab.json, checkpoints/)")
+    parser.add_argument("--prime", default="", help="text to start from (plain text: spaces between words)")
+    parser.add_argument("--length", type=int, default=1000, help="characters to generate (default 1000)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default 1.0)")
+    parser.add_argument("--seed", type=int, default=0, help="the same seed gives the same text")
+    parser.add_argument("--checkpoint", default="best", choices=("best", "last"))
+    parser.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"))
+    opts = parser.parse_args(args)
+
+    from bnrnn.errors import BnrnnError
+    from bnrnn.sample import sample_run
+
+    try:
+        text = sample_run(opts.run_dir, opts.prime, opts.length, opts.temperature, opts.seed, opts.checkpoint,
+                          opts.device)
+    except BnrnnError as exc:
+        error(str(exc))
+        return 2
+    print(opts.prime + text)
+    return 0
+
+
 def run_gradflow(args: list[str]) -> int:
     from bnrnn.gradflow import main as gradflow_main
 
@@ -254,7 +282,7 @@ def run_gradflow(args: list[str]) -> int:
 
 
 COMMANDS = {"train": run_train, "eval": run_eval, "bench": run_bench, "report": run_report,
-            "paper-curves": run_paper_curves, "gradflow": run_gradflow}
+            "paper-curves": run_paper_curves, "gradflow": run_gradflow, "sample": run_sample}
 
 
 def main(argv: list[str] | None = None) -> int:

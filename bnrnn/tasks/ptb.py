@@ -31,6 +31,13 @@ def summed_nats(logits: torch.Tensor, targets: torch.Tensor) -> float:
     return losses.double().sum().item()
 
 
+def language_model(model_cfg: DictConfig, vocab_size: int, train_length: int) -> CharLanguageModel:
+    """The character language model: input width the embedding's (one-hot: the vocabulary's),
+    T_max the training windows' input steps."""
+    width = model_cfg.embedding_size or vocab_size
+    return CharLanguageModel(build_rnn(model_cfg, width, train_length), vocab_size, model_cfg.embedding_size)
+
+
 class PtbTask:
     selection = ("bpc", "min")
 
@@ -67,9 +74,7 @@ class PtbTask:
         return len(self.corpus.vocab)
 
     def build_model(self, model_cfg: DictConfig) -> nn.Module:
-        width = model_cfg.embedding_size or self.vocab_size
-        rnn = build_rnn(model_cfg, width, self.train_length)
-        return CharLanguageModel(rnn, self.vocab_size, model_cfg.embedding_size)
+        return language_model(model_cfg, self.vocab_size, self.train_length)
 
     def train_loss(self, model: nn.Module, batch, device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
         inputs, targets = (t.to(device, non_blocking=True) for t in batch)

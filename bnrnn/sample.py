@@ -1,0 +1,97 @@
+"""``bnrnn sample RUN``: text from a PTB run's checkpoint, one character at a time.
+
+The model runs in evaluation mode, so every norm uses population statistics, and at time
+steps past T_max (the training windows' length) the last step's statistics. A thousand
+characters are ten times T_max: this is the paper's Fig. 3b point, seen as text. The
+vocabulary comes from the run's ``vocab.json``, so the data set is not needed.
+
+PTB's files write a space between symbols and ``_`` between words; a priming text is
+written as plain text (a space between words, a newline for a line end) and converted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from bnrnn.checkpoint import load_checkpoint
+from bnrnn.config import load_config, read_yaml_mapping, without_unknown_keys
+from bnrnn.data.ptb import EOL, Vocabulary, shown
+from bnrnn.device import resolve_device
+from bnrnn.errors import BnrnnError, CheckpointError, ConfigError
+from bnrnn.tasks.ptb import VOCAB_FILE, language_model
+
+WORD_BREAK = "_"
+
+
+def symbols_of(text: str) -> list[str]:
+    """Plain text -> PTB symbols: a space is the word break ``_``, a newline the line end."""
+    return [WORD_BREAK if ch == " " else EOL if ch == "\n" else ch for ch in text]
+
+
+def text_of(symbols: list[str]) -> str:
+    """PTB symbols -> plain text (the inverse of :func:`symbols_of`)."""
+    return "".join(" " if s == WORD_BREAK else "\n" if s == EOL else s for s in symbols)
+
+
+def load_language_model(run_dir: Path, checkpoint: str, device_name: str | None):
+    """The run's model (eval mode) and vocabulary; BnrnnError if the run is not a PTB run."""
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise BnrnnError(f"{run_dir} is not a bnrnn run folder (no config.yaml)")
+    cfg, _ = without_unknown_keys(read_yaml_mapping(config_file, "fix it: bnrnn sample reads the run's settings from it"))
+    if device_name is not None:
+        cfg.device.name = device_name
+    cfg = load_config(cfg)
+    if cfg.task.kind != "ptb":
+        raise ConfigError(f"bnrnn sample needs a language-modelling run; {run_dir} trained on {cfg.task.name}")
+    vocab_file = run_dir / VOCAB_FILE
+    if not vocab_file.is_file():
+        raise BnrnnError(f"{vocab_file} is missing: the run's vocabulary is needed to read and write text")
+    vocab = Vocabulary.load(vocab_file)
+    device = resolve_device(cfg.device.name)
+    model = language_model(cfg.model, len(vocab), cfg.task.seq_len - 1)
+    path = run_dir / "checkpoints" / f"{checkpoint}.pt"
+    try:
+        model.load_state_dict(load_checkpoint(path)["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path} does not fit the model in {config_file}") from exc
+    # One step per call: the reference's few ops beat a fast path's per-call set-up here.
+    model.rnn.backend = "reference"
+    return model.to(device).eval(), vocab, device
+
+
+@torch.no_grad()
+def sample(model, vocab: Vocabulary, prime: str, length: int, temperature: float, seed: int,
+           device: torch.device) -> str:
+    """``length`` characters after ``prime``, drawn from softmax(logits / temperature).
+
+    The prime is read first (its symbols must be in the vocabulary: ConfigError naming the
+    others); the model then feeds each drawn symbol back in, carrying its state, at time
+    step t = len(prime) + i.
+    """
+    if length < 1 or not temperature > 0:
+        raise ConfigError("--length must be at least 1 and --temperature positive")
+    primed = symbols_of(prime) or [EOL]  # no prime: start as after a line end
+    unknown = sorted({s for s in primed if s not in vocab.index}, key=primed.index)
+    if unknown:
+        raise ConfigError(f"the priming text holds symbols outside the run's vocabulary: "
+                          f"{', '.join(shown(s) for s in unknown)} ({len(vocab)} symbols, from ptb.char.train.txt)")
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    ids = torch.tensor([vocab.index[s] for s in primed], device=device).unsqueeze(1)  # (T, 1)
+    logits, state = model(ids)
+    t, drawn = len(primed), []
+    for _ in range(length):
+        probs = torch.softmax(logits[-1, 0].double().cpu() / temperature, dim=0)
+        token = int(torch.multinomial(probs, 1, generator=generator))
+        drawn.append(vocab.symbols[token])
+        logits, state = model(torch.tensor([[token]], device=device), state, t)
+        t += 1
+    return text_of(drawn)
+
+
+def sample_run(run_dir: str | Path, prime: str = "", length: int = 1000, temperature: float = 1.0, seed: int = 0,
+               checkpoint: str = "best", device_name: str | None = None) -> str:
+    model, vocab, device = load_language_model(Path(run_dir), checkpoint, device_name)
+    return sample(model, vocab, prime, length, temperature, seed, device)
