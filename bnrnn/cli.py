@@ -22,7 +22,8 @@ commands:
                            bnrnn train -m task=pmnist model=lstm,bnlstm model.gamma_init=0.1,1.0
   eval RUN_DIR [opts]  score a run's checkpoint with EMA and batch statistics; --reestimate population
                       statistics over the training set too; --lengths paper: PTB bpc against
-                      sequence length (Fig. 3b, with the paper's points)
+                      sequence length (Fig. 3b, with the paper's points); --stats: the population
+                      statistics against the time step
                       e.g. bnrnn eval runs/ptb-bnlstm/2026-11-22_10-00-00 --reestimate --lengths paper
   report PATH... [--out DIR]  figures (validation metric vs steps and vs wall-clock time) and a
                       table beside the paper's numbers, from run or sweep folders
@@ -179,6 +180,9 @@ def run_eval(args: list[str]) -> int:
     parser.add_argument("--data-root", default=None, help="override the run's data.root")
     parser.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"))
     parser.add_argument("--out", default=None, help="output folder (default RUN_DIR/eval)")
+    parser.add_argument("--stats", action="store_true",
+                        help="instead of scoring: draw the checkpoint's population statistics against the time "
+                             "step (population.png, population.json; no data needed)")
     opts = parser.parse_args(args)
     for name in ("reestimate_batches", "reestimate_batch_size", "batch_size"):
         value = getattr(opts, name)
@@ -188,6 +192,16 @@ def run_eval(args: list[str]) -> int:
     from bnrnn.errors import BnrnnError
     from bnrnn.evaluate import evaluate_run
 
+    if opts.stats:
+        from bnrnn.population_plot import plot_population
+
+        try:
+            written = plot_population(opts.run_dir, opts.checkpoint, opts.out)
+        except BnrnnError as exc:
+            error(str(exc))
+            return 2
+        print(f"figure: {written['figure']}\ndata: {written['json']}")
+        return 0
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     try:
         result = evaluate_run(

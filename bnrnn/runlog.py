@@ -51,6 +51,11 @@ class RunLogger:
         charts = {name: ["Multiline", [rf"valid/{name}_(batch|ema|reestimated)$"]] for name in (metric, "loss")}
         self.writer.add_custom_scalars({"validation by statistics": charts})
 
+    def histograms(self, step: int, values: dict[str, Any]) -> None:
+        """TensorBoard histograms (``<tag>`` -> a tensor of values) at ``step``; not in metrics.jsonl."""
+        for tag, tensor in values.items():
+            self.writer.add_histogram(tag, tensor, step)
+
     def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
         """One HParams-tab entry for this run: its settings against its final metrics."""
         numeric = {f"hparam/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}

@@ -103,6 +103,20 @@ def gamma_summary(model: nn.Module) -> dict[str, float]:
     return out
 
 
+def norm_histograms(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What to watch of each norm (x, h, c) as histograms: gamma over its features (shrinking
+    or saturating gammas are the paper's Fig. 6), and the population variance of each time
+    step averaged over the features (its first steps move, then it settles)."""
+    rnn = getattr(model, "rnn", None)
+    out = {}
+    for term in ("x", "h", "c"):
+        bn = getattr(rnn, f"bn_{term}", None)
+        if bn is not None:
+            out[f"norms/gamma_{term}"] = bn.weight.detach().cpu()
+            out[f"norms/population_var_{term}_per_step"] = bn.running_var.detach().mean(dim=1).cpu()
+    return out
+
+
 def total_gradient_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     """L2 norm of all gradients together; non-finite only if a gradient is.
 
@@ -297,6 +311,7 @@ class Run:
             self.checkpoint(BEST)
         metrics["best_" + metric] = state.best_metric
         self.logger.log("valid", state.step, metrics)
+        self.logger.histograms(state.step, norm_histograms(self.model))
         self.checkpoint(LAST)
         self.logger.flush()
         log.info("step %d: valid %s %.4f (loss %.4f%s), best %.4f at step %d", state.step, metric, metrics[metric],

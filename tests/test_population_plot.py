@@ -1,0 +1,58 @@
+"""bnrnn eval --stats: the population statistics figure's data are the checkpoint's buffers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bnrnn.checkpoint import load_checkpoint
+from bnrnn.errors import BnrnnError
+from bnrnn.population_plot import plot_population
+from bnrnn.train import train
+
+
+def test_the_plotted_data_equal_the_buffers(small_mnist_cfg, tmp_path):
+    run = tmp_path / "run"
+    train(small_mnist_cfg("model=bnlstm", "trainer.max_steps=3", "trainer.test_at_end=false", "model.t_max=20"), run)
+    written = plot_population(run, "last")
+    assert written["figure"].stat().st_size > 10_000
+    data = json.loads(written["json"].read_text())
+    state = load_checkpoint(run / "checkpoints" / "last.pt")["model"]
+    assert set(data) >= {"x", "h", "c"} and data["step"] == 3
+    for term in ("x", "h", "c"):
+        for name, buffer in (("mean", "running_mean"), ("var", "running_var")):
+            values = state[f"rnn.bn_{term}.{buffer}"].double()  # (T_max, F)
+            assert data[term]["steps"] == values.shape[0] == 20
+            shown = torch.tensor(data[term][name]["shown"], dtype=torch.float64)  # (features, T)
+            assert torch.equal(shown, values[:, :4].t())
+            p90 = torch.tensor(data[term][name]["p90"], dtype=torch.float64)
+            torch.testing.assert_close(p90, torch.quantile(values, 0.9, dim=1), rtol=0, atol=0)
+    # trained steps moved the population away from its start (mean 0, variance 1)
+    assert torch.tensor(data["h"]["var"]["p50"]).ne(1.0).all()
+
+
+def test_a_model_without_batch_norm_is_refused(small_mnist_cfg, tmp_path):
+    train(small_mnist_cfg("model=lstm", "trainer.max_steps=1", "trainer.test_at_end=false"), tmp_path / "run")
+    with pytest.raises(BnrnnError, match="no batch norm"):
+        plot_population(tmp_path / "run", "last")
+
+
+def test_validation_writes_gamma_histograms_to_tensorboard(small_mnist_cfg, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from bnrnn.train import norm_histograms
+
+    run = tmp_path / "run"
+    train(small_mnist_cfg("model=bnlstm", "trainer.max_steps=2", "trainer.test_at_end=false"), run)
+    events = EventAccumulator(str(run), size_guidance={"histograms": 0})
+    events.Reload()
+    tags = events.Tags()["histograms"]
+    assert {"norms/gamma_x", "norms/gamma_h", "norms/gamma_c", "norms/population_var_h_per_step"} <= set(tags)
+    assert [e.step for e in events.Histograms("norms/gamma_h")] == [2]  # eval_every=2
+    gamma_h = load_checkpoint(run / "checkpoints" / "last.pt")["model"]["rnn.bn_h.weight"]
+    histogram = events.Histograms("norms/gamma_h")[0].histogram_value
+    assert histogram.num == gamma_h.numel()
+    assert histogram.min == pytest.approx(float(gamma_h.min())) and histogram.max == pytest.approx(float(gamma_h.max()))
+    assert norm_histograms(torch.nn.Linear(1, 1)) == {}  # a model without norms: nothing to draw
