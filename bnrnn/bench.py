@@ -71,6 +71,7 @@ MODELS = {
     "BN-input": BN_INPUT,
     "BN-LSTM": {},
     "BN-LSTM reference": dict(backend="reference"),
+    "LN-LSTM": dict(norm="layer"),  # layer norm (Ba et al.): runs on the reference, no fast path yet
 }
 # The rows the training table's ratio columns are relative to.
 BASES = ("nn.LSTM", "ours vanilla")

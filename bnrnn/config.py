@@ -61,6 +61,7 @@ class ModelConfig:
     init: str = "orthogonal"  # orthogonal | identity_g (the authors' --init id)
     embedding_size: Optional[int] = None
     backend: str = "auto"  # auto | triton | cpu | aten | reference (bnrnn.nn.backends)
+    norm: str = "batch"  # batch (Cooijmans et al.) | layer (Ba et al.: lnlstm)
     cuda_graphs: bool = True
 
 
@@ -130,6 +131,7 @@ CHOICES = {
     "device.name": ("auto", "cpu", "cuda"),
     "model.init": ("orthogonal", "identity_g"),
     "model.backend": ("auto", "triton", "cpu", "aten", "reference"),
+    "model.norm": ("batch", "layer"),
     "trainer.select_on": ("batch", "ema", "reestimated"),
 }
 STATISTICS_MODES = CHOICES["trainer.select_on"]
@@ -195,7 +197,7 @@ def validate(cfg: DictConfig) -> None:
         bad("trainer.max_steps", "set when trainer.max_epochs is null")
     if cfg.task.kind == "ptb" and cfg.task.seq_len < 2:
         bad("task.seq_len", "at least 2 for PTB (a window of L characters gives L - 1 predictions)")
-    if cfg.task.batch_size < 2 and (cfg.model.bn.x or cfg.model.bn.h or cfg.model.bn.c):
+    if cfg.task.batch_size < 2 and cfg.model.norm == "batch" and (cfg.model.bn.x or cfg.model.bn.h or cfg.model.bn.c):
         bad("task.batch_size", "at least 2 with batch norm (a batch of one has no variance)")
 
 

@@ -22,6 +22,7 @@ def build_rnn(model_cfg: DictConfig, input_size: int, train_length: int) -> BNLS
         forget_bias=model_cfg.forget_bias,
         h0_noise=model_cfg.h0_noise,
         backend=model_cfg.backend,
+        norm=model_cfg.norm,
         cuda_graphs=model_cfg.cuda_graphs,
         init=model_cfg.init,
     )

@@ -51,6 +51,7 @@ FIXED_ON_RESUME: dict[str, str] = {
     "model.t_max": _SHAPE,
     "model.embedding_size": _SHAPE,
     "model.eps": "the normalisation the weights were trained with",
+    "model.norm": "the normalisation the weights were trained with",
     "trainer.optimizer": "the optimiser state in the checkpoint belongs to the other optimiser",
     "trainer.select_on": "the best checkpoint so far was chosen on the other statistics",
 }

@@ -113,7 +113,8 @@ def norm_histograms(model: nn.Module) -> dict[str, torch.Tensor]:
         bn = getattr(rnn, f"bn_{term}", None)
         if bn is not None:
             out[f"norms/gamma_{term}"] = bn.weight.detach().cpu()
-            out[f"norms/population_var_{term}_per_step"] = bn.running_var.detach().mean(dim=1).cpu()
+            if hasattr(bn, "running_var"):  # batch norm keeps population statistics; layer norm none
+                out[f"norms/population_var_{term}_per_step"] = bn.running_var.detach().mean(dim=1).cpu()
     return out
 
 

@@ -77,6 +77,9 @@ def announce(name: str, layer) -> None:
 
 def run(layer, x: torch.Tensor, state: State | None, t0: int) -> tuple[torch.Tensor, State]:
     """``layer``'s forward over ``x`` (T, B, I): output (T, B, H) and the final (h, c)."""
+    if layer.norm == "layer":  # layer norm has no fast path (yet): the reference runs it
+        announce("reference", layer)
+        return reference_forward(layer, x, state, t0)
     name = select(layer.backend, x)
     if name == "cpu" and not cpu_extension.load():  # the first run builds it; on failure, aten
         name = "aten"

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from bnrnn.nn import backends
-from bnrnn.nn.reference import State, TimeBatchNorm
+from bnrnn.nn.reference import LayerNormTerm, State, TimeBatchNorm
 
 INITS = ("orthogonal", "identity_g")
 
@@ -67,16 +67,20 @@ class BNLSTM(nn.Module):
         forget_bias: float = 1.0,
         h0_noise: float = 0.0,
         backend: str = "auto",
+        norm: str = "batch",
         cuda_graphs: bool = True,
         init: str = "orthogonal",
     ) -> None:
         super().__init__()
         if init not in INITS:
             raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
+        if norm not in ("batch", "layer"):
+            raise ValueError(f"norm must be batch or layer, got {norm!r}")
         if backend not in backends.NAMES:
             raise ValueError(f"backend must be one of {', '.join(backends.NAMES)}, got {backend!r}")
         self.init = init
         self.backend = backend
+        self.norm = norm
         self.cuda_graphs = cuda_graphs
         self.input_size = input_size
         self.hidden_size = hidden_size
@@ -93,12 +97,14 @@ class BNLSTM(nn.Module):
         self.h0 = nn.Parameter(torch.zeros(hidden_size))
         self.c0 = nn.Parameter(torch.zeros(hidden_size))
 
-        def norm(features: int, learn_bias: bool) -> TimeBatchNorm:
+        def make(features: int, learn_bias: bool) -> nn.Module:
+            if norm == "layer":  # Ba et al.: a gain and a bias on every term
+                return LayerNormTerm(features, gamma_init, eps)
             return TimeBatchNorm(features, max_steps, gamma_init, learn_bias, momentum, eps)
 
-        self.bn_x = norm(gates, False) if bn_x else None
-        self.bn_h = norm(gates, False) if bn_h else None
-        self.bn_c = norm(hidden_size, True) if bn_c else None
+        self.bn_x = make(gates, False) if bn_x else None
+        self.bn_h = make(gates, False) if bn_h else None
+        self.bn_c = make(hidden_size, True) if bn_c else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -13,7 +13,9 @@ population statistics of that step at inference (the last step's beyond T_max). 
 
 The x and h terms carry no beta of their own (the bias b plays that role), the cell
 *update* is never normalised, and each of the three norms can be switched off
-(all off: a vanilla LSTM; BN_x alone: Laurent et al.'s BN-input LSTM).
+(all off: a vanilla LSTM; BN_x alone: Laurent et al.'s BN-input LSTM). With layer norm
+(Ba et al., 2016: :class:`LayerNormTerm`) each term is normalised over its own features
+instead of over the batch, with a gain and a bias each, and no statistics are kept.
 
 :func:`reference_forward` is this, step by step: every fast path in
 :mod:`bnrnn.nn.backends` is tested against it (tests/test_bnlstm_reference.py,
@@ -172,6 +174,32 @@ class TimeBatchNorm(nn.Module):
         if self.bias is not None:
             shift = shift + self.bias
         return scale, shift
+
+
+class LayerNormTerm(nn.Module):
+    """Layer norm of one term (Ba et al., 2016): each row normalised over its F features,
+    LN(a) = gain * (a - mean_F(a)) / sqrt(var_F(a) + eps) + bias, the same at every time step.
+
+    The same calls as :class:`TimeBatchNorm` (``forward(x, t)``, ``forward_sequence(x, t0)``),
+    so the reference step takes either. Parameters: weight (the gain, init ``gain_init``)
+    and bias (0), each (F,).
+    """
+
+    def __init__(self, num_features: int, gain_init: float = 1.0, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps, self.gain_init = eps, gain_init
+        self.weight = nn.Parameter(torch.full((num_features,), float(gain_init)))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self.weight, self.gain_init)
+        nn.init.zeros_(self.bias)
+
+    def forward_sequence(self, x: torch.Tensor, t0: int = 0) -> torch.Tensor:
+        return nn.functional.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+
+    def forward(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        return self.forward_sequence(x, t)
 
 
 def reference_forward(layer, x: torch.Tensor, state: State | None = None, t0: int = 0,
