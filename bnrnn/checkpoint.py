@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from bnrnn.errors import CheckpointError
+from bnrnn.errors import CheckpointError, first_line
 
 FORMAT = "bnrnn-checkpoint/1"
 
@@ -39,8 +39,7 @@ def load_checkpoint(path: Path, map_location: torch.device | str = "cpu") -> dic
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        reason = reason.split(". ")[0]  # torch's zip errors go on for several sentences
+        reason = first_line(exc).split(". ")[0]  # torch's zip errors go on for several sentences
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated or foreign file: {reason})") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a bnrnn checkpoint (no '{FORMAT}' marker)")

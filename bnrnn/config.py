@@ -7,14 +7,18 @@ checks ranges. Both raise :class:`ConfigError` with one sentence naming the key.
 
 from __future__ import annotations
 
+import logging
 import math
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from bnrnn.errors import ConfigError
+from bnrnn.errors import BnrnnError, ConfigError, first_line
+
+log = logging.getLogger("bnrnn")
 
 
 @dataclass
@@ -116,7 +120,7 @@ def typed_config(cfg: DictConfig | dict) -> DictConfig:
         OmegaConf.resolve(merged)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
-        reason = str(exc).splitlines()[0]
+        reason = first_line(exc)
         raise ConfigError(f"bad config value for '{key}': {reason}") from exc
     return merged
 
@@ -241,12 +245,28 @@ def read_yaml_mapping(path, remedy: str) -> DictConfig:
     try:
         loaded = OmegaConf.load(path)
     except Exception as exc:  # OSError, yaml's and OmegaConf's errors: no common base
-        text = str(exc).strip()
-        first = text.splitlines()[0] if text else type(exc).__name__
-        raise ConfigError(f"{path} is not a readable config ({first}); {remedy}") from exc
+        raise ConfigError(f"{path} is not a readable config ({first_line(exc)}); {remedy}") from exc
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"{path} does not hold a mapping of settings; {remedy}")
     return loaded
+
+
+def read_saved_settings(path, remedy: str) -> DictConfig:
+    """A run's saved settings (its config.yaml): :func:`read_yaml_mapping`, then without the
+    keys this version no longer has (:func:`without_unknown_keys`), which a warning names."""
+    settings, dropped = without_unknown_keys(read_yaml_mapping(path, remedy))
+    if dropped:
+        log.warning("%s: settings this version no longer has are ignored: %s", path, ", ".join(dropped))
+    return settings
+
+
+def read_run_config(run_dir, tool: str) -> DictConfig:
+    """RUN_DIR/config.yaml for a command that reads a finished run (``tool``: "bnrnn eval", ...);
+    BnrnnError if the folder holds none."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise BnrnnError(f"{run_dir} is not a bnrnn run folder (no config.yaml)")
+    return read_saved_settings(path, f"fix it: {tool} reads the run's settings from it")
 
 
 def load_config(cfg: DictConfig | dict) -> DictConfig:

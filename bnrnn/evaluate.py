@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bnrnn.checkpoint import load_checkpoint
-from bnrnn.config import load_config, read_yaml_mapping, without_unknown_keys
+from bnrnn.config import load_config, read_run_config
 from bnrnn.device import resolve_device
 from bnrnn.errors import BnrnnError, CheckpointError
 from bnrnn.nn.population import time_norms
@@ -97,11 +97,7 @@ def evaluate_run(
     (default RUN_DIR/eval); return what was written to eval.json."""
     run_dir = Path(run_dir)
     config_file = run_dir / "config.yaml"
-    if not config_file.is_file():
-        raise BnrnnError(f"{run_dir} is not a bnrnn run folder (no config.yaml)")
-    cfg, dropped = without_unknown_keys(read_yaml_mapping(config_file, "fix it: bnrnn eval reads the run's settings from it"))
-    if dropped:
-        log.warning("%s: settings this version no longer has are ignored: %s", config_file, ", ".join(dropped))
+    cfg = read_run_config(run_dir, "bnrnn eval")
     if data_root is not None:
         cfg.data.root = data_root
     if device_name is not None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from omegaconf import open_dict
 
 from bnrnn.config import load_config
-from bnrnn.errors import ConfigError
+from bnrnn.errors import ConfigError, first_line
 from bnrnn.runfolder import check_output_location, plan_run
 
 MULTIRUN_FLAGS = ("-m", "--multirun")
@@ -38,11 +38,6 @@ class Preflight:
         """Whether ``folder`` (a job's output folder) is, or lies in, a folder this launch creates."""
         folder = folder.resolve()
         return any(folder == root or root in folder.parents for root in self.new_roots)
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def parse(overrides: list[str]) -> list:

@@ -18,16 +18,13 @@ is taken as a whole, and checked against the checkpoint's the same way.
 from __future__ import annotations
 
 import copy
-import logging
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from bnrnn.config import GROUPS, load_config, read_yaml_mapping, typed_config, without_unknown_keys
+from bnrnn.config import GROUPS, load_config, read_saved_settings, typed_config, without_unknown_keys
 from bnrnn.errors import CheckpointError, ConfigError
-
-log = logging.getLogger("bnrnn")
 
 CONFIG_FILE = "config.yaml"
 
@@ -76,10 +73,7 @@ def read_saved_config(run_dir: Path) -> DictConfig | None:
     if not path.exists():
         return None
     remedy = "fix it, or delete it to resume with the settings saved in the checkpoint"
-    loaded = read_yaml_mapping(path, remedy)
-    loaded, dropped = without_unknown_keys(loaded)
-    if dropped:
-        log.warning("%s: settings this version no longer has are ignored: %s", path, ", ".join(dropped))
+    loaded = read_saved_settings(path, remedy)
     try:
         return typed_config(loaded)
     except ConfigError as exc:

@@ -45,6 +45,7 @@ class RunPlan:
     resume: bool
     changes: dict[str, list] = field(default_factory=dict)
     best_missing: bool = False  # resuming a run whose best.pt has gone: the best restarts
+    checkpoint: dict[str, Any] | None = None  # last.pt's contents (CPU tensors), read once for a resume
 
 
 def requeued() -> bool:
@@ -128,7 +129,7 @@ def plan_run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None)
         check_best(best)
     effective, changes = resume_config(cfg, run_dir, payload.get("config", {}), overrides, saved_choices(run_dir))
     best_missing = payload["progress"].get("best_step") is not None and not best.exists()
-    return RunPlan(effective, resume=True, changes=changes, best_missing=best_missing)
+    return RunPlan(effective, resume=True, changes=changes, best_missing=best_missing, checkpoint=payload)
 
 
 def saved_choices(run_dir: Path) -> dict[str, str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from bnrnn.checkpoint import load_checkpoint
-from bnrnn.config import load_config, read_yaml_mapping, without_unknown_keys
+from bnrnn.config import load_config, read_run_config
 from bnrnn.data.ptb import EOL, Vocabulary, shown
 from bnrnn.device import resolve_device
 from bnrnn.errors import BnrnnError, CheckpointError, ConfigError
@@ -37,10 +37,7 @@ def text_of(symbols: list[str]) -> str:
 
 def load_language_model(run_dir: Path, checkpoint: str, device_name: str | None):
     """The run's model (eval mode) and vocabulary; BnrnnError if the run is not a PTB run."""
-    config_file = run_dir / "config.yaml"
-    if not config_file.is_file():
-        raise BnrnnError(f"{run_dir} is not a bnrnn run folder (no config.yaml)")
-    cfg, _ = without_unknown_keys(read_yaml_mapping(config_file, "fix it: bnrnn sample reads the run's settings from it"))
+    cfg = read_run_config(run_dir, "bnrnn sample")
     if device_name is not None:
         cfg.device.name = device_name
     cfg = load_config(cfg)
@@ -56,7 +53,7 @@ def load_language_model(run_dir: Path, checkpoint: str, device_name: str | None)
     try:
         model.load_state_dict(load_checkpoint(path)["model"])
     except RuntimeError as exc:
-        raise CheckpointError(f"{path} does not fit the model in {config_file}") from exc
+        raise CheckpointError(f"{path} does not fit the model in {run_dir / 'config.yaml'}") from exc
     # One step per call: the reference's few ops beat a fast path's per-call set-up here.
     model.rnn.backend = "reference"
     return model.to(device).eval(), vocab, device

@@ -24,9 +24,9 @@ from bnrnn.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rn
 from bnrnn.config import load_config
 from bnrnn.device import resolve_device
 from bnrnn.diagnostics import divergence_report
-from bnrnn.errors import BnrnnError, CheckpointError, ConfigError
+from bnrnn.errors import BnrnnError, CheckpointError, ConfigError, first_line
 from bnrnn.preemption import Preempted, StopRequest
-from bnrnn.runfolder import BEST, LAST, RunPlan, make_writable_folder, plan_run, record_event
+from bnrnn.runfolder import BEST, LAST, RunPlan, make_writable_folder, plan_run, record_event, requeued
 from bnrnn.runlock import RunLock, command_line
 from bnrnn.runlog import RunLogger
 from bnrnn.scoring import DESCRIPTIONS, buffers_snapshot, flatten_modes, restore_buffers, score_modes
@@ -92,29 +92,26 @@ def is_better(value: float, best: float | None, mode: str) -> bool:
     return value > best if mode == "max" else value < best
 
 
+def norms_by_term(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """("x" | "h" | "c", norm) for each normalisation the model's recurrent layer has."""
+    rnn = getattr(model, "rnn", None)
+    return [(term, getattr(rnn, f"bn_{term}")) for term in ("x", "h", "c") if getattr(rnn, f"bn_{term}", None) is not None]
+
+
 def gamma_summary(model: nn.Module) -> dict[str, float]:
     """Mean gamma of each normalisation (x, h, c): watching these shows saturation coming."""
-    rnn = getattr(model, "rnn", None)
-    out = {}
-    for term in ("x", "h", "c"):
-        bn = getattr(rnn, f"bn_{term}", None)
-        if bn is not None:
-            out[f"gamma_{term}_mean"] = bn.weight.detach().abs().mean().item()
-    return out
+    return {f"gamma_{term}_mean": bn.weight.detach().abs().mean().item() for term, bn in norms_by_term(model)}
 
 
 def norm_histograms(model: nn.Module) -> dict[str, torch.Tensor]:
     """What to watch of each norm (x, h, c) as histograms: gamma over its features (shrinking
     or saturating gammas are the paper's Fig. 6), and the population variance of each time
     step averaged over the features (its first steps move, then it settles)."""
-    rnn = getattr(model, "rnn", None)
     out = {}
-    for term in ("x", "h", "c"):
-        bn = getattr(rnn, f"bn_{term}", None)
-        if bn is not None:
-            out[f"norms/gamma_{term}"] = bn.weight.detach().cpu()
-            if hasattr(bn, "running_var"):  # batch norm keeps population statistics; layer norm none
-                out[f"norms/population_var_{term}_per_step"] = bn.running_var.detach().mean(dim=1).cpu()
+    for term, bn in norms_by_term(model):
+        out[f"norms/gamma_{term}"] = bn.weight.detach().cpu()
+        if hasattr(bn, "running_var"):  # batch norm keeps population statistics; layer norm none
+            out[f"norms/population_var_{term}_per_step"] = bn.running_var.detach().mean(dim=1).cpu()
     return out
 
 
@@ -225,10 +222,10 @@ def start(plan: RunPlan, out_dir: Path) -> Run:
     state = Progress()
     ckpt_dir = out_dir / "checkpoints"
     if plan.resume:
-        if os.environ.get("SLURM_RESTART_COUNT") and not tcfg.resume:
+        if requeued() and not tcfg.resume:
             log.info("requeued by the scheduler (SLURM_RESTART_COUNT=%s): resuming from %s",
                      os.environ.get("SLURM_RESTART_COUNT"), ckpt_dir / LAST)
-        state = restore(ckpt_dir / LAST, model, optimizer, device, tcfg)
+        state = restore(plan.checkpoint, ckpt_dir / LAST, model, optimizer, tcfg)
         changed = "; ".join(f"{key} {old} -> {new}" for key, (old, new) in plan.changes.items())
         log.info("resumed %s at step %d%s", out_dir, state.step, f" with {changed}" if changed else "")
         if plan.best_missing:
@@ -273,6 +270,8 @@ class Run:
                         dynamic_ncols=True, desc=f"{task.name}/{cfg.model.name}")
         self.stop = StopRequest()
         self.bad_steps = 0  # consecutive non-finite steps
+        self.params = list(model.parameters())
+        self.clip = self.tcfg.clip_norm if self.tcfg.clip_norm is not None else math.inf
 
     def close(self) -> None:
         self.bar.close()
@@ -359,7 +358,7 @@ class Run:
         """One optimiser step on ``batch``, skipped (with diagnostics) if its loss or gradient is
         not finite; DivergedError after ``trainer.max_bad_steps`` such steps in a row."""
         state, tcfg, model = self.state, self.tcfg, self.model
-        params = list(model.parameters())
+        params = self.params
         snapshot = buffers_snapshot(model)
         loss, batch_metrics = self.task.train_loss(model, batch, self.device)
         self.optimizer.zero_grad(set_to_none=True)
@@ -368,8 +367,7 @@ class Run:
         # turn every gradient into NaN and hide which parameters overflowed.
         grad_norm = total_gradient_norm([p.grad for p in params if p.grad is not None])
         if torch.isfinite(grad_norm):
-            clip = tcfg.clip_norm if tcfg.clip_norm is not None else math.inf
-            torch.nn.utils.clip_grads_with_norm_(params, clip, grad_norm)
+            torch.nn.utils.clip_grads_with_norm_(params, self.clip, grad_norm)
         if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
             self.bad_steps += 1
             report = report_skipped_step(model, loss, grad_norm, batch, state.step + 1, self.bad_steps, self.out_dir,
@@ -403,19 +401,18 @@ class Run:
             self.checkpoint(LAST)
 
 
-def restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+def restore(payload: dict[str, Any], path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
             trainer_cfg: DictConfig) -> Progress:
-    """Load ``path`` into ``model`` and ``optimizer``; the RNG states too; return the counters.
+    """Load a checkpoint's contents (read from ``path``) into ``model`` and ``optimizer`` (each
+    copies onto its own device); the RNG states too; return the counters.
 
     (Whether the checkpoint fits the run's settings was decided by :func:`bnrnn.resume.resume_config`.)
     """
-    payload = load_checkpoint(path, map_location=device)
     try:
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
     except (RuntimeError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise CheckpointError(f"{path} was written for a different model or optimiser ({first})") from exc
+        raise CheckpointError(f"{path} was written for a different model or optimiser ({first_line(exc)})") from exc
     apply_hyperparameters(optimizer, trainer_cfg)
     set_rng_state(payload["rng"])
     return Progress(**payload["progress"])
