@@ -30,20 +30,24 @@ def hand_written_ln_lstm(layer: BNLSTM, x: torch.Tensor) -> torch.Tensor:
     return torch.stack(outputs)
 
 
-def randomised_ln_layer(seed: int = 0) -> BNLSTM:
+BACKENDS = ("reference", "aten", "auto")  # auto: the aten loop on the CPU and on a GPU
+
+
+def randomised_ln_layer(seed: int = 0, backend: str = "reference", **switches) -> BNLSTM:
     torch.manual_seed(seed)
-    layer = BNLSTM(3, 5, max_steps=4, norm="layer", gamma_init=1.0).double()
+    layer = BNLSTM(3, 5, max_steps=4, norm="layer", gamma_init=1.0, backend=backend, **switches).double()
     with torch.no_grad():
         for p in layer.parameters():
             p.add_(0.3 * torch.randn_like(p))
     return layer
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_lnlstm_equals_a_hand_written_layer_norm_lstm(mode):
+def test_lnlstm_equals_a_hand_written_layer_norm_lstm(mode, backend):
     """Outputs and every gradient, float64, to 1e-10; the same in training and evaluation
     (layer norm keeps no statistics), and past T_max (9 steps, max_steps 4)."""
-    layer = randomised_ln_layer()
+    layer = randomised_ln_layer(backend=backend)
     getattr(layer, mode)()
     x = torch.randn(9, 6, 3, dtype=torch.float64)
     out = layer(x)[0]
@@ -56,8 +60,9 @@ def test_lnlstm_equals_a_hand_written_layer_norm_lstm(mode):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=name)
 
 
-def test_lnlstm_passes_gradcheck():
-    layer = randomised_ln_layer(1)
+@pytest.mark.parametrize("backend", BACKENDS[:2])
+def test_lnlstm_passes_gradcheck(backend):
+    layer = randomised_ln_layer(1, backend)
     x = torch.randn(5, 3, 3, dtype=torch.float64, requires_grad=True)
     params = list(layer.parameters())
 
@@ -78,3 +83,20 @@ def test_model_lnlstm_trains_and_tests_on_a_task(small_mnist_cfg, tmp_path):
     results = train(small_mnist_cfg("model=lnlstm", "trainer.max_steps=4", "task.batch_size=1"), tmp_path / "run")
     assert results["steps"] == 4 and 0.0 <= results["test_accuracy"] <= 1.0
     assert results["test_stats"] == "none"  # one validation mode: nothing to choose between
+
+
+@pytest.mark.parametrize("switches", [dict(bn_x=False), dict(bn_h=False), dict(bn_c=False), dict(bn_x=False, bn_c=False)])
+def test_the_aten_loop_equals_the_reference_with_any_terms_normalised(switches):
+    """Each subset of layer-normalised terms, from a given state and past T_max: outputs, the
+    final state and every gradient (the state's included), float64."""
+    x = torch.randn(7, 4, 3, dtype=torch.float64, requires_grad=True)
+    state = tuple(torch.randn(4, 5, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    results = []
+    for backend in ("reference", "aten"):
+        layer = randomised_ln_layer(2, backend, **switches)
+        out, (h, c) = layer(x, state)
+        loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum() + (c * c).sum()
+        grads = torch.autograd.grad(loss, [x, *state, *layer.parameters()], materialize_grads=True)  # h0: 0
+        results.append((out, c, *grads))
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours, theirs, atol=1e-10, rtol=1e-10)

@@ -124,11 +124,40 @@ class Norms:
     gamma_x (4H,) with beta_x = the LSTM bias b (4H,); gamma_h (4H,) without beta;
     gamma_c, beta_c (H,). A missing gamma means that term is not normalised (and, for x,
     that b was already added to W_x x). eps is one float per norm.
+
+    ``layer``: layer norm (Ba et al.) instead of batch norm: statistics over each row's
+    features, not over the batch. The caller then normalises the x term itself (it has no
+    recurrence: one op over every step) and adds every bias to it (LN_h's bias included,
+    since the terms are summed), so gamma_x is None and gamma_h has no beta here either.
     """
 
-    def __init__(self, gamma_x, beta_x, gamma_h, gamma_c, beta_c, eps):
+    def __init__(self, gamma_x, beta_x, gamma_h, gamma_c, beta_c, eps, layer: bool = False):
         self.gamma_x, self.beta_x, self.gamma_h, self.gamma_c, self.beta_c = gamma_x, beta_x, gamma_h, gamma_c, beta_c
         self.eps_x, self.eps_h, self.eps_c = eps
+        self.layer = layer
+        if layer and gamma_x is not None:
+            raise ValueError("with layer norm the caller normalises the x term (gamma_x must be None)")
+
+
+def normalise(layer: bool, inp, gamma, beta, eps: float, out, mean, invstd):
+    """One step's norm of ``inp`` (B, F) into ``out``, its statistics into ``mean`` and
+    ``invstd``: batch norm ((F,) each: over the batch) or layer norm ((B, 1): over the row)."""
+    if layer:
+        aten.native_layer_norm.out(inp, [inp.shape[1]], gamma, beta, eps, out0=out, out1=mean, out2=invstd)
+    else:
+        aten.native_batch_norm.out(inp, gamma, beta, None, None, True, 0.0, eps, out=out, save_mean=mean,
+                                   save_invstd=invstd)
+    return out
+
+
+def normalise_backward(layer: bool, grad, inp, gamma, mean, invstd, eps: float, mask: list[bool]):
+    """The backward of :func:`normalise`: (d input (B, F), d gamma (F,), d beta (F,) or None
+    where ``mask`` says so)."""
+    if layer:  # ATen's op wants the bias itself to give its gradient: the sum over rows here
+        d_inp, d_gamma, _ = aten.native_layer_norm_backward(grad, inp, [inp.shape[1]], mean, invstd, gamma, None,
+                                                            [mask[0], mask[1], False])
+        return d_inp, d_gamma, grad.sum(0) if mask[2] else None
+    return aten.native_batch_norm_backward(grad, inp, gamma, None, None, mean, invstd, True, eps, mask)
 
 
 def recurrence_forward(wx, weight_hh, norms: Norms, h0, c0, keep_for_backward: bool):
@@ -160,12 +189,14 @@ def recurrence_forward(wx, weight_hh, norms: Norms, h0, c0, keep_for_backward: b
 
 def statistics_buffers(T: int, G: int, like: torch.Tensor, norms: Norms) -> dict[str, torch.Tensor]:
     """Empty (T, F) ``mean_<term>`` and ``invstd_<term>`` for each norm in use (F = G = 4H for
-    x and h, H for c), with ``like``'s dtype and device."""
+    x and h, H for c), with ``like``'s dtype and device; with layer norm (T, B, 1), one
+    statistic per row."""
     stats = {}
     for term, gamma, width in (("x", norms.gamma_x, G), ("h", norms.gamma_h, G), ("c", norms.gamma_c, G // 4)):
         if gamma is not None:
-            stats["mean_" + term] = like.new_empty(T, width)
-            stats["invstd_" + term] = like.new_empty(T, width)
+            shape = (T, like.shape[1], 1) if norms.layer else (T, width)
+            stats["mean_" + term] = like.new_empty(shape)
+            stats["invstd_" + term] = like.new_empty(shape)
     return stats
 
 
@@ -192,25 +223,20 @@ def aten_recurrence_forward(wx, weight_hh, n: Norms, h0, c0, buffers, stats):
         if n.gamma_x is None:
             ax = wx_t[t]
         else:
-            aten.native_batch_norm.out(wx_t[t], n.gamma_x, n.beta_x, None, None, True, 0.0, n.eps_x,
-                                       out=ax, save_mean=mx[t], save_invstd=ix[t])
+            normalise(n.layer, wx_t[t], n.gamma_x, n.beta_x, n.eps_x, ax, mx[t], ix[t])
         if n.gamma_h is None:
             a = product.forward(h, ax)
         else:
             wh = product.forward(h)
             wh_steps.append(wh)
-            a, _, _ = aten.native_batch_norm.out(wh, n.gamma_h, None, None, None, True, 0.0, n.eps_h,
-                                                 out=sig_t[t], save_mean=mh[t], save_invstd=ih[t])
-            a.add_(ax)
+            a = normalise(n.layer, wh, n.gamma_h, None, n.eps_h, sig_t[t], mh[t], ih[t]).add_(ax)
         torch.tanh(a[:, 2 * H : 3 * H], out=tg_t[t])
         torch.sigmoid(a, out=sig_t[t])
         c = torch.mul(sig_f[t], c, out=cs_t[t]).addcmul_(sig_i[t], tg_t[t])
         if n.gamma_c is None:
             torch.tanh(c, out=tc_t[t])
         else:
-            aten.native_batch_norm.out(c, n.gamma_c, n.beta_c, None, None, True, 0.0, n.eps_c,
-                                       out=cn, save_mean=mc[t], save_invstd=ic[t])
-            torch.tanh(cn, out=tc_t[t])
+            torch.tanh(normalise(n.layer, c, n.gamma_c, n.beta_c, n.eps_c, cn, mc[t], ic[t]), out=tc_t[t])
         h = torch.mul(sig_o[t], tc_t[t], out=hs_t[t])
     return wh_steps, product
 
@@ -253,15 +279,17 @@ class InputProjection(torch.autograd.Function):
 
 
 class FusedLSTMRecurrence(torch.autograd.Function):
-    """(wx, W_h, gamma_x, b, gamma_h, gamma_c, beta_c, h0, c0, eps, stats) -> (hs, c_T).
+    """(wx, W_h, gamma_x, b, gamma_h, gamma_c, beta_c, h0, c0, eps, stats, layer) -> (hs, c_T).
 
     hs (T, B, H) and c_T (B, H). ``stats``, a dict, receives the per-step batch statistics
-    (``mean_x``, ``invstd_x``, ...) for the caller to fold into the population.
+    (``mean_x``, ``invstd_x``, ...) for the caller to fold into the population. ``layer``:
+    layer norms instead (:class:`Norms`).
     """
 
     @staticmethod
-    def forward(ctx, wx, weight_hh, gamma_x, beta_x, gamma_h, gamma_c, beta_c, h0, c0, eps, stats):
-        norms = Norms(gamma_x, beta_x, gamma_h, gamma_c, beta_c, eps)
+    def forward(ctx, wx, weight_hh, gamma_x, beta_x, gamma_h, gamma_c, beta_c, h0, c0, eps, stats, layer=False):
+        norms = Norms(gamma_x, beta_x, gamma_h, gamma_c, beta_c, eps, layer)
+        ctx.layer = layer
         hs, cs, saved = recurrence_forward(wx, weight_hh, norms, h0, c0, True)
         stats.update({k: v for k, v in saved.items() if k.startswith(("mean_", "invstd_"))})
         ctx.eps = eps
@@ -273,7 +301,7 @@ class FusedLSTMRecurrence(torch.autograd.Function):
     def backward(ctx, grad_hs, grad_c_last):
         wx, weight_hh, gamma_x, beta_x, gamma_h, gamma_c, beta_c, h0, c0, hs, cs = ctx.saved_tensors
         grad_gates, grad_wh, grad_wx, norm_grads, dh0, dc0 = aten_backward(
-            grad_hs, grad_c_last, wx, gamma_x, gamma_h, gamma_c, c0, cs, ctx.saved, ctx.eps)
+            grad_hs, grad_c_last, wx, gamma_x, gamma_h, gamma_c, c0, cs, ctx.saved, ctx.eps, ctx.layer)
         grad_wh = grad_wh if grad_wh is not None else grad_gates
         grad_wx = grad_wx if grad_wx is not None else grad_gates
         # W_h gradient as one GEMM over all steps (cuDNN's way): sum_t dwh_t^T h_{t-1}, with
@@ -284,17 +312,18 @@ class FusedLSTMRecurrence(torch.autograd.Function):
             grad_weight_hh = grad_wh[0].t() @ h0
             if T > 1:
                 grad_weight_hh.addmm_(grad_wh[1:].reshape((T - 1) * B, 4 * H).t(), hs[:-1].reshape((T - 1) * B, H))
-        return (grad_wx, grad_weight_hh, *norm_grads, dh0, dc0, None, None)
+        return (grad_wx, grad_weight_hh, *norm_grads, dh0, dc0, None, None, None)
 
 
-def aten_backward(grad_hs, grad_c_last, wx, gamma_x, gamma_h, gamma_c, c0, cs, saved, eps):
+def aten_backward(grad_hs, grad_c_last, wx, gamma_x, gamma_h, gamma_c, c0, cs, saved, eps, layer: bool = False):
     """The backward loop of :func:`recurrence_forward`, in ATen ops.
 
     Returns:
         grad_gates (T, B, 4H) = dL/d(pre-activations); dL/d(W_h h_{t-1}) (T, B, 4H) with BN_h,
         else None (it is grad_gates); dL/d(W_x x) (T, B, 4H) with BN_x, else None (it is
         grad_gates); the list [d gamma_x, d beta_x, d gamma_h, d gamma_c, d beta_c] (None
-        where a norm is off); dL/dh0 and dL/dc0 (B, H).
+        where a norm is off); dL/dh0 and dL/dc0 (B, H). ``layer``: the norms are layer norms
+        (:class:`Norms`).
     """
     eps_x, eps_h, eps_c = eps
     T, B, H = cs.shape
@@ -323,8 +352,8 @@ def aten_backward(grad_hs, grad_c_last, wx, gamma_x, gamma_h, gamma_c, c0, cs, s
         if gamma_c is None:
             dc = dcn
         else:
-            dc, dgc, dbc = aten.native_batch_norm_backward(
-                dcn, cs_t[t], gamma_c, None, None, saved["mean_c"][t], saved["invstd_c"][t], True, eps_c, mask)
+            dc, dgc, dbc = normalise_backward(layer, dcn, cs_t[t], gamma_c, saved["mean_c"][t],
+                                              saved["invstd_c"][t], eps_c, mask)
             d_gamma_c.append(dgc)
             d_beta_c.append(dbc)
         dc = dc.add_(dc_next)
@@ -340,15 +369,13 @@ def aten_backward(grad_hs, grad_c_last, wx, gamma_x, gamma_h, gamma_c, c0, cs, s
         if gamma_h is None:
             dwh = dgates_t[t]
         else:
-            dwh, dgh, _ = aten.native_batch_norm_backward(
-                dgates_t[t], wh_t[t], gamma_h, None, None, saved["mean_h"][t], saved["invstd_h"][t], True, eps_h,
-                mask_no_beta)
+            dwh, dgh, _ = normalise_backward(layer, dgates_t[t], wh_t[t], gamma_h, saved["mean_h"][t],
+                                             saved["invstd_h"][t], eps_h, mask_no_beta)
             d_wh.append(dwh)
             d_gamma_h.append(dgh)
         if gamma_x is not None:
-            dax, dgx, dbx = aten.native_batch_norm_backward(
-                dgates_t[t], wx_t[t], gamma_x, None, None, saved["mean_x"][t], saved["invstd_x"][t], True, eps_x,
-                mask)
+            dax, dgx, dbx = normalise_backward(layer, dgates_t[t], wx_t[t], gamma_x, saved["mean_x"][t],
+                                               saved["invstd_x"][t], eps_x, mask)
             d_ax.append(dax)
             d_gamma_x.append(dgx)
             d_beta_x.append(dbx)

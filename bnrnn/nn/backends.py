@@ -12,7 +12,9 @@ aten        the recurrence as one autograd Function of ATen ops               an
 reference   the paper's equations step by step (:mod:`bnrnn.nn.reference`)   any device
 =========== ================================================================ ==============
 
-``auto`` (the default) takes the first of triton, cpu, aten that can run the input. All
+``auto`` (the default) takes the first of triton, cpu, aten that can run the input. The
+layer-normalised LSTM (``norm="layer"``) runs on aten under every name but ``reference``:
+the compiled and Triton loops compute batch norm only. All
 compute the same function (tests hold each to the reference). Asking whether a backend
 can run (``available``) has no side effects; the compiled CPU loops are built the first
 time the ``cpu`` backend runs, and if that fails the ``aten`` backend takes over, with a
@@ -77,10 +79,9 @@ def announce(name: str, layer) -> None:
 
 def run(layer, x: torch.Tensor, state: State | None, t0: int) -> tuple[torch.Tensor, State]:
     """``layer``'s forward over ``x`` (T, B, I): output (T, B, H) and the final (h, c)."""
-    if layer.norm == "layer":  # layer norm has no fast path (yet): the reference runs it
-        announce("reference", layer)
-        return reference_forward(layer, x, state, t0)
     name = select(layer.backend, x)
+    if layer.norm == "layer":
+        return layer_norm_forward(name, layer, x, state, t0)
     if name == "cpu" and not cpu_extension.load():  # the first run builds it; on failure, aten
         name = "aten"
     announce(name, layer)
@@ -101,6 +102,28 @@ def run(layer, x: torch.Tensor, state: State | None, t0: int) -> tuple[torch.Ten
     if norms and not any(batch_stats):
         return population_forward(name, layer, x, h0, c0, t0)
     return TRAINING[name](layer, x, h0, c0, t0, needs_grad)
+
+
+def layer_norm_forward(name: str, layer, x: torch.Tensor, state: State | None, t0: int) -> tuple[torch.Tensor, State]:
+    """The layer-normalised LSTM: on the reference, or else on the aten loop (one autograd
+    Function; the compiled and Triton loops do batch norm only). Layer norm has no batch
+    statistics, so training and inference are one computation.
+
+    LN_x(W_x x) needs no recurrence: it is one op over every step, here in autograd, and
+    every bias (LN_x's, LN_h's, b) is added to it, since the terms are summed.
+    """
+    if name == "reference":
+        announce(name, layer)
+        return reference_forward(layer, x, state, t0)
+    announce("aten", layer)
+    h0, c0 = layer.initial_state(x.shape[1]) if state is None else state
+    wx = InputProjection.apply(x, layer.weight_ih, None)
+    bias = layer.bias if layer.bn_h is None else layer.bias + layer.bn_h.bias
+    xin = (wx if layer.bn_x is None else layer.bn_x.forward_sequence(wx)) + bias
+    (_, gamma_h, gamma_c), beta_c, eps = layer.norm_tensors()
+    hs, c_last = FusedLSTMRecurrence.apply(xin, layer.weight_hh, None, None, gamma_h, gamma_c, beta_c, h0, c0, eps,
+                                           {}, True)
+    return hs, (hs[-1], c_last)
 
 
 def aten_training(layer, x, h0, c0, t0: int, needs_grad: bool) -> tuple[torch.Tensor, State]:
