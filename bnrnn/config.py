@@ -55,6 +55,8 @@ class BNSwitches:
 class ModelConfig:
     name: str = "bnlstm"
     hidden_size: int = 100
+    num_layers: int = 1
+    bidirectional: bool = False
     bn: BNSwitches = field(default_factory=BNSwitches)
     gamma_init: float = 0.1
     momentum: float = 0.01
@@ -141,7 +143,7 @@ CHOICES = {
 STATISTICS_MODES = CHOICES["trainer.select_on"]
 POSITIVE = (
     "task.batch_size", "task.eval_batch_size", "task.seq_len", "task.eval_chunk",
-    "model.hidden_size", "model.gamma_init", "model.eps", "trainer.lr",
+    "model.hidden_size", "model.num_layers", "model.gamma_init", "model.eps", "trainer.lr",
     "trainer.eval_every", "trainer.log_every", "trainer.max_bad_steps", "trainer.valid_reestimate_batches",
     "trainer.rmsprop_eps", "task.valid_size",
 )
@@ -201,6 +203,9 @@ def validate(cfg: DictConfig) -> None:
         bad("trainer.max_steps", "set when trainer.max_epochs is null")
     if cfg.task.kind == "ptb" and cfg.task.seq_len < 2:
         bad("task.seq_len", "at least 2 for PTB (a window of L characters gives L - 1 predictions)")
+    if cfg.model.bidirectional and cfg.task.kind == "ptb":
+        bad("model.bidirectional", "false for a language model (it predicts the next symbol, which a reverse "
+            "direction would already have read)")
     if cfg.task.batch_size < 2 and cfg.model.norm == "batch" and (cfg.model.bn.x or cfg.model.bn.h or cfg.model.bn.c):
         bad("task.batch_size", "at least 2 with batch norm (a batch of one has no variance)")
 

@@ -5,14 +5,24 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from bnrnn.nn import BNLSTM
+from bnrnn.nn.stack import StackedLSTM
 
 
-def build_rnn(model_cfg: DictConfig, input_size: int, train_length: int) -> BNLSTM:
-    """The (BN-)LSTM layer; T_max defaults to the task's training sequence length."""
-    return BNLSTM(
-        input_size=input_size,
-        hidden_size=model_cfg.hidden_size,
-        max_steps=model_cfg.t_max or train_length,
+def build_rnn(model_cfg: DictConfig, input_size: int, train_length: int) -> BNLSTM | StackedLSTM:
+    """The (BN-)LSTM: one layer, or a stack of ``model.num_layers`` (each two directions with
+    ``model.bidirectional``); T_max defaults to the task's training sequence length. A single
+    forward layer is a plain BNLSTM, so that its parameter names stay those of older runs."""
+    num_layers, bidirectional = model_cfg.get("num_layers", 1), model_cfg.get("bidirectional", False)
+    options = layer_options(model_cfg)
+    if num_layers == 1 and not bidirectional:
+        return BNLSTM(input_size, model_cfg.hidden_size, model_cfg.t_max or train_length, **options)
+    return StackedLSTM(input_size, model_cfg.hidden_size, model_cfg.t_max or train_length, num_layers, bidirectional,
+                       **options)
+
+
+def layer_options(model_cfg: DictConfig) -> dict:
+    """The keyword arguments every :class:`BNLSTM` layer of the model shares."""
+    return dict(
         bn_x=model_cfg.bn.x,
         bn_h=model_cfg.bn.h,
         bn_c=model_cfg.bn.c,

@@ -22,15 +22,27 @@ NORMS = {"x": "BN_x (W_x x)", "h": "BN_h (W_h h)", "c": "BN_c (c)"}
 SHOWN_FEATURES = 4
 
 
-def population_statistics(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """{"x"|"h"|"c": {"mean": (T_max, F), "var": (T_max, F)}} for each norm the model has."""
+def population_statistics(state_dict: dict[str, torch.Tensor],
+                          labels: list[str] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """{name: {"mean": (T_max, F), "var": (T_max, F)}} for each norm the model has: name
+    "x" | "h" | "c" for a single layer; in a stack (``labels``: one per entry of its
+    ``layers``, :attr:`bnrnn.nn.stack.StackedLSTM.labels`) "x_layer2_reverse" and so on."""
+    prefixes = [("rnn.", "")] if not labels else [
+        (f"rnn.layers.{index}.", "_" + label.replace(" ", "_")) for index, label in enumerate(labels)]
     out = {}
-    for term in NORMS:
-        prefix = f"rnn.bn_{term}."
-        if prefix + "running_mean" in state_dict:
-            out[term] = {"mean": state_dict[prefix + "running_mean"].double(),
-                         "var": state_dict[prefix + "running_var"].double()}
+    for layer_prefix, suffix in prefixes:
+        for term in NORMS:
+            prefix = f"{layer_prefix}bn_{term}."
+            if prefix + "running_mean" in state_dict:
+                out[term + suffix] = {"mean": state_dict[prefix + "running_mean"].double(),
+                                      "var": state_dict[prefix + "running_var"].double()}
     return out
+
+
+def title(name: str) -> str:
+    """"h" -> "BN_h (W_h h)"; "h_layer2_reverse" -> "BN_h (W_h h), layer2 reverse"."""
+    term, _, layer = name.partition("_")
+    return NORMS[term] + (f", {layer.replace('_', ' ')}" if layer else "")
 
 
 def summary(stats: dict[str, dict[str, torch.Tensor]], features: int = SHOWN_FEATURES) -> dict[str, Any]:
@@ -58,7 +70,7 @@ def plot_population(run_dir: str | Path, checkpoint: str = "best", out_dir: str 
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "eval"
     make_writable_folder(out_dir, "the output folder (--out)")
     payload = load_checkpoint(run_dir / "checkpoints" / f"{checkpoint}.pt")
-    stats = population_statistics(payload["model"])
+    stats = population_statistics(payload["model"], stack_labels(run_dir))
     if not stats:
         raise BnrnnError(f"{run_dir}'s model has no batch norm, so no population statistics to draw")
     data = {"run": str(run_dir), "checkpoint": checkpoint, "step": payload["progress"]["step"], **summary(stats)}
@@ -68,18 +80,35 @@ def plot_population(run_dir: str | Path, checkpoint: str = "best", out_dir: str 
     return {"json": out_dir / "population.json", "figure": figure}
 
 
+def stack_labels(run_dir: Path) -> list[str] | None:
+    """The labels of the run's stacked layers and directions, or None for a single layer."""
+    from bnrnn.config import load_config, read_run_config
+    from bnrnn.nn.stack import layer_labels
+
+    model = load_config(read_run_config(run_dir, "bnrnn eval")).model
+    if model.num_layers == 1 and not model.bidirectional:
+        return None
+    return layer_labels(model.num_layers, model.bidirectional)
+
+
 def draw(data: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    terms = [t for t in NORMS if t in data]
-    fig, axes = plt.subplots(2, len(terms), figsize=(4.2 * len(terms), 6.4), squeeze=False, sharex="col")
-    for col, term in enumerate(terms):
-        entry = data[term]
+    names = [k for k in data if k.partition("_")[0] in NORMS]  # "x", or "x_layer2_reverse" in a stack
+    terms = [t for t in NORMS if any(k.partition("_")[0] == t for k in names)]
+    layers = list(dict.fromkeys(k.partition("_")[2] for k in names))
+    height = 3.2 * len(layers) * 2 + 0.8  # inches: 3.2 per row, 0.8 for the legend and the title
+    fig, axes = plt.subplots(2 * len(layers), len(terms), figsize=(4.2 * len(terms), height), squeeze=False,
+                             sharex="col")
+    for key in names:
+        term, _, layer = key.partition("_")
+        col, first_row = terms.index(term), 2 * layers.index(layer)
+        entry = data[key]
         steps = list(range(entry["steps"]))
-        for row, name in enumerate(("mean", "var")):
+        for row, name in enumerate(("mean", "var"), start=first_row):
             ax = axes[row][col]
             ax.fill_between(steps, entry[name]["p10"], entry[name]["p90"], color="0.85",
                             label="10th-90th percentile, all features")
@@ -89,13 +118,13 @@ def draw(data: dict[str, Any], path: Path) -> None:
             ax.axvline(entry["steps"] - 1, color="k", ls="--", lw=0.8, label="T_max - 1: reused beyond")
             if entry["steps"] > 50:
                 ax.set_xscale("symlog", linthresh=10)
-            ax.set_title(f"{NORMS[term]}: population {'mean' if name == 'mean' else 'variance'}", fontsize=9)
-            if row == 1:
+            ax.set_title(f"{title(key)}: population {'mean' if name == 'mean' else 'variance'}", fontsize=9)
+            if row == len(axes) - 1:
                 ax.set_xlabel("time step t")
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
     fig.suptitle(f"Population statistics per time step, {data['run']} ({data['checkpoint']}.pt, step {data['step']})",
                  fontsize=10)
-    fig.tight_layout(rect=(0, 0.07, 1, 0.96))
+    fig.tight_layout(rect=(0, 0.5 / height, 1, 1 - 0.3 / height))
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -42,6 +42,8 @@ FIXED_ON_RESUME: dict[str, str] = {
     "task.seq_len": "the training windows the checkpoint's place in the data refers to",
     "model.name": _SHAPE,
     "model.hidden_size": _SHAPE,
+    "model.num_layers": _SHAPE,
+    "model.bidirectional": _SHAPE,
     "model.bn.x": _SHAPE,
     "model.bn.h": _SHAPE,
     "model.bn.c": _SHAPE,

@@ -93,9 +93,15 @@ def is_better(value: float, best: float | None, mode: str) -> bool:
 
 
 def norms_by_term(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """("x" | "h" | "c", norm) for each normalisation the model's recurrent layer has."""
+    """("x" | "h" | "c", norm) for each normalisation of the model's recurrent layer; in a
+    stack of layers or directions the term names the layer too ("x_layer2_reverse")."""
     rnn = getattr(model, "rnn", None)
-    return [(term, getattr(rnn, f"bn_{term}")) for term in ("x", "h", "c") if getattr(rnn, f"bn_{term}", None) is not None]
+    if rnn is None:
+        return []
+    single = len(rnn.layers) == 1
+    return [(term if single else f"{term}_{label.replace(' ', '_')}", norm)
+            for layer, label in zip(rnn.layers, rnn.labels)
+            for term, norm in (("x", layer.bn_x), ("h", layer.bn_h), ("c", layer.bn_c)) if norm is not None]
 
 
 def gamma_summary(model: nn.Module) -> dict[str, float]:

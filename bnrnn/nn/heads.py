@@ -6,22 +6,24 @@ import torch
 from torch import nn
 
 from bnrnn.nn.lstm import BNLSTM, State
+from bnrnn.nn.stack import StackedLSTM
 
 
 class SequenceClassifier(nn.Module):
-    """Classify a whole sequence from the last hidden state (sequential / permuted MNIST).
+    """Classify a whole sequence from the last hidden state (sequential / permuted MNIST):
+    the last layer's, both directions concatenated for a bidirectional stack.
 
     forward: x (T, B, I) -> logits (B, C).
     """
 
-    def __init__(self, rnn: BNLSTM, num_classes: int) -> None:
+    def __init__(self, rnn: BNLSTM | StackedLSTM, num_classes: int) -> None:
         super().__init__()
         self.rnn = rnn
-        self.classifier = nn.Linear(rnn.hidden_size, num_classes)
+        self.classifier = nn.Linear(rnn.output_size, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _, (h_last, _) = self.rnn(x)
-        return self.classifier(h_last)
+        _, state = self.rnn(x)
+        return self.classifier(self.rnn.final_hidden(state))
 
 
 class CharLanguageModel(nn.Module):
@@ -31,14 +33,14 @@ class CharLanguageModel(nn.Module):
     sequence can be streamed in chunks (pass the state and the chunk's time offset back in).
     """
 
-    def __init__(self, rnn: BNLSTM, vocab_size: int, embedding_size: int | None) -> None:
+    def __init__(self, rnn: BNLSTM | StackedLSTM, vocab_size: int, embedding_size: int | None) -> None:
         super().__init__()
         self.vocab_size = vocab_size
         # One-hot input is an embedding whose table is the identity; a learned table of the
         # same width is the more common choice and costs the same.
         self.embedding = nn.Embedding(vocab_size, embedding_size or vocab_size)
         self.rnn = rnn
-        self.decoder = nn.Linear(rnn.hidden_size, vocab_size)
+        self.decoder = nn.Linear(rnn.output_size, vocab_size)
 
     def forward(self, tokens: torch.Tensor, state: State | None = None, t0: int = 0) -> tuple[torch.Tensor, State]:
         output, state = self.rnn(self.embedding(tokens), state, t0)

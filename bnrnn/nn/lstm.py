@@ -136,6 +136,25 @@ class BNLSTM(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.input_size}, {self.hidden_size}, max_steps={self.max_steps}, backend={self.backend}"
 
+    @property
+    def output_size(self) -> int:
+        """Features of each output step: H (a stack's may be 2H: :mod:`bnrnn.nn.stack`)."""
+        return self.hidden_size
+
+    @property
+    def layers(self) -> list[BNLSTM]:
+        """The recurrent layers, as for :class:`~bnrnn.nn.stack.StackedLSTM`: this one."""
+        return [self]
+
+    @property
+    def labels(self) -> list[str]:
+        return ["layer1"]
+
+    @staticmethod
+    def final_hidden(state: State) -> torch.Tensor:
+        """What a sequence classifier reads: h_T (B, H)."""
+        return state[0]
+
     def initial_state(self, batch_size: int) -> State:
         """Learned (h0, c0) broadcast to the batch, each (B, H); h0 noisy in training."""
         h0 = self.h0.expand(batch_size, -1)
