@@ -71,7 +71,8 @@ MODELS = {
     "BN-input": BN_INPUT,
     "BN-LSTM": {},
     "BN-LSTM reference": dict(backend="reference"),
-    "LN-LSTM": dict(norm="layer"),  # layer norm (Ba et al.): runs on the reference, no fast path yet
+    "LN-LSTM": dict(norm="layer", gamma_init=1.0),  # layer norm (Ba et al.): the aten loop on every device
+    "LN-LSTM reference": dict(norm="layer", gamma_init=1.0, backend="reference"),
 }
 # The rows the training table's ratio columns are relative to.
 BASES = ("nn.LSTM", "ours vanilla")
@@ -217,7 +218,8 @@ def numerics_check(shape: Shape, device: torch.device) -> list[tuple[str, float,
                 relative_error(ours.weight_ih.grad, torch_lstm.weight_ih_l0.grad))
     results.append(("ours vanilla vs nn.LSTM (output, weight grads)", worst, TORCH_TOLERANCE))
     # The fast paths (float32) against the step-by-step reference in float64.
-    for model in ("ours vanilla", "BN-input", *(m for m in variants(device) if "no graphs" not in m), "BN-LSTM"):
+    for model in ("ours vanilla", "BN-input", *(m for m in variants(device) if "no graphs" not in m), "LN-LSTM",
+                  "BN-LSTM"):  # the BN-LSTM last: its population is used below
         fast = build(model, shape, device).train()
         ref = copy.deepcopy(fast).double()
         ref.backend = "reference"
@@ -403,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default auto")
     parser.add_argument("--repeats", type=int, default=7, help="timed steps per model (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
-    parser.add_argument("--reference", action="store_true", help="also time the step-by-step reference BN-LSTM")
+    parser.add_argument("--reference", action="store_true",
+                        help="also time the step-by-step references of the BN-LSTM and the LN-LSTM")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--json", help="also write the raw figures to this file")
     args = parser.parse_args(argv)
@@ -416,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda was asked for, but PyTorch sees no CUDA device")
-    models = [m for m in MODELS if args.reference or m != "BN-LSTM reference"]
+    models = [m for m in MODELS if args.reference or not m.endswith(" reference")]
     if device.type == "cuda":
         where = torch.cuda.get_device_name(device)
     else:

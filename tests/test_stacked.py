@@ -22,6 +22,8 @@ from bnrnn.nn.stack import StackedLSTM, layer_labels
 from bnrnn.train import norms_by_term, train
 
 BACKENDS = ["cpu", "aten", "triton"]
+# The Triton kernels run on a GPU where there is one, else in Triton's CPU interpreter.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SWITCHES = {"bnlstm": dict(bn_x=True, bn_h=True, bn_c=True), "vanilla": dict(bn_x=False, bn_h=False, bn_c=False),
             "lnlstm": dict(norm="layer", gamma_init=1.0)}
 
@@ -45,21 +47,33 @@ def randomised_stack(seed: int, backend: str, dtype=torch.float64, num_layers=2,
 
 
 def twin_stacks(backend: str, **kwargs) -> tuple[StackedLSTM, StackedLSTM]:
+    """(stack on ``backend``, its copy on the reference), both on the backend's device."""
     fast = randomised_stack(backend=backend, **kwargs)
     ref = copy.deepcopy(fast)
     ref.backend = "reference"
-    return fast, ref
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    return fast.to(device), ref.to(device)
+
+
+def tolerance(backend: str) -> dict[str, float]:
+    """The one-layer tests' float64 tolerances; a GPU's reductions run in another order
+    (tests/test_triton_path.py)."""
+    return dict(atol=1e-8, rtol=1e-6) if backend == "triton" and TRITON_DEVICE == "cuda" else dict(atol=1e-11, rtol=1e-9)
 
 
 def run_with_grads(stack: StackedLSTM, x: torch.Tensor):
     """Outputs, final states and every gradient (the input's and each parameter's) of a fixed
     random projection of the outputs and final states."""
-    x = x.clone().requires_grad_()
+    x = x.to(stack.layers[0].weight_hh.device).requires_grad_()
     out, states = stack(x)
     g = torch.Generator().manual_seed(123)
-    loss = (out * torch.randn(out.shape, generator=g, dtype=out.dtype)).sum()
+
+    def noise(like):
+        return torch.randn(like.shape, generator=g, dtype=like.dtype).to(like.device)
+
+    loss = (out * noise(out)).sum()
     for h, c in states:
-        loss = loss + (h * torch.randn(h.shape, generator=g, dtype=h.dtype)).sum() + (c * c).sum()
+        loss = loss + (h * noise(h)).sum() + (c * c).sum()
     loss.backward()
     grads = {"x": x.grad, **{name: p.grad for name, p in stack.named_parameters()}}
     return out, states, grads
@@ -106,7 +120,7 @@ def test_two_layer_bidirectional_training_equals_the_reference(on_backend, model
     monkeypatch.setitem(backends.TRAINING, on_backend, lambda *args: runs.append(args[0]) or real(*args))
     fast, ref = twin_stacks(on_backend, seed=0, **SWITCHES[model])
     x = torch.randn(9, 7, 3, dtype=torch.float64)
-    assert_same(run_with_grads(fast.train(), x), run_with_grads(ref.train(), x), atol=1e-11, rtol=1e-9)
+    assert_same(run_with_grads(fast.train(), x), run_with_grads(ref.train(), x), **tolerance(on_backend))
     assert_same_buffers(fast, ref, atol=1e-10)
     assert runs == list(fast.layers)
 
@@ -114,12 +128,12 @@ def test_two_layer_bidirectional_training_equals_the_reference(on_backend, model
 @pytest.mark.parametrize("on_backend", BACKENDS, indirect=True)
 def test_two_layer_bidirectional_inference_with_population_statistics(on_backend):
     fast, ref = twin_stacks(on_backend, seed=1)
-    x = torch.randn(10, 4, 3, dtype=torch.float64)
+    x = torch.randn(10, 4, 3, dtype=torch.float64).to(fast.layers[0].weight_hh.device)
     with torch.no_grad():
         out_f, states_f = fast.eval()(x)
         out_r, states_r = ref.eval()(x)
-    torch.testing.assert_close(out_f, out_r, atol=1e-11, rtol=1e-9)
-    torch.testing.assert_close(fast.final_hidden(states_f), ref.final_hidden(states_r), atol=1e-11, rtol=1e-9)
+    torch.testing.assert_close(out_f, out_r, **tolerance(on_backend))
+    torch.testing.assert_close(fast.final_hidden(states_f), ref.final_hidden(states_r), **tolerance(on_backend))
 
 
 def test_layer_norm_stack_on_the_aten_loop_equals_the_reference():
