@@ -183,9 +183,9 @@ def compare_training(fast: BNLSTM, ref: BNLSTM, x: torch.Tensor, weight: torch.T
     exactly 0; what either path computes for it is rounding noise, with nothing to compare.
     """
     g = torch.Generator().manual_seed(2)
-    state = tuple(torch.randn(x.shape[1], fast.hidden_size, generator=g).to(x.device) for _ in range(2))
+    state = tuple(torch.randn(x.shape[1], fast.hidden_size, generator=g).to(x.device, fast.weight_hh.dtype) for _ in range(2))
     dtype = ref.weight_hh.dtype
-    out_f = training_step(fast, x, weight, state)
+    out_f = training_step(fast, x.to(fast.weight_hh.dtype), weight.to(fast.weight_hh.dtype), state)
     out_r = training_step(ref, x.to(dtype), weight.to(dtype), tuple(s.to(dtype) for s in state))
     errors = {"output": relative_error(out_f, out_r)}
     for (name, p_f), (_, p_r) in zip(fast.named_parameters(), ref.named_parameters()):
@@ -221,11 +221,17 @@ def numerics_check(shape: Shape, device: torch.device) -> list[tuple[str, float,
     for model in ("ours vanilla", "BN-input", *(m for m in variants(device) if "no graphs" not in m), "LN-LSTM",
                   "BN-LSTM"):  # the BN-LSTM last: its population is used below
         fast = build(model, shape, device).train()
+        # The LN-LSTM in float64 too: with gains of 1 (not BN's 0.1) the recurrence amplifies
+        # rounding, and over seqMNIST's 784 steps the float32 reference itself ends 5e-2 away
+        # from the float64 one (docs/performance.md), whatever the implementation.
+        precision = "float64" if model == "LN-LSTM" else "fast"
+        if model == "LN-LSTM":
+            fast.double()
         ref = copy.deepcopy(fast).double()
         ref.backend = "reference"
         errors = compare_training(fast, ref, x, weight)
         worst = max(errors, key=errors.get)
-        results.append((f"{model} fast vs float64 reference (output, grads, population; worst: {worst})",
+        results.append((f"{model} {precision} vs float64 reference (output, grads, population; worst: {worst})",
                         errors[worst], TOLERANCE))
     # Folded inference against the unfolded reference, with the population from the step above.
     fast.eval()

@@ -19,7 +19,7 @@ def test_bench_prints_every_model_and_passes_its_numerics_check(capsys, tmp_path
         assert f"| 12,3,8,6 | {row} |" in out
     assert "FAIL" not in out and out.count("  ok   12,3,8,6") == 7
     assert "ok   12,3,8,6: BN-LSTM, aten backend fast vs float64 reference" in out
-    assert "ok   12,3,8,6: LN-LSTM fast vs float64 reference" in out
+    assert "ok   12,3,8,6: LN-LSTM float64 vs float64 reference" in out
     # ratios are relative to nn.LSTM's own row
     assert "| 12,3,8,6 | nn.LSTM |" in out and "| 1.00 |" in out
     assert (tmp_path / "bench.json").stat().st_size > 0

@@ -138,7 +138,10 @@ def test_whole_sequence_kernels_on_many_programs_equal_the_step_kernels(monkeypa
               0.1 + rand(H, scale=0.01), rand(H, scale=0.1), rand(B, H), rand(B, H), rand(T, B, H))
     whole = run_recurrence(monkeypatch, True, inputs, switches)
     steps = run_recurrence(monkeypatch, False, inputs, switches)
-    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-8, rtol=1e-6)
+    # The gamma and beta gradients are float32 sums over T * B = 3840 terms, added in another
+    # order by each path (the grid differs with the GPU's SM count): one of gamma_c's 100
+    # entries differed by 2.05e-5 on an H200 (0.068, relative 3e-4).
+    tol = dict(atol=5e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-8, rtol=1e-6)
     for i, (a, b) in enumerate(zip(whole, steps)):
         torch.testing.assert_close(a, b, **tol, msg=lambda m: f"result {i}: {m}")
 

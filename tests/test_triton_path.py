@@ -192,3 +192,35 @@ def test_whole_sequence_backward_never_reads_unwritten_gradients(monkeypatch, sw
     assert calls == [1]
     tight = dict(atol=1e-11, rtol=1e-9) if DEVICE == "cpu" else dict(atol=1e-8, rtol=1e-6)  # see above
     assert_same_results(run_f, run_with_grads(ref.train(), x.to(DEVICE)), **tight)
+
+
+def test_a_training_sequence_frees_its_buffers_without_the_cycle_collector(monkeypatch):
+    """Once a step's graph is gone its saved buffers are freed at once (reference counting),
+    not when Python's cycle collector next runs: the Function once held its output hs in a
+    ctx attribute (hs -> grad_fn -> ctx -> hs), and a 2-layer bidirectional stack's steps
+    piled up until an H200 ran out of memory."""
+    import gc
+    import weakref
+
+    from bnrnn.nn import BNLSTM
+
+    kept = []
+    real = triton_lstm.run_sequence
+
+    def spy(*args, **kwargs):
+        saved = real(*args, **kwargs)
+        kept.extend(weakref.ref(t) for t in saved.tensors())
+        return saved
+
+    monkeypatch.setattr(triton_lstm, "available", lambda x: True)
+    monkeypatch.setattr(triton_lstm, "run_sequence", spy)
+    layer = BNLSTM(3, 5, max_steps=6, backend="triton", cuda_graphs=False).to(DEVICE).train()
+    gc.collect()
+    gc.disable()
+    try:
+        out, (h, c) = layer(torch.randn(6, 4, 3, device=DEVICE))
+        (out.sum() + c.sum()).backward()
+        del out, h, c
+        assert kept and all(ref() is None for ref in kept), "a sequence's buffers outlived its graph"
+    finally:
+        gc.enable()
