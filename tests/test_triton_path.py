@@ -224,3 +224,11 @@ def test_a_training_sequence_frees_its_buffers_without_the_cycle_collector(monke
         assert kept and all(ref() is None for ref in kept), "a sequence's buffers outlived its graph"
     finally:
         gc.enable()
+
+
+def test_the_backward_of_a_batch_of_100_takes_the_step_kernels():
+    """seqMNIST's preset batch (100, block 128) with H = 100: the whole-sequence forward, but the
+    backward's tiles would need more shared memory than an H200 has (294,912 bytes)."""
+    assert triton_sequence.sequence_config(784, 100, 100, torch.device(DEVICE)) is not None
+    assert triton_sequence.sequence_config(784, 100, 100, torch.device(DEVICE), backward=True) is None
+    assert triton_sequence.sequence_config(784, 64, 100, torch.device(DEVICE), backward=True) is not None

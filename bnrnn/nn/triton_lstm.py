@@ -327,7 +327,7 @@ def run_backward(grad_hs: torch.Tensor, grad_c_last: torch.Tensor, p: Parameters
     dgamma_h = grad_hs.new_empty(T if bn_h else 0, G)
     dgamma_c = grad_hs.new_empty(T if bn_c else 0, H)
     dbeta_c = grad_hs.new_empty(T if bn_c else 0, H)
-    whole = None if graphed else triton_sequence.sequence_config(T, B, H, grad_hs.device)
+    whole = None if graphed else triton_sequence.sequence_config(T, B, H, grad_hs.device, backward=True)
     if whole is not None:
         dc = torch.empty_like(grad_c_last)
         triton_sequence.run_backward(grad_hs, grad_c_last, p, c0, saved, d_pre, d_wh, dgamma_h, dgamma_c, dbeta_c, dc,

@@ -48,6 +48,10 @@ if triton is not None:
 # Sizes whose W_h slices and tiles fit in a program's registers (measured on an H100).
 PERSISTENT_MAX_HIDDEN = 128
 PERSISTENT_MAX_BATCH = 128
+# The backward's tiles are twice the forward's: at a batch of 100 (block 128) and H = 100 it
+# asked for 294,912 bytes of shared memory where an H200 has 232,448 (seqMNIST's preset
+# batch with model.cuda_graphs=false); batches of 64 ran. Larger batches take the step kernels.
+PERSISTENT_BACKWARD_MAX_BATCH = 64
 # Smallest blocks per program: tl.dot needs 16 columns (4 gates x 4 units forward, 16 units
 # backward); more units per program when the grid would exceed the SM count.
 FORWARD_BLOCK_H = 4
@@ -91,9 +95,12 @@ def _resident_programs(device: torch.device) -> int:
     return 1
 
 
-def sequence_config(steps: int, batch: int, hidden: int, device: torch.device) -> SequenceConfig | None:
-    """The persistent kernels' tiling for this shape, or None where they do not apply."""
-    if (triton is None or batch > PERSISTENT_MAX_BATCH or hidden > PERSISTENT_MAX_HIDDEN
+def sequence_config(steps: int, batch: int, hidden: int, device: torch.device,
+                    backward: bool = False) -> SequenceConfig | None:
+    """The persistent kernels' tiling for this shape (of the backward's, with ``backward``),
+    or None where they do not apply."""
+    max_batch = PERSISTENT_BACKWARD_MAX_BATCH if backward else PERSISTENT_MAX_BATCH
+    if (triton is None or batch > max_batch or hidden > PERSISTENT_MAX_HIDDEN
             or steps * batch * 4 * hidden >= 2**31):  # int32 offsets into (T, B, 4H) buffers
         return None
     resident = _resident_programs(torch.device(device))
