@@ -11,6 +11,8 @@ import re
 import shutil
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,6 +121,26 @@ def norm_histograms(model: nn.Module) -> dict[str, torch.Tensor]:
         if hasattr(bn, "running_var"):  # batch norm keeps population statistics; layer norm none
             out[f"norms/population_var_{term}_per_step"] = bn.running_var.detach().mean(dim=1).cpu()
     return out
+
+
+@contextmanager
+def batch_variance_watch(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Within the block, each BN_h of the model keeps the per-step batch variance of W_h h
+    (averaged over its features) of the first sequence evaluated with batch statistics (up
+    to T_max steps); on
+    leaving, the dict yielded holds them as ``norms/batch_var_<term>_per_step`` (T,) for
+    TensorBoard's histograms (none where no sequence was evaluated so)."""
+    watched = [(term, bn) for term, bn in norms_by_term(model) if term.startswith("h") and hasattr(bn, "running_var")]
+    found: dict[str, torch.Tensor] = {}
+    for _, bn in watched:
+        bn.batch_var_watch = []
+    try:
+        yield found
+    finally:
+        for term, bn in watched:
+            if bn.batch_var_watch:
+                found[f"norms/batch_var_{term}_per_step"] = torch.cat(bn.batch_var_watch)
+            bn.batch_var_watch = None
 
 
 def total_gradient_norm(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -308,8 +330,9 @@ class Run:
         """Score the validation split in each of ``trainer.valid_stats``; the best checkpoint
         follows the ``trainer.select_on`` number."""
         state, metric, tcfg = self.state, self.metric, self.tcfg
-        scores = score_modes(self.task, self.model, "valid", self.device, tcfg.valid_stats, seed=self.cfg.seed,
-                             max_batches=tcfg.eval_batches, reestimate_batches=tcfg.valid_reestimate_batches)
+        with batch_variance_watch(self.model) as batch_variances:
+            scores = score_modes(self.task, self.model, "valid", self.device, tcfg.valid_stats, seed=self.cfg.seed,
+                                 max_batches=tcfg.eval_batches, reestimate_batches=tcfg.valid_reestimate_batches)
         self.model.train()
         metrics = flatten_modes(scores, tcfg.select_on)
         if is_better(metrics[metric], state.best_metric, self.mode):
@@ -317,7 +340,7 @@ class Run:
             self.checkpoint(BEST)
         metrics["best_" + metric] = state.best_metric
         self.logger.log("valid", state.step, metrics)
-        self.logger.histograms(state.step, norm_histograms(self.model))
+        self.logger.histograms(state.step, {**norm_histograms(self.model), **batch_variances})
         self.checkpoint(LAST)
         self.logger.flush()
         log.info("step %d: valid %s %.4f (loss %.4f%s), best %.4f at step %d", state.step, metric, metrics[metric],

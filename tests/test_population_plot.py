@@ -49,10 +49,36 @@ def test_validation_writes_gamma_histograms_to_tensorboard(small_mnist_cfg, tmp_
     events = EventAccumulator(str(run), size_guidance={"histograms": 0})
     events.Reload()
     tags = events.Tags()["histograms"]
-    assert {"norms/gamma_x", "norms/gamma_h", "norms/gamma_c", "norms/population_var_h_per_step"} <= set(tags)
+    assert {"norms/gamma_x", "norms/gamma_h", "norms/gamma_c", "norms/population_var_h_per_step",
+            "norms/batch_var_h_per_step"} <= set(tags)
+    assert events.Histograms("norms/batch_var_h_per_step")[0].histogram_value.num == 784  # one value per step
     assert [e.step for e in events.Histograms("norms/gamma_h")] == [2]  # eval_every=2
     gamma_h = load_checkpoint(run / "checkpoints" / "last.pt")["model"]["rnn.bn_h.weight"]
     histogram = events.Histograms("norms/gamma_h")[0].histogram_value
     assert histogram.num == gamma_h.numel()
     assert histogram.min == pytest.approx(float(gamma_h.min())) and histogram.max == pytest.approx(float(gamma_h.max()))
     assert norm_histograms(torch.nn.Linear(1, 1)) == {}  # a model without norms: nothing to draw
+
+
+@pytest.mark.parametrize("backend", ["cpu", "aten", "reference"])
+def test_the_watched_batch_variance_of_w_h_h_is_that_of_the_first_sequence(backend):
+    """In evaluation with batch statistics, BN_h's watch keeps the per-step batch variance of
+    W_h h_{t-1} averaged over the features, for the steps up to T_max (5 of 7): equal to that
+    of the hidden states run by hand."""
+    from bnrnn.nn import BNLSTM
+    from bnrnn.nn.population import batch_statistics
+    from bnrnn.train import batch_variance_watch
+
+    torch.manual_seed(0)
+    layer = BNLSTM(3, 6, max_steps=5, backend=backend).double().eval()
+    model = torch.nn.Module()
+    model.rnn = layer
+    x = torch.randn(7, 9, 3, dtype=torch.float64)
+    with torch.no_grad(), batch_statistics(model), batch_variance_watch(model) as watched:
+        hs, _ = layer(x)
+        layer(torch.randn(7, 9, 3, dtype=torch.float64))  # a second sequence: not kept
+    h_prev = torch.cat([layer.h0.expand(1, 9, 6), hs[:-1]])  # h_{t-1} (T, B, H)
+    expected = (h_prev @ layer.weight_hh.t()).var(dim=1, unbiased=False).mean(dim=1)[:5]
+    assert set(watched) == {"norms/batch_var_h_per_step"}
+    torch.testing.assert_close(watched["norms/batch_var_h_per_step"], expected.float(), atol=1e-6, rtol=1e-5)
+    assert layer.bn_h.batch_var_watch is None  # the watch ends with the block

@@ -203,9 +203,14 @@ class BNLSTM(nn.Module):
     @staticmethod
     def fold_into_population(stats: dict[str, torch.Tensor], t0: int, *terms: tuple[str, TimeBatchNorm | None]) -> None:
         """Fold a sequence's batch statistics (``mean_<term>``, ``invstd_<term>``, each
-        (T, F)) into the population of each (term, norm) given (training mode only)."""
+        (T, F)) into the population of each (term, norm) given (training mode), or show them
+        to its watch (evaluation with batch statistics, :meth:`TimeBatchNorm.watch_batch_variance`)."""
         for term, bn in terms:
-            if bn is not None and bn.training:
-                mean, invstd = stats["mean_" + term].detach(), stats["invstd_" + term].detach()
-                var = invstd.pow(-2).sub_(bn.eps).clamp_(min=0.0)  # the biased batch variance
+            if bn is None or not (bn.training or bn.batch_var_watch is not None):
+                continue
+            mean, invstd = stats["mean_" + term].detach(), stats["invstd_" + term].detach()
+            var = invstd.pow(-2).sub_(bn.eps).clamp_(min=0.0)  # the biased batch variance
+            if bn.training:
                 bn.update_running_stats(t0, mean, var)
+            else:  # evaluation with batch statistics
+                bn.watch_batch_variance(t0, var)

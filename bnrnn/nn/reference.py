@@ -76,6 +76,10 @@ class TimeBatchNorm(nn.Module):
         self.momentum = momentum
         self.eps = eps
         self.batch_stats_in_eval = False
+        # Set to a list, it receives the per-step batch variance (averaged over the features,
+        # (T,)) of the first sequence normalised with batch statistics in evaluation mode:
+        # what TensorBoard shows of W_h h at validation (bnrnn.train.batch_variance_watch).
+        self.batch_var_watch: list[torch.Tensor] | None = None
         # Smallest batch variance of the last training forward (a 0-d tensor, for the
         # divergence diagnostics: a collapsed variance makes BN's gain gamma/sqrt(eps) huge).
         self.last_batch_var_min: torch.Tensor | None = None
@@ -135,6 +139,16 @@ class TimeBatchNorm(nn.Module):
         self.running_mean[slots].lerp_(mean, rate)
         self.running_var[slots].lerp_(var, rate)
 
+    def watch_batch_variance(self, t0: int, var: torch.Tensor) -> None:
+        """Keep the batch variance of evaluation-mode steps t0.., var (steps, F), if watched
+        (:attr:`batch_var_watch`, a list of (steps,) pieces): those of the first sequence, up
+        to T_max steps, whether it comes at once, a step at a time (the reference) or in
+        chunks (a stream)."""
+        watch = self.batch_var_watch
+        if watch is None or t0 != sum(len(piece) for piece in watch) or t0 >= self.max_steps:
+            return
+        watch.append(var.detach()[: self.max_steps - t0].mean(dim=1).float().cpu())
+
     def statistics(self, x: torch.Tensor, t0: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and variance to normalise ``x`` (T, B, F) with: each (T, 1, F).
 
@@ -146,6 +160,8 @@ class TimeBatchNorm(nn.Module):
             var, mean = torch.var_mean(x, dim=1, unbiased=False)
             if self.training:
                 self.update_running_stats(t0, mean.detach(), var.detach())
+            else:
+                self.watch_batch_variance(t0, var)
         else:
             slots = self.slot_indices(t0, x.shape[0], x.device)
             mean, var = self.running_mean[slots], self.running_var[slots]
