@@ -37,6 +37,8 @@ log = logging.getLogger("bnrnn")
 # Steps at which report.md holds our validation number against the paper's.
 TABLE_STEPS = (1000, 5000, 10000)
 MODE_TABLE_STEPS = (1000, 2000, 5000, 10000)
+# The model presets as the tables and legends name them.
+MODEL_LABELS = {"lstm": "LSTM", "bnlstm": "BN-LSTM", "bnlstm_input": "BN-input LSTM", "lnlstm": "LN-LSTM"}
 # Settings that never distinguish runs in a legend (paths, bookkeeping).
 IGNORED_KEYS = ("data.", "trainer.resume", "trainer.progress", "device.", "trainer.eval_batches", "model.backend",
                 "model.cuda_graphs",
@@ -69,6 +71,17 @@ class Run:
     @property
     def model(self) -> str:
         return str(self.config.get("model", {}).get("name", "?"))
+
+    @property
+    def model_label(self) -> str:
+        """The model as the report names it: "BN-LSTM", "LN-LSTM", ... (else the config's name)."""
+        return MODEL_LABELS.get(self.model, self.model)
+
+    @property
+    def normalised(self) -> bool:
+        """Whether any term is normalised (batch or layer norm): drawn solid."""
+        switches = self.config.get("model", {}).get("bn", {})
+        return any(bool(v) for v in switches.values()) if switches else "bn" in self.model
 
     @property
     def last_step(self) -> int:
@@ -175,7 +188,7 @@ def assign_labels(runs: list[Run]) -> None:
         for run, f in zip(group, flat):
             extras = [f"{k.split('.')[-1] if k.startswith(('model.', 'trainer.', 'task.')) else k}={f[k]}"
                       for k in differing if not k.startswith("model.bn.") and k in f]
-            run.label = " ".join([run.model, *extras])
+            run.label = " ".join([run.model_label, *extras])
         labels = [run.label for run in group]
         for run in group:  # still ambiguous (e.g. same settings, two folders): add the folder
             if labels.count(run.label) > 1:
@@ -357,7 +370,7 @@ def plot_task(task: str, runs: list[Run], path: Path) -> dict[str, tuple[list[fl
                          alpha=0.75, label=paper.label)
     for run, curve in curves:
         steps, seconds, values = zip(*curve)
-        style = "-" if "bn" in run.model else "--"
+        style = "-" if run.normalised else "--"
         marker = "." if len(steps) < 30 else None
         stats = f" ({DESCRIPTIONS.get(run.stats, run.stats)})" if run.stats not in (None, "none") else ""
         (line,) = by_step.plot(steps, [scale * v for v in values], style, marker=marker, label=run.label + stats)
@@ -384,7 +397,7 @@ def plot_task(task: str, runs: list[Run], path: Path) -> dict[str, tuple[list[fl
     height = 4.8 + 0.2 * rows
     fig.set_size_inches(12, height)
     fig.legend(handles, labels, loc="lower center", ncol=columns, fontsize="small", frameon=False)
-    fig.suptitle(f"{task}: validation {metric} (solid: batch-normalised, dashed: plain LSTM; black: the paper;\n"
+    fig.suptitle(f"{task}: validation {metric} (solid: normalised, dashed: plain LSTM; black: the paper;\n"
                  f"dotted / dash-dotted: EMA / re-estimated statistics)", fontsize="medium")
     fig.tight_layout(rect=(0, (0.2 * rows + 0.3) / height, 1, 1))  # room for the legend below the panels
     fig.savefig(path, dpi=110)

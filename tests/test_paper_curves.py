@@ -68,11 +68,11 @@ def test_the_report_figure_holds_the_papers_lines_and_every_mode(mnist_runs, tmp
     assert "paper: LSTM (Fig. 2)" in lines
     valid = [json.loads(line) for line in (mnist_runs / "bnlstm" / "metrics.jsonl").read_text().splitlines()]
     valid = [r for r in valid if r["split"] == "valid"]
-    xs, ys = lines["bnlstm (batch statistics)"]
+    xs, ys = lines["BN-LSTM (batch statistics)"]
     assert xs == [2.0, 4.0] and ys == pytest.approx([100 * r["accuracy_batch"] for r in valid])
-    xs, ys = lines["bnlstm (EMA population statistics)"]
+    xs, ys = lines["BN-LSTM (EMA population statistics)"]
     assert ys == pytest.approx([100 * r["accuracy_ema"] for r in valid])
-    assert "bnlstm (re-estimated population statistics)" in lines and "lstm" in lines
+    assert "BN-LSTM (re-estimated population statistics)" in lines and "LSTM" in lines
 
 
 def test_the_report_figure_draws_the_paper_over_the_runs_range(tmp_path):
@@ -92,7 +92,7 @@ def test_the_report_figure_draws_the_paper_over_the_runs_range(tmp_path):
     assert "| 50.00 % / 75.70 % |" in table  # ours / paper at 1k
     assert "| 50.00 % / 81.43 % |" in table  # at the last step, 2k
     assert "| seqmnist | paper: BN-LSTM (Fig. 2) | most likely batch | 75.70 % | 81.43 % | 91.44 % | 95.68 % | - |" in table
-    assert "| seqmnist | bnlstm | EMA population statistics | 20.00 % | 20.00 % | - | - | 20.00 % (2000) |" in table
+    assert "| seqmnist | BN-LSTM | EMA population statistics | 20.00 % | 20.00 % | - | - | 20.00 % (2000) |" in table
 
 
 def test_paper_curves_are_written_as_tensorboard_runs_under_our_tags(tmp_path):

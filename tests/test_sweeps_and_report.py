@@ -79,7 +79,7 @@ def test_report_writes_figures_and_a_table_beside_the_paper(two_runs, tmp_path):
     assert written["runs"] == 2
     assert (tmp_path / "report" / "seqmnist.png").stat().st_size > 10_000
     table = (tmp_path / "report" / "report.md").read_text()
-    assert "| seqmnist | lstm | 4 |" in table and "| seqmnist | bnlstm | 4 |" in table
+    assert "| seqmnist | LSTM | 4 |" in table and "| seqmnist | BN-LSTM | 4 |" in table
     assert "98.90 %" in table and "99.00 %" in table  # the paper's test accuracies
     assert " pt |" in table and "finished" in table
     assert "![seqmnist](seqmnist.png)" in table or "![seqmnist](seqmnist.png)" in (tmp_path / "report" / "report.md").read_text()
@@ -91,7 +91,7 @@ def test_report_labels_runs_by_the_settings_that_differ(tmp_path, fake_mnist):
                        f"model.gamma_init={gamma}", "trainer.max_steps=2", "trainer.test_at_end=false"])
         train(cfg, tmp_path / "sweep" / gamma)
     table = make_report([tmp_path / "sweep"], tmp_path / "report")["table"]
-    assert "| bnlstm gamma_init=0.1 |" in table and "| bnlstm gamma_init=0.3 |" in table
+    assert "| BN-LSTM gamma_init=0.1 |" in table and "| BN-LSTM gamma_init=0.3 |" in table
 
 
 def test_report_on_a_partial_or_crashed_run(two_runs, tmp_path):
@@ -130,3 +130,16 @@ def test_finished_runs_register_in_the_hparams_tab(two_runs):
     events.Reload()
     tags = events.Tags()["scalars"]
     assert "hparam/valid_accuracy" in tags and "hparam/test_accuracy" in tags
+
+
+def test_report_names_the_models_and_draws_layer_norm_as_normalised(tmp_path, fake_mnist):
+    from bnrnn.report import Run
+
+    for model in ("lnlstm", "lstm"):
+        cfg = compose([f"data.root={fake_mnist}", "data.download=false", *SMALL_MNIST, f"model={model}",
+                       "trainer.max_steps=2", "trainer.test_at_end=false"])
+        train(cfg, tmp_path / "runs" / model)
+    table = make_report([tmp_path / "runs"], tmp_path / "report")["table"]
+    assert "| seqmnist | LN-LSTM | 2 |" in table and "| seqmnist | LSTM | 2 |" in table
+    assert Run(tmp_path, {"model": {"name": "lnlstm", "bn": {"x": True, "h": True, "c": True}}}, []).normalised
+    assert not Run(tmp_path, {"model": {"name": "lstm", "bn": {"x": False, "h": False, "c": False}}}, []).normalised
