@@ -33,6 +33,23 @@ def test_the_plotted_data_equal_the_buffers(small_mnist_cfg, tmp_path):
     assert torch.tensor(data["h"]["var"]["p50"]).ne(1.0).all()
 
 
+def test_a_stacked_bidirectional_run_draws_every_layer_and_direction(small_mnist_cfg, tmp_path):
+    run = tmp_path / "run"
+    train(small_mnist_cfg("model=bnlstm", "model.num_layers=2", "model.bidirectional=true", "trainer.max_steps=2",
+                          "trainer.test_at_end=false", "model.t_max=10"), run)
+    written = plot_population(run, "last")
+    data = json.loads(written["json"].read_text())
+    state = load_checkpoint(run / "checkpoints" / "last.pt")["model"]
+    names = [f"{term}_{layer}" for layer in ("layer1", "layer1_reverse", "layer2", "layer2_reverse")
+             for term in ("x", "h", "c")]
+    assert set(data) >= set(names) and "h" not in data
+    for index, name in enumerate(names):
+        term = name[0]
+        values = state[f"rnn.layers.{index // 3}.bn_{term}.running_var"].double()
+        assert torch.equal(torch.tensor(data[name]["var"]["shown"], dtype=torch.float64), values[:, :4].t())
+    assert written["figure"].stat().st_size > 10_000
+
+
 def test_a_model_without_batch_norm_is_refused(small_mnist_cfg, tmp_path):
     train(small_mnist_cfg("model=lstm", "trainer.max_steps=1", "trainer.test_at_end=false"), tmp_path / "run")
     with pytest.raises(BnrnnError, match="no batch norm"):
