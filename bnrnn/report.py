@@ -25,7 +25,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from bnrnn.config import read_yaml_mapping
+from bnrnn.config import TrainConfig, read_yaml_mapping
 from bnrnn.errors import BnrnnError
 from bnrnn.paper import PAPER_TEST, validation_curve
 from bnrnn.runfolder import make_writable_folder
@@ -171,7 +171,9 @@ def assign_labels(runs: list[Run]) -> None:
     """Model name plus the settings that differ between the runs of the same task."""
     for task in {run.task for run in runs}:
         group = [run for run in runs if run.task == task]
-        flat = [flatten(run.config) for run in group]
+        # A key a run's version did not have yet (model.num_layers) had its default there.
+        defaults = flatten(OmegaConf.to_container(OmegaConf.structured(TrainConfig)))
+        flat = [{**defaults, **flatten(run.config)} for run in group]
         keys = sorted({k for f in flat for k in f})
         def varies(key: str, runs_flat: list[dict[str, Any]]) -> bool:
             # Among the runs that have the key: a run logged before a key existed differs in

@@ -143,3 +143,14 @@ def test_report_names_the_models_and_draws_layer_norm_as_normalised(tmp_path, fa
     assert "| seqmnist | LN-LSTM | 2 |" in table and "| seqmnist | LSTM | 2 |" in table
     assert Run(tmp_path, {"model": {"name": "lnlstm", "bn": {"x": True, "h": True, "c": True}}}, []).normalised
     assert not Run(tmp_path, {"model": {"name": "lstm", "bn": {"x": False, "h": False, "c": False}}}, []).normalised
+
+
+def test_a_key_an_older_run_lacks_counts_as_its_default(tmp_path):
+    """A run logged before model.num_layers existed was a one-layer model: against a 2-layer
+    run both are labelled by it."""
+    from bnrnn.report import Run, assign_labels
+
+    old = Run(tmp_path / "old", {"task": {"name": "ptb"}, "model": {"name": "bnlstm"}}, [])
+    new = Run(tmp_path / "new", {"task": {"name": "ptb"}, "model": {"name": "bnlstm", "num_layers": 2}}, [])
+    assign_labels([old, new])
+    assert (old.label, new.label) == ("BN-LSTM num_layers=1", "BN-LSTM num_layers=2")
