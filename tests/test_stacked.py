@@ -25,7 +25,8 @@ BACKENDS = ["cpu", "aten", "triton"]
 # The Triton kernels run on a GPU where there is one, else in Triton's CPU interpreter.
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SWITCHES = {"bnlstm": dict(bn_x=True, bn_h=True, bn_c=True), "vanilla": dict(bn_x=False, bn_h=False, bn_c=False),
-            "lnlstm": dict(norm="layer", gamma_init=1.0)}
+            "bn_x": dict(bn_x=True, bn_h=False, bn_c=False), "bn_h": dict(bn_x=False, bn_h=True, bn_c=False),
+            "bn_c": dict(bn_x=False, bn_h=False, bn_c=True), "lnlstm": dict(norm="layer", gamma_init=1.0)}
 
 
 def randomised_stack(seed: int, backend: str, dtype=torch.float64, num_layers=2, bidirectional=True, I=3, H=5,
@@ -110,7 +111,7 @@ def on_backend(request, monkeypatch):
 
 
 @pytest.mark.parametrize("on_backend", BACKENDS, indirect=True)
-@pytest.mark.parametrize("model", ["bnlstm", "vanilla"])
+@pytest.mark.parametrize("model", ["bnlstm", "bn_x", "bn_h", "bn_c", "vanilla"])
 def test_two_layer_bidirectional_training_equals_the_reference(on_backend, model, monkeypatch):
     """float64, T = 9 beyond T_max = 6, a batch of 7: outputs, every final state, every
     gradient and every layer's and direction's population statistics, to the one-layer
