@@ -12,12 +12,11 @@ def build_rnn(model_cfg: DictConfig, input_size: int, train_length: int) -> BNLS
     """The (BN-)LSTM: one layer, or a stack of ``model.num_layers`` (each two directions with
     ``model.bidirectional``); T_max defaults to the task's training sequence length. A single
     forward layer is a plain BNLSTM, so that its parameter names stay those of older runs."""
-    num_layers, bidirectional = model_cfg.get("num_layers", 1), model_cfg.get("bidirectional", False)
     options = layer_options(model_cfg)
-    if num_layers == 1 and not bidirectional:
+    if model_cfg.num_layers == 1 and not model_cfg.bidirectional:
         return BNLSTM(input_size, model_cfg.hidden_size, model_cfg.t_max or train_length, **options)
-    return StackedLSTM(input_size, model_cfg.hidden_size, model_cfg.t_max or train_length, num_layers, bidirectional,
-                       **options)
+    return StackedLSTM(input_size, model_cfg.hidden_size, model_cfg.t_max or train_length, model_cfg.num_layers,
+                       model_cfg.bidirectional, **options)
 
 
 def layer_options(model_cfg: DictConfig) -> dict:

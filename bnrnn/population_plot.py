@@ -27,15 +27,16 @@ def population_statistics(state_dict: dict[str, torch.Tensor],
     """{name: {"mean": (T_max, F), "var": (T_max, F)}} for each norm the model has: name
     "x" | "h" | "c" for a single layer; in a stack (``labels``: one per entry of its
     ``layers``, :attr:`bnrnn.nn.stack.StackedLSTM.labels`) "x_layer2_reverse" and so on."""
-    prefixes = [("rnn.", "")] if not labels else [
-        (f"rnn.layers.{index}.", "_" + label.replace(" ", "_")) for index, label in enumerate(labels)]
+    from bnrnn.nn.stack import norm_name
+
+    layers = [("rnn.", None)] if not labels else [(f"rnn.layers.{i}.", label) for i, label in enumerate(labels)]
     out = {}
-    for layer_prefix, suffix in prefixes:
+    for layer_prefix, label in layers:
         for term in NORMS:
             prefix = f"{layer_prefix}bn_{term}."
             if prefix + "running_mean" in state_dict:
-                out[term + suffix] = {"mean": state_dict[prefix + "running_mean"].double(),
-                                      "var": state_dict[prefix + "running_var"].double()}
+                out[norm_name(term, label)] = {"mean": state_dict[prefix + "running_mean"].double(),
+                                               "var": state_dict[prefix + "running_var"].double()}
     return out
 
 
@@ -70,7 +71,7 @@ def plot_population(run_dir: str | Path, checkpoint: str = "best", out_dir: str 
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "eval"
     make_writable_folder(out_dir, "the output folder (--out)")
     payload = load_checkpoint(run_dir / "checkpoints" / f"{checkpoint}.pt")
-    stats = population_statistics(payload["model"], stack_labels(run_dir))
+    stats = population_statistics(payload["model"], stack_labels(payload.get("config", {}).get("model", {})))
     if not stats:
         raise BnrnnError(f"{run_dir}'s model has no batch norm, so no population statistics to draw")
     data = {"run": str(run_dir), "checkpoint": checkpoint, "step": payload["progress"]["step"], **summary(stats)}
@@ -80,15 +81,13 @@ def plot_population(run_dir: str | Path, checkpoint: str = "best", out_dir: str 
     return {"json": out_dir / "population.json", "figure": figure}
 
 
-def stack_labels(run_dir: Path) -> list[str] | None:
-    """The labels of the run's stacked layers and directions, or None for a single layer."""
-    from bnrnn.config import load_config, read_run_config
+def stack_labels(model: dict[str, Any]) -> list[str] | None:
+    """The labels of a checkpoint's stacked layers and directions (from its saved model
+    settings), or None for a single layer (also in checkpoints from before stacks)."""
     from bnrnn.nn.stack import layer_labels
 
-    model = load_config(read_run_config(run_dir, "bnrnn eval")).model
-    if model.num_layers == 1 and not model.bidirectional:
-        return None
-    return layer_labels(model.num_layers, model.bidirectional)
+    num_layers, bidirectional = model.get("num_layers", 1), model.get("bidirectional", False)
+    return None if num_layers == 1 and not bidirectional else layer_labels(num_layers, bidirectional)
 
 
 def draw(data: dict[str, Any], path: Path) -> None:

@@ -169,10 +169,10 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def assign_labels(runs: list[Run]) -> None:
     """Model name plus the settings that differ between the runs of the same task."""
+    # A key a run's version did not have yet (model.num_layers) had its default there.
+    defaults = flatten(OmegaConf.to_container(OmegaConf.structured(TrainConfig)))
     for task in {run.task for run in runs}:
         group = [run for run in runs if run.task == task]
-        # A key a run's version did not have yet (model.num_layers) had its default there.
-        defaults = flatten(OmegaConf.to_container(OmegaConf.structured(TrainConfig)))
         flat = [{**defaults, **flatten(run.config)} for run in group]
         keys = sorted({k for f in flat for k in f})
         def varies(key: str, runs_flat: list[dict[str, Any]]) -> bool:

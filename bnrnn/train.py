@@ -27,6 +27,7 @@ from bnrnn.config import load_config
 from bnrnn.device import resolve_device
 from bnrnn.diagnostics import divergence_report
 from bnrnn.errors import BnrnnError, CheckpointError, ConfigError, first_line
+from bnrnn.nn.stack import norm_name
 from bnrnn.preemption import Preempted, StopRequest
 from bnrnn.runfolder import BEST, LAST, RunPlan, make_writable_folder, plan_run, record_event, requeued
 from bnrnn.runlock import RunLock, command_line
@@ -101,7 +102,7 @@ def norms_by_term(model: nn.Module) -> list[tuple[str, nn.Module]]:
     if rnn is None:
         return []
     single = len(rnn.layers) == 1
-    return [(term if single else f"{term}_{label.replace(' ', '_')}", norm)
+    return [(norm_name(term, None if single else label), norm)
             for layer, label in zip(rnn.layers, rnn.labels)
             for term, norm in (("x", layer.bn_x), ("h", layer.bn_h), ("c", layer.bn_c)) if norm is not None]
 

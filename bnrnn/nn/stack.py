@@ -26,6 +26,12 @@ from bnrnn.nn.lstm import BNLSTM
 States = list[tuple[torch.Tensor, torch.Tensor]]
 
 
+def norm_name(term: str, label: str | None) -> str:
+    """How logs and figures name a norm: "h" in a single layer (``label`` None), "h_layer2_reverse"
+    for BN_h of a stack's entry labelled "layer2 reverse"."""
+    return term if label is None else f"{term}_{label.replace(' ', '_')}"
+
+
 def layer_labels(num_layers: int, bidirectional: bool) -> list[str]:
     """The name of each layer and direction in :attr:`StackedLSTM.layers`' order: "layer1",
     "layer1 reverse", "layer2", ... (1-based)."""
@@ -91,18 +97,24 @@ class StackedLSTM(nn.Module):
         """
         if self.bidirectional and (state is not None or t0 != 0):
             raise ValueError("a bidirectional layer reads the whole sequence: no carried-in state or time offset")
+        return self.through_layers(x, state, lambda rnn, seq, carried: rnn(seq, carried, t0))
+
+    def through_layers(self, x: torch.Tensor, state: States | None, run) -> tuple[torch.Tensor, States]:
+        """Every layer and direction over ``x`` (T, B, I), each by ``run(rnn, seq, carried)`` ->
+        (outputs (T, B, H), final (h, c)): the reverse direction gets ``seq`` flipped in time
+        and its outputs are flipped back; each layer reads the one below, directions
+        concatenated. Returns the last layer's outputs and every final state."""
         states: States = []
         inputs = x
         for layer in range(self.num_layers):
             outputs = []
             for direction in range(self.num_directions):
                 index = layer * self.num_directions + direction
-                rnn = self.layers[index]
                 carried = None if state is None else state[index]
                 if direction == 0:
-                    out, final = rnn(inputs, carried, t0)
+                    out, final = run(self.layers[index], inputs, carried)
                 else:  # the reverse direction's step t is the input's T - 1 - t
-                    out, final = rnn(inputs.flip(0), carried, t0)
+                    out, final = run(self.layers[index], inputs.flip(0), carried)
                     out = out.flip(0)
                 outputs.append(out)
                 states.append(final)
@@ -125,19 +137,12 @@ class StackedLSTM(nn.Module):
             return state
         if state is not None:
             raise ValueError("a bidirectional layer reads the whole sequence: no carried-in state")
-        states: States = []
-        inputs = x
-        for layer in range(self.num_layers):
-            outputs = []
-            for direction in range(2):
-                rnn = self.layers[2 * layer + direction]
-                seq = inputs if direction == 0 else inputs.flip(0)
-                pieces, carried = [], None
-                for t0 in range(0, seq.shape[0], chunk):
-                    out, carried = rnn(seq[t0:t0 + chunk], carried, t0)
-                    pieces.append(out)
-                out = torch.cat(pieces)
-                outputs.append(out if direction == 0 else out.flip(0))
-                states.append(carried)
-            inputs = torch.cat(outputs, dim=2)
-        return states
+
+        def in_chunks(rnn: BNLSTM, seq: torch.Tensor, carried) -> tuple[torch.Tensor, tuple]:
+            pieces = []
+            for t0 in range(0, seq.shape[0], chunk):
+                out, carried = rnn(seq[t0:t0 + chunk], carried, t0)
+                pieces.append(out)
+            return torch.cat(pieces), carried
+
+        return self.through_layers(x, None, in_chunks)[1]
