@@ -485,6 +485,7 @@ def finish(cfg, task, model, device, ckpt_dir: Path, state: Progress, logger: Ru
     }
     tcfg = cfg.trainer
     if tcfg.test_at_end and (ckpt_dir / BEST).exists():
+        log.info("testing the best checkpoint (step %s) on the test set", state.best_step)
         model.load_state_dict(load_checkpoint(ckpt_dir / BEST, map_location=device)["model"])
         # The authors' protocol (trainer.reestimate_stats): the headline test number with the
         # population statistics re-estimated over the training set; EMA and batch-statistics

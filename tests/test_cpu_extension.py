@@ -51,15 +51,18 @@ def test_float_activations_propagate_nan_and_saturate_at_infinity(compiled):
 @pytest.mark.parametrize("switches", [(True, True, True), (False, False, False)], ids=["bnlstm", "vanilla"])
 def test_results_do_not_depend_on_the_thread_count(compiled, switches):
     """One intra-op thread or two (the forward's two parts of the batch on one thread or
-    two, the backward's weight-gradient GEMMs after its loops or beside them): bit-identical
-    outputs, gradients and population statistics, so runs reproduce across machines with
-    different core counts."""
+    two, the backward's weight-gradient GEMMs after its loops or beside them): the same
+    outputs, gradients and population statistics. Bit-identical where the extension's own
+    GEMM kernel runs (float32 with AVX-512): every sum is then the loops' own, in an order
+    that does not follow the thread count. Elsewhere the BLAS's GEMMs may sum in another
+    order on another thread count (seen on an Intel Xeon with AVX-512), so the two agree to
+    rounding; each thread count on its own reproduces bit for bit."""
     torch.manual_seed(0)
     x = torch.randn(12, 37, 3)
     results = []
     threads = torch.get_num_threads()
     try:
-        for n in (1, 2):
+        for n in (1, 2, 2):
             torch.set_num_threads(n)
             torch.manual_seed(1)
             layer = BNLSTM(3, 21, max_steps=8, bn_x=switches[0], bn_h=switches[1], bn_c=switches[2], h0_noise=0.1)
@@ -68,8 +71,14 @@ def test_results_do_not_depend_on_the_thread_count(compiled, switches):
             results.append([out, c, *(p.grad for p in layer.parameters()), *layer.buffers()])
     finally:
         torch.set_num_threads(threads)
-    for one, two in zip(*results):
-        assert torch.equal(one, two)
+    for two, again in zip(results[1], results[2]):
+        assert torch.equal(two, again)
+    exact = cpu_extension.own_gemm()
+    for one, two in zip(results[0], results[1]):
+        if exact or not one.is_floating_point():
+            assert torch.equal(one, two)
+        else:
+            torch.testing.assert_close(one, two, atol=1e-6, rtol=1e-5)
 
 
 def test_outputs_held_across_steps_are_not_overwritten(compiled):

@@ -53,6 +53,19 @@ def start_and_wait(cmd: list[str], run_dir: Path, cwd: Path, until_step: int) ->
     return proc
 
 
+def read_until(proc: subprocess.Popen, text: str) -> str:
+    """Read the process's log (stdout, where Hydra's logging writes) line by line until a line
+    holds ``text``; the process keeps running. Waits for an event the process reports, not for
+    a sleep that may lose the race; returns what was read."""
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if text in line:
+            return "".join(seen)
+    proc.wait(timeout=60)
+    raise AssertionError(f"the process ended without printing {text!r}: {''.join(seen)[-2000:]}")
+
+
 def test_sigkill_then_resume_equals_an_uninterrupted_run(fake_mnist, tmp_path):
     """Checkpoints every 7 steps, log records every 5: the kill's checkpoint falls inside a
     log window, whose sums the checkpoint carries, so that metrics.jsonl matches line for line."""
@@ -133,8 +146,8 @@ def test_sigterm_during_the_final_test_stops_at_once_and_a_resume_runs_the_test(
     run = tmp_path / "run"
     cmd = command(root, run, "trainer.max_steps=4", "task.eval_batch_size=8", "trainer.eval_batches=1",
                   test_at_end=True)
-    proc = start_and_wait(cmd, run, tmp_path, until_step=4)
-    time.sleep(0.5)  # past the last validation, into the test
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    read_until(proc, "testing the best checkpoint")  # past the last validation, into the test
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr
