@@ -175,8 +175,9 @@ def test_inference_with_population_statistics_folded(switches, dtype, cpu_loop):
     torch.testing.assert_close(c_f, c_r, **tol)
     for k, v in fast.state_dict().items():
         torch.testing.assert_close(v, before[k], atol=0, rtol=0)
-    # (vanilla has no statistics: its eval is the batch-statistics loop)
-    expect_compiled(cpu_loop, "population_forward" if any(switches) else "run_forward")
+    # vanilla too: without a gradient its inference keeps nothing per step for a backward
+    # (at seqMNIST's eval batch of 1000, 3x faster than the training loop)
+    expect_compiled(cpu_loop, "population_forward")
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
@@ -299,7 +300,7 @@ def test_large_hidden_size(switches, dtype, cpu_loop):
         out_r, _ = ref.eval()(x)
     tol = 1e-5 if dtype == torch.float32 else 1e-11
     torch.testing.assert_close(out_f, out_r, atol=tol, rtol=tol)
-    expect_compiled(cpu_loop, "population_forward" if any(switches) else "run_forward")
+    expect_compiled(cpu_loop, "population_forward")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

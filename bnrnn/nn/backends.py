@@ -99,7 +99,9 @@ def run(layer, x: torch.Tensor, state: State | None, t0: int) -> tuple[torch.Ten
         # Mixed statistics modes, or gradients through population statistics (analysis in eval
         # mode): only the reference covers them.
         return reference_forward(layer, x, state, t0)
-    if norms and not any(batch_stats):
+    if norms and not any(batch_stats) or not norms and not needs_grad:
+        # Population statistics, or no norm at all and no gradient (a plain LSTM's inference):
+        # the inference path, which keeps nothing per step for a backward.
         return population_forward(name, layer, x, h0, c0, t0)
     return TRAINING[name](layer, x, h0, c0, t0, needs_grad)
 
