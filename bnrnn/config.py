@@ -16,6 +16,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from bnrnn.durations import parse_duration
 from bnrnn.errors import BnrnnError, ConfigError, first_line
 
 log = logging.getLogger("bnrnn")
@@ -84,9 +85,11 @@ class TrainerConfig:
     max_steps: Optional[int] = None
     max_epochs: Optional[int] = 200
     eval_every: int = 500
+    valid_stats_every: Optional[int] = None
     eval_batches: Optional[int] = None
     log_every: int = 20
     checkpoint_every: Optional[int] = None
+    max_time: Optional[str] = None
     max_bad_steps: int = 5
     resume: bool = False
     progress: str = "auto"  # auto | on | off
@@ -149,7 +152,7 @@ POSITIVE = (
 )
 POSITIVE_OR_NULL = (
     "model.t_max", "model.embedding_size", "trainer.max_steps", "trainer.max_epochs",
-    "trainer.eval_batches", "trainer.checkpoint_every", "trainer.reestimate_batches",
+    "trainer.eval_batches", "trainer.checkpoint_every", "trainer.valid_stats_every", "trainer.reestimate_batches",
     "trainer.reestimate_batch_size", "trainer.clip_norm", "task.train_limit",
 )
 NON_NEGATIVE = ("seed", "model.h0_noise", "trainer.weight_decay", "trainer.momentum")
@@ -199,6 +202,14 @@ def validate(cfg: DictConfig) -> None:
         bad("trainer.valid_stats", "a list of distinct modes from " + ", ".join(STATISTICS_MODES))
     if get("trainer.select_on") not in modes:
         bad("trainer.select_on", "one of the modes in trainer.valid_stats (" + ", ".join(modes) + ")")
+    every = get("trainer.valid_stats_every")
+    if every is not None and every % get("trainer.eval_every"):
+        bad("trainer.valid_stats_every", f"a multiple of trainer.eval_every ({get('trainer.eval_every')}) or null")
+    if get("trainer.max_time") is not None:
+        try:
+            parse_duration(get("trainer.max_time"))
+        except ValueError as exc:
+            bad("trainer.max_time", f"{exc} (or null)")
     if get("trainer.max_steps") is None and get("trainer.max_epochs") is None:
         bad("trainer.max_steps", "set when trainer.max_epochs is null")
     if cfg.task.kind == "ptb" and cfg.task.seq_len < 2:

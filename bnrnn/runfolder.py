@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import socket
 import time
 from dataclasses import dataclass, field
@@ -157,6 +159,22 @@ def read_history(run_dir: Path) -> list[dict[str, Any]]:
         if isinstance(record, dict):
             records.append(record)
     return records
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command that continues the run in ``run_dir`` with its own saved settings
+    (config.yaml), to paste into a POSIX shell whatever the folder's name holds: the path is
+    quoted for Hydra where it has more than plain path characters (a sweep job's folder holds
+    ``=`` and ``,``, which Hydra would read as a sweep), and the argument for the shell."""
+    path = str(run_dir.resolve())
+    plain = re.fullmatch(r"[\w./@%+:-]+", path)
+    quote = "'" if "'" not in path else '"'
+    argument = f"hydra.run.dir={path}" if plain else f"hydra.run.dir={quote}{path}{quote}"
+    if not plain and not re.search(r'["$`\\!]', argument):
+        argument = f'"{argument}"'  # reads better than shlex's '...'"'"'...'
+    else:
+        argument = shlex.quote(argument)
+    return f"bnrnn train {argument} trainer.resume=true"
 
 
 def record_event(run_dir: Path, event: str, step: int, **details: Any) -> None:

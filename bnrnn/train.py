@@ -11,6 +11,7 @@ import re
 import shutil
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,10 +27,13 @@ from bnrnn.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rn
 from bnrnn.config import load_config
 from bnrnn.device import resolve_device
 from bnrnn.diagnostics import divergence_report
+from bnrnn.durations import format_duration, parse_duration
 from bnrnn.errors import BnrnnError, CheckpointError, ConfigError, first_line
 from bnrnn.nn.stack import norm_name
 from bnrnn.preemption import Preempted, StopRequest
-from bnrnn.runfolder import BEST, LAST, RunPlan, make_writable_folder, plan_run, record_event, requeued
+from bnrnn.provenance import code_version
+from bnrnn.runfolder import (BEST, LAST, RunPlan, make_writable_folder, plan_run, record_event, requeued,
+                             resume_command)
 from bnrnn.runlock import RunLock, command_line
 from bnrnn.runlog import RunLogger
 from bnrnn.scoring import DESCRIPTIONS, buffers_snapshot, flatten_modes, restore_buffers, score_modes
@@ -52,6 +56,7 @@ class Progress:
     best_metric: float | None = None
     best_step: int | None = None
     elapsed: float = 0.0
+    valid_seconds: float = 0.0  # of elapsed, the time spent validating (the rest trained)
     # The training metrics summed since the last logged record: saved with the checkpoint so
     # that a run resumed between two records logs the same averages as an uninterrupted one.
     window: dict[str, float] = field(default_factory=dict)
@@ -76,6 +81,7 @@ class Launch:
     overrides: list[str] | None = None  # the command line's overrides (None: the config is the whole intent)
     choices: dict[str, str] | None = None  # its config-group options (model=bnlstm, ...), for history.jsonl
     new_folder: bool = False  # the run folder did not exist before this launch
+    began: float = field(default_factory=time.monotonic)  # when it started: trainer.max_time counts from here
 
 
 def build_optimizer(trainer: DictConfig, params) -> torch.optim.Optimizer:
@@ -222,7 +228,9 @@ def train(cfg: DictConfig | dict, out_dir: str | Path, launch: Launch | None = N
                             signal.SIGINT) from None
         raise
     record_event(out_dir, "resume" if plan.resume else "start", run.state.step, command=command_line(),
-                 changes=plan.changes, choices=launch.choices)
+                 changes=plan.changes, choices=launch.choices, code=code_version())
+    if plan.config.trainer.max_time is not None:
+        run.deadline = launch.began + parse_duration(plan.config.trainer.max_time)
     try:
         results = run.loop()
     except Preempted as exc:
@@ -234,7 +242,10 @@ def train(cfg: DictConfig | dict, out_dir: str | Path, launch: Launch | None = N
     finally:
         run.close()
         lock.release()
-    record_event(out_dir, "finished", run.state.step)
+    if results.get("stopped") == "max_time":
+        record_event(out_dir, "max_time", run.state.step, reason=results["reason"], resume_with=results["resume_with"])
+    else:
+        record_event(out_dir, "finished", run.state.step)
     return results
 
 
@@ -301,6 +312,7 @@ class Run:
         self.bad_steps = 0  # consecutive non-finite steps
         self.params = list(model.parameters())
         self.clip = self.tcfg.clip_norm if self.tcfg.clip_norm is not None else math.inf
+        self.deadline: float | None = None  # time.monotonic() past which the run stops (trainer.max_time)
 
     def close(self) -> None:
         self.bar.close()
@@ -327,12 +339,24 @@ class Run:
             return "no checkpoint was written yet"
         return f"the last checkpoint is {self.ckpt_dir / LAST} (step {self.saved_step})"
 
+    def modes_now(self) -> list[str]:
+        """The statistics modes of this step's validation: every mode of ``trainer.valid_stats``
+        every ``trainer.valid_stats_every`` steps and at the last step, ``select_on`` alone
+        in between (the selection rule's mode, at every validation)."""
+        every, step = self.tcfg.valid_stats_every, self.state.step
+        if every is None or step % every == 0 or step == self.max_steps:
+            return list(self.tcfg.valid_stats)
+        return [self.tcfg.select_on]
+
     def validate(self) -> dict[str, float]:
-        """Score the validation split in each of ``trainer.valid_stats``; the best checkpoint
-        follows the ``trainer.select_on`` number."""
+        """Score the validation split in the modes of :meth:`modes_now`; the best checkpoint
+        follows the ``trainer.select_on`` number. Logs the time it took (``seconds``, and each
+        mode's ``seconds_<mode>``) and the validations' share of the run so far
+        (``overhead``: validation time over training time)."""
         state, metric, tcfg = self.state, self.metric, self.tcfg
+        began = time.monotonic()
         with batch_variance_watch(self.model) as batch_variances:
-            scores = score_modes(self.task, self.model, "valid", self.device, tcfg.valid_stats, seed=self.cfg.seed,
+            scores = score_modes(self.task, self.model, "valid", self.device, self.modes_now(), seed=self.cfg.seed,
                                  max_batches=tcfg.eval_batches, reestimate_batches=tcfg.valid_reestimate_batches)
         self.model.train()
         metrics = flatten_modes(scores, tcfg.select_on)
@@ -340,8 +364,12 @@ class Run:
             state.best_metric, state.best_step = metrics[metric], state.step
             self.checkpoint(BEST)
         metrics["best_" + metric] = state.best_metric
-        self.logger.log("valid", state.step, metrics)
         self.logger.histograms(state.step, {**norm_histograms(self.model), **batch_variances})
+        spent = time.monotonic() - began
+        state.valid_seconds += spent
+        metrics["seconds"] = round(spent, 3)
+        metrics["overhead"] = round(validation_overhead(self.logger.elapsed, state.valid_seconds), 4)
+        self.logger.log("valid", state.step, metrics)
         self.checkpoint(LAST)
         self.logger.flush()
         log.info("step %d: valid %s %.4f (loss %.4f%s), best %.4f at step %d", state.step, metric, metrics[metric],
@@ -373,6 +401,8 @@ class Run:
                         self.guarded_step(batch)
                         if state.step >= self.max_steps:
                             break
+                        if self.out_of_time():
+                            return self.stop_for_time()
                     self.stop_if_requested()
                 self.stop.stop_at_once(
                     f"stopped by {{signal}} during the final test; the training is complete ({self.last_checkpoint_note()}); "
@@ -383,6 +413,26 @@ class Run:
             raise Preempted(f"stopped at once by a second Ctrl-C during step {state.step + 1}; "
                             f"{self.last_checkpoint_note()}; continue with the same command plus "
                             f"hydra.run.dir={self.out_dir} trainer.resume=true", signal.SIGINT) from None
+
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def stop_for_time(self) -> dict[str, Any]:
+        """The planned stop of ``trainer.max_time``, at a step boundary: the checkpoint of the
+        steps done, one line with the step and the command that continues the run; the
+        results so far, with ``stopped`` = "max_time" (the caller exits 0)."""
+        state = self.state
+        if self.saved_step != state.step:
+            self.checkpoint(LAST)
+        self.logger.flush()
+        resume_with = resume_command(self.out_dir)
+        reason = (f"trainer.max_time={self.tcfg.max_time} reached after {format_duration(self.logger.elapsed)} of "
+                  f"training in all: stopped at step {state.step} of {self.max_steps}")
+        log.info("%s; checkpoint written to %s; continue with: %s", reason, self.ckpt_dir / LAST, resume_with)
+        metric, _ = self.task.selection
+        return {"task": self.cfg.task.name, "model": self.cfg.model.name, "steps": state.step,
+                "best_step": state.best_step, f"valid_{metric}": state.best_metric, "stopped": "max_time",
+                "reason": reason, "resume_with": resume_with}
 
     def guarded_step(self, batch) -> None:
         """One optimiser step on ``batch``, skipped (with diagnostics) if its loss or gradient is
@@ -429,6 +479,13 @@ class Run:
             self.validate()
         elif tcfg.checkpoint_every and state.step % tcfg.checkpoint_every == 0:
             self.checkpoint(LAST)
+
+
+def validation_overhead(elapsed: float, valid_seconds: float) -> float:
+    """Validation time over training time (the rest of the run's time): 0.08 = validating cost
+    8 % on top of the training."""
+    training = max(elapsed - valid_seconds, 1e-9)
+    return valid_seconds / training
 
 
 def restore(payload: dict[str, Any], path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -481,7 +538,8 @@ def finish(cfg, task, model, device, ckpt_dir: Path, state: Progress, logger: Ru
     results: dict[str, Any] = {
         "task": cfg.task.name, "model": cfg.model.name, "steps": state.step,
         "best_step": state.best_step, f"valid_{metric}": state.best_metric, "select_on": cfg.trainer.select_on,
-        "elapsed": round(logger.elapsed, 1),
+        "elapsed": round(logger.elapsed, 1), "validation_seconds": round(state.valid_seconds, 1),
+        "validation_overhead": round(validation_overhead(logger.elapsed, state.valid_seconds), 4),
     }
     tcfg = cfg.trainer
     if tcfg.test_at_end and (ckpt_dir / BEST).exists():

@@ -100,6 +100,17 @@ def real_data() -> Path:
     return shared_data_with("MNIST/raw", "real MNIST")
 
 
+# Keys of a metrics.jsonl record that a clock decides: when it was written, how long it took,
+# and the validations' share of the run's time.
+CLOCK_KEYS = ("time", "elapsed", "overhead")
+
+
+def without_clock(record: dict) -> dict:
+    """A metrics.jsonl record without what a clock decides: what was measured, not when or
+    how long it took."""
+    return {k: v for k, v in record.items() if k not in CLOCK_KEYS and not k.startswith("seconds")}
+
+
 def assert_same_final_weights(run_a: Path, run_b: Path) -> None:
     """Two runs' last checkpoints hold bit-identical model state (weights and population statistics)."""
     from bnrnn.checkpoint import load_checkpoint

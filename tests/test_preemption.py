@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from bnrnn.checkpoint import load_checkpoint
-from conftest import SMALL_MNIST, assert_same_final_weights, make_fake_mnist
+from conftest import SMALL_MNIST, assert_same_final_weights, make_fake_mnist, without_clock
 
 
 
@@ -27,8 +27,7 @@ def command(root: Path, run_dir: Path, *overrides: str, log_every: int = 1, chec
 
 def records(run_dir: Path) -> list[dict]:
     """metrics.jsonl's records in order, without what a clock decides."""
-    return [{k: v for k, v in json.loads(line).items() if k not in ("time", "elapsed") and not k.startswith("seconds")}
-            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [without_clock(json.loads(line)) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def last_logged_step(run_dir: Path) -> int:
@@ -104,8 +103,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(fake_mnist, tmp_path):
     # The resumed log reads as one run: every step once, the same validation numbers.
     def by_split(run_dir, split):
         lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        return [{k: v for k, v in r.items() if k not in ("time", "elapsed") and not k.startswith("seconds")}
-                for r in lines if r["split"] == split]
+        return [without_clock(r) for r in lines if r["split"] == split]
 
     assert [r["step"] for r in by_split(killed, "train")] == list(range(5, steps + 1, 5))
     assert records(killed) == records(straight)  # the whole file, line for line

@@ -17,7 +17,7 @@ from bnrnn.nn.population import reestimate_population_statistics
 from bnrnn.scoring import flatten_modes, reestimate, score, score_modes, population_kept
 from bnrnn.tasks import build_task
 from bnrnn.train import train
-from conftest import assert_same_final_weights
+from conftest import assert_same_final_weights, without_clock
 
 CPU = torch.device("cpu")
 
@@ -133,10 +133,8 @@ def test_a_resumed_run_that_validates_in_every_mode_matches_an_uninterrupted_one
     train(small_mnist_cfg(*common, "trainer.max_steps=4"), tmp_path / "resumed")
     train(small_mnist_cfg(*common, "trainer.max_steps=8", "trainer.resume=true"), tmp_path / "resumed")
     assert_same_final_weights(tmp_path / "straight", tmp_path / "resumed")
-    def scores(record):  # what was measured, not when or how long it took
-        return {k: v for k, v in record.items() if k not in ("time", "elapsed") and not k.startswith("seconds")}
-
-    assert scores(records(tmp_path / "straight", "valid")[-1]) == scores(records(tmp_path / "resumed", "valid")[-1])
+    assert without_clock(records(tmp_path / "straight", "valid")[-1]) == without_clock(records(tmp_path / "resumed",
+                                                                                              "valid")[-1])
 
 
 def test_flatten_modes_names_the_statistics_of_the_plain_keys():
@@ -228,3 +226,31 @@ def test_statistics_in_pieces_equal_those_of_one_pass(backend):
     for (name, a), (_, b) in zip(whole.named_buffers(), pieces.named_buffers()):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
     assert torch.equal(whole.bn_h.num_batches_tracked, torch.ones(30, dtype=torch.long))
+
+
+def test_every_mode_on_a_schedule_of_its_own_and_the_selection_mode_at_every_validation(small_mnist_cfg, tmp_path):
+    """trainer.valid_stats_every: every mode at its multiples and at the last step, the
+    selection mode (batch statistics) alone in between; each validation logs its seconds and
+    the validations' share of the training time so far, which results.json keeps."""
+    train(small_mnist_cfg("model=bnlstm", "trainer.max_steps=10", "trainer.valid_stats_every=4",
+                          "trainer.valid_reestimate_batches=2", "trainer.test_at_end=false"), tmp_path)
+    valid = records(tmp_path, "valid")
+    assert [r["step"] for r in valid] == [2, 4, 6, 8, 10]
+    every_mode = {"accuracy_batch", "accuracy_ema", "accuracy_reestimated"}
+    for record in valid:
+        modes = {key for key in record if key.startswith("accuracy_")}
+        assert modes == (every_mode if record["step"] in (4, 8, 10) else {"accuracy_batch"}), record["step"]
+        assert record["stats"] == "batch" and record["accuracy"] == record["accuracy_batch"]
+        assert record["seconds"] >= record["seconds_batch"] > 0
+    overheads = [r["overhead"] for r in valid]
+    assert all(0 < value for value in overheads)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["validation_seconds"] == pytest.approx(sum(r["seconds"] for r in valid), abs=0.2)
+    training = results["elapsed"] - results["validation_seconds"]
+    assert results["validation_overhead"] == pytest.approx(results["validation_seconds"] / training, rel=0.05, abs=1e-3)
+
+
+def test_the_schedule_of_every_mode_must_fall_on_validations(small_mnist_cfg):
+    with pytest.raises(ConfigError, match=r"^trainer.valid_stats_every=3 is invalid: it must be a multiple of "
+                                          r"trainer.eval_every \(2\) or null$"):
+        load_config(small_mnist_cfg("trainer.valid_stats_every=3"))
