@@ -29,7 +29,7 @@ commands:
                       table beside the paper's numbers, from run or sweep folders
                       e.g. bnrnn report runs/multirun --out report
   paper-curves [--out DIR]  the paper's curves (Figs. 2, 3a, 3b) as TensorBoard runs under our tags,
-                      so that tensorboard --logdir runs draws them over yours (default runs/paper)
+                      so that tensorboard --logdir runs draws them over yours (default runs/paper-curves)
   sample RUN_DIR [opts]  text from a PTB run (--prime TEXT, --length N, --temperature T, --seed S),
                       with population statistics far past T_max
   gradflow [--out DIR]  the paper's Fig. 1: gradient norm over time at initialisation against gamma
@@ -252,12 +252,19 @@ def run_paper_curves(args: list[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="bnrnn paper-curves",
                                      description="Write the paper's curves as TensorBoard runs, under our tags.")
-    parser.add_argument("--out", type=Path, default=Path("runs/paper"), help="output folder (default runs/paper)")
+    parser.add_argument("--out", type=Path, default=Path("runs/paper-curves"),
+                        help="output folder (default runs/paper-curves)")
     opts = parser.parse_args(args)
 
+    from bnrnn.errors import BnrnnError
     from bnrnn.paper import write_tensorboard
 
-    for folder in write_tensorboard(opts.out):
+    try:
+        written = write_tensorboard(opts.out)
+    except BnrnnError as exc:
+        error(str(exc))
+        return 2
+    for folder in written:
         print(f"wrote {folder}")
     print(f"tensorboard --logdir {opts.out.parent} shows them beside the runs there")
     return 0

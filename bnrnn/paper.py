@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from bnrnn.errors import BnrnnError
+
 CURVES_DIR = Path(__file__).resolve().parent / "paper_curves"
 
 # Test numbers (Table 1 / section 5; see PAPER.md).
@@ -99,7 +101,13 @@ def write_tensorboard(out_dir: str | Path) -> list[Path]:
     as ``bnrnn eval --lengths`` writes it. Returns the run folders written."""
     from torch.utils.tensorboard import SummaryWriter
 
+    from bnrnn.runfolder import holds_run
+
     out_dir = Path(out_dir)
+    folders = [out_dir / f"{task}-{model}" for task, model in VALIDATION_CURVES] + [out_dir / "ptb-lengths"]
+    for folder in folders:
+        if holds_run(folder):  # the paper's curves must never mix into one of our runs
+            raise BnrnnError(f"{folder} holds a bnrnn run; write the paper's curves elsewhere with --out")
     written = []
     for (task, model) in VALIDATION_CURVES:
         curve = validation_curve(task, model)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -112,6 +113,21 @@ def test_paper_curves_command(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "seqmnist-bnlstm" in result.stdout and (tmp_path / "paper" / "ptb-bnlstm").is_dir()
+
+
+def test_paper_curves_by_default_beside_the_published_runs_and_never_into_a_run(tmp_path):
+    """The default folder (runs/paper-curves) is not runs/paper, where the campaign's runs live
+    under the same task-model names; a folder that holds a run is refused, untouched."""
+    run = tmp_path / "runs" / "paper-curves" / "seqmnist-bnlstm"
+    run.mkdir(parents=True)
+    (run / "history.jsonl").write_text("{}\n")
+    result = subprocess.run([sys.executable, "-m", "bnrnn.cli", "paper-curves"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"bnrnn: error: {Path('runs/paper-curves/seqmnist-bnlstm')} holds a bnrnn run; "
+                                     f"write the paper's curves elsewhere with --out")
+    assert [p.name for p in run.iterdir()] == ["history.jsonl"]
+    assert not (tmp_path / "runs" / "paper-curves" / "pmnist-lstm").exists()
 
 
 def test_time_to_a_result_leaves_evaluation_out_of_the_step_time(tmp_path):
