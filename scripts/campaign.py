@@ -1,0 +1,210 @@
+#!/usr/bin/env python3
+"""The full-length campaign (issue 28): the paper presets at the paper's length, run in the
+background from a git worktree pinned to one commit, in segments that outlive their process.
+
+    scripts/campaign.py status                       # where each run stands
+    scripts/campaign.py start seqmnist-bnlstm ...    # start runs (none may exist yet)
+    scripts/campaign.py resume --max-time 2h45m      # continue every unfinished run that is not live
+    scripts/campaign.py publish                      # copy the records git keeps (see below)
+
+Runs live in runs/paper/<name>/ of this checkout. Each run goes on from the commit its
+last segment ran (history.jsonl's "code"), in the worktree ../campaign/<commit> with its
+own virtual environment, made on first use; ``--commit`` moves runs to another commit,
+which their history then records. Each process runs on one thread (two runs fill two
+cores), with its output appended to runs/paper/<name>.out.
+
+Uses only the standard library and git, so that it runs before any environment exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RUNS = REPO / "runs" / "paper"
+WORKTREES = REPO.parent / "campaign"
+DATA = Path(os.environ.get("BNRNN_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+# The campaign: the paper presets, seed 1, unchanged from start to end.
+CAMPAIGN = {
+    "seqmnist-bnlstm": ["experiment=paper_seqmnist", "model=bnlstm"],
+    "seqmnist-lstm": ["experiment=paper_seqmnist", "model=lstm"],
+    "pmnist-bnlstm": ["experiment=paper_pmnist", "model=bnlstm"],
+    "pmnist-lstm": ["experiment=paper_pmnist", "model=lstm"],
+    "ptb256-bnlstm": ["experiment=paper_ptb", "model=bnlstm", "model.hidden_size=256"],
+    "ptb256-lstm": ["experiment=paper_ptb", "model=lstm", "model.hidden_size=256"],
+    "ptb-bnlstm": ["experiment=paper_ptb", "model=bnlstm", "device=cuda"],  # 1000 units: on a GPU
+    "ptb-lstm": ["experiment=paper_ptb", "model=lstm", "device=cuda"],
+}
+COMMON = ["seed=1", "data.download=false", "trainer.progress=off"]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass  # a line cut by a kill
+    return records
+
+
+def is_live(run: Path) -> bool:
+    """A process holds the run's lock (bnrnn.runlock's flock on run/.lock)."""
+    import fcntl
+
+    try:
+        fd = os.open(run / ".lock", os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def last_commit(run: Path) -> str | None:
+    for record in reversed(read_jsonl(run / "history.jsonl")):
+        commit = (record.get("code") or {}).get("commit")
+        if commit:
+            return commit
+    return None
+
+
+def describe(run: Path) -> dict:
+    history = read_jsonl(run / "history.jsonl")
+    metrics = read_jsonl(run / "metrics.jsonl")
+    train = [r for r in metrics if r.get("split") == "train"]
+    valid = [r for r in metrics if r.get("split") == "valid"]
+    metric = "bpc" if valid and "bpc" in valid[-1] else "accuracy"
+    return {
+        "run": run.name,
+        "state": "live" if is_live(run) else ("finished" if (run / "results.json").exists() else
+                                               (history[-1]["event"] if history else "empty")),
+        "step": train[-1]["step"] if train else 0,
+        "hours": round(train[-1]["elapsed"] / 3600, 2) if train else 0.0,
+        "valid": valid[-1].get(metric) if valid else None,
+        "best": valid[-1].get(f"best_{metric}") if valid else None,
+        "overhead": valid[-1].get("overhead") if valid else None,
+        "commit": (last_commit(run) or "?")[:7],
+    }
+
+
+def status(_: argparse.Namespace) -> int:
+    runs = sorted(p for p in RUNS.iterdir() if p.is_dir()) if RUNS.exists() else []
+    if not runs:
+        print(f"no runs under {RUNS}")
+        return 0
+    columns = ("run", "state", "step", "hours", "valid", "best", "overhead", "commit")
+    print("  ".join(f"{c:>16}" if i else f"{c:<16}" for i, c in enumerate(columns)))
+    for run in runs:
+        row = describe(run)
+        print("  ".join(f"{str(row[c]):>16}" if i else f"{row[c]:<16}" for i, c in enumerate(columns)))
+    return 0
+
+
+def worktree(commit: str) -> Path:
+    """../campaign/<commit>: a worktree checked out at ``commit`` with its own venv (made once)."""
+    full = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--verify", f"{commit}^{{commit}}"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    tree = WORKTREES / full[:7]
+    if not (tree / ".git").exists():
+        WORKTREES.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), full], check=True)
+    bnrnn = tree / ".venv" / "bin" / "bnrnn"
+    if not bnrnn.exists():
+        print(f"making the environment of {tree} (a few minutes)", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(tree / ".venv")], check=True)
+        subprocess.run([str(tree / ".venv" / "bin" / "pip"), "install", "-q", "-e", str(tree)], check=True)
+    return tree
+
+
+def launch(name: str, tree: Path, overrides: list[str]) -> None:
+    """``bnrnn train`` of the worktree on one thread, in the background, detached from this
+    process (it outlives the shell), its output appended to runs/paper/<name>.out."""
+    run = RUNS / name
+    RUNS.mkdir(parents=True, exist_ok=True)
+    command = [str(tree / ".venv" / "bin" / "bnrnn"), "train", *overrides, f"hydra.run.dir={run}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with open(RUNS / f"{name}.out", "a") as out:
+        out.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n")
+        out.flush()
+        proc = subprocess.Popen(command, cwd=tree, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    print(f"{name}: pid {proc.pid}, from {tree.name}: {' '.join(command[1:])}")
+
+
+def budget(args: argparse.Namespace) -> list[str]:
+    return [f"trainer.max_time={args.max_time}"] if args.max_time else []
+
+
+def start(args: argparse.Namespace) -> int:
+    tree = worktree(args.commit)
+    for name in args.names:
+        if name not in CAMPAIGN:
+            print(f"unknown run {name}; the campaign's: {', '.join(CAMPAIGN)}", file=sys.stderr)
+            return 2
+        if (RUNS / name).exists():
+            print(f"{RUNS / name} exists; resume it instead", file=sys.stderr)
+            return 2
+        launch(name, tree, [*CAMPAIGN[name], *COMMON, f"data.root={DATA}", *budget(args)])
+    return 0
+
+
+def resume(args: argparse.Namespace) -> int:
+    runs = sorted(p for p in RUNS.iterdir() if p.is_dir()) if RUNS.exists() else []
+    for run in runs:
+        row = describe(run)
+        if row["state"] in ("live", "finished") or not (run / "checkpoints" / "last.pt").exists():
+            print(f"{run.name}: {row['state']} at step {row['step']}; left as it is")
+            continue
+        commit = args.commit or last_commit(run)
+        if commit is None:
+            print(f"{run.name}: its history names no commit; pass --commit", file=sys.stderr)
+            return 2
+        launch(run.name, worktree(commit), ["trainer.resume=true", *budget(args), *args.overrides])
+    return 0
+
+
+# What git keeps of each run (.gitignore keeps the rest out): the records, not the checkpoints.
+def publish(_: argparse.Namespace) -> int:
+    for run in sorted(p for p in RUNS.iterdir() if p.is_dir()):
+        row = describe(run)
+        print(f"{run.name}: step {row['step']}, {row['state']}")
+    subprocess.run(["git", "-C", str(REPO), "add", "--", str(RUNS)], check=True)
+    subprocess.run(["git", "-C", str(REPO), "status", "--short", "--", str(RUNS)], check=True)
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("status", help="where each run stands").set_defaults(func=status)
+    p = sub.add_parser("start", help="start campaign runs")
+    p.add_argument("names", nargs="+", choices=sorted(CAMPAIGN), metavar="NAME")
+    p.add_argument("--commit", default="HEAD", help="the commit to pin (default: this checkout's HEAD)")
+    p.add_argument("--max-time", help="trainer.max_time of this segment, e.g. 2h45m")
+    p.set_defaults(func=start)
+    p = sub.add_parser("resume", help="continue every unfinished run that no process holds")
+    p.add_argument("--commit", help="move the runs to this commit (default: the commit each last ran)")
+    p.add_argument("--max-time", help="trainer.max_time of this segment, e.g. 2h45m")
+    p.add_argument("overrides", nargs="*", help="changes for every run resumed (recorded in its history)")
+    p.set_defaults(func=resume)
+    sub.add_parser("publish", help="stage the runs' records for a commit").set_defaults(func=publish)
+    args = parser.parse_args()
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
