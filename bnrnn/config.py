@@ -140,7 +140,7 @@ CHOICES = {
     "device.name": ("auto", "cpu", "cuda"),
     "model.init": ("orthogonal", "identity_g"),
     "model.backend": ("auto", "triton", "cpu", "aten", "reference"),
-    "model.norm": ("batch", "layer"),
+    "model.norm": ("batch", "layer", "rms"),  # bnrnn.nn.norms.NORMS
     "trainer.select_on": ("batch", "ema", "reestimated"),
 }
 STATISTICS_MODES = CHOICES["trainer.select_on"]

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnrnn.nn.reference import TimeBatchNorm
+from bnrnn.nn.norms import Norm
 
 # A batch variance below this many eps counts as collapsed (BN's gain is then within ~3x
 # of its maximum gamma / sqrt(eps)).
@@ -58,10 +58,11 @@ def gradient_norms(model: nn.Module) -> dict[str, float | str]:
 
 
 def norm_summaries(model: nn.Module) -> dict[str, dict[str, float | str]]:
-    """Per TimeBatchNorm: gamma min/max/mean and the smallest batch variance of the last step."""
+    """Per norm: gamma min/max/mean and, for batch norm, the smallest batch variance of the
+    last sequence folded into its population."""
     out = {}
     for name, module in model.named_modules():
-        if isinstance(module, TimeBatchNorm):
+        if isinstance(module, Norm):
             gamma = module.weight.detach()
             entry = {
                 "gamma_min": finite_or_text(gamma.min().item()),
@@ -69,7 +70,7 @@ def norm_summaries(model: nn.Module) -> dict[str, dict[str, float | str]]:
                 "gamma_mean": finite_or_text(gamma.mean().item()),
                 "eps": module.eps,
             }
-            if module.last_batch_var_min is not None:
+            if module.keeps_population and module.last_batch_var_min is not None:
                 entry["batch_var_min"] = finite_or_text(module.last_batch_var_min.item())
             out[name] = entry
     return out

@@ -40,8 +40,9 @@ class StopRequest:
         self.signum: int | None = None
         self.previous: dict[int, object] = {}
         self.at_once: str | None = None
-        self.deferring = False  # inside deferred(): a second Ctrl-C waits for the block's end
+        self.deferring = False  # inside deferred(): a second Ctrl-C or an at-once stop waits for the block's end
         self.interrupt_pending = False
+        self.stop_pending = False
 
     def stop_at_once(self, message: str) -> None:
         """From now on a signal raises :class:`Preempted` with ``message`` ({signal} is filled
@@ -49,6 +50,14 @@ class StopRequest:
         checkpointed halfway, such as the final test, where waiting would only make the
         scheduler kill the process without a word."""
         self.at_once = message
+
+    def raise_if_stopped(self) -> None:
+        """Raise the :meth:`stop_at_once` stop if a signal came and its raise was lost: code
+        that catches every exception can swallow one raised from a signal handler (logging
+        does, when the signal lands while it writes a record: it prints "--- Logging
+        error ---" and carries on). Call before declaring such work done."""
+        if self.at_once is not None and self.signum is not None:
+            raise Preempted(self.at_once.format(signal=self.name), self.signum)
 
     @property
     def requested(self) -> bool:
@@ -66,15 +75,20 @@ class StopRequest:
             raise KeyboardInterrupt
         self.signum = signum
         if self.at_once is not None:
+            if self.deferring:
+                self.stop_pending = True
+                return
             raise Preempted(self.at_once.format(signal=self.name), signum)
         log.warning("%s received: finishing the current step, then writing a checkpoint "
                     "(Ctrl-C again to stop at once)", signal.Signals(signum).name)
 
     @contextlib.contextmanager
     def deferred(self):
-        """A block that a second Ctrl-C must not cut in two (a checkpoint being written: an
-        exception inside torch.save's writer leaves it a torn file and a confusing error);
-        the interrupt is raised when the block ends."""
+        """A block that a second Ctrl-C or an at-once stop must not cut in two: a checkpoint
+        being written (an exception inside torch.save's writer leaves it a torn file and a
+        confusing error), or a log record (logging swallows an exception raised while it
+        writes, with a "--- Logging error ---" traceback). The interrupt or the stop is
+        raised when the block ends."""
         self.deferring = True
         try:
             yield
@@ -83,6 +97,9 @@ class StopRequest:
         if self.interrupt_pending:
             self.interrupt_pending = False
             raise KeyboardInterrupt
+        if self.stop_pending:
+            self.stop_pending = False
+            self.raise_if_stopped()
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from bnrnn.config import STATISTICS_MODES as MODES
-from bnrnn.nn.population import inputs_as_in_training, reestimate_population_statistics, time_norms
+from bnrnn.nn.population import reestimate_population_statistics, time_norms
 
 log = logging.getLogger("bnrnn")
 
@@ -76,8 +76,9 @@ def reestimate(task, model: nn.Module, device: torch.device, seed: int, max_batc
     if not time_norms(model):
         return 0
     batches = itertools.islice(task.training_batches(batch_size).iterate(0, seed), max_batches)
-    with seeded_rng(seed, device), inputs_as_in_training(model):
-        return reestimate_population_statistics(model, batches, lambda m, b: task.statistics_pass(m, b, device))
+    with seeded_rng(seed, device):
+        return reestimate_population_statistics(model, batches,
+                                                lambda m, b, stats: task.statistics_pass(m, b, device, stats))
 
 
 @contextmanager
@@ -110,7 +111,7 @@ def score(task, model: nn.Module, split: str, device: torch.device, mode: str, *
             return task.evaluate(model, split, device, max_batches)
     if mode == "batch":
         # the statistics of a training-mode forward: with the training's h0 noise, seeded
-        with seeded_rng(seed, device), inputs_as_in_training(model):
+        with seeded_rng(seed, device):
             return task.evaluate(model, split, device, max_batches, batch_stats=True)
     return task.evaluate(model, split, device, max_batches)
 

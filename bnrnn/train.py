@@ -125,7 +125,7 @@ def norm_histograms(model: nn.Module) -> dict[str, torch.Tensor]:
     out = {}
     for term, bn in norms_by_term(model):
         out[f"norms/gamma_{term}"] = bn.weight.detach().cpu()
-        if hasattr(bn, "running_var"):  # batch norm keeps population statistics; layer norm none
+        if bn.keeps_population:  # batch norm keeps population statistics; layer norm none
             out[f"norms/population_var_{term}_per_step"] = bn.running_var.detach().mean(dim=1).cpu()
     return out
 
@@ -137,17 +137,17 @@ def batch_variance_watch(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
     to T_max steps); on
     leaving, the dict yielded holds them as ``norms/batch_var_<term>_per_step`` (T,) for
     TensorBoard's histograms (none where no sequence was evaluated so)."""
-    watched = [(term, bn) for term, bn in norms_by_term(model) if term.startswith("h") and hasattr(bn, "running_var")]
+    watched = [(term, bn) for term, bn in norms_by_term(model) if term.startswith("h") and bn.keeps_population]
     found: dict[str, torch.Tensor] = {}
     for _, bn in watched:
-        bn.batch_var_watch = []
+        bn.watch_variance()
     try:
         yield found
     finally:
         for term, bn in watched:
-            if bn.batch_var_watch:
-                found[f"norms/batch_var_{term}_per_step"] = torch.cat(bn.batch_var_watch)
-            bn.batch_var_watch = None
+            variance = bn.watched_variance()
+            if variance is not None:
+                found[f"norms/batch_var_{term}_per_step"] = variance
 
 
 def total_gradient_norm(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -408,7 +408,8 @@ class Run:
                     f"stopped by {{signal}} during the final test; the training is complete ({self.last_checkpoint_note()}); "
                     f"run the same command plus hydra.run.dir={self.out_dir} trainer.resume=true to test it"
                 )
-                return finish(self.cfg, self.task, self.model, self.device, self.ckpt_dir, state, self.logger)
+                return finish(self.cfg, self.task, self.model, self.device, self.ckpt_dir, state, self.logger,
+                              self.stop)
         except KeyboardInterrupt:
             raise Preempted(f"stopped at once by a second Ctrl-C during step {state.step + 1}; "
                             f"{self.last_checkpoint_note()}; continue with the same command plus "
@@ -532,8 +533,10 @@ def modes_note(scores: dict[str, dict[str, Any]], chosen: str, metric: str) -> s
     return f"; {DESCRIPTIONS[chosen]}" + (f"; {others}" if others else "")
 
 
-def finish(cfg, task, model, device, ckpt_dir: Path, state: Progress, logger: RunLogger) -> dict[str, Any]:
-    """Test the best checkpoint (by validation) and write results.json."""
+def finish(cfg, task, model, device, ckpt_dir: Path, state: Progress, logger: RunLogger,
+           stop: StopRequest) -> dict[str, Any]:
+    """Test the best checkpoint (by validation) and write results.json; a stop signal during
+    the test (``stop``, in its at-once mode) leaves no results.json."""
     metric, _ = task.selection
     results: dict[str, Any] = {
         "task": cfg.task.name, "model": cfg.model.name, "steps": state.step,
@@ -543,7 +546,8 @@ def finish(cfg, task, model, device, ckpt_dir: Path, state: Progress, logger: Ru
     }
     tcfg = cfg.trainer
     if tcfg.test_at_end and (ckpt_dir / BEST).exists():
-        log.info("testing the best checkpoint (step %s) on the test set", state.best_step)
+        with stop.deferred():  # a log record: see StopRequest.deferred
+            log.info("testing the best checkpoint (step %s) on the test set", state.best_step)
         model.load_state_dict(load_checkpoint(ckpt_dir / BEST, map_location=device)["model"])
         # The authors' protocol (trainer.reestimate_stats): the headline test number with the
         # population statistics re-estimated over the training set; EMA and batch-statistics
@@ -552,11 +556,13 @@ def finish(cfg, task, model, device, ckpt_dir: Path, state: Progress, logger: Ru
         modes = ["ema", "batch"] + (["reestimated"] if tcfg.reestimate_stats else [])
         scores = score_modes(task, model, "test", device, modes, seed=cfg.seed,
                              reestimate_batches=tcfg.reestimate_batches, reestimate_batch_size=tcfg.reestimate_batch_size)
+        stop.raise_if_stopped()  # a stop whose raise something swallowed
         test = flatten_modes(scores, final)
         logger.log("test", state.best_step, test)
         results.update({f"test_{k}": v for k, v in test.items()})
-        log.info("test (best checkpoint, step %s): %s %.4f%s", state.best_step, metric, test[metric],
-                 modes_note(scores, test["stats"], metric))
+        with stop.deferred():
+            log.info("test (best checkpoint, step %s): %s %.4f%s", state.best_step, metric, test[metric],
+                     modes_note(scores, test["stats"], metric))
     logger.hparams(hparams_of(cfg), {k: v for k, v in results.items() if k.startswith(("valid_", "test_"))})
     out_dir = ckpt_dir.parent
     tmp = out_dir / "results.json.tmp"

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from bnrnn.nn import BNLSTM, aten_recurrence, cpu_extension, cpu_recurrence
-from bnrnn.nn.population import batch_statistics
+from bnrnn.nn.norms import Statistics
 from conftest import require_compiled_cpu_loop
 
 # Whether twin_layers' fast layer uses the compiled loop (set by the cpu_loop fixture).
@@ -186,9 +186,9 @@ def test_eval_with_batch_statistics_mode(grad):
     fast, ref = twin_layers((True, True, True), torch.float64, randomised=True, seed=4)
     x = torch.randn(8, 6, 3, dtype=torch.float64)
     before = copy.deepcopy(fast.state_dict())
-    with torch.set_grad_enabled(grad), batch_statistics(fast), batch_statistics(ref):
-        out_f, _ = fast.eval()(x)
-        out_r, _ = ref.eval()(x)
+    with torch.set_grad_enabled(grad):
+        out_f, _ = fast.eval()(x, stats=Statistics.BATCH)
+        out_r, _ = ref.eval()(x, stats=Statistics.BATCH)
         expected_train, _ = copy.deepcopy(ref).train()(x)
     torch.testing.assert_close(out_f, out_r, atol=1e-12, rtol=1e-10)
     torch.testing.assert_close(out_f, expected_train, atol=1e-12, rtol=1e-10)

@@ -82,8 +82,7 @@ def test_the_watched_batch_variance_of_w_h_h_is_that_of_the_first_sequence(backe
     """In evaluation with batch statistics, BN_h's watch keeps the per-step batch variance of
     W_h h_{t-1} averaged over the features, for the steps up to T_max (5 of 7): equal to that
     of the hidden states run by hand."""
-    from bnrnn.nn import BNLSTM
-    from bnrnn.nn.population import batch_statistics
+    from bnrnn.nn import BNLSTM, Statistics
     from bnrnn.train import batch_variance_watch
 
     torch.manual_seed(0)
@@ -91,11 +90,11 @@ def test_the_watched_batch_variance_of_w_h_h_is_that_of_the_first_sequence(backe
     model = torch.nn.Module()
     model.rnn = layer
     x = torch.randn(7, 9, 3, dtype=torch.float64)
-    with torch.no_grad(), batch_statistics(model), batch_variance_watch(model) as watched:
-        hs, _ = layer(x)
-        layer(torch.randn(7, 9, 3, dtype=torch.float64))  # a second sequence: not kept
+    with torch.no_grad(), batch_variance_watch(model) as watched:
+        hs, _ = layer(x, stats=Statistics.BATCH)
+        layer(torch.randn(7, 9, 3, dtype=torch.float64), stats=Statistics.BATCH)  # a second sequence: not kept
     h_prev = torch.cat([layer.h0.expand(1, 9, 6), hs[:-1]])  # h_{t-1} (T, B, H)
     expected = (h_prev @ layer.weight_hh.t()).var(dim=1, unbiased=False).mean(dim=1)[:5]
     assert set(watched) == {"norms/batch_var_h_per_step"}
     torch.testing.assert_close(watched["norms/batch_var_h_per_step"], expected.float(), atol=1e-6, rtol=1e-5)
-    assert layer.bn_h.batch_var_watch is None  # the watch ends with the block
+    assert layer.bn_h.watched_variance() is None  # the watch ends with the block

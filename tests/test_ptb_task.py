@@ -26,7 +26,7 @@ class UniformModel(nn.Module):
         self.vocab_size = vocab_size
         self.dummy = nn.Parameter(torch.zeros(()))
 
-    def forward(self, tokens, state=None, t0=0):
+    def forward(self, tokens, state=None, t0=0, stats=None):
         return torch.zeros(*tokens.shape, self.vocab_size) + 0 * self.dummy, state
 
 

@@ -94,15 +94,15 @@ def test_training_float32_paper_initialisation_several_programs(triton_path, swi
 def test_no_grad_training_forward_and_batch_statistics_eval(triton_path):
     """Population re-estimation (no-grad training forward) and Fig. 3b's batch-statistics
     evaluation take the kernels too; same outputs and population as the reference."""
-    from bnrnn.nn.population import batch_statistics
+    from bnrnn.nn.norms import Statistics
 
     fast, ref = on_device(*twin_layers((True, True, True), torch.float64, randomised=True, seed=4))
     x = torch.randn(8, 6, 3, dtype=torch.float64, device=DEVICE)
     with torch.no_grad():
         torch.testing.assert_close(fast.train()(x)[0], ref.train()(x)[0], atol=1e-10, rtol=1e-8)
         assert_same_buffers(fast, ref, atol=1e-10)
-        with batch_statistics(fast), batch_statistics(ref):
-            torch.testing.assert_close(fast.eval()(x)[0], ref.eval()(x)[0], atol=1e-10, rtol=1e-8)
+        torch.testing.assert_close(fast.eval()(x, stats=Statistics.BATCH)[0], ref.eval()(x, stats=Statistics.BATCH)[0],
+                                   atol=1e-10, rtol=1e-8)
     assert len(triton_path) == 2
     assert_same_buffers(fast, ref, atol=1e-10)
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from bnrnn.config import load_config
 from bnrnn.errors import ConfigError
 from bnrnn.nn import BNLSTM
+from bnrnn.nn.norms import Statistics
 from bnrnn.nn.population import reestimate_population_statistics
 from bnrnn.scoring import flatten_modes, reestimate, score, score_modes, population_kept
 from bnrnn.tasks import build_task
@@ -74,16 +75,15 @@ def test_reestimated_validation_equals_reestimating_by_hand_and_leaves_the_model
         assert torch.equal(value, buffers[key]), key
     assert torch.equal(torch.get_rng_state(), rng)
 
-    # By hand: the first 3 training batches through the whole classifier in training mode
+    # By hand: the first 3 training batches through the whole classifier with batch statistics
     # (h0 noise from the RNG seeded with the run's seed), the norms averaging cumulatively.
-    by_hand = copy.deepcopy(model).train()
+    by_hand = copy.deepcopy(model).eval()
     for bn in by_hand.rnn.norms():
         bn.reset_running_stats()
-        bn.momentum = None
     torch.manual_seed(cfg.seed)
     with torch.no_grad():
         for x, _ in list(task.train.iterate(0, cfg.seed))[:3]:
-            by_hand(x)
+            by_hand(x, Statistics.REESTIMATE)
     expected = task.evaluate(by_hand.eval(), "valid", CPU)
     # by hand: whole sequences through the classifier; scoring: the layer alone, in pieces
     assert got["loss"] == pytest.approx(expected["loss"], rel=1e-6) and got["accuracy"] == expected["accuracy"]
@@ -221,8 +221,8 @@ def test_statistics_in_pieces_equal_those_of_one_pass(backend):
     whole = BNLSTM(1, 12, max_steps=30, backend=backend, h0_noise=0.0)
     pieces = copy.deepcopy(whole)
     x = torch.rand(30, 40, 1)
-    reestimate_population_statistics(whole, [x], lambda m, b: m(b))
-    reestimate_population_statistics(pieces, [x], lambda m, b: m.forward_in_chunks(b, 7))
+    reestimate_population_statistics(whole, [x], lambda m, b, stats: m(b, stats=stats))
+    reestimate_population_statistics(pieces, [x], lambda m, b, stats: m.forward_in_chunks(b, 7, stats=stats))
     for (name, a), (_, b) in zip(whole.named_buffers(), pieces.named_buffers()):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
     assert torch.equal(whole.bn_h.num_batches_tracked, torch.ones(30, dtype=torch.long))

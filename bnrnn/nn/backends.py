@@ -14,7 +14,9 @@ reference   the paper's equations step by step (:mod:`bnrnn.nn.reference`)   any
 
 ``auto`` (the default) takes the first of triton, cpu, aten that can run the input. The
 layer-normalised LSTM (``norm="layer"``) runs on aten under every name but ``reference``:
-the compiled and Triton loops compute batch norm only. All
+the compiled and Triton loops compute batch norm only. Any other norm of
+:mod:`bnrnn.nn.norms` runs on the reference, which ``auto`` then takes, and which a named
+fast backend refuses in one sentence. All
 compute the same function (tests hold each to the reference). Asking whether a backend
 can run (``available``) has no side effects; the compiled CPU loops are built the first
 time the ``cpu`` backend runs, and if that fails the ``aten`` backend takes over, with a
@@ -37,6 +39,7 @@ from bnrnn.nn.cpu_recurrence import CompiledLSTMRecurrence
 from bnrnn.nn.aten_recurrence import (FusedLSTMRecurrence, InputProjection, Norms, population_recurrence, project_input,
                             recurrence_forward)
 from bnrnn.nn.gpu_recurrence import TritonLSTMRecurrence
+from bnrnn.nn.norms import Statistics
 from bnrnn.nn.reference import State, reference_forward
 
 log = logging.getLogger("bnrnn")
@@ -77,36 +80,52 @@ def announce(name: str, layer) -> None:
         log.info("bnrnn: the recurrence runs on the %s backend (model.backend=%s)", name, layer.backend)
 
 
-def run(layer, x: torch.Tensor, state: State | None, t0: int) -> tuple[torch.Tensor, State]:
-    """``layer``'s forward over ``x`` (T, B, I): output (T, B, H) and the final (h, c)."""
+FAST_NORMS = ("batch", "layer")  # the norms the fast backends compute (layer norm: aten only)
+
+
+def run(layer, x: torch.Tensor, state: State | None, t0: int, stats: Statistics) -> tuple[torch.Tensor, State]:
+    """``layer``'s forward over ``x`` (T, B, I) with the norms' statistics ``stats``: output
+    (T, B, H) and the final (h, c)."""
+    if layer.norms() and layer.norm not in FAST_NORMS:
+        return other_norm_forward(layer, x, state, t0, stats)
     name = select(layer.backend, x)
     if layer.norm == "layer":
-        return layer_norm_forward(name, layer, x, state, t0)
+        return layer_norm_forward(name, layer, x, state, t0, stats)
     if name == "cpu" and not cpu_extension.load():  # the first run builds it; on failure, aten
         name = "aten"
     announce(name, layer)
     if state is None:
-        state = layer.initial_state(x.shape[1])
+        state = layer.initial_state(x.shape[1], stats)
     h0, c0 = state
     norms = layer.norms()
-    batch_stats = [bn.uses_batch_stats for bn in norms]
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or h0.requires_grad or c0.requires_grad or any(p.requires_grad for p in layer.parameters())
     )
-    mixed = any(batch_stats) and not all(batch_stats)
-    grad_through_population = norms and not any(batch_stats) and needs_grad
-    if name == "reference" or mixed or grad_through_population:
-        # Mixed statistics modes, or gradients through population statistics (analysis in eval
-        # mode): only the reference covers them.
-        return reference_forward(layer, x, state, t0)
-    if norms and not any(batch_stats) or not norms and not needs_grad:
+    population = stats is Statistics.POPULATION
+    if name == "reference" or norms and population and needs_grad:
+        # Gradients through population statistics (analysis in eval mode): only the
+        # reference covers them.
+        return reference_forward(layer, x, state, t0, stats=stats)
+    if norms and population or not norms and not needs_grad:
         # Population statistics, or no norm at all and no gradient (a plain LSTM's inference):
         # the inference path, which keeps nothing per step for a backward.
         return population_forward(name, layer, x, h0, c0, t0)
-    return TRAINING[name](layer, x, h0, c0, t0, needs_grad)
+    return TRAINING[name](layer, x, h0, c0, t0, needs_grad, stats)
 
 
-def layer_norm_forward(name: str, layer, x: torch.Tensor, state: State | None, t0: int) -> tuple[torch.Tensor, State]:
+def other_norm_forward(layer, x: torch.Tensor, state: State | None, t0: int,
+                       stats: Statistics) -> tuple[torch.Tensor, State]:
+    """A norm no fast backend computes (:data:`FAST_NORMS`): the reference runs it, under
+    ``auto`` too; a named fast backend refuses."""
+    if layer.backend not in ("auto", "reference"):
+        raise ValueError(f"model.backend={layer.backend} cannot run model.norm={layer.norm}: the fast backends compute "
+                         f"{' and '.join(FAST_NORMS)} norm; use model.backend=reference (or auto)")
+    announce("reference", layer)
+    return reference_forward(layer, x, state, t0, stats=stats)
+
+
+def layer_norm_forward(name: str, layer, x: torch.Tensor, state: State | None, t0: int,
+                       stats: Statistics) -> tuple[torch.Tensor, State]:
     """The layer-normalised LSTM: on the reference, or else on the aten loop (one autograd
     Function; the compiled and Triton loops do batch norm only). Layer norm has no batch
     statistics, so training and inference are one computation.
@@ -116,9 +135,9 @@ def layer_norm_forward(name: str, layer, x: torch.Tensor, state: State | None, t
     """
     if name == "reference":
         announce(name, layer)
-        return reference_forward(layer, x, state, t0)
+        return reference_forward(layer, x, state, t0, stats=stats)
     announce("aten", layer)
-    h0, c0 = layer.initial_state(x.shape[1]) if state is None else state
+    h0, c0 = layer.initial_state(x.shape[1], stats) if state is None else state
     wx = InputProjection.apply(x, layer.weight_ih, None)
     bias = layer.bias if layer.bn_h is None else layer.bias + layer.bn_h.bias
     xin = (wx if layer.bn_x is None else layer.bn_x.forward_sequence(wx)) + bias
@@ -128,7 +147,7 @@ def layer_norm_forward(name: str, layer, x: torch.Tensor, state: State | None, t
     return hs, (hs[-1], c_last)
 
 
-def aten_training(layer, x, h0, c0, t0: int, needs_grad: bool) -> tuple[torch.Tensor, State]:
+def aten_training(layer, x, h0, c0, t0: int, needs_grad: bool, mode: Statistics) -> tuple[torch.Tensor, State]:
     # W_x x for all steps in one GEMM; b rides along unless it is BN_x's beta.
     wx = InputProjection.apply(x, layer.weight_ih, layer.bias if layer.bn_x is None else None)
     (gamma_x, gamma_h, gamma_c), beta_c, eps = layer.norm_tensors()
@@ -142,11 +161,11 @@ def aten_training(layer, x, h0, c0, t0: int, needs_grad: bool) -> tuple[torch.Te
             norms = Norms(gamma_x, beta_x, gamma_h, gamma_c, beta_c, eps)
             hs, cs, stats = recurrence_forward(wx, layer.weight_hh, norms, h0, c0, False)
         c_last = cs[-1]
-    layer.fold_into_population(stats, t0, ("x", layer.bn_x), ("h", layer.bn_h), ("c", layer.bn_c))
+    layer.fold_into_population(stats, t0, mode, ("x", layer.bn_x), ("h", layer.bn_h), ("c", layer.bn_c))
     return hs, (hs[-1], c_last)
 
 
-def cpu_training(layer, x, h0, c0, t0: int, needs_grad: bool) -> tuple[torch.Tensor, State]:
+def cpu_training(layer, x, h0, c0, t0: int, needs_grad: bool, mode: Statistics) -> tuple[torch.Tensor, State]:
     (gamma_x, gamma_h, gamma_c), beta_c, eps = layer.norm_tensors()
     if needs_grad:
         stats: dict[str, torch.Tensor] = {}
@@ -157,15 +176,15 @@ def cpu_training(layer, x, h0, c0, t0: int, needs_grad: bool) -> tuple[torch.Ten
             hs, cs, stats = cpu_recurrence.run_forward(x, layer.weight_ih, layer.bias, layer.weight_hh, gamma_x,
                                                        gamma_h, gamma_c, beta_c, eps, h0, c0)
         c_last = cs[-1]
-    layer.fold_into_population(stats, t0, ("x", layer.bn_x), ("h", layer.bn_h), ("c", layer.bn_c))
+    layer.fold_into_population(stats, t0, mode, ("x", layer.bn_x), ("h", layer.bn_h), ("c", layer.bn_c))
     return hs, (hs[-1], c_last)
 
 
-def triton_training(layer, x, h0, c0, t0: int, needs_grad: bool) -> tuple[torch.Tensor, State]:
+def triton_training(layer, x, h0, c0, t0: int, needs_grad: bool, mode: Statistics) -> tuple[torch.Tensor, State]:
     """The input term for all steps in autograd ops (BN_x's statistics are over (T, B, 4H) at
     once, with no recurrence), the recurrence on the Triton step kernels."""
     wx = torch.matmul(x, layer.weight_ih.t())
-    xin = (wx if layer.bn_x is None else layer.bn_x.forward_sequence(wx, t0)) + layer.bias
+    xin = (wx if layer.bn_x is None else layer.bn_x.forward_sequence(wx, t0, mode)) + layer.bias
     (_, gamma_h, gamma_c), beta_c, (_, eps_h, eps_c) = layer.norm_tensors()
     h0, c0 = h0.contiguous(), c0.contiguous()
     if needs_grad:
@@ -177,7 +196,7 @@ def triton_training(layer, x, h0, c0, t0: int, needs_grad: bool) -> tuple[torch.
             params = triton_lstm.Parameters(layer.weight_hh, gamma_h, gamma_c, beta_c, eps_h, eps_c)
             out = triton_lstm.run_sequence(xin.contiguous(), params, h0, c0)
         hs, c_last, stats = out.hs, out.cs[-1], out.statistics()
-    layer.fold_into_population(stats, t0, ("h", layer.bn_h), ("c", layer.bn_c))
+    layer.fold_into_population(stats, t0, mode, ("h", layer.bn_h), ("c", layer.bn_c))
     return hs, (hs[-1], c_last)
 
 

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from bnrnn.nn.lstm import BNLSTM, State
+from bnrnn.nn.norms import Statistics
 from bnrnn.nn.stack import StackedLSTM
 
 
@@ -13,7 +14,8 @@ class SequenceClassifier(nn.Module):
     """Classify a whole sequence from the last hidden state (sequential / permuted MNIST):
     the last layer's, both directions concatenated for a bidirectional stack.
 
-    forward: x (T, B, I) -> logits (B, C).
+    forward: x (T, B, I) -> logits (B, C); ``stats``: the norms' statistics
+    (:class:`~bnrnn.nn.norms.Statistics`; None: the train() / eval() convention).
     """
 
     def __init__(self, rnn: BNLSTM | StackedLSTM, num_classes: int) -> None:
@@ -21,8 +23,8 @@ class SequenceClassifier(nn.Module):
         self.rnn = rnn
         self.classifier = nn.Linear(rnn.output_size, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _, state = self.rnn(x)
+    def forward(self, x: torch.Tensor, stats: Statistics | None = None) -> torch.Tensor:
+        _, state = self.rnn(x, stats=stats)
         return self.classifier(self.rnn.final_hidden(state))
 
 
@@ -30,7 +32,8 @@ class CharLanguageModel(nn.Module):
     """Next-symbol prediction (Penn Treebank characters).
 
     forward: tokens (T, B) int64 -> logits (T, B, V) and the final state, so that a long
-    sequence can be streamed in chunks (pass the state and the chunk's time offset back in).
+    sequence can be streamed in chunks (pass the state and the chunk's time offset back in);
+    ``stats`` as for :class:`SequenceClassifier`.
     """
 
     def __init__(self, rnn: BNLSTM | StackedLSTM, vocab_size: int, embedding_size: int | None) -> None:
@@ -42,6 +45,7 @@ class CharLanguageModel(nn.Module):
         self.rnn = rnn
         self.decoder = nn.Linear(rnn.output_size, vocab_size)
 
-    def forward(self, tokens: torch.Tensor, state: State | None = None, t0: int = 0) -> tuple[torch.Tensor, State]:
-        output, state = self.rnn(self.embedding(tokens), state, t0)
+    def forward(self, tokens: torch.Tensor, state: State | None = None, t0: int = 0,
+                stats: Statistics | None = None) -> tuple[torch.Tensor, State]:
+        output, state = self.rnn(self.embedding(tokens), state, t0, stats)
         return self.decoder(output), state

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from bnrnn.nn import backends
-from bnrnn.nn.reference import LayerNormTerm, State, TimeBatchNorm
+from bnrnn.nn.norms import NORMS, Norm, Statistics, TimeBatchNorm, make_norm
+from bnrnn.nn.reference import State
 
 INITS = ("orthogonal", "identity_g")
 
@@ -74,8 +75,8 @@ class BNLSTM(nn.Module):
         super().__init__()
         if init not in INITS:
             raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
-        if norm not in ("batch", "layer"):
-            raise ValueError(f"norm must be batch or layer, got {norm!r}")
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
         if backend not in backends.NAMES:
             raise ValueError(f"backend must be one of {', '.join(backends.NAMES)}, got {backend!r}")
         self.init = init
@@ -87,9 +88,6 @@ class BNLSTM(nn.Module):
         self.max_steps = max_steps
         self.forget_bias = forget_bias
         self.h0_noise = h0_noise
-        # Evaluation that must see the statistics of training (batch-statistics validation,
-        # re-estimating the population) draws the h0 noise too: see bnrnn.nn.population.
-        self.h0_noise_in_eval = False
         gates = 4 * hidden_size
         self.weight_ih = nn.Parameter(torch.empty(gates, input_size))
         self.weight_hh = nn.Parameter(torch.empty(gates, hidden_size))
@@ -97,10 +95,8 @@ class BNLSTM(nn.Module):
         self.h0 = nn.Parameter(torch.zeros(hidden_size))
         self.c0 = nn.Parameter(torch.zeros(hidden_size))
 
-        def make(features: int, learn_bias: bool) -> nn.Module:
-            if norm == "layer":  # Ba et al.: a gain and a bias on every term
-                return LayerNormTerm(features, gamma_init, eps)
-            return TimeBatchNorm(features, max_steps, gamma_init, learn_bias, momentum, eps)
+        def make(features: int, learn_bias: bool) -> Norm:
+            return make_norm(norm, features, max_steps, gamma_init, learn_bias, momentum, eps)
 
         self.bn_x = make(gates, False) if bn_x else None
         self.bn_h = make(gates, False) if bn_h else None
@@ -130,7 +126,7 @@ class BNLSTM(nn.Module):
         for bn in self.norms():
             bn.reset_parameters()
 
-    def norms(self) -> list[TimeBatchNorm]:
+    def norms(self) -> list[Norm]:
         return [bn for bn in (self.bn_x, self.bn_h, self.bn_c) if bn is not None]
 
     def extra_repr(self) -> str:
@@ -155,15 +151,22 @@ class BNLSTM(nn.Module):
         """What a sequence classifier reads: h_T (B, H)."""
         return state[0]
 
-    def initial_state(self, batch_size: int) -> State:
-        """Learned (h0, c0) broadcast to the batch, each (B, H); h0 noisy in training."""
+    def initial_state(self, batch_size: int, stats: Statistics | None = None) -> State:
+        """Learned (h0, c0) broadcast to the batch, each (B, H). h0 is noisy wherever the norms
+        use batch statistics (``stats``; None: in training): the statistics are then those of
+        the inputs the layer was trained on. (On MNIST this matters: without the noise every
+        image has the same state over the leading black pixels, W_h h has no variance there,
+        and statistics gathered so give the first varying pixels a gain gamma / sqrt(var + eps)
+        that training never saw: a 3,500-step seqMNIST BN-LSTM read 91.6 % validation accuracy
+        re-estimated without the noise, 96.4 % with it, 95.2 % with batch statistics.)"""
         h0 = self.h0.expand(batch_size, -1)
         c0 = self.c0.expand(batch_size, -1)
-        if (self.training or self.h0_noise_in_eval) and self.h0_noise > 0:
+        if Statistics.of(self, stats).from_batch and self.h0_noise > 0:
             h0 = h0 + self.h0_noise * torch.randn_like(h0)
         return h0, c0
 
-    def forward(self, x: torch.Tensor, state: State | None = None, t0: int = 0) -> tuple[torch.Tensor, State]:
+    def forward(self, x: torch.Tensor, state: State | None = None, t0: int = 0,
+                stats: Statistics | None = None) -> tuple[torch.Tensor, State]:
         """Run the layer over a sequence.
 
         Args:
@@ -171,12 +174,16 @@ class BNLSTM(nn.Module):
             state: (h, c), each (B, H), or None for the learned initial state.
             t0: time index of x[0], for the per-step statistics when a long sequence is
                 processed in consecutive chunks with the state carried over.
+            stats: the statistics the norms use (:class:`~bnrnn.nn.norms.Statistics`);
+                None: batch statistics folded into the population in ``train()``, the
+                population in ``eval()``.
         Returns:
             output (T, B, H) of all hidden states, and the final (h_T, c_T).
         """
-        return backends.run(self, x, state, t0)
+        return backends.run(self, x, state, t0, Statistics.of(self, stats))
 
-    def forward_in_chunks(self, x: torch.Tensor, chunk: int, state: State | None = None) -> State:
+    def forward_in_chunks(self, x: torch.Tensor, chunk: int, state: State | None = None,
+                          stats: Statistics | None = None) -> State:
         """Run over ``x`` (T, B, I) in consecutive pieces of ``chunk`` steps, the state carried
         over, and return only the final (h_T, c_T).
 
@@ -187,9 +194,9 @@ class BNLSTM(nn.Module):
         take about 11 GB.
         """
         for t0 in range(0, x.shape[0], chunk):
-            _, state = self(x[t0:t0 + chunk], state, t0)
+            _, state = self(x[t0:t0 + chunk], state, t0, stats)
         if state is None:
-            state = self.initial_state(x.shape[1])
+            state = self.initial_state(x.shape[1], stats)
         return state
 
     def norm_tensors(self) -> tuple[tuple, torch.Tensor | None, tuple[float, float, float]]:
@@ -201,16 +208,14 @@ class BNLSTM(nn.Module):
         return gammas, (self.bn_c.bias if self.bn_c is not None else None), eps
 
     @staticmethod
-    def fold_into_population(stats: dict[str, torch.Tensor], t0: int, *terms: tuple[str, TimeBatchNorm | None]) -> None:
-        """Fold a sequence's batch statistics (``mean_<term>``, ``invstd_<term>``, each
-        (T, F)) into the population of each (term, norm) given (training mode), or show them
-        to its watch (evaluation with batch statistics, :meth:`TimeBatchNorm.watch_batch_variance`)."""
+    def fold_into_population(found: dict[str, torch.Tensor], t0: int, stats: Statistics,
+                             *terms: tuple[str, TimeBatchNorm | None]) -> None:
+        """What ``stats`` does with a sequence's batch statistics as a fast path returns them
+        (``mean_<term>``, ``invstd_<term>``, each (T, F)), for each (term, norm) given
+        (:meth:`TimeBatchNorm.fold`)."""
         for term, bn in terms:
-            if bn is None or not (bn.training or bn.batch_var_watch is not None):
+            if bn is None or stats is Statistics.POPULATION:
                 continue
-            mean, invstd = stats["mean_" + term].detach(), stats["invstd_" + term].detach()
+            mean, invstd = found["mean_" + term].detach(), found["invstd_" + term].detach()
             var = invstd.pow(-2).sub_(bn.eps).clamp_(min=0.0)  # the biased batch variance
-            if bn.training:
-                bn.update_running_stats(t0, mean, var)
-            else:  # evaluation with batch statistics
-                bn.watch_batch_variance(t0, var)
+            bn.fold(t0, mean, var, stats)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from bnrnn.nn.lstm import BNLSTM
+from bnrnn.nn.norms import Statistics
 
 States = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -84,20 +85,23 @@ class StackedLSTM(nn.Module):
     def extra_repr(self) -> str:
         return f"num_layers={self.num_layers}, bidirectional={self.bidirectional}"
 
-    def forward(self, x: torch.Tensor, state: States | None = None, t0: int = 0) -> tuple[torch.Tensor, States]:
+    def forward(self, x: torch.Tensor, state: States | None = None, t0: int = 0,
+                stats: Statistics | None = None) -> tuple[torch.Tensor, States]:
         """Run every layer over ``x`` (T, B, I).
 
         Args:
             state: one (h, c) per entry of :attr:`layers` (each (B, H)), or None for the
                 learned initial states; with a reverse direction only None.
             t0: the time index of x[0] (0 with a reverse direction).
+            stats: the statistics of every norm (:class:`~bnrnn.nn.norms.Statistics`; None:
+                the train() / eval() convention).
         Returns:
             the last layer's outputs (T, B, D * H) and the final (h, c) of every layer and
             direction (the reverse direction's after reading x[0]).
         """
         if self.bidirectional and (state is not None or t0 != 0):
             raise ValueError("a bidirectional layer reads the whole sequence: no carried-in state or time offset")
-        return self.through_layers(x, state, lambda rnn, seq, carried: rnn(seq, carried, t0))
+        return self.through_layers(x, state, lambda rnn, seq, carried: rnn(seq, carried, t0, stats))
 
     def through_layers(self, x: torch.Tensor, state: States | None, run) -> tuple[torch.Tensor, States]:
         """Every layer and direction over ``x`` (T, B, I), each by ``run(rnn, seq, carried)`` ->
@@ -127,13 +131,14 @@ class StackedLSTM(nn.Module):
         last = state[-self.num_directions:]
         return last[0][0] if len(last) == 1 else torch.cat([h for h, _ in last], dim=1)
 
-    def forward_in_chunks(self, x: torch.Tensor, chunk: int, state: States | None = None) -> States:
+    def forward_in_chunks(self, x: torch.Tensor, chunk: int, state: States | None = None,
+                          stats: Statistics | None = None) -> States:
         """:meth:`forward`'s final states over ``x`` (T, B, I), holding (chunk, B, .) buffers
         of the recurrences at a time (see :meth:`BNLSTM.forward_in_chunks`); with a reverse
         direction each layer's whole output (T, B, D * H) is kept for the next layer."""
         if not self.bidirectional:
             for t0 in range(0, x.shape[0], chunk):
-                _, state = self(x[t0:t0 + chunk], state, t0)
+                _, state = self(x[t0:t0 + chunk], state, t0, stats)
             return state
         if state is not None:
             raise ValueError("a bidirectional layer reads the whole sequence: no carried-in state")
@@ -141,7 +146,7 @@ class StackedLSTM(nn.Module):
         def in_chunks(rnn: BNLSTM, seq: torch.Tensor, carried) -> tuple[torch.Tensor, tuple]:
             pieces = []
             for t0 in range(0, seq.shape[0], chunk):
-                out, carried = rnn(seq[t0:t0 + chunk], carried, t0)
+                out, carried = rnn(seq[t0:t0 + chunk], carried, t0, stats)
                 pieces.append(out)
             return torch.cat(pieces), carried
 

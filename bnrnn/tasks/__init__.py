@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from bnrnn.errors import ConfigError
+from bnrnn.nn.norms import Statistics
 
 
 class Task(Protocol):
@@ -27,8 +28,8 @@ class Task(Protocol):
 
     def training_batches(self, batch_size: int | None = None): ...
 
-    def statistics_pass(self, model: nn.Module, batch, device: torch.device) -> None:
-        """The forward that re-estimating population statistics runs."""
+    def statistics_pass(self, model: nn.Module, batch, device: torch.device, stats: Statistics) -> None:
+        """The forward over ``batch`` that gathers batch statistics with ``stats`` (re-estimation)."""
 
     def evaluate(self, model: nn.Module, split: str, device: torch.device, max_batches: int | None = None,
                  batch_stats: bool = False) -> dict[str, float]: ...

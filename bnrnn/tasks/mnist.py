@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -15,7 +14,7 @@ from bnrnn.data.mnist import NUM_CLASSES, SEQ_LEN, load_mnist, make_permutation,
 from bnrnn.errors import DataError
 from bnrnn.models import build_rnn
 from bnrnn.nn import SequenceClassifier
-from bnrnn.nn.population import batch_statistics
+from bnrnn.nn.norms import Statistics
 
 PERMUTATION_FILE = "permutation.pt"
 STATISTICS_CHUNK = 112  # steps per piece when re-estimating (784 = 7 x 112)
@@ -84,12 +83,12 @@ class MnistTask:
         accuracy = (logits.argmax(1) == y).float().mean()
         return loss, {"accuracy": accuracy}
 
-    def statistics_pass(self, model: nn.Module, batch, device: torch.device) -> None:
-        """The forward that re-estimating population statistics needs: the recurrent layer
+    def statistics_pass(self, model: nn.Module, batch, device: torch.device, stats: Statistics) -> None:
+        """The forward that gathers batch statistics (re-estimation): the recurrent layer
         alone, in pieces of STATISTICS_CHUNK steps (the same statistics as one pass, in a
         fraction of the memory at the authors' batches of 5000)."""
         x, _ = batch
-        model.rnn.forward_in_chunks(x.to(device), STATISTICS_CHUNK)
+        model.rnn.forward_in_chunks(x.to(device), STATISTICS_CHUNK, stats=stats)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str, device: torch.device, max_batches: int | None = None,
@@ -114,8 +113,7 @@ class MnistTask:
                     break
                 x, y = x[:, : limit - count], y[: limit - count]
             x, y = x.to(device), y.to(device)
-            with batch_statistics(model) if batch_stats else nullcontext():
-                logits = model(x)
+            logits = model(x, stats=Statistics.BATCH if batch_stats else None)
             loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
             correct += (logits.argmax(1) == y).sum().item()
             count += y.shape[0]

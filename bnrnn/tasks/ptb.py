@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -16,7 +15,7 @@ from bnrnn.data.streams import IGNORE, LengthBatches, StreamBatches, WindowBatch
 from bnrnn.errors import DataError
 from bnrnn.models import build_rnn
 from bnrnn.nn import CharLanguageModel
-from bnrnn.nn.population import batch_statistics
+from bnrnn.nn.norms import Statistics
 
 VOCAB_FILE = "vocab.json"
 LN2 = math.log(2.0)
@@ -82,10 +81,10 @@ class PtbTask:
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         return loss, {"bpc": loss.detach() / LN2}
 
-    def statistics_pass(self, model: nn.Module, batch, device: torch.device) -> None:
-        """The forward that re-estimating population statistics needs (windows are short)."""
+    def statistics_pass(self, model: nn.Module, batch, device: torch.device, stats: Statistics) -> None:
+        """The forward that gathers batch statistics (re-estimation; windows are short)."""
         inputs, _ = batch
-        model(inputs.to(device))
+        model(inputs.to(device), stats=stats)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str, device: torch.device, max_batches: int | None = None,
@@ -101,8 +100,7 @@ class PtbTask:
         for index, (inputs, targets, t0) in enumerate(self.splits[split].iterate()):
             if max_batches is not None and index >= max_batches:
                 break
-            with batch_statistics(model) if batch_stats else nullcontext():
-                logits, state = model(inputs.to(device), state, t0)
+            logits, state = model(inputs.to(device), state, t0, stats=Statistics.BATCH if batch_stats else None)
             targets = targets.to(device)
             nats += summed_nats(logits, targets)
             count += int((targets != IGNORE).sum())
@@ -121,12 +119,9 @@ class PtbTask:
             row = {"length": length, "sequences": len(batches) * batches.batch_size}
             for mode in ("population", "batch"):
                 nats, count = 0.0, 0
+                stats = Statistics.BATCH if mode == "batch" else Statistics.POPULATION
                 for inputs, targets in batches.iterate():
-                    if mode == "batch":
-                        with batch_statistics(model):
-                            logits, _ = model(inputs.to(device))
-                    else:
-                        logits, _ = model(inputs.to(device))
+                    logits, _ = model(inputs.to(device), stats=stats)
                     nats += summed_nats(logits, targets.to(device))
                     count += targets.numel()
                 row[f"bpc_{mode}"] = nats / count / LN2
