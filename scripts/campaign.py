@@ -5,6 +5,7 @@ background from a git worktree pinned to one commit, in segments that outlive th
     scripts/campaign.py status                       # where each run stands
     scripts/campaign.py start seqmnist-bnlstm ...    # start runs (none may exist yet)
     scripts/campaign.py resume --max-time 2h45m      # continue every unfinished run that is not live
+    scripts/campaign.py stop seqmnist-lstm           # pause a run (SIGTERM: it checkpoints and exits)
     scripts/campaign.py publish                      # copy the records git keeps (see below)
 
 Runs live in runs/paper/<name>/ of this checkout. Each run goes on from the commit its
@@ -35,6 +36,10 @@ DATA = Path(os.environ.get("BNRNN_SHARED_DATA", REPO.parent / "shared" / "data")
 CAMPAIGN = {
     "seqmnist-bnlstm": ["experiment=paper_seqmnist", "model=bnlstm"],
     "seqmnist-lstm": ["experiment=paper_seqmnist", "model=lstm"],
+    # The arm for the preset's gradient explosion (runs/paper/README.md): the authors' RMSProp
+    # (decay 0.5, no momentum) in place of the paper text's (momentum 0.9, decay 0.99).
+    "seqmnist-bnlstm-rmsprop_authors": ["experiment=paper_seqmnist", "model=bnlstm", "trainer=rmsprop_authors"],
+    "seqmnist-lstm-rmsprop_authors": ["experiment=paper_seqmnist", "model=lstm", "trainer=rmsprop_authors"],
     "pmnist-bnlstm": ["experiment=paper_pmnist", "model=bnlstm"],
     "pmnist-lstm": ["experiment=paper_pmnist", "model=lstm"],
     "ptb256-bnlstm": ["experiment=paper_ptb", "model=bnlstm", "model.hidden_size=256"],
@@ -107,10 +112,11 @@ def status(_: argparse.Namespace) -> int:
         print(f"no runs under {RUNS}")
         return 0
     columns = ("run", "state", "step", "hours", "valid", "best", "overhead", "commit")
-    print("  ".join(f"{c:>16}" if i else f"{c:<16}" for i, c in enumerate(columns)))
+    width = max(len(run.name) for run in runs)
+    print("  ".join(f"{c:>9}" if i else f"{c:<{width}}" for i, c in enumerate(columns)))
     for run in runs:
         row = describe(run)
-        print("  ".join(f"{str(row[c]):>16}" if i else f"{row[c]:<16}" for i, c in enumerate(columns)))
+        print("  ".join(f"{str(row[c]):>9}" if i else f"{row[c]:<{width}}" for i, c in enumerate(columns)))
     return 0
 
 
@@ -164,6 +170,8 @@ def start(args: argparse.Namespace) -> int:
 
 def resume(args: argparse.Namespace) -> int:
     runs = sorted(p for p in RUNS.iterdir() if p.is_dir()) if RUNS.exists() else []
+    if args.names:
+        runs = [run for run in runs if run.name in args.names]
     for run in runs:
         row = describe(run)
         if row["state"] in ("live", "finished") or not (run / "checkpoints" / "last.pt").exists():
@@ -174,6 +182,23 @@ def resume(args: argparse.Namespace) -> int:
             print(f"{run.name}: its history names no commit; pass --commit", file=sys.stderr)
             return 2
         launch(run.name, worktree(commit), ["trainer.resume=true", *budget(args), *args.overrides])
+    return 0
+
+
+def stop(args: argparse.Namespace) -> int:
+    """SIGTERM to each named live run: it finishes its step, checkpoints and exits."""
+    import signal
+
+    for name in args.names:
+        try:
+            pid = json.loads((RUNS / name / ".lock").read_text())["pid"]
+        except (OSError, ValueError, KeyError):
+            pid = None
+        if pid is None or not is_live(RUNS / name):
+            print(f"{name}: not running")
+            continue
+        os.kill(pid, signal.SIGTERM)
+        print(f"{name}: SIGTERM to pid {pid}")
     return 0
 
 
@@ -199,8 +224,12 @@ def main() -> int:
     p = sub.add_parser("resume", help="continue every unfinished run that no process holds")
     p.add_argument("--commit", help="move the runs to this commit (default: the commit each last ran)")
     p.add_argument("--max-time", help="trainer.max_time of this segment, e.g. 2h45m")
+    p.add_argument("--only", dest="names", nargs="+", metavar="NAME", help="these runs alone")
     p.add_argument("overrides", nargs="*", help="changes for every run resumed (recorded in its history)")
     p.set_defaults(func=resume)
+    p = sub.add_parser("stop", help="pause live runs (they checkpoint and exit)")
+    p.add_argument("names", nargs="+", metavar="NAME")
+    p.set_defaults(func=stop)
     sub.add_parser("publish", help="stage the runs' records for a commit").set_defaults(func=publish)
     args = parser.parse_args()
     return args.func(args)
