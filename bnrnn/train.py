@@ -28,6 +28,7 @@ from bnrnn.config import load_config
 from bnrnn.device import resolve_device
 from bnrnn.diagnostics import divergence_report
 from bnrnn.durations import format_duration, parse_duration
+from bnrnn.explosion import ExplosionWatch
 from bnrnn.errors import BnrnnError, CheckpointError, ConfigError, first_line
 from bnrnn.nn.stack import norm_name
 from bnrnn.preemption import Preempted, StopRequest
@@ -313,6 +314,7 @@ class Run:
         self.params = list(model.parameters())
         self.clip = self.tcfg.clip_norm if self.tcfg.clip_norm is not None else math.inf
         self.deadline: float | None = None  # time.monotonic() past which the run stops (trainer.max_time)
+        self.explosion = ExplosionWatch(cooldown=self.tcfg.eval_every)
 
     def close(self) -> None:
         self.bar.close()
@@ -415,6 +417,19 @@ class Run:
                             f"{self.last_checkpoint_note()}; continue with the same command plus "
                             f"hydra.run.dir={self.out_dir} trainer.resume=true", signal.SIGINT) from None
 
+    def warn_if_exploding(self, step: int, norm: float) -> None:
+        """A warning, and an ``exploding`` record in history.jsonl, when the gradient norm jumps
+        far above its recent median while staying finite (:mod:`bnrnn.explosion`)."""
+        median = self.explosion.check(step, norm)
+        if median is None:
+            return
+        best = f"the best checkpoint is step {self.state.best_step}" if self.state.best_step else "no best checkpoint yet"
+        log.warning("step %d: the gradient norm is %.3g, %.0fx its recent median %.3g: the training is exploding "
+                    "(clipping bounds each update, but its direction is the exploding part's); %s; "
+                    "scripts/gradient_by_step.py shows where it comes from", step, norm, norm / median, median, best)
+        record_event(self.out_dir, "exploding", step, grad_norm=norm, recent_median=median,
+                     best_step=self.state.best_step)
+
     def out_of_time(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline
 
@@ -463,6 +478,7 @@ class Run:
                 )
             return
         self.bad_steps = 0
+        self.warn_if_exploding(state.step + 1, grad_norm.item())
         self.optimizer.step()
         state.step += 1
         self.bar.update(1)
