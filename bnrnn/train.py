@@ -445,10 +445,8 @@ class Run:
         reason = (f"trainer.max_time={self.tcfg.max_time} reached after {format_duration(self.logger.elapsed)} of "
                   f"training in all: stopped at step {state.step} of {self.max_steps}")
         log.info("%s; checkpoint written to %s; continue with: %s", reason, self.ckpt_dir / LAST, resume_with)
-        metric, _ = self.task.selection
-        return {"task": self.cfg.task.name, "model": self.cfg.model.name, "steps": state.step,
-                "best_step": state.best_step, f"valid_{metric}": state.best_metric, "stopped": "max_time",
-                "reason": reason, "resume_with": resume_with}
+        return {**progress_results(self.cfg, self.task, state), "stopped": "max_time", "reason": reason,
+                "resume_with": resume_with}
 
     def guarded_step(self, batch) -> None:
         """One optimiser step on ``batch``, skipped (with diagnostics) if its loss or gradient is
@@ -478,11 +476,12 @@ class Run:
                 )
             return
         self.bad_steps = 0
-        self.warn_if_exploding(state.step + 1, grad_norm.item())
+        norm = grad_norm.item()  # one device sync serves the watch and the log
+        self.warn_if_exploding(state.step + 1, norm)
         self.optimizer.step()
         state.step += 1
         self.bar.update(1)
-        values = {"loss": loss.item(), "grad_norm": grad_norm.item()}
+        values = {"loss": loss.item(), "grad_norm": norm}
         values.update({k: float(v) for k, v in batch_metrics.items()})
         state.add_to_window(values)
         if state.step % tcfg.log_every == 0 or state.step == self.max_steps:
@@ -549,14 +548,21 @@ def modes_note(scores: dict[str, dict[str, Any]], chosen: str, metric: str) -> s
     return f"; {DESCRIPTIONS[chosen]}" + (f"; {others}" if others else "")
 
 
+def progress_results(cfg, task, state: Progress) -> dict[str, Any]:
+    """What a run's results say of its training so far: task, model, steps, and the best
+    validation number with its step."""
+    metric, _ = task.selection
+    return {"task": cfg.task.name, "model": cfg.model.name, "steps": state.step, "best_step": state.best_step,
+            f"valid_{metric}": state.best_metric}
+
+
 def finish(cfg, task, model, device, ckpt_dir: Path, state: Progress, logger: RunLogger,
            stop: StopRequest) -> dict[str, Any]:
     """Test the best checkpoint (by validation) and write results.json; a stop signal during
     the test (``stop``, in its at-once mode) leaves no results.json."""
     metric, _ = task.selection
     results: dict[str, Any] = {
-        "task": cfg.task.name, "model": cfg.model.name, "steps": state.step,
-        "best_step": state.best_step, f"valid_{metric}": state.best_metric, "select_on": cfg.trainer.select_on,
+        **progress_results(cfg, task, state), "select_on": cfg.trainer.select_on,
         "elapsed": round(logger.elapsed, 1), "validation_seconds": round(state.valid_seconds, 1),
         "validation_overhead": round(validation_overhead(logger.elapsed, state.valid_seconds), 4),
     }
