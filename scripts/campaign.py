@@ -6,7 +6,8 @@ background from a git worktree pinned to one commit, in segments that outlive th
     scripts/campaign.py start seqmnist-bnlstm ...    # start runs (none may exist yet)
     scripts/campaign.py resume --max-time 2h45m      # continue every unfinished run that is not live
     scripts/campaign.py stop seqmnist-lstm           # pause a run (SIGTERM: it checkpoints and exits)
-    scripts/campaign.py publish                      # copy the records git keeps (see below)
+    scripts/campaign.py restart seqmnist-lstm        # from step 0, where its checkpoint was lost
+    scripts/campaign.py publish                      # stage the records and carry.pt for git (see below)
 
 Runs live in runs/paper/<name>/ of this checkout. Each run goes on from the commit its
 last segment ran (history.jsonl's "code"), in the worktree ../campaign/<commit> with its
@@ -107,7 +108,7 @@ def describe(run: Path) -> dict:
 
 
 def status(_: argparse.Namespace) -> int:
-    runs = sorted(p for p in RUNS.iterdir() if p.is_dir()) if RUNS.exists() else []
+    runs = campaign_runs()
     if not runs:
         print(f"no runs under {RUNS}")
         return 0
@@ -169,19 +170,68 @@ def start(args: argparse.Namespace) -> int:
 
 
 def resume(args: argparse.Namespace) -> int:
-    runs = sorted(p for p in RUNS.iterdir() if p.is_dir()) if RUNS.exists() else []
+    runs = campaign_runs()
     if args.names:
         runs = [run for run in runs if run.name in args.names]
     for run in runs:
         row = describe(run)
-        if row["state"] in ("live", "finished") or not (run / "checkpoints" / "last.pt").exists():
+        checkpoint, carried = run / "checkpoints" / "last.pt", run / "carry.pt"
+        if row["state"] in ("live", "finished") or not (checkpoint.exists() or carried.exists()):
             print(f"{run.name}: {row['state']} at step {row['step']}; left as it is")
             continue
         commit = args.commit or last_commit(run)
         if commit is None:
             print(f"{run.name}: its history names no commit; pass --commit", file=sys.stderr)
             return 2
-        launch(run.name, worktree(commit), ["trainer.resume=true", *budget(args), *args.overrides])
+        tree = worktree(commit)
+        if not checkpoint.exists():
+            carry(tree, "unpack", run)  # a new machine: git kept carry.pt (scripts/carry.py)
+        launch(run.name, tree, ["trainer.resume=true", *budget(args), *args.overrides])
+    return 0
+
+
+def campaign_runs() -> list[Path]:
+    """The run folders under runs/paper/, without lost/ (the records of attempts whose
+    checkpoints a lost machine took; nothing there can go on)."""
+    if not RUNS.exists():
+        return []
+    return sorted(p for p in RUNS.iterdir() if p.is_dir() and p.name != "lost")
+
+
+def attempt_stamp(run: Path) -> str:
+    """YYYYmmdd-HHMM of the run's first history record: when this attempt started (a fresh
+    checkout's file times are the checkout's, not the run's)."""
+    records = read_jsonl(run / "history.jsonl")
+    when = records[0].get("time", "") if records else ""
+    if len(when) >= 16:
+        return when[:10].replace("-", "") + "-" + when[11:16].replace(":", "")
+    return time.strftime("%Y%m%d-%H%M")
+
+
+def restart(args: argparse.Namespace) -> int:
+    """Start again from step 0 a run whose checkpoint is gone (a lost machine, and no carry.pt
+    in git to rebuild it from). The lost attempt's records move, whole, to
+    runs/paper/lost/<name>-<its start time>/, where TensorBoard still shows them."""
+    for name in args.names:
+        run = RUNS / name
+        if name not in CAMPAIGN or not run.exists():
+            print(f"{name}: no such run; start it instead", file=sys.stderr)
+            return 2
+        row = describe(run)
+        if row["state"] in ("live", "finished") or any(run.joinpath(p).exists() for p in ("checkpoints/last.pt",
+                                                                                         "carry.pt")):
+            print(f"{name}: {row['state']} at step {row['step']}, with its checkpoint; resume it instead",
+                  file=sys.stderr)
+            return 2
+    tree = worktree(args.commit)
+    for name in args.names:
+        run = RUNS / name
+        stamp = attempt_stamp(run)
+        lost = RUNS / "lost" / f"{name}-{stamp}"
+        lost.parent.mkdir(parents=True, exist_ok=True)
+        run.rename(lost)
+        print(f"{name}: the lost attempt (step {describe(lost)['step']}) moved to {lost.relative_to(REPO)}")
+        launch(name, tree, [*CAMPAIGN[name], *COMMON, f"data.root={DATA}", *budget(args)])
     return 0
 
 
@@ -202,11 +252,22 @@ def stop(args: argparse.Namespace) -> int:
     return 0
 
 
-# What git keeps of each run (.gitignore keeps the rest out): the records, not the checkpoints.
+def carry(tree: Path, action: str, run: Path) -> None:
+    """scripts/carry.py ``action`` (pack or unpack) on ``run``, with the Python of the worktree
+    that runs it, so that the model it builds is the run's code's."""
+    subprocess.run([str(tree / ".venv" / "bin" / "python"), str(REPO / "scripts" / "carry.py"), action, str(run)],
+                   check=True)
+
+
+# What git keeps of each run (.gitignore keeps the rest out): the records and carry.pt, not
+# checkpoints/ (each session's machine is new: carry.pt is how a run reaches the next one).
 def publish(_: argparse.Namespace) -> int:
-    for run in sorted(p for p in RUNS.iterdir() if p.is_dir()):
+    for run in campaign_runs():
         row = describe(run)
         print(f"{run.name}: step {row['step']}, {row['state']}")
+        commit = last_commit(run)
+        if commit and (run / "checkpoints" / "last.pt").exists():  # live or not (see carry.consistent_pair)
+            carry(worktree(commit), "pack", run)
     subprocess.run(["git", "-C", str(REPO), "add", "--", str(RUNS)], check=True)
     subprocess.run(["git", "-C", str(REPO), "status", "--short", "--", str(RUNS)], check=True)
     return 0
@@ -227,6 +288,11 @@ def main() -> int:
     p.add_argument("--only", dest="names", nargs="+", metavar="NAME", help="these runs alone")
     p.add_argument("overrides", nargs="*", help="changes for every run resumed (recorded in its history)")
     p.set_defaults(func=resume)
+    p = sub.add_parser("restart", help="start again from step 0 runs whose checkpoint was lost")
+    p.add_argument("names", nargs="+", choices=sorted(CAMPAIGN), metavar="NAME")
+    p.add_argument("--commit", default="HEAD", help="the commit to pin (default: this checkout's HEAD)")
+    p.add_argument("--max-time", help="trainer.max_time of this segment, e.g. 2h45m")
+    p.set_defaults(func=restart)
     p = sub.add_parser("stop", help="pause live runs (they checkpoint and exit)")
     p.add_argument("names", nargs="+", metavar="NAME")
     p.set_defaults(func=stop)
