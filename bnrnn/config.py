@@ -155,7 +155,14 @@ POSITIVE_OR_NULL = (
     "trainer.eval_batches", "trainer.checkpoint_every", "trainer.valid_stats_every", "trainer.reestimate_batches",
     "trainer.reestimate_batch_size", "trainer.clip_norm", "task.train_limit",
 )
-NON_NEGATIVE = ("seed", "model.h0_noise", "trainer.weight_decay", "trainer.momentum")
+NON_NEGATIVE = ("seed", "task.permutation_seed", "model.h0_noise", "trainer.weight_decay", "trainer.momentum")
+# What each task's name stands for: the keys that make it that task (conf/task/*.yaml), which
+# an override must not turn into another task while the name (and every table) says this one.
+TASK_IDENTITY = {
+    "seqmnist": {"task.kind": "mnist", "task.permute": False},
+    "pmnist": {"task.kind": "mnist", "task.permute": True},
+    "ptb": {"task.kind": "ptb"},
+}
 # The seed also seeds each epoch's data order as seed * 1_000_003 + epoch, a 64-bit integer.
 MAX_SEED = 2**32 - 1
 UNIT_INTERVAL = ("model.momentum",)  # (0, 1]
@@ -192,6 +199,14 @@ def validate(cfg: DictConfig) -> None:
     for key in UNIT_INTERVAL:
         if not 0 < get(key) <= 1:
             bad(key, "in (0, 1]")
+    for key, value in TASK_IDENTITY.get(get("task.name"), {}).items():
+        if get(key) != value:
+            shown = str(value).lower() if isinstance(value, bool) else value
+            bad(key, f"{shown} for task.name={get('task.name')} (choose another task with task=..., which sets "
+                     f"both)")
+    if not get("trainer.momentum") < 1:
+        bad("trainer.momentum", "in [0, 1) (a momentum of 1 or more never forgets a gradient: the steps grow "
+                                "without bound)")
     if not 0 < get("trainer.rmsprop_alpha") < 1:
         bad("trainer.rmsprop_alpha", "in (0, 1)")
     betas = get("trainer.betas")

@@ -69,15 +69,20 @@ def flat(cfg: DictConfig) -> dict[str, Any]:
     return out
 
 
-def read_saved_config(run_dir: Path) -> DictConfig | None:
-    """The run's config.yaml, typed; None if absent; ConfigError naming the file if unusable."""
+def read_saved_config(run_dir: Path, under: DictConfig | None = None) -> DictConfig | None:
+    """The run's config.yaml, typed; None if absent; ConfigError naming the file if unusable.
+
+    A key the file lacks (an older version wrote it, or a hand edit removed it) takes its
+    value from ``under`` (the checkpoint's config: what the run ran with), not from today's
+    defaults; only a key neither has gets the default."""
     path = run_dir / CONFIG_FILE
     if not path.exists():
         return None
     remedy = "fix it, or delete it to resume with the settings saved in the checkpoint"
     loaded = read_saved_settings(path, remedy)
     try:
-        return typed_config(loaded)
+        # merged untyped, so that a bad value in the file is typed_config's one sentence
+        return typed_config(loaded if under is None else OmegaConf.merge(OmegaConf.to_container(under), loaded))
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}; {remedy}") from exc
 
@@ -134,7 +139,7 @@ def resume_config(requested: DictConfig, run_dir: Path, checkpoint_config: dict,
     if overrides is None:
         effective, given = requested, None
     else:
-        saved = read_saved_config(run_dir) or at_checkpoint
+        saved = read_saved_config(run_dir, under=at_checkpoint) or at_checkpoint
         given = keys_given(overrides, saved_choices)
         effective = apply_given(saved, requested, given)
     effective = load_config(effective)

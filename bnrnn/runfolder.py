@@ -7,8 +7,12 @@ creates or writes anything (for every job of a sweep before the first one starts
 - a folder that cannot be made or written (a file in the way, no permission);
 - a folder another live process is writing to (:mod:`bnrnn.runlock`);
 - a folder that already holds a run, unless ``trainer.resume=true``;
-- a resume with no checkpoint, an unreadable ``last.pt`` or ``best.pt``, or a refused
-  change of settings (:mod:`bnrnn.resume`).
+- a resume with an unreadable ``last.pt`` or ``best.pt``, or a refused change of settings
+  (:mod:`bnrnn.resume`).
+
+A run that stopped before its first checkpoint has nothing to lose: the same command, a
+resume or a scheduler's requeue starts it again from step 0, and says so. A resume into a
+folder that holds no run at all (a sweep's job that never started) starts it too.
 
 Each launch and each end is appended to ``history.jsonl``: what ran, from which step, with
 which accepted changes, and how it ended.
@@ -47,6 +51,7 @@ class RunPlan:
     resume: bool
     changes: dict[str, list] = field(default_factory=dict)
     best_missing: bool = False  # resuming a run whose best.pt has gone: the best restarts
+    restart: str | None = None  # why a folder's records are begun again from step 0 (no checkpoint to go on from)
     checkpoint: dict[str, Any] | None = None  # last.pt's contents (CPU tensors), read once for a resume
 
 
@@ -115,13 +120,24 @@ def plan_run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None)
                 f"{run_dir} already holds a finished run; pass trainer.resume=true with a larger trainer.max_steps to "
                 f"extend it, or choose another hydra.run.dir"
             )
-        if holds_run(run_dir):
-            hint = "" if last.exists() else " (it stopped before its first checkpoint: delete the folder to start it again)"
-            raise ConfigError(f"{run_dir} already holds a run{hint}; pass trainer.resume=true to continue it, "
+        if holds_run(run_dir) and last.exists():
+            raise ConfigError(f"{run_dir} already holds a run; pass trainer.resume=true to continue it, "
                               f"or choose another hydra.run.dir")
-        return RunPlan(cfg, resume=False)
-    if not last.exists():
-        raise CheckpointError(f"trainer.resume=true but {last} does not exist; nothing to resume")
+    elif last.exists():
+        return plan_resume(cfg, run_dir, overrides)
+    elif (run_dir / RESULTS_FILE).exists():
+        raise CheckpointError(f"{run_dir} holds a finished run but no {LAST}; nothing to resume from")
+    if holds_run(run_dir):
+        return RunPlan(cfg, resume=False, restart=f"{run_dir} stopped before its first checkpoint, so nothing of it "
+                                                  f"can go on: starting it again from step 0")
+    if resume:
+        return RunPlan(cfg, resume=False, restart=f"{run_dir} holds no run to resume: starting a new one")
+    return RunPlan(cfg, resume=False)
+
+
+def plan_resume(cfg: DictConfig, run_dir: Path, overrides: list[str] | None) -> RunPlan:
+    """The plan of a resume from ``run_dir/checkpoints/last.pt`` (which exists)."""
+    last = run_dir / "checkpoints" / LAST
     # Imported here: torch takes seconds to import, and a launch refused above should not wait for it.
     from bnrnn.checkpoint import load_checkpoint
 
@@ -131,7 +147,20 @@ def plan_run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None)
         check_best(best)
     effective, changes = resume_config(cfg, run_dir, payload.get("config", {}), overrides, saved_choices(run_dir))
     best_missing = payload["progress"].get("best_step") is not None and not best.exists()
+    if best_missing:
+        check_steps_left(effective.trainer.max_steps, payload["progress"]["step"], best)
     return RunPlan(effective, resume=True, changes=changes, best_missing=best_missing, checkpoint=payload)
+
+
+def check_steps_left(max_steps: int | None, step: int, best: Path) -> None:
+    """A run whose best checkpoint has gone chooses another from its next validation; a run
+    with no step left would have none, and would end with no best and no test (CheckpointError).
+    (``max_steps`` None: a length in epochs, checked once the data is loaded.)"""
+    if max_steps is not None and step >= max_steps:
+        raise CheckpointError(
+            f"{best} is missing and the run has trained all its {max_steps} steps, so no validation is left to "
+            f"choose another best checkpoint; put best.pt back, or pass a larger trainer.max_steps to train on"
+        )
 
 
 def saved_choices(run_dir: Path) -> dict[str, str]:

@@ -33,7 +33,7 @@ from bnrnn.errors import BnrnnError, CheckpointError, ConfigError, first_line
 from bnrnn.nn.stack import norm_name
 from bnrnn.preemption import Preempted, StopRequest
 from bnrnn.provenance import code_version
-from bnrnn.runfolder import (BEST, LAST, RunPlan, make_writable_folder, plan_run, record_event, requeued,
+from bnrnn.runfolder import (BEST, LAST, RunPlan, check_steps_left, make_writable_folder, plan_run, record_event, requeued,
                              resume_command)
 from bnrnn.runlock import RunLock, command_line
 from bnrnn.runlog import RunLogger
@@ -229,7 +229,8 @@ def train(cfg: DictConfig | dict, out_dir: str | Path, launch: Launch | None = N
                             signal.SIGINT) from None
         raise
     record_event(out_dir, "resume" if plan.resume else "start", run.state.step, command=command_line(),
-                 changes=plan.changes, choices=launch.choices, code=code_version())
+                 changes=plan.changes, choices=launch.choices, code=code_version(),
+                 **({"restarted": plan.restart} if plan.restart else {}))
     if plan.config.trainer.max_time is not None:
         run.deadline = launch.began + parse_duration(plan.config.trainer.max_time)
     try:
@@ -262,6 +263,8 @@ def start(plan: RunPlan, out_dir: Path) -> Run:
     optimizer = build_optimizer(tcfg, model.parameters())
     state = Progress()
     ckpt_dir = out_dir / "checkpoints"
+    if plan.restart:
+        log.warning("%s", plan.restart)
     if plan.resume:
         if requeued() and not tcfg.resume:
             log.info("requeued by the scheduler (SLURM_RESTART_COUNT=%s): resuming from %s",
@@ -270,10 +273,12 @@ def start(plan: RunPlan, out_dir: Path) -> Run:
         changed = "; ".join(f"{key} {old} -> {new}" for key, (old, new) in plan.changes.items())
         log.info("resumed %s at step %d%s", out_dir, state.step, f" with {changed}" if changed else "")
         if plan.best_missing:
+            check_steps_left(tcfg.max_steps or tcfg.max_epochs * len(task.train), state.step, ckpt_dir / BEST)
             log.warning("%s is missing: the best checkpoint is chosen again from the next validation", ckpt_dir / BEST)
             state.best_metric = state.best_step = None
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    return Run(cfg, out_dir, task, model, optimizer, device, state, resumed=plan.resume)
+    return Run(cfg, out_dir, task, model, optimizer, device, state, resumed=plan.resume,
+               restarted=bool(plan.restart))
 
 
 def build_model(task, cfg: DictConfig, device: torch.device) -> nn.Module:
@@ -294,7 +299,9 @@ class Run:
     """One run being trained: the loop, validation, checkpoints and the final test."""
 
     def __init__(self, cfg: DictConfig, out_dir: Path, task, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 device: torch.device, state: Progress, resumed: bool) -> None:
+                 device: torch.device, state: Progress, resumed: bool, restarted: bool = False) -> None:
+        """``restarted``: the folder holds the records of an attempt that never checkpointed,
+        which this one replaces (from step 1 on, as a resume replaces those past its step)."""
         self.cfg, self.tcfg, self.out_dir = cfg, cfg.trainer, out_dir
         self.task, self.model, self.optimizer, self.device, self.state = task, model, optimizer, device, state
         self.ckpt_dir = out_dir / "checkpoints"
@@ -302,7 +309,8 @@ class Run:
         self.steps_per_epoch = len(task.train)
         self.max_steps = self.tcfg.max_steps or self.tcfg.max_epochs * self.steps_per_epoch
         self.saved_step = state.step if resumed else None  # the step of checkpoints/last.pt
-        self.logger = RunLogger(out_dir, purge_step=state.step + 1 if resumed else None, elapsed_offset=state.elapsed)
+        self.logger = RunLogger(out_dir, purge_step=state.step + 1 if resumed or restarted else None,
+                                elapsed_offset=state.elapsed)
         self.logger.overlay_statistics_modes(self.metric)
         n_params = sum(p.numel() for p in model.parameters())
         log.info("%s / %s: %d parameters, %d steps (%d per epoch) on %s -> %s", task.name, cfg.model.name, n_params,

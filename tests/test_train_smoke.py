@@ -75,8 +75,10 @@ def test_an_existing_run_is_not_overwritten_without_resume(small_mnist_cfg, tmp_
     assert (tmp_path / "checkpoints/last.pt").read_bytes() == before
 
 
-def test_resume_without_a_checkpoint_says_so(small_mnist_cfg, tmp_path):
-    with pytest.raises(CheckpointError, match="nothing to resume"):
+def test_resume_of_a_finished_run_without_its_checkpoint_says_so(small_mnist_cfg, tmp_path):
+    train(small_mnist_cfg("trainer.max_steps=1", "trainer.test_at_end=false"), tmp_path)
+    (tmp_path / "checkpoints" / "last.pt").unlink()
+    with pytest.raises(CheckpointError, match="holds a finished run but no last.pt; nothing to resume"):
         train(small_mnist_cfg("trainer.resume=true"), tmp_path)
 
 

@@ -112,6 +112,17 @@ def no_checkpoint(where: Where) -> None:
     shutil.rmtree(where.run / "checkpoints")
 
 
+def without_best(where: Where) -> None:
+    """A finished run (trained with no test) whose best.pt the user deleted."""
+    finished(where)
+    (where.run / "checkpoints" / "best.pt").unlink()
+
+
+def without_last(where: Where) -> None:
+    finished(where)
+    (where.run / "checkpoints" / "last.pt").unlink()
+
+
 def held(where: Where):
     """A live process (this test) is writing to the run."""
     from bnrnn.runlock import RunLock
@@ -170,8 +181,12 @@ CASES = [
     # -- a launch into a run folder that is taken: refused, the run's record untouched
     Case("finished run, no resume", NEW, 2, r"already holds a finished run; pass trainer.resume=true",
          finished, untouched=("run",)),
-    Case("run stopped before its first checkpoint", NEW, 2, r"stopped before its first checkpoint",
-         no_checkpoint, untouched=("run",)),
+    Case("finished run whose best.pt was deleted, resumed for its test",
+         [*RESUME, "trainer.test_at_end=true"], 2,
+         r"best.pt is missing and the run has trained all its 4 steps, so no validation is left to choose another "
+         r"best checkpoint; put best.pt back, or pass a larger trainer.max_steps", without_best, untouched=("run",)),
+    Case("finished run with no last.pt, resumed", RESUME, 2, r"holds a finished run but no last.pt; nothing to resume",
+         without_last, untouched=("run",)),
     Case("second writer", NEW, 2, r"another bnrnn process is writing to .*\(pid \d+ on ", held, untouched=("run",)),
     Case("second writer, resuming", RESUME, 2, r"another bnrnn process is writing to", held, untouched=("run",)),
     # -- a resume that would change what the checkpoint means: refused, naming the key and why
@@ -198,8 +213,6 @@ CASES = [
          r"best.pt is not a readable checkpoint .*; delete it to resume", truncated("best.pt"), untouched=("run",)),
     Case("resume, truncated last.pt", RESUME, 2, r"last.pt is not a readable checkpoint", truncated("last.pt"),
          untouched=("run",)),
-    Case("resume, no checkpoint", RESUME, 2, r"trainer.resume=true but .*last.pt does not exist", no_checkpoint,
-         untouched=("run",)),
     # -- errors found before the work, leaving nothing behind
     Case("test label out of range", NEW, 2, r"t10k-labels-idx1-ubyte.gz holds label 12 at index 17 .*labels are 0-9",
          bad_test_label, absent=("run",)),
@@ -223,6 +236,14 @@ CASES = [
          absent=("run",)),
     Case("NaN forget bias", [*NEW, "model.forget_bias=nan"], 2, r"model.forget_bias=nan is invalid", absent=("run",)),
     Case("infinite momentum", [*NEW, "trainer.momentum=inf"], 2, r"trainer.momentum=inf is invalid", absent=("run",)),
+    Case("momentum of 1.5", [*NEW, "trainer.momentum=1.5"], 2,
+         r"trainer.momentum=1.5 is invalid: it must be in \[0, 1\) \(a momentum of 1 or more never forgets",
+         absent=("run",)),
+    Case("a task trained under another task's name", [*NEW, "task.kind=ptb"], 2,
+         r"task.kind=ptb is invalid: it must be mnist for task.name=seqmnist \(choose another task with task=",
+         absent=("run",)),
+    Case("pMNIST without its permutation", [*NEW, "task=pmnist", "task.permute=false"], 2,
+         r"task.permute=False is invalid: it must be true for task.name=pmnist", absent=("run",)),
     Case("seed beyond 64 bits", [*NEW, "seed=99999999999999999999"], 2, r"seed", absent=("run",)),
     Case("a model too large for memory", [*NEW, "model.hidden_size=1000000"], 2,
          r"model.hidden_size=1000000: the model does not fit in memory", absent=("run",)),
@@ -324,3 +345,58 @@ def test_a_user_case(case: Case, finished_run, permissions_bind, tmp_path):
         assert now == old, f"{name} changed"
     for name in case.absent:
         assert not (tmp / name).exists(), f"{name} was left behind: {list((tmp / name).rglob('*'))}"
+
+
+# ---------------------------------------------------------------- behaviour cases
+
+
+def records(run: Path, name: str) -> list[dict]:
+    return [json.loads(line) for line in (run / name).read_text().splitlines()]
+
+
+@pytest.mark.parametrize("how", ["same command", "trainer.resume=true", "SLURM requeue"])
+def test_a_run_killed_before_its_first_checkpoint_starts_again_and_says_so(how, finished_run, tmp_path):
+    """Nothing of it can go on and nothing is lost: the command, a resume or the scheduler's
+    requeue starts it from step 0, says so, and its records are the new attempt's alone."""
+    where = Where(tmp_path, FINISHED["data"], tmp_path / "run")
+    no_checkpoint(where)
+    (where.run / "results.json").unlink(missing_ok=True)
+    env_prefix = []
+    args = [where.fill(a) for a in NEW] + (["trainer.resume=true"] if how == "trainer.resume=true" else [])
+    if how == "SLURM requeue":
+        env_prefix = ["env", "SLURM_RESTART_COUNT=1"]
+    done = subprocess.run([*env_prefix, sys.executable, "-m", "bnrnn.cli", *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "stopped before its first checkpoint, so nothing of it can go on: starting it again from step 0" in (
+        done.stderr + done.stdout)
+    history = records(where.run, "history.jsonl")
+    assert history[-2]["event"] == "start" and "starting it again" in history[-2]["restarted"]
+    assert history[-1]["event"] == "finished" and history[-1]["step"] == 4
+    steps = [r["step"] for r in records(where.run, "metrics.jsonl") if r.get("split") == "train"]
+    assert steps == [1, 2, 3, 4]  # the killed attempt's records replaced, none twice
+    assert json.loads((where.run / "results.json").read_text())["steps"] == 4
+
+
+def test_a_resume_into_a_folder_with_no_run_starts_one(finished_run, tmp_path):
+    """A sweep's job that never started, re-run with trainer.resume=true: it starts, and says so."""
+    run = tmp_path / "never started"
+    done = bnrnn([*[Where(tmp_path, FINISHED["data"], run).fill(a) for a in RESUME]], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "holds no run to resume: starting a new one" in done.stderr + done.stdout
+    assert json.loads((run / "results.json").read_text())["steps"] == 4
+
+
+def test_a_key_missing_from_config_yaml_is_the_runs_value_not_todays_default(finished_run, tmp_path):
+    """An older version's config.yaml without trainer.max_steps: the resume of the finished
+    4-step run takes 4 from its checkpoint (and stays finished), not the default."""
+    where = Where(tmp_path, FINISHED["data"], tmp_path / "run")
+    finished(where)
+    config = where.run / "config.yaml"
+    config.write_text("\n".join(line for line in config.read_text().splitlines() if "max_steps:" not in line))
+    before = file_hashes(where.run / "checkpoints")
+    done = bnrnn(["train", f"hydra.run.dir={where.run}", "trainer.resume=true"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert file_hashes(where.run / "checkpoints") == before
+    assert json.loads((where.run / "results.json").read_text())["steps"] == 4
+    assert "max_steps" not in done.stderr
