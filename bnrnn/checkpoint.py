@@ -12,9 +12,10 @@ from typing import Any
 
 import torch
 
-from bnrnn.errors import CheckpointError, first_line
+from bnrnn.errors import CheckpointError, StorageError, first_line, is_no_room
 
-FORMAT = "bnrnn-checkpoint/1"
+FORMAT_NAME, FORMAT_VERSION = "bnrnn-checkpoint", 1
+FORMAT = f"{FORMAT_NAME}/{FORMAT_VERSION}"  # a file's marker; the version grows when the contents change meaning
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
@@ -27,8 +28,12 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)  # the previous checkpoint at `path` is untouched
+        if is_no_room(exc):
+            reason = os.strerror(exc.errno) if isinstance(exc, OSError) else "the disk is full"
+            previous = "the previous one is intact" if path.exists() else "there was none before"
+            raise StorageError(f"cannot write the checkpoint {path} ({reason}); {previous}") from None
         raise
 
 
@@ -41,8 +46,13 @@ def load_checkpoint(path: Path, map_location: torch.device | str = "cpu") -> dic
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as exc:
         reason = first_line(exc).split(". ")[0]  # torch's zip errors go on for several sentences
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated or foreign file: {reason})") from exc
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+    marker = payload.get("format") if isinstance(payload, dict) else None
+    name, _, version = str(marker).partition("/")
+    if name != FORMAT_NAME or not version.isdigit():
         raise CheckpointError(f"{path} is not a bnrnn checkpoint (no '{FORMAT}' marker)")
+    if int(version) > FORMAT_VERSION:
+        raise CheckpointError(f"{path} was written by a newer bnrnn (checkpoint format {version}; this version reads "
+                              f"format {FORMAT_VERSION}); upgrade bnrnn to use it")
     return payload
 
 

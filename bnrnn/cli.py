@@ -103,6 +103,7 @@ class TrainApp:
             overrides=list(hydra_cfg.overrides.task),
             choices={k: v for k, v in choices.items() if k in GROUPS},
             new_folder=bool(self.preflight and self.preflight.creates(out_dir)),
+            lock=self.preflight.lock if self.preflight and not multirun else None,
         )
         try:
             results = train(cfg, out_dir, launch)
@@ -137,8 +138,18 @@ def run_train(args: list[str]) -> int:
     sys.argv = ["bnrnn train", *args, *(preflight.hydra_overrides if preflight else [])]
     if "COMP_LINE" in os.environ:
         os.environ["COMP_LINE"] = os.environ["COMP_LINE"].replace(" train", "", 1)
-    entry()
-    if app.failures:
+    try:
+        entry()
+    except KeyboardInterrupt:
+        if preflight:  # interrupted before a run began: no empty folder is left behind
+            preflight.remove_unused_folders()
+        raise
+    failed = preflight.failed_jobs() if preflight and preflight.jobs else []
+    if failed:
+        which = "; ".join(f"{job.label or job.folder.name} ({job.folder})" for job in failed)
+        error(f"{len(failed)} of {len(preflight.jobs)} jobs of the sweep failed: {which}; see the log above")
+        return 1
+    if app.failures:  # a sweeper that draws its jobs: only those run in this process are counted
         error(f"{app.failures} job(s) of the sweep failed; see the log above")
         return 1
     return 0
@@ -277,22 +288,27 @@ def run_sample(args: list[str]) -> int:
     parser.add_argument("run_dir", help="a PTB run folder (config.yaml, vocab.json, checkpoints/)")
     parser.add_argument("--prime", default="", help="text to start from (plain text: spaces between words)")
     parser.add_argument("--length", type=int, default=1000, help="characters to generate (default 1000)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default 1.0)")
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="softmax temperature: toward 0 the most likely symbol, 1 (the default) the model's own "
+                        "distribution")
     parser.add_argument("--seed", type=int, default=0, help="the same seed gives the same text")
     parser.add_argument("--checkpoint", default="best", choices=("best", "last"))
     parser.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"))
     opts = parser.parse_args(args)
 
     from bnrnn.errors import BnrnnError
-    from bnrnn.sample import sample_run
+    from bnrnn.sample import sample_run_pieces
 
     try:
-        text = sample_run(opts.run_dir, opts.prime, opts.length, opts.temperature, opts.seed, opts.checkpoint,
-                          opts.device)
+        pieces = sample_run_pieces(opts.run_dir, opts.prime, opts.length, opts.temperature, opts.seed,
+                                   opts.checkpoint, opts.device)
     except BnrnnError as exc:
         error(str(exc))
         return 2
-    print(opts.prime + text)
+    print(opts.prime, end="", flush=True)
+    for piece in pieces:  # each piece at once: a reader that stops (| head) stops the drawing, in main()
+        print(piece, end="", flush=True)
+    print(flush=True)
     return 0
 
 
@@ -318,6 +334,11 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:  # Ctrl-C outside a training loop (which says more itself)
             error(f"interrupted; bnrnn {command} stopped")
             return 130
+        except BrokenPipeError:
+            # The reader stopped (bnrnn sample ... | head): stop quietly, as Unix tools do. What
+            # is still buffered for the closed pipe goes to /dev/null, not to an error at exit.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141  # 128 + SIGPIPE, the status of a tool the pipe's end stopped
     error(f"unknown command '{command}'; choose one of: {', '.join(COMMANDS)}")
     print(USAGE, end="", file=sys.stderr)
     return 2

@@ -124,9 +124,9 @@ def typed_config(cfg: DictConfig | dict) -> DictConfig:
         merged = OmegaConf.merge(schema, cfg)
         OmegaConf.resolve(merged)
     except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None) or "?"
+        key = getattr(exc, "full_key", None)
         reason = first_line(exc)
-        raise ConfigError(f"bad config value for '{key}': {reason}") from exc
+        raise ConfigError(f"bad config value for '{key}': {reason}" if key else f"bad config: {reason}") from exc
     return merged
 
 
@@ -297,7 +297,13 @@ def read_run_config(run_dir, tool: str) -> DictConfig:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise BnrnnError(f"{run_dir} is not a bnrnn run folder (no config.yaml)")
-    return read_saved_settings(path, f"fix it: {tool} reads the run's settings from it")
+    remedy = f"fix it: {tool} reads the run's settings from it"
+    settings = read_saved_settings(path, remedy)
+    try:
+        typed_config(settings)  # a wrong value is named with its file here, not later without it
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}; {remedy}") from None
+    return settings
 
 
 def load_config(cfg: DictConfig | dict) -> DictConfig:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -107,13 +108,29 @@ def evaluate_run(
         raise BnrnnError(f"unknown split '{split}'; choose valid or test")
     ckpt_path = run_dir / "checkpoints" / f"{checkpoint}.pt"
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "eval"
+    created = not out_dir.exists()
     make_writable_folder(out_dir, "the output folder (--out)")  # before the work, not after it
+    try:
+        return score_run(run_dir, config_file, ckpt_path, out_dir, cfg, checkpoint, split, reestimate_stats,
+                         reestimate_batches, reestimate_batch_size, lengths, batch_size)
+    except BaseException:
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)  # a failed eval leaves no empty folder behind
+        raise
+
+
+def score_run(run_dir: Path, config_file: Path, ckpt_path: Path, out_dir: Path, cfg, checkpoint: str, split: str,
+              reestimate_stats: bool, reestimate_batches: int | None, reestimate_batch_size: int | None,
+              lengths, batch_size: int | None) -> dict[str, Any]:
+    """:func:`evaluate_run`'s work, into ``out_dir`` (which exists)."""
     payload = load_checkpoint(ckpt_path)
     device = resolve_device(cfg.device.name)
     task = build_task(cfg)
     task.keep_artifacts(run_dir)  # the run's pixel order / vocabulary must be the data's
     if lengths and not hasattr(task, "evaluate_lengths"):
         raise BnrnnError(f"--lengths needs a language-modelling task; {run_dir} trained on {cfg.task.name}")
+    if lengths:
+        task.check_lengths(split, list(lengths), batch_size)
     model = task.build_model(cfg.model).to(device)
     try:
         model.load_state_dict(payload["model"])

@@ -101,9 +101,10 @@ def write_tensorboard(out_dir: str | Path) -> list[Path]:
     as ``bnrnn eval --lengths`` writes it. Returns the run folders written."""
     from torch.utils.tensorboard import SummaryWriter
 
-    from bnrnn.runfolder import holds_run
+    from bnrnn.runfolder import holds_run, make_writable_folder
 
     out_dir = Path(out_dir)
+    make_writable_folder(out_dir, "the output folder (--out)")  # a file or a broken link in the way: one sentence
     folders = [out_dir / f"{task}-{model}" for task, model in VALIDATION_CURVES] + [out_dir / "ptb-lengths"]
     for folder in folders:
         if holds_run(folder):  # the paper's curves must never mix into one of our runs

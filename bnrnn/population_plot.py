@@ -69,12 +69,12 @@ def plot_population(run_dir: str | Path, checkpoint: str = "best", out_dir: str 
 
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "eval"
-    make_writable_folder(out_dir, "the output folder (--out)")
     payload = load_checkpoint(run_dir / "checkpoints" / f"{checkpoint}.pt")
     stats = population_statistics(payload["model"], stack_labels(payload.get("config", {}).get("model", {})))
     if not stats:
         raise BnrnnError(f"{run_dir}'s model has no batch norm, so no population statistics to draw")
     data = {"run": str(run_dir), "checkpoint": checkpoint, "step": payload["progress"]["step"], **summary(stats)}
+    make_writable_folder(out_dir, "the output folder (--out)")  # once there is something to write into it
     (out_dir / "population.json").write_text(json.dumps(data))
     figure = out_dir / "population.png"
     draw(data, figure)

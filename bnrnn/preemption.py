@@ -3,7 +3,7 @@
 Clusters preempt with SIGTERM (SLURM, Kubernetes) and people press Ctrl-C; killing the
 process mid-step would lose everything since the last checkpoint. Inside
 :class:`StopRequest` these signals only set a flag that the training loop checks between
-steps. A second Ctrl-C stops at once (KeyboardInterrupt), for when a step hangs.
+steps. A Ctrl-C after either stops at once (KeyboardInterrupt), for when a step hangs.
 """
 
 from __future__ import annotations
@@ -68,7 +68,9 @@ class StopRequest:
         return signal.Signals(self.signum).name if self.signum is not None else ""
 
     def handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+        # A Ctrl-C after any stop request (a first Ctrl-C, or a scheduler's SIGTERM) stops at
+        # once; a second SIGTERM waits for the step, as the first does.
+        if self.signum is not None and signum == signal.SIGINT:
             if self.deferring:
                 self.interrupt_pending = True
                 return
@@ -79,8 +81,8 @@ class StopRequest:
                 self.stop_pending = True
                 return
             raise Preempted(self.at_once.format(signal=self.name), signum)
-        log.warning("%s received: finishing the current step, then writing a checkpoint "
-                    "(Ctrl-C again to stop at once)", signal.Signals(signum).name)
+        log.warning("%s received: finishing the current step, then writing a checkpoint (Ctrl-C%s to stop at once)",
+                    signal.Signals(signum).name, " again" if signum == signal.SIGINT else "")
 
     @contextlib.contextmanager
     def deferred(self):

@@ -4,40 +4,80 @@ Hydra creates the run folder and writes ``.hydra/`` and ``train.log`` before it 
 task function, so a refusal from inside :func:`bnrnn.train.train` would come too late: a
 refused launch into a finished run would overwrite that run's record. Here every job of
 the command line (each combination of a sweep) is composed and checked first: its
-overrides parse, its config is valid, and (for a single run) its run folder may be
-written and is not taken (:func:`bnrnn.runfolder.plan_run`). A bad value in the fifth job
-of a sweep is refused before the first one starts.
+overrides parse, its config is valid, and its run folder may be written and is not taken
+(:func:`bnrnn.runfolder.plan_run`). A bad value in the fifth job of a sweep, or a job
+whose folder holds a finished run, is refused before the first one starts, and nothing
+is written.
 
 The run (or sweep) folder is then pinned as an explicit ``hydra.run.dir`` (``sweep.dir``)
 so that Hydra uses the very folder that was checked, even when its name holds the time.
+A single run's folder is also locked here (:class:`bnrnn.runlock.RunLock`), before Hydra
+writes ``.hydra/`` into it: of two launches racing into one folder, the second is refused
+before it writes anything.
+
+After a sweep, :meth:`Preflight.failed_jobs` reads each job's ``history.jsonl``: a job
+failed unless this launch recorded its end there, whichever launcher ran it (the joblib
+launcher runs jobs in other processes, whose failures this one cannot count).
 """
 
 from __future__ import annotations
 
 import itertools
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import open_dict
 
 from bnrnn.config import load_config
-from bnrnn.errors import ConfigError, first_line
-from bnrnn.runfolder import check_output_location, plan_run
+from bnrnn.errors import BnrnnError, ConfigError, first_line
+from bnrnn.runfolder import HISTORY_FILE, check_output_location, make_writable_folder, plan_run, read_history
+from bnrnn.runlock import RunLock
 
 MULTIRUN_FLAGS = ("-m", "--multirun")
+ENDED_WELL = ("finished", "max_time")
+
+
+@dataclass
+class Job:
+    """One job of a sweep: what tells it apart, its folder, and its history's length before the launch."""
+
+    label: str
+    folder: Path
+    records_before: int
 
 
 @dataclass
 class Preflight:
-    """What the checks found: overrides to add for Hydra, and the folders this launch creates."""
+    """What the checks found: overrides to add for Hydra, the folders this launch creates, the
+    lock of a single run's folder, and a sweep's jobs (empty where a sweeper draws them)."""
 
     hydra_overrides: list[str] = field(default_factory=list)
     new_roots: list[Path] = field(default_factory=list)
+    lock: RunLock | None = None
+    jobs: list[Job] = field(default_factory=list)
 
     def creates(self, folder: Path) -> bool:
         """Whether ``folder`` (a job's output folder) is, or lies in, a folder this launch creates."""
         folder = folder.resolve()
         return any(folder == root or root in folder.parents for root in self.new_roots)
+
+    def remove_unused_folders(self) -> list[Path]:
+        """Remove the folders this launch created where no run has begun (a Ctrl-C while Hydra
+        set up: it leaves .hydra/ and train.log); return them."""
+        removed = []
+        for root in self.new_roots:
+            if root.is_dir() and not any(root.rglob(HISTORY_FILE)):
+                if self.lock is not None:
+                    self.lock.release()
+                shutil.rmtree(root, ignore_errors=True)
+                removed.append(root)
+        return removed
+
+    def failed_jobs(self) -> list[Job]:
+        """The sweep's jobs whose history gained no ``finished`` or ``max_time`` record in this launch."""
+        return [job for job in self.jobs
+                if not any(r.get("event") in ENDED_WELL for r in read_history(job.folder)[job.records_before:])]
 
 
 def parse(overrides: list[str]) -> list:
@@ -52,15 +92,17 @@ def parse(overrides: list[str]) -> list:
 
 
 def sweep_jobs(parsed: list) -> list[list[str]]:
-    """The override list of each job of a basic sweep (``a=1,2 b=x,y`` -> four jobs)."""
-    choices = []
+    """The override list of each job of a basic sweep (``a=1,2 b=x,y`` -> four jobs), written
+    as Hydra's basic sweeper writes them (``false`` as ``False``, one entry per key, the last
+    given winning), since the jobs' folder names are made from them."""
+    choices: dict[str, list[str]] = {}
     for override in parsed:
+        key = override.get_key_element()
         if override.is_sweep_override():
-            key = override.get_key_element()
-            choices.append([f"{key}={value}" for value in override.sweep_string_iterator()])
+            choices[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
         else:
-            choices.append([override.input_line])
-    return [list(job) for job in itertools.product(*choices)]
+            choices[key] = [f"{key}={override.get_value_element_as_str()}"]
+    return [list(job) for job in itertools.product(*choices.values())]
 
 
 def check_command_line(args: list[str]) -> Preflight | None:
@@ -89,6 +131,8 @@ def check_command_line(args: list[str]) -> Preflight | None:
             jobs, drawn = [[o.input_line for o in parsed if not o.is_sweep_override()]], True
 
     preflight = Preflight()
+    sweep_dir: Path | None = None
+    resumes = False
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         for number, job in enumerate(jobs):
             varying = [o for o in job if any(o not in other for other in jobs)]
@@ -100,28 +144,37 @@ def check_command_line(args: list[str]) -> Preflight | None:
                     raise ConfigError("interval(...) sweeps need a sweeper that draws values, e.g. "
                                       "hydra/sweeper=optuna (pip install hydra-optuna-sweeper); the basic "
                                       "sweeper takes lists: key=a,b,c")
-                folder = Path(hydra_cfg.sweep.dir if multirun else hydra_cfg.run.dir)
+                with open_dict(hydra_cfg):
+                    hydra_cfg.job.num = number
+                if multirun:
+                    sweep_dir = sweep_dir or Path(hydra_cfg.sweep.dir)  # the first job's: `now` ticks between jobs
+                    folder = sweep_dir / str(hydra_cfg.sweep.subdir)
+                else:
+                    folder = Path(hydra_cfg.run.dir)
                 with open_dict(composed):
                     del composed["hydra"]
             except (HydraException, OmegaConfBaseException, ValueError, TypeError) as exc:
                 raise ConfigError(f"{where}cannot compose the config ({first_line(exc)})") from None
             try:
                 cfg = load_config(composed)
-            except ConfigError as exc:
-                raise ConfigError(f"{where}{exc}") from None
-            if multirun:
-                if number > 0:
-                    continue  # one sweep folder for all jobs: the first job's
-                check_output_location(folder)
-                pin_key = "hydra.sweep.dir"
-            else:
-                plan = plan_run(cfg, folder, job)
-                pin_key = "hydra.run.dir"
-                if plan.resume:
-                    # .hydra/ keeps the run's first launch; the resume is recorded in history.jsonl
-                    preflight.hydra_overrides.append("hydra.output_subdir=null")
-            if not any(o.startswith(pin_key + "=") for o in overrides):
-                preflight.hydra_overrides.append(f"{pin_key}={folder}")
-            if not folder.exists() and folder.resolve() not in preflight.new_roots:
-                preflight.new_roots.append(folder.resolve())
+                if multirun and number == 0:
+                    check_output_location(sweep_dir)
+                if not drawn:
+                    plan = plan_run(cfg, folder, job)
+                    resumes = resumes or plan.resume
+            except BnrnnError as exc:
+                raise type(exc)(f"{where}{exc}") from None
+            if multirun and not drawn:
+                preflight.jobs.append(Job(" ".join(varying), folder, len(read_history(folder))))
+        root, pin_key = (sweep_dir, "hydra.sweep.dir") if multirun else (folder, "hydra.run.dir")
+        if not any(o.startswith(pin_key + "=") for o in overrides):
+            preflight.hydra_overrides.append(f"{pin_key}={root}")
+        if not root.exists():
+            preflight.new_roots.append(root.resolve())
+        if resumes:
+            # .hydra/ keeps each run's first launch; a resume is recorded in history.jsonl
+            preflight.hydra_overrides.append("hydra.output_subdir=null")
+        if not multirun:
+            make_writable_folder(root, "the run folder")
+            preflight.lock = RunLock(root).acquire()  # refused (one sentence) if another launch got there first
     return preflight

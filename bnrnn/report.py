@@ -103,6 +103,9 @@ class Run:
                 if r.get("split") == split and isinstance(r.get(metric), (int, float))]
 
 
+SECTIONS = ("task", "model", "trainer", "device", "data")  # a run config's groups of settings
+
+
 def read_run(path: Path) -> Run:
     """One run folder's logs. Records that are not objects with an integer step (a torn line,
     a hand edit) are skipped and counted; BnrnnError if the folder's config is unreadable."""
@@ -112,6 +115,10 @@ def read_run(path: Path) -> Run:
     config = {}
     if config_file.exists():
         config = OmegaConf.to_container(read_yaml_mapping(config_file, "fix it, or leave the run out of the report"))
+        for section, value in config.items():
+            if section in SECTIONS and not isinstance(value, dict):
+                raise BnrnnError(f"{config_file}: '{section}: {value}' is not a section of settings (a mapping such "
+                                 f"as {section}: {{name: ...}}); fix it, or leave the run out of the report")
     records, skipped = [], 0
     for line in (path / "metrics.jsonl").read_text(encoding="utf-8", errors="replace").splitlines():
         try:

@@ -32,7 +32,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from bnrnn.errors import CheckpointError, ConfigError
+from bnrnn.errors import CheckpointError, ConfigError, link_problem
 from bnrnn.resume import CONFIG_FILE, resume_config
 from bnrnn.runlock import check_free
 
@@ -69,7 +69,11 @@ def holds_run(run_dir: Path) -> bool:
 
 
 def check_output_location(run_dir: Path) -> None:
-    """ConfigError if ``run_dir`` cannot be created or written: a file in the way, no permission."""
+    """ConfigError if ``run_dir`` cannot be created or written: a file in the way, a broken
+    symbolic link, no permission."""
+    broken = link_problem(run_dir)
+    if broken:
+        raise ConfigError(f"the run folder {run_dir} cannot be used: {broken}; choose another hydra.run.dir")
     existing = run_dir
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -84,6 +88,9 @@ def check_output_location(run_dir: Path) -> None:
 def make_writable_folder(folder: Path, what: str) -> None:
     """Create ``folder`` (``what`` names it for the user: "the run folder", "--out") and check
     that files can be written there; ConfigError with the reason otherwise."""
+    broken = link_problem(folder)
+    if broken:
+        raise ConfigError(f"{what} {folder} cannot be used: {broken}")
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"{what} {folder} is a file, not a folder")
     try:
@@ -107,11 +114,39 @@ def check_best(path: Path) -> None:
         ) from exc
 
 
-def plan_run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> RunPlan:
+def plan_run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, lock_held: bool = False) -> RunPlan:
     """Decide what a launch of ``cfg`` into ``run_dir`` does; raise the one-sentence error if
-    it must not run. ``overrides``: the command line's (None: ``cfg`` is the whole intent)."""
+    it must not run. ``overrides``: the command line's (None: ``cfg`` is the whole intent);
+    ``lock_held``: this process holds the folder's lock already (``bnrnn train``'s preflight)."""
+    plan = decide(cfg, run_dir, overrides, lock_held)
+    check_backend(plan.config)
+    return plan
+
+
+def check_backend(cfg: DictConfig) -> None:
+    """ConfigError if the run's device does not exist here, or its named backend cannot run
+    on it (``model.backend=triton`` on a CPU): found before the run writes anything, and
+    before a resume saves the setting into config.yaml."""
+    import torch
+
+    from bnrnn.device import resolve_device
+    from bnrnn.nn import backends
+
+    device = resolve_device(cfg.device.name)
+    name = cfg.model.backend
+    if name in ("auto", "aten", "reference"):
+        return
+    probe = torch.zeros(1, 1, 1, device=device)
+    if not backends.available(name, probe):
+        needs = {"triton": "a CUDA GPU and the triton package", "cpu": "the compiled CPU extension"}[name]
+        raise ConfigError(f"model.backend={name} cannot run on {device}: it needs {needs}; use model.backend=auto, "
+                          f"which picks the fastest backend that can")
+
+
+def decide(cfg: DictConfig, run_dir: Path, overrides: list[str] | None, lock_held: bool) -> RunPlan:
     check_output_location(run_dir)
-    check_free(run_dir)
+    if not lock_held:
+        check_free(run_dir)
     last = run_dir / "checkpoints" / LAST
     resume = cfg.trainer.resume or (requeued() and last.exists())
     if not resume:
@@ -141,7 +176,10 @@ def plan_resume(cfg: DictConfig, run_dir: Path, overrides: list[str] | None) -> 
     # Imported here: torch takes seconds to import, and a launch refused above should not wait for it.
     from bnrnn.checkpoint import load_checkpoint
 
+    from bnrnn.progress import progress_of
+
     payload = load_checkpoint(last)
+    progress_of(payload, last)  # counters of a newer version: refused here, before anything is written
     best = run_dir / "checkpoints" / BEST
     if best.exists():
         check_best(best)

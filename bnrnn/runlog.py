@@ -6,6 +6,7 @@ import json
 import os
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from torch.utils.tensorboard import SummaryWriter
@@ -26,10 +27,10 @@ class RunLogger:
     def __init__(self, out_dir: Path, purge_step: int | None = None, elapsed_offset: float = 0.0) -> None:
         self.out_dir = out_dir
         self.writer = SummaryWriter(log_dir=str(out_dir), purge_step=purge_step, flush_secs=30)
-        path = out_dir / "metrics.jsonl"
-        if purge_step is not None and path.exists():
-            drop_records_from(path, purge_step)
-        self.jsonl = open(path, "a", encoding="utf-8", buffering=1)
+        self.path = out_dir / "metrics.jsonl"
+        if purge_step is not None and self.path.exists():
+            keep_records(self.path, lambda record: record.get("step", 0) < purge_step)
+        self.jsonl = open(self.path, "a", encoding="utf-8", buffering=1)
         self.start = time.monotonic() - elapsed_offset
 
     @property
@@ -37,6 +38,12 @@ class RunLogger:
         return time.monotonic() - self.start
 
     def log(self, split: str, step: int, metrics: dict[str, Any]) -> None:
+        """One record; a ``test`` record replaces the run's earlier one (a resumed finished run
+        tests again: its test is one number, not a curve)."""
+        if split == "test":
+            self.jsonl.close()
+            keep_records(self.path, lambda record: record.get("split") != "test")
+            self.jsonl = open(self.path, "a", encoding="utf-8", buffering=1)
         now = time.time()
         for name, value in metrics.items():
             if isinstance(value, (int, float)):
@@ -72,15 +79,15 @@ class RunLogger:
         self.jsonl.close()
 
 
-def drop_records_from(path: Path, step: int) -> None:
-    """Rewrite metrics.jsonl without the records at ``step`` or later (and torn last lines)."""
+def keep_records(path: Path, keep: Callable[[dict], bool]) -> None:
+    """Rewrite metrics.jsonl with only the records ``keep`` accepts (and without torn lines)."""
     kept = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut short by a kill
-        if record.get("step", 0) < step:
+        if isinstance(record, dict) and keep(record):
             kept.append(line)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")

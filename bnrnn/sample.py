@@ -11,6 +11,8 @@ written as plain text (a space between words, a newline for a line end) and conv
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -19,7 +21,7 @@ from bnrnn.checkpoint import load_checkpoint
 from bnrnn.config import load_config, read_run_config
 from bnrnn.data.ptb import EOL, Vocabulary, shown
 from bnrnn.device import resolve_device
-from bnrnn.errors import BnrnnError, CheckpointError, ConfigError
+from bnrnn.errors import BnrnnError, CheckpointError, ConfigError, DataError
 from bnrnn.tasks.ptb import VOCAB_FILE, language_model
 
 WORD_BREAK = "_"
@@ -50,8 +52,13 @@ def load_language_model(run_dir: Path, checkpoint: str, device_name: str | None)
     device = resolve_device(cfg.device.name)
     model = language_model(cfg.model, len(vocab), cfg.task.seq_len - 1)
     path = run_dir / "checkpoints" / f"{checkpoint}.pt"
+    weights = load_checkpoint(path)["model"]
+    trained_on = weights.get("decoder.bias", torch.empty(len(vocab))).shape[0]
+    if trained_on != len(vocab):
+        raise DataError(f"{vocab_file} holds {len(vocab)} symbols, but {path} was trained on {trained_on}: it is not "
+                        f"this run's vocabulary")
     try:
-        model.load_state_dict(load_checkpoint(path)["model"])
+        model.load_state_dict(weights)
     except RuntimeError as exc:
         raise CheckpointError(f"{path} does not fit the model in {run_dir / 'config.yaml'}") from exc
     # One step per call: the reference's few ops beat a fast path's per-call set-up here.
@@ -59,7 +66,6 @@ def load_language_model(run_dir: Path, checkpoint: str, device_name: str | None)
     return model.to(device).eval(), vocab, device
 
 
-@torch.no_grad()
 def sample(model, vocab: Vocabulary, prime: str, length: int, temperature: float, seed: int,
            device: torch.device) -> str:
     """``length`` characters after ``prime``, drawn from softmax(logits / temperature).
@@ -68,27 +74,59 @@ def sample(model, vocab: Vocabulary, prime: str, length: int, temperature: float
     others); the model then feeds each drawn symbol back in, carrying its state, at time
     step t = len(prime) + i.
     """
-    if length < 1 or not temperature > 0:
-        raise ConfigError("--length must be at least 1 and --temperature positive")
+    return "".join(sample_pieces(model, vocab, prime, length, temperature, seed, device))
+
+
+def sample_pieces(model, vocab: Vocabulary, prime: str, length: int, temperature: float, seed: int,
+                  device: torch.device, piece: int = 100) -> Iterator[str]:
+    """:func:`sample`'s text, ``piece`` characters at a time, as it is drawn (the command
+    prints each piece at once; a reader that stops early stops the drawing). The checks run
+    before the first piece."""
+    if length < 1:
+        raise ConfigError(f"--length {length} is invalid: it must be at least 1")
+    if not 0 < temperature < math.inf:
+        raise ConfigError(f"--temperature {temperature:g} is invalid: it must be a positive finite number (toward 0 "
+                          f"the most likely symbol, 1 the model's own distribution)")
     primed = symbols_of(prime) or [EOL]  # no prime: start as after a line end
     unknown = sorted({s for s in primed if s not in vocab.index}, key=primed.index)
     if unknown:
         raise ConfigError(f"the priming text holds symbols outside the run's vocabulary: "
                           f"{', '.join(shown(s) for s in unknown)} ({len(vocab)} symbols, from ptb.char.train.txt)")
+    return draw(model, vocab, primed, length, temperature, seed, device, piece)
+
+
+def draw(model, vocab: Vocabulary, primed: list[str], length: int, temperature: float, seed: int,
+         device: torch.device, piece: int) -> Iterator[str]:
+    # no_grad around each call, not around the yields: a generator's grad mode would leak
+    # into its caller between pieces
+    step = torch.no_grad()(model)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     ids = torch.tensor([vocab.index[s] for s in primed], device=device).unsqueeze(1)  # (T, 1)
-    logits, state = model(ids)
+    logits, state = step(ids)
     t, drawn = len(primed), []
     for _ in range(length):
-        probs = torch.softmax(logits[-1, 0].double().cpu() / temperature, dim=0)
+        # The largest logit is subtracted first: every scaled logit is then <= 0, so a tiny
+        # temperature (1e-320) gives the argmax, not an overflow to NaN probabilities.
+        last = logits[-1, 0].double().cpu()
+        probs = torch.softmax((last - last.max()) / temperature, dim=0)
         token = int(torch.multinomial(probs, 1, generator=generator))
         drawn.append(vocab.symbols[token])
-        logits, state = model(torch.tensor([[token]], device=device), state, t)
+        if len(drawn) == piece:
+            yield text_of(drawn)
+            drawn = []
+        logits, state = step(torch.tensor([[token]], device=device), state, t)
         t += 1
-    return text_of(drawn)
+    if drawn:
+        yield text_of(drawn)
 
 
 def sample_run(run_dir: str | Path, prime: str = "", length: int = 1000, temperature: float = 1.0, seed: int = 0,
                checkpoint: str = "best", device_name: str | None = None) -> str:
+    return "".join(sample_run_pieces(run_dir, prime, length, temperature, seed, checkpoint, device_name))
+
+
+def sample_run_pieces(run_dir: str | Path, prime: str = "", length: int = 1000, temperature: float = 1.0,
+                      seed: int = 0, checkpoint: str = "best", device_name: str | None = None) -> Iterator[str]:
+    """:func:`sample_run`'s text as it is drawn (:func:`sample_pieces`)."""
     model, vocab, device = load_language_model(Path(run_dir), checkpoint, device_name)
-    return sample(model, vocab, prime, length, temperature, seed, device)
+    return sample_pieces(model, vocab, prime, length, temperature, seed, device)

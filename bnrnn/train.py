@@ -13,7 +13,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,8 +29,9 @@ from bnrnn.device import resolve_device
 from bnrnn.diagnostics import divergence_report
 from bnrnn.durations import format_duration, parse_duration
 from bnrnn.explosion import ExplosionWatch
-from bnrnn.errors import BnrnnError, CheckpointError, ConfigError, first_line
+from bnrnn.errors import BnrnnError, CheckpointError, ConfigError, StorageError, first_line, is_no_room
 from bnrnn.nn.stack import norm_name
+from bnrnn.progress import Progress, progress_of
 from bnrnn.preemption import Preempted, StopRequest
 from bnrnn.provenance import code_version
 from bnrnn.runfolder import (BEST, LAST, RunPlan, check_steps_left, make_writable_folder, plan_run, record_event, requeued,
@@ -50,32 +51,6 @@ class DivergedError(BnrnnError):
 
 
 @dataclass
-class Progress:
-    """Counters that a checkpoint carries."""
-
-    step: int = 0
-    best_metric: float | None = None
-    best_step: int | None = None
-    elapsed: float = 0.0
-    valid_seconds: float = 0.0  # of elapsed, the time spent validating (the rest trained)
-    # The training metrics summed since the last logged record: saved with the checkpoint so
-    # that a run resumed between two records logs the same averages as an uninterrupted one.
-    window: dict[str, float] = field(default_factory=dict)
-    window_steps: int = 0
-
-    def add_to_window(self, values: dict[str, float]) -> None:
-        for key, value in values.items():
-            self.window[key] = self.window.get(key, 0.0) + value
-        self.window_steps += 1
-
-    def take_window(self) -> dict[str, float]:
-        """The window's averages; the window starts again."""
-        averaged = {key: value / self.window_steps for key, value in self.window.items()}
-        self.window, self.window_steps = {}, 0
-        return averaged
-
-
-@dataclass
 class Launch:
     """How ``bnrnn train`` started this job: what ``train`` cannot tell from the config alone."""
 
@@ -83,6 +58,7 @@ class Launch:
     choices: dict[str, str] | None = None  # its config-group options (model=bnlstm, ...), for history.jsonl
     new_folder: bool = False  # the run folder did not exist before this launch
     began: float = field(default_factory=time.monotonic)  # when it started: trainer.max_time counts from here
+    lock: RunLock | None = None  # the run folder's lock, where the launch took it already (bnrnn train's preflight)
 
 
 def build_optimizer(trainer: DictConfig, params) -> torch.optim.Optimizer:
@@ -214,10 +190,11 @@ def train(cfg: DictConfig | dict, out_dir: str | Path, launch: Launch | None = N
     """
     out_dir = Path(out_dir)
     launch = launch or Launch(new_folder=not out_dir.exists())
-    plan = plan_run(load_config(cfg), out_dir, launch.overrides)
-    lock = RunLock(out_dir)
-    make_writable_folder(out_dir, "the run folder")
-    lock.acquire()  # if refused, nothing is touched: the folder is another live run's
+    plan = plan_run(load_config(cfg), out_dir, launch.overrides, lock_held=launch.lock is not None)
+    lock = launch.lock
+    if lock is None:
+        make_writable_folder(out_dir, "the run folder")
+        lock = RunLock(out_dir).acquire()  # if refused, nothing is touched: the folder is another live run's
     try:
         run = start(plan, out_dir)
     except (BnrnnError, KeyboardInterrupt) as exc:
@@ -235,11 +212,10 @@ def train(cfg: DictConfig | dict, out_dir: str | Path, launch: Launch | None = N
         run.deadline = launch.began + parse_duration(plan.config.trainer.max_time)
     try:
         results = run.loop()
-    except Preempted as exc:
-        record_event(out_dir, "stopped", run.state.step, reason=str(exc))
-        raise
     except BaseException as exc:
-        record_event(out_dir, "failed", run.state.step, reason=str(exc) or type(exc).__name__)
+        event = "stopped" if isinstance(exc, Preempted) else "failed"
+        with suppress(OSError):  # a full disk cannot take this record either; the error says why
+            record_event(out_dir, event, run.state.step, reason=str(exc) or type(exc).__name__)
         raise
     finally:
         run.close()
@@ -349,6 +325,12 @@ class Run:
             return "no checkpoint was written yet"
         return f"the last checkpoint is {self.ckpt_dir / LAST} (step {self.saved_step})"
 
+    def continue_note(self) -> str:
+        """Where the run stands and the command (quoted for any folder name) that goes on with it."""
+        if self.saved_step is None:
+            return f"no checkpoint was written yet; start it again with: {resume_command(self.out_dir)}"
+        return f"{self.last_checkpoint_note()}; continue with: {resume_command(self.out_dir)}"
+
     def modes_now(self) -> list[str]:
         """The statistics modes of this step's validation: every mode of ``trainer.valid_stats``
         every ``trainer.valid_stats_every`` steps and at the last step, ``select_on`` alone
@@ -391,12 +373,8 @@ class Run:
         if self.stop.requested:
             self.checkpoint(LAST)
             self.logger.flush()
-            raise Preempted(
-                f"stopped by {self.stop.name} after step {self.state.step}; checkpoint written to "
-                f"{self.ckpt_dir / LAST}; continue with the same command plus hydra.run.dir={self.out_dir} "
-                f"trainer.resume=true",
-                self.stop.signum,
-            )
+            raise Preempted(f"stopped by {self.stop.name} after step {self.state.step}; {self.continue_note()}",
+                            self.stop.signum)
 
     def loop(self) -> dict[str, Any]:
         """Train to ``max_steps``, validating every ``eval_every``; then test the best checkpoint."""
@@ -416,14 +394,20 @@ class Run:
                     self.stop_if_requested()
                 self.stop.stop_at_once(
                     f"stopped by {{signal}} during the final test; the training is complete ({self.last_checkpoint_note()}); "
-                    f"run the same command plus hydra.run.dir={self.out_dir} trainer.resume=true to test it"
+                    f"test it with: {resume_command(self.out_dir)}"
                 )
                 return finish(self.cfg, self.task, self.model, self.device, self.ckpt_dir, state, self.logger,
                               self.stop)
         except KeyboardInterrupt:
-            raise Preempted(f"stopped at once by a second Ctrl-C during step {state.step + 1}; "
-                            f"{self.last_checkpoint_note()}; continue with the same command plus "
-                            f"hydra.run.dir={self.out_dir} trainer.resume=true", signal.SIGINT) from None
+            raise Preempted(f"stopped at once by Ctrl-C during step {state.step + 1}; {self.continue_note()}",
+                            signal.SIGINT) from None
+        except OSError as exc:
+            if not is_no_room(exc):
+                raise
+            raise StorageError(f"cannot write {exc.filename or 'a record of the run'} ({os.strerror(exc.errno)}); "
+                               f"{self.continue_note()}, once there is room") from None
+        except StorageError as exc:
+            raise StorageError(f"{exc}; {self.continue_note()}, once there is room") from None
 
     def warn_if_exploding(self, step: int, norm: float) -> None:
         """A warning, and an ``exploding`` record in history.jsonl, when the gradient norm jumps
@@ -526,7 +510,7 @@ def restore(payload: dict[str, Any], path: Path, model: nn.Module, optimizer: to
         raise CheckpointError(f"{path} was written for a different model or optimiser ({first_line(exc)})") from exc
     apply_hyperparameters(optimizer, trainer_cfg)
     set_rng_state(payload["rng"])
-    return Progress(**payload["progress"])
+    return progress_of(payload, path)
 
 
 def apply_hyperparameters(optimizer: torch.optim.Optimizer, trainer_cfg: DictConfig) -> None:

@@ -124,7 +124,9 @@ def test_a_stop_signal_checkpoints_the_finished_step_and_exits(fake_mnist, tmp_p
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == code, stderr
     name = signal.Signals(sig).name
-    assert f"stopped by {name} after step" in stderr and "trainer.resume=true" in stderr
+    assert f"stopped by {name} after step" in stderr
+    # the printed command, quoted for the shell, continues the run
+    assert f"; continue with: bnrnn train hydra.run.dir={run.resolve()} trainer.resume=true" in stderr
     assert "Traceback" not in stderr
     step = int(stderr.split(f"stopped by {name} after step ")[1].split(";")[0])
     payload = load_checkpoint(run / "checkpoints" / "last.pt")
@@ -171,7 +173,7 @@ def test_ctrl_c_twice_stops_at_once_with_one_sentence(fake_mnist, tmp_path):
     assert "Traceback" not in stderr
     errors = [line for line in stderr.splitlines() if line.startswith("bnrnn: error:")]
     assert len(errors) == 1, stderr
-    assert "stopped at once by a second Ctrl-C" in errors[0] or "stopped by SIGINT after step" in errors[0]
+    assert "stopped at once by Ctrl-C" in errors[0] or "stopped by SIGINT after step" in errors[0]
     assert "trainer.resume=true" in errors[0]
 
 
@@ -187,3 +189,16 @@ def test_ctrl_c_during_start_up_is_one_sentence(fake_mnist, tmp_path):
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr
     assert len([line for line in stderr.splitlines() if line.startswith("bnrnn: error:")]) == 1, stderr
+
+
+def test_a_ctrl_c_after_a_sigterm_stops_at_once():
+    """A scheduler's SIGTERM asks for a stop at the step's end; a Ctrl-C after it (as after a
+    first Ctrl-C) stops at once, as the SIGTERM warning says; a second SIGTERM still waits."""
+    from bnrnn.preemption import StopRequest
+
+    stop = StopRequest()
+    stop.handle(signal.SIGTERM, None)
+    stop.handle(signal.SIGTERM, None)
+    assert stop.requested and stop.name == "SIGTERM"
+    with pytest.raises(KeyboardInterrupt):
+        stop.handle(signal.SIGINT, None)

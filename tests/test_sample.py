@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from bnrnn.errors import ConfigError
+from bnrnn.errors import ConfigError, DataError
 from bnrnn.sample import sample_run, symbols_of, text_of
 from bnrnn.train import train
 
@@ -60,3 +60,48 @@ def test_the_command_prints_the_prime_and_the_sample(ptb_run, tmp_path):
                              capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "bnrnn: error: the priming text holds symbols outside the run's vocabulary: 'Z'" in refused.stderr
+
+
+def test_a_vanishing_temperature_is_the_argmax_and_an_infinite_one_is_refused(ptb_run):
+    """1e-320 scales the logits past float64's range: sampled as its limit, the most likely symbol."""
+    assert sample_run(ptb_run, prime="a", length=50, temperature=1e-320, seed=1) == sample_run(
+        ptb_run, prime="a", length=50, temperature=1e-7, seed=2)
+    for bad in (float("inf"), 0.0, -1.0, float("nan")):
+        with pytest.raises(ConfigError, match=r"--temperature .* is invalid: it must be a positive finite number"):
+            sample_run(ptb_run, length=5, temperature=bad)
+
+
+def test_a_reader_that_stops_early_stops_the_sample_quietly(ptb_run, tmp_path):
+    """bnrnn sample ... | head -c 5: no BrokenPipeError traceback, the status of a tool the pipe stopped."""
+    done = subprocess.run(f"{sys.executable} -m bnrnn.cli sample '{ptb_run}' --length 100000 | head -c 5; "
+                          f"echo \" ${{PIPESTATUS[0]}}\"", shell=True, executable="/bin/bash", capture_output=True,
+                          text=True, cwd=tmp_path, timeout=600)
+    assert done.stderr == ""
+    text, status = done.stdout.rsplit(" ", 1)
+    assert len(text) == 5 and status.strip() == "141"
+
+
+@pytest.mark.parametrize("content, problem", [
+    ('["a", "b"', "Expecting"), ('{"a": 1}', "not a JSON list of symbols"), ('["a", "a"]', "not distinct"),
+])
+def test_a_broken_vocabulary_is_named(ptb_run, tmp_path, content, problem):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(ptb_run, run)
+    (run / "vocab.json").write_text(content)
+    with pytest.raises(DataError, match=rf"vocab.json is not a vocabulary file \(.*{problem}.*\); delete it"):
+        sample_run(run, length=5)
+
+
+def test_another_runs_vocabulary_is_named_not_blamed_on_the_checkpoint(ptb_run, tmp_path):
+    import json
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(ptb_run, run)
+    symbols = json.loads((run / "vocab.json").read_text())
+    (run / "vocab.json").write_text(json.dumps(symbols[:-3]))
+    with pytest.raises(DataError, match=rf"vocab.json holds {len(symbols) - 3} symbols, but .*best.pt was trained on "
+                                        rf"{len(symbols)}: it is not this run's vocabulary"):
+        sample_run(run, length=5)

@@ -123,6 +123,14 @@ def without_last(where: Where) -> None:
     (where.run / "checkpoints" / "last.pt").unlink()
 
 
+def full_disk_for(name: str) -> Callable[[Where], None]:
+    """The checkpoint ``name`` is written where the disk is full (its temporary file is /dev/full)."""
+    def prepare(where: Where) -> None:
+        (where.run / "checkpoints").mkdir(parents=True)
+        (where.run / "checkpoints" / f"{name}.tmp").symlink_to("/dev/full")
+    return prepare
+
+
 def held(where: Where):
     """A live process (this test) is writing to the run."""
     from bnrnn.runlock import RunLock
@@ -138,6 +146,12 @@ def bad_test_label(where: Where) -> None:
     write_idx(raw / "t10k-labels-idx1-ubyte.gz", labels)
 
 
+def broken_links(where: Where) -> None:
+    (where.tmp / "dangling").symlink_to(where.tmp / "nowhere")
+    (where.tmp / "loop1").symlink_to(where.tmp / "loop2")
+    (where.tmp / "loop2").symlink_to(where.tmp / "loop1")
+
+
 def file_in_the_way(where: Where) -> None:
     (where.tmp / "a-file").write_text("")
 
@@ -150,6 +164,29 @@ def two_runs_one_unreadable(where: Where) -> None:
     shutil.copytree(FINISHED["run"], where.tmp / "runs" / "good")
     shutil.copytree(FINISHED["run"], where.tmp / "runs" / "broken")
     (where.tmp / "runs" / "broken" / "config.yaml").write_text("model: [unclosed\n")
+
+
+def two_runs_one_with_a_task_string(where: Where) -> None:
+    shutil.copytree(FINISHED["run"], where.tmp / "runs" / "good")
+    shutil.copytree(FINISHED["run"], where.tmp / "runs" / "broken")
+    config = where.tmp / "runs" / "broken" / "config.yaml"
+    lines = config.read_text().splitlines()
+    start = lines.index("task:")
+    end = next(i for i in range(start + 1, len(lines)) if not lines[i].startswith(" "))
+    config.write_text("\n".join([*lines[:start], "task: ptb", *lines[end:]]) + "\n")
+
+
+def rewritten_last(format: str | None = None, progress: dict | None = None) -> Callable[[Where], None]:
+    """A checkpointed run whose last.pt a newer version wrote: another format marker, or more counters."""
+    def prepare(where: Where) -> None:
+        checkpointed(where)
+        path = where.run / "checkpoints" / "last.pt"
+        payload = torch.load(path, weights_only=True)
+        if format:
+            payload["format"] = format
+        payload["progress"].update(progress or {})
+        torch.save(payload, path)
+    return prepare
 
 
 def odd_records(where: Where) -> None:
@@ -213,6 +250,12 @@ CASES = [
          r"best.pt is not a readable checkpoint .*; delete it to resume", truncated("best.pt"), untouched=("run",)),
     Case("resume, truncated last.pt", RESUME, 2, r"last.pt is not a readable checkpoint", truncated("last.pt"),
          untouched=("run",)),
+    Case("resume, last.pt from a newer version", RESUME, 2,
+         r"last.pt was written by a newer bnrnn \(checkpoint format 2; this version reads format 1\); upgrade bnrnn",
+         rewritten_last(format="bnrnn-checkpoint/2"), untouched=("run",)),
+    Case("resume, last.pt with counters this version does not know", RESUME, 2,
+         r"last.pt holds counters this version does not know \(tokens_seen\): it was written by a newer bnrnn",
+         rewritten_last(progress={"tokens_seen": 5}), untouched=("run",)),
     # -- errors found before the work, leaving nothing behind
     Case("test label out of range", NEW, 2, r"t10k-labels-idx1-ubyte.gz holds label 12 at index 17 .*labels are 0-9",
          bad_test_label, absent=("run",)),
@@ -251,6 +294,28 @@ CASES = [
          absent=("run",)),
     Case("run folder under a file", [*T, "hydra.run.dir={tmp}/a-file/run"], 2,
          r"cannot be created: .*a-file is a file", file_in_the_way, untouched=("a-file",)),
+    Case("checkpoint onto a full disk", NEW, 2,
+         r"cannot write the checkpoint .*last.pt \(No space left on device\); there was none before; no checkpoint "
+         r"was written yet; start it again with: bnrnn train hydra.run.dir=.* trainer.resume=true, once there is room",
+         full_disk_for("last.pt")),
+    # -- paths that lead nowhere: a dangling symbolic link, a loop, a file where a folder belongs
+    Case("data.root a dangling link", [*T, "data.root={tmp}/dangling", "data.download=true", "hydra.run.dir={run}"], 2,
+         r"data.root=.*dangling cannot be used: .*dangling is a symbolic link to .*nowhere, which does not exist",
+         broken_links, absent=("run",)),
+    Case("data.root a link loop", [*T, "data.root={tmp}/loop1", "data.download=true", "hydra.run.dir={run}"], 2,
+         r"data.root=.*loop1 cannot be used: .*loop1 is a symbolic link that loops back on itself", broken_links,
+         absent=("run",)),
+    Case("run folder inside a link loop", [*T, "hydra.run.dir={tmp}/loop1/run"], 2,
+         r"the run folder .*loop1/run cannot be used: .*loop1 is a symbolic link that loops back on itself; choose "
+         r"another hydra.run.dir", broken_links),
+    Case("run folder a dangling link", [*T, "hydra.run.dir={tmp}/dangling"], 2,
+         r"the run folder .*dangling cannot be used: .*dangling is a symbolic link to .*nowhere, which does not exist",
+         broken_links),
+    Case("eval --out a dangling link", ["eval", "{run}", "--out", "{tmp}/dangling"], 2,
+         r"the output folder \(--out\) .*dangling cannot be used: .*dangling is a symbolic link to",
+         lambda w: (finished(w), broken_links(w)), untouched=("run",)),
+    Case("paper-curves --out a file", ["paper-curves", "--out", "{tmp}/a-file"], 2,
+         r"the output folder \(--out\) .*a-file is a file, not a folder", file_in_the_way, untouched=("a-file",)),
     # -- divergence before the first checkpoint says so
     Case("diverged before any checkpoint", [*NEW, "trainer.lr=1e30"], 2,
          r"training diverged: .*; no checkpoint was written yet"),
@@ -263,9 +328,15 @@ CASES = [
          untouched=("run", "a-file")),
     Case("eval, malformed config.yaml", ["eval", "{run}"], 2, r"config.yaml is not a readable config",
          edited(**{"model:": "model: [oops"}), untouched=("run",)),
+    Case("eval, a value of the wrong type in config.yaml", ["eval", "{run}"], 2,
+         r"run/config.yaml: bad config value for 'model.hidden_size': .*; fix it: bnrnn eval reads the run's settings",
+         edited(**{"hidden_size: 8": "hidden_size: eight"}), untouched=("run",)),
     Case("report, one unreadable run among two", ["report", "{tmp}/runs", "--out", "{tmp}/report"], 0,
          r"left out of the report: .*broken/config.yaml is not a readable config", two_runs_one_unreadable,
          one_line=False),
+    Case("report, a run whose config.yaml says 'task: ptb'", ["report", "{tmp}/runs", "--out", "{tmp}/report"], 0,
+         r"left out of the report: .*broken/config.yaml: 'task: ptb' is not a section of settings",
+         two_runs_one_with_a_task_string, one_line=False),
     Case("report, the only run unreadable", ["report", "{run}", "--out", "{tmp}/report"], 2,
          r"none of the 1 run folder\(s\) under .* could be read", edited(**{"model:": "model: [oops"}),
          untouched=("run",)),
@@ -285,6 +356,16 @@ CASES = [
     Case("unwritable output folder", [*T, "hydra.run.dir={tmp}/locked/run"], 2,
          r"the run folder .*locked/run is not writable", unwritable_out, as_user=True),
 ]
+
+if not torch.cuda.is_available():  # where a GPU is, triton may run: these refusals are the CPU's
+    CASES += [
+        Case("triton on a CPU", [*NEW, "model.backend=triton"], 2,
+             r"model.backend=triton cannot run on cpu: it needs a CUDA GPU and the triton package; use "
+             r"model.backend=auto", absent=("run",)),
+        Case("resume, config.yaml saying triton on a CPU", ["train", "hydra.run.dir={run}", "trainer.resume=true"], 2,
+             r"model.backend=triton cannot run on cpu", edited(**{"backend: auto": "backend: triton"}),
+             untouched=("run",)),
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -400,3 +481,118 @@ def test_a_key_missing_from_config_yaml_is_the_runs_value_not_todays_default(fin
     assert file_hashes(where.run / "checkpoints") == before
     assert json.loads((where.run / "results.json").read_text())["steps"] == 4
     assert "max_steps" not in done.stderr
+
+
+def sweep(where: Where, *extra: str) -> subprocess.CompletedProcess:
+    """A two-job sweep of TINY into ``tmp/sweep`` (the second job diverges where lr is 1e30)."""
+    return bnrnn(["train", "-m", *[where.fill(a) for a in TINY], *extra, f"hydra.sweep.dir={where.tmp / 'sweep'}"],
+                 cwd=where.tmp)
+
+
+@pytest.mark.parametrize("launcher", ["basic", "joblib"])
+def test_a_sweep_relaunched_into_its_finished_folder_is_refused_and_writes_nothing(launcher, finished_run, tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    where = Where(tmp_path, FINISHED["data"], tmp_path / "run")
+    first = sweep(where, "trainer.lr=1e-3,2e-3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = file_hashes(tmp_path / "sweep")
+    again = sweep(where, "trainer.lr=1e-3,2e-3", f"hydra/launcher={launcher}")
+    assert again.returncode == 2, again.stderr[-3000:]
+    (line,) = [line for line in again.stderr.splitlines() if line.startswith("bnrnn: error:")]
+    assert re.search(r"job 0 of the sweep \(trainer.lr=0.001\): .*trainer.lr=0.001,trainer.max_steps=4 already holds "
+                     r"a finished run; pass trainer.resume=true", line), line
+    assert file_hashes(tmp_path / "sweep") == before  # no .hydra/, multirun.yaml or train.log rewritten
+
+
+@pytest.mark.parametrize("launcher", ["basic", "joblib"])
+def test_a_failed_job_fails_the_sweep_the_same_way_on_every_launcher(launcher, finished_run, tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    where = Where(tmp_path, FINISHED["data"], tmp_path / "run")
+    extra = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"] if launcher == "joblib" else []
+    done = sweep(where, "trainer.lr=1e-3,1e30", *extra)
+    assert done.returncode == 1, done.stderr[-3000:]
+    (line,) = [line for line in done.stderr.splitlines() if line.startswith("bnrnn: error:")]
+    assert re.search(r"1 of 2 jobs of the sweep failed: trainer.lr=1e\+30 \(.*trainer.lr=1e\+30,.*\); see the log above",
+                     line), line
+    assert len(list((tmp_path / "sweep").glob("*trainer.lr=0.001*/results.json"))) == 1
+
+
+def test_of_two_launches_racing_into_one_new_folder_the_second_is_refused_before_hydra_writes(finished_run, tmp_path):
+    """The preflight locks a single run's folder before Hydra writes .hydra/ into it, so the
+    loser of a race cannot leave its overrides in the winner's record."""
+    from bnrnn.errors import ConfigError
+    from bnrnn.preflight import check_command_line
+
+    where = Where(tmp_path, FINISHED["data"], tmp_path / "run")
+    winner = check_command_line([where.fill(a) for a in NEW[1:]])
+    try:
+        assert winner.lock is not None and (where.run / ".lock").exists()
+        with pytest.raises(ConfigError, match=r"another bnrnn process is writing to .*run \(pid \d+"):
+            check_command_line([where.fill(a) for a in NEW[1:]] + ["trainer.lr=2e-3"])
+        assert sorted(p.name for p in where.run.iterdir()) == [".lock"]
+    finally:
+        winner.lock.release()
+
+
+def test_a_resumed_finished_run_keeps_one_test_record(finished_run, tmp_path):
+    where = Where(tmp_path, FINISHED["data"], tmp_path / "run")
+    finished(where)
+    done = bnrnn([where.fill(a) for a in RESUME], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    tests = [r for r in records(where.run, "metrics.jsonl") if r["split"] == "test"]
+    assert len(tests) == 1 and tests[0]["step"] == json.loads((where.run / "results.json").read_text())["best_step"]
+
+
+def test_a_truncated_pixel_order_is_one_sentence_in_a_resume_and_in_eval(tmp_path, fake_mnist):
+    from bnrnn.train import train
+    from conftest import SMALL_MNIST, compose
+
+    run = tmp_path / "run"
+    train(compose([f"data.root={fake_mnist}", "data.download=false", *SMALL_MNIST, "task=pmnist",
+                   "trainer.max_steps=2", "trainer.test_at_end=false"]), run)
+    order = run / "permutation.pt"
+    order.write_bytes(order.read_bytes()[:100])
+    before = file_hashes(run)
+    sentence = (r"permutation.pt is not a readable pixel order \(.*\); delete it, and the order is drawn again from "
+                r"task.permutation_seed=0")
+    for args in (["train", f"hydra.run.dir={run}", "trainer.resume=true", "trainer.max_steps=4"], ["eval", str(run)]):
+        done = bnrnn(args, cwd=tmp_path)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+        (line,) = [line for line in done.stderr.splitlines() if line.startswith("bnrnn: error:")]
+        assert re.search(sentence, line), line
+    assert not (run / "eval").exists()  # a failed eval leaves no empty folder
+    # found once the data is loaded, after the lock and the log have started: the run's record is as it was
+    ignored = ("train.log", ".lock")
+    assert {k: v for k, v in file_hashes(run).items() if k not in ignored} == {
+        k: v for k, v in before.items() if k not in ignored}
+
+
+def test_eval_lengths_past_the_split_are_refused_before_any_scoring(tmp_path, fake_ptb):
+    from bnrnn.train import train
+    from conftest import SMALL_PTB, compose
+
+    run = tmp_path / "run"
+    train(compose([f"data.root={fake_ptb}", "data.download=false", *SMALL_PTB, "trainer.max_steps=2",
+                   "trainer.test_at_end=false"]), run)
+    done = bnrnn(["eval", str(run), "--lengths", "50,100000000"], cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    (line,) = [line for line in done.stderr.splitlines() if line.startswith("bnrnn: error:")]
+    assert re.search(r"--lengths 100000000 is too long for the test split: the split \(\d+ symbols\) holds 0 "
+                     r"sequences of length 100000000", line), line
+    assert "test, " not in done.stderr  # refused before the first score was logged
+    assert not (run / "eval").exists()
+
+
+def test_an_interrupted_launch_leaves_no_folder_where_no_run_began(tmp_path):
+    """A Ctrl-C while Hydra sets up (after it wrote .hydra/ and train.log, before the run's
+    first record): the folder the launch created goes; one where a run began stays."""
+    from bnrnn.preflight import Preflight
+
+    empty, begun = tmp_path / "empty", tmp_path / "begun"
+    for root in (empty, begun):
+        (root / ".hydra").mkdir(parents=True)
+        (root / "train.log").write_text("")
+    (begun / "history.jsonl").write_text("{}\n")
+    preflight = Preflight(new_roots=[empty, begun])
+    assert preflight.remove_unused_folders() == [empty]
+    assert not empty.exists() and (begun / "train.log").exists()

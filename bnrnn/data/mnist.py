@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from bnrnn.data.files import is_present, read_bytes
-from bnrnn.errors import DataError
+from bnrnn.errors import DataError, link_problem
 
 IMAGE_SIDE = 28
 SEQ_LEN = IMAGE_SIDE * IMAGE_SIDE  # 784 pixels, one per time step
@@ -70,6 +70,9 @@ def download(root: Path) -> dict[str, Path]:
     from torchvision.datasets.utils import check_integrity, download_url
 
     folder = root / "MNIST" / "raw"
+    broken = link_problem(folder)
+    if broken:
+        raise DataError(f"data.root={root} cannot be used: {broken}")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from bnrnn.data.files import is_present, read_bytes
-from bnrnn.errors import DataError
+from bnrnn.errors import DataError, first_line, link_problem
 
 SPLITS = ("train", "valid", "test")
 FILE_NAMES = {split: f"ptb.char.{split}.txt" for split in SPLITS}
@@ -114,7 +114,20 @@ class Vocabulary:
 
     @classmethod
     def load(cls, path: Path) -> "Vocabulary":
-        return cls(tuple(json.loads(path.read_text())))
+        """A run's vocab.json; DataError naming the file if it is not a list of distinct symbols."""
+        try:
+            symbols = json.loads(path.read_text(encoding="utf-8"))
+            problem = None
+            if not isinstance(symbols, list) or not all(isinstance(s, str) and s for s in symbols):
+                problem = "not a JSON list of symbols"
+            elif len(set(symbols)) != len(symbols) or not symbols:
+                problem = "its symbols are not distinct" if symbols else "it is empty"
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            problem = first_line(exc)
+        if problem:
+            raise DataError(f"{path} is not a vocabulary file ({problem}); delete it, and a resume or bnrnn eval "
+                            f"writes it again from the training split in data.root")
+        return cls(tuple(symbols))
 
 
 @dataclass
@@ -153,6 +166,9 @@ def download(root: Path) -> dict[str, Path]:
     paths = {split: folder / name for split, name in FILE_NAMES.items()}
     if all(p.is_file() and file_md5(p) == MD5[s] for s, p in paths.items()):
         return paths
+    broken = link_problem(folder)
+    if broken:
+        raise DataError(f"data.root={root} cannot be used: {broken}")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         download_url(ARCHIVE_URL, str(folder), "simple-examples.tgz")

@@ -11,7 +11,7 @@ from torch import nn
 
 from bnrnn.data.batches import SequenceBatches
 from bnrnn.data.mnist import NUM_CLASSES, SEQ_LEN, load_mnist, make_permutation, to_sequences
-from bnrnn.errors import DataError
+from bnrnn.errors import DataError, first_line
 from bnrnn.models import build_rnn
 from bnrnn.nn import SequenceClassifier
 from bnrnn.nn.norms import Statistics
@@ -58,7 +58,13 @@ class MnistTask:
             return
         saved = out_dir / PERMUTATION_FILE
         if saved.is_file():
-            if not torch.equal(torch.load(saved, weights_only=True), self.order):
+            try:
+                kept = torch.load(saved, weights_only=True)
+            except Exception as exc:  # torch's unpickler and zip reader raise several kinds
+                raise DataError(f"{saved} is not a readable pixel order ({first_line(exc).split('. ')[0]}); delete "
+                                f"it, and the order is drawn again from task.permutation_seed="
+                                f"{self.permutation_seed}") from None
+            if not isinstance(kept, torch.Tensor) or not torch.equal(kept, self.order):
                 raise DataError(
                     f"{saved} holds a different pixel order than task.permutation_seed={self.permutation_seed} "
                     f"draws; use the run's original seed or a new run folder"

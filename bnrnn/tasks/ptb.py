@@ -107,6 +107,14 @@ class PtbTask:
         return {"loss": nats / count, "bpc": nats / count / LN2, "characters": count}
 
     @torch.no_grad()
+    def check_lengths(self, split: str, lengths: list[int], batch_size: int | None = None) -> None:
+        """DataError, before any scoring, if a length leaves ``split`` less than one batch."""
+        for length in lengths:
+            try:
+                LengthBatches(getattr(self.corpus, split), length, batch_size or self.batch_size)
+            except DataError as exc:
+                raise DataError(f"--lengths {length} is too long for the {split} split: {exc}") from None
+
     def evaluate_lengths(
         self, model: nn.Module, split: str, lengths: list[int], device: torch.device, batch_size: int | None = None
     ) -> list[dict[str, float]]:
