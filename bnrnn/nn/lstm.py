@@ -42,6 +42,8 @@ class BNLSTM(nn.Module):
         backend: which implementation runs the recurrence (:mod:`bnrnn.nn.backends`):
             ``"auto"`` (the fastest that can run the input), ``"triton"``, ``"cpu"``,
             ``"aten"`` or ``"reference"``. All compute the same function.
+        bias: learn the gate bias (False: zeros, as nn.LSTM's ``bias=False``).
+        learn_initial_state: learn h0 and c0 (False: zeros, as nn.LSTM's default state).
         init: ``"orthogonal"``: every (H, H) / (H, I) gate block of W_h and W_x orthogonal on
             its own. ``"identity_g"``: the authors' ``--init id``: the identity in the cell
             candidate's block of W_h, one orthogonal matrix over the other three blocks
@@ -71,6 +73,8 @@ class BNLSTM(nn.Module):
         norm: str = "batch",
         cuda_graphs: bool = True,
         init: str = "orthogonal",
+        bias: bool = True,
+        learn_initial_state: bool = True,
     ) -> None:
         super().__init__()
         if init not in INITS:
@@ -91,9 +95,19 @@ class BNLSTM(nn.Module):
         gates = 4 * hidden_size
         self.weight_ih = nn.Parameter(torch.empty(gates, input_size))
         self.weight_hh = nn.Parameter(torch.empty(gates, hidden_size))
-        self.bias = nn.Parameter(torch.empty(gates))
-        self.h0 = nn.Parameter(torch.zeros(hidden_size))
-        self.c0 = nn.Parameter(torch.zeros(hidden_size))
+        # Without a bias (nn.LSTM's bias=False) or a learned initial state (nn.LSTM's zero
+        # state), the same names hold zeros as buffers: one code path computes every variant.
+        self.has_bias = bias
+        if bias:
+            self.bias = nn.Parameter(torch.empty(gates))
+        else:
+            self.register_buffer("bias", torch.zeros(gates))
+        if learn_initial_state:
+            self.h0 = nn.Parameter(torch.zeros(hidden_size))
+            self.c0 = nn.Parameter(torch.zeros(hidden_size))
+        else:
+            self.register_buffer("h0", torch.zeros(hidden_size))
+            self.register_buffer("c0", torch.zeros(hidden_size))
 
         def make(features: int, learn_bias: bool) -> Norm:
             return make_norm(norm, features, max_steps, gamma_init, learn_bias, momentum, eps)
@@ -120,7 +134,8 @@ class BNLSTM(nn.Module):
                     for block in weight.split(H, dim=0):
                         nn.init.orthogonal_(block)
             self.bias.zero_()
-            self.bias[H : 2 * H].fill_(self.forget_bias)
+            if self.has_bias:
+                self.bias[H : 2 * H].fill_(self.forget_bias)
             self.h0.zero_()
             self.c0.zero_()
         for bn in self.norms():

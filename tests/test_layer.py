@@ -1,0 +1,237 @@
+"""bnrnn.BNLSTM, the public layer: nn.LSTM's function with its norms off, statistics that
+cover only the running sequences of a padded batch, and inference on a batch of one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from bnrnn import BNLSTM
+
+BACKENDS = ["reference", "aten", "cpu"]  # CUDA's triton: tests/test_cuda.py's machine
+
+
+@pytest.fixture(autouse=True)
+def backend_here(request):
+    """Skip a case whose backend cannot run on this machine (the cpu one needs its extension)."""
+    from bnrnn.nn import backends
+
+    callspec = getattr(request.node, "callspec", None)
+    name = callspec.params.get("backend") if callspec else None
+    if name and not backends.available(name, torch.zeros(1, 1, 1, dtype=torch.float64)):
+        pytest.skip(f"the {name} backend cannot run here")
+LENGTHS = [9, 4, 9, 1, 6]
+
+
+def copy_from_lstm(layer: BNLSTM, lstm: nn.LSTM) -> None:
+    """nn.LSTM's weights into the layer's cells (its two biases summed into one)."""
+    with torch.no_grad():
+        for index, cell in enumerate(layer.cells):
+            suffix = f"l{index // layer.num_directions}" + ("_reverse" if index % layer.num_directions else "")
+            cell.weight_ih.copy_(getattr(lstm, f"weight_ih_{suffix}"))
+            cell.weight_hh.copy_(getattr(lstm, f"weight_hh_{suffix}"))
+            cell.bias.copy_(getattr(lstm, f"bias_ih_{suffix}") + getattr(lstm, f"bias_hh_{suffix}"))
+
+
+def grads(module: nn.Module, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [t.grad.clone() for t in tensors]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("packed", [False, True])
+def test_with_its_norms_off_it_is_nn_lstm(backend, packed):
+    """Outputs, final states and every gradient, float64, from copied weights: two layers,
+    both directions, batch-first, a given initial state; packed with unequal lengths too."""
+    torch.manual_seed(0)
+    lstm = nn.LSTM(3, 5, num_layers=2, bidirectional=True, batch_first=True).double()
+    layer = BNLSTM(3, 5, num_layers=2, bidirectional=True, batch_first=True, norm_terms=(),
+                   backend=backend).double()
+    copy_from_lstm(layer, lstm)
+    x = torch.randn(5, 9, 3, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(4, 5, 5, dtype=torch.float64)
+    c0 = torch.randn(4, 5, 5, dtype=torch.float64)
+    results = []
+    for module in (lstm, layer):
+        x.grad = None
+        inp = pack_padded_sequence(x, LENGTHS, batch_first=True, enforce_sorted=False) if packed else x
+        out, (h_n, c_n) = module(inp, (h0, c0))
+        if packed:
+            out, _ = pad_packed_sequence(out, batch_first=True)
+        (out.square().sum() + h_n.sum() + 2 * c_n.sum()).backward()
+        weights = [p.grad.clone() for p in module.parameters() if p.grad is not None]
+        results.append((out.detach(), h_n.detach(), c_n.detach(), x.grad.clone(), weights))
+    expected, got = results
+    for a, b in zip(expected[:4], got[:4]):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+    # weight gradients: W_ih, W_hh alike; our one bias's gradient is each of nn.LSTM's two
+    ours = iter(got[4])
+    for index in range(4):
+        w_ih, w_hh, b_ih, b_hh = expected[4][4 * index: 4 * index + 4]
+        torch.testing.assert_close(next(ours), w_ih, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(next(ours), w_hh, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(next(ours), b_ih, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(b_hh, b_ih)
+
+
+def masked_reference(cell, x: torch.Tensor, lengths: torch.Tensor):
+    """The BN-LSTM of eq. (6)-(8) over a padded batch, written out: at step t every mean and
+    (biased) variance is over the sequences with lengths > t, the population slot t moves
+    toward them by the EMA, and the ended sequences keep their state. Returns outputs
+    (T, B, H), zero at padding, h_n, c_n, and the running (mean, var) of each norm."""
+    steps, batch = x.shape[:2]
+    H = cell.hidden_size
+    h = x.new_zeros(batch, H)
+    c = x.new_zeros(batch, H)
+    running = {name: [getattr(cell, name).running_mean.clone(), getattr(cell, name).running_var.clone()]
+               for name in ("bn_x", "bn_h", "bn_c")}
+
+    def bn(name: str, v: torch.Tensor, mask: torch.Tensor, t: int) -> torch.Tensor:
+        norm = getattr(cell, name)
+        mean, var = v[mask].mean(0), v[mask].var(0, unbiased=False)
+        slot_mean, slot_var = running[name]
+        running[name] = [slot_mean.index_put((torch.tensor(t),), slot_mean[t] + norm.momentum * (mean - slot_mean[t])),
+                         slot_var.index_put((torch.tensor(t),), slot_var[t] + norm.momentum * (var - slot_var[t]))]
+        y = (v - mean) / torch.sqrt(var + norm.eps) * norm.weight
+        return y if norm.bias is None else y + norm.bias
+
+    outputs = []
+    for t in range(steps):
+        mask = lengths > t
+        gates = bn("bn_x", x[t] @ cell.weight_ih.T, mask, t) + bn("bn_h", h @ cell.weight_hh.T, mask, t) + cell.bias
+        i, f, g, o = gates.chunk(4, dim=1)
+        c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h_new = torch.sigmoid(o) * torch.tanh(bn("bn_c", c_new, mask, t))
+        m = mask.unsqueeze(1)
+        h, c = torch.where(m, h_new, h), torch.where(m, c_new, c)
+        outputs.append(torch.where(m, h_new, torch.zeros_like(h_new)))
+    return torch.stack(outputs), h, c, running
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_statistics_cover_only_the_running_sequences(backend):
+    """Against the BN-LSTM written out with masks: outputs, h_n and c_n at each sequence's own
+    end, the population statistics after the update, and the gradients; padding of any
+    value changes none of them."""
+    torch.manual_seed(1)
+    layer = BNLSTM(3, 4, max_steps=9, gamma_init=0.5, momentum=0.3, backend=backend).double()
+    cell = layer.cells[0]
+    lengths = torch.tensor(LENGTHS)
+    x = torch.randn(9, 5, 3, dtype=torch.float64)
+    padding = torch.arange(9).unsqueeze(1) >= lengths  # (T, B)
+
+    def run(module_call, inputs):
+        inputs = inputs.clone().requires_grad_(True)
+        for p in layer.parameters():
+            p.grad = None
+        out, h_n, c_n, stats = module_call(inputs)
+        (out.square().sum() + h_n.sum() + c_n.square().sum()).backward()
+        return out.detach(), h_n.detach(), c_n.detach(), stats, inputs.grad, [p.grad.clone() for p in layer.parameters()]
+
+    def ours(inputs):
+        before = {n: (getattr(cell, n).running_mean.clone(), getattr(cell, n).running_var.clone())
+                  for n in ("bn_x", "bn_h", "bn_c")}
+        out, (h_n, c_n) = layer(inputs, lengths=lengths)
+        after = {n: [getattr(cell, n).running_mean.clone(), getattr(cell, n).running_var.clone()]
+                 for n in ("bn_x", "bn_h", "bn_c")}
+        for n, (mean, var) in before.items():  # put them back: each call starts from the same population
+            getattr(cell, n).running_mean.copy_(mean)
+            getattr(cell, n).running_var.copy_(var)
+        return out, h_n[0], c_n[0], after
+
+    expected = run(lambda inputs: masked_reference(cell, inputs, lengths), x)
+    got = run(ours, x)
+    noisy = x.masked_fill(padding.unsqueeze(2), 1e3)  # padding of another value entirely
+    again = run(ours, noisy)
+    for result in (got, again):
+        for a, b in zip(expected[:3], result[:3]):
+            torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+        for name in ("bn_x", "bn_h", "bn_c"):
+            for a, b in zip(expected[3][name], result[3][name]):
+                torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(result[4].masked_fill(padding.unsqueeze(2), 0), expected[4].masked_fill(
+            padding.unsqueeze(2), 0), rtol=1e-9, atol=1e-12)
+        assert bool((result[4][padding] == 0).all())  # no gradient reaches the padding
+        for a, b in zip(expected[5], result[5]):
+            if a is not None:
+                torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+
+
+def test_the_reverse_direction_starts_at_each_sequences_own_end():
+    """A bidirectional layer on a padded batch: each sequence's outputs are those it gets alone
+    in the batch of its own length (layer norm: no batch statistics to differ by)."""
+    torch.manual_seed(2)
+    layer = BNLSTM(3, 4, num_layers=2, bidirectional=True, norm="layer").double()
+    x = torch.randn(9, 5, 3, dtype=torch.float64)
+    out, (h_n, c_n) = layer(x, lengths=LENGTHS)
+    for b, length in enumerate(LENGTHS):
+        alone, (h_alone, c_alone) = layer(x[:length, b:b + 1])
+        torch.testing.assert_close(out[:length, b], alone[:, 0], rtol=1e-10, atol=1e-12)
+        assert bool((out[length:, b] == 0).all())
+        torch.testing.assert_close(h_n[:, b], h_alone[:, 0], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(c_n[:, b], c_alone[:, 0], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_in_eval_a_batch_of_one_is_its_row_in_a_batch_of_64(backend):
+    """Population statistics serve any batch size, and lengths past max_steps reuse the last slot."""
+    torch.manual_seed(3)
+    layer = BNLSTM(3, 6, num_layers=2, max_steps=10, momentum=0.5, backend=backend)
+    for _ in range(5):  # population statistics of some training batches
+        layer(torch.randn(10, 32, 3))
+    layer.eval()
+    x = torch.randn(15, 64, 3)  # 15 steps: 5 past the trained length
+    with torch.no_grad():
+        out, (h_n, c_n) = layer(x)
+        one, (h_one, c_one) = layer(x[:, 7:8])
+    torch.testing.assert_close(one[:, 0], out[:, 7], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h_one[:, 0], h_n[:, 7], rtol=1e-5, atol=1e-6)
+
+
+def test_gradcheck_with_lengths():
+    torch.manual_seed(4)
+    layer = BNLSTM(2, 3, bidirectional=True, max_steps=5, backend="reference").double()
+    x = torch.randn(5, 3, 2, dtype=torch.float64, requires_grad=True)
+    lengths = [5, 2, 4]
+
+    def f(inputs):
+        out, (h_n, c_n) = layer(inputs, lengths=lengths)
+        return out, h_n, c_n
+
+    assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(norm_terms=("x", "y")), r"norm_terms may hold 'x', 'h' and 'c', not \['y'\]"),
+    (dict(), r"batch norm keeps statistics per time step: set max_steps"),
+    (dict(max_steps=5, dropout=1.0), r"dropout must be in \[0, 1\)"),
+])
+def test_a_bad_option_is_one_sentence(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        BNLSTM(2, 3, **kwargs)
+
+
+def test_a_padded_batch_may_be_longer_than_its_longest_sequence():
+    layer = BNLSTM(2, 3, max_steps=6)
+    out, (h_n, _) = layer(torch.randn(6, 2, 2), lengths=[3, 2])
+    assert bool((out[3:] == 0).all())
+    torch.testing.assert_close(h_n[0, 0], out[2, 0])
+
+
+def test_lengths_out_of_range_are_refused():
+    layer = BNLSTM(2, 3, max_steps=4)
+    with pytest.raises(ValueError, match=r"lengths must hold one length per sequence, each in 1..4"):
+        layer(torch.randn(4, 2, 2), lengths=[4, 5])
+
+
+def test_the_readme_example_runs_as_written(capsys):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Use the layer in your model", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert len(code.strip().splitlines()) <= 12
+    exec(compile(code, "README.md", "exec"), {})
+    assert capsys.readouterr().out == "torch.Size([1, 50, 32])\n"
