@@ -235,3 +235,19 @@ def test_the_readme_example_runs_as_written(capsys):
     assert len(code.strip().splitlines()) <= 12
     exec(compile(code, "README.md", "exec"), {})
     assert capsys.readouterr().out == "torch.Size([1, 50, 32])\n"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_under_bf16_autocast_every_backend_runs(backend):
+    """The fused recurrences compute in float32 under autocast (their result is float32's to
+    rounding); the reference follows autocast, its GEMMs in bf16 (about 3 significant digits)."""
+    torch.manual_seed(5)
+    layer = BNLSTM(8, 16, max_steps=20, backend=backend)
+    x = torch.randn(20, 4, 8)
+    expected, _ = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, (h_n, c_n) = layer(x)
+    out.float().sum().backward()
+    assert all(p.grad is not None and bool(p.grad.isfinite().all()) for p in layer.parameters())
+    tolerance = 2e-2 if backend == "reference" else 1e-5
+    torch.testing.assert_close(out.float(), expected, rtol=tolerance, atol=tolerance)

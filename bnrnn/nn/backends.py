@@ -85,7 +85,16 @@ FAST_NORMS = ("batch", "layer")  # the norms the fast backends compute (layer no
 
 def run(layer, x: torch.Tensor, state: State | None, t0: int, stats: Statistics) -> tuple[torch.Tensor, State]:
     """``layer``'s forward over ``x`` (T, B, I) with the norms' statistics ``stats``: output
-    (T, B, H) and the final (h, c)."""
+    (T, B, H) and the final (h, c).
+
+    Under ``torch.autocast`` the fused recurrences (aten, cpu, triton) compute in the
+    parameters' dtype, autocast off: their kernels and saved statistics are written for one
+    dtype, and a bf16 GEMM inside them met float32 buffers. The reference follows autocast."""
+    if torch.is_autocast_enabled(x.device.type) and layer.backend != "reference":
+        dtype = layer.weight_hh.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            state = None if state is None else (state[0].to(dtype), state[1].to(dtype))
+            return run(layer, x.to(dtype), state, t0, stats)
     if layer.norms() and layer.norm not in FAST_NORMS:
         return other_norm_forward(layer, x, state, t0, stats)
     name = select(layer.backend, x)
