@@ -251,3 +251,39 @@ def test_under_bf16_autocast_every_backend_runs(backend):
     assert all(p.grad is not None and bool(p.grad.isfinite().all()) for p in layer.parameters())
     tolerance = 2e-2 if backend == "reference" else 1e-5
     torch.testing.assert_close(out.float(), expected, rtol=tolerance, atol=tolerance)
+
+
+class Classifier(nn.Module):
+    """Someone's model with the layer inside: the last layer's final h to three classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = BNLSTM(4, 8, max_steps=6, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, (h_n, _) = self.rnn(x)
+        return self.head(h_n[-1])
+
+
+def compiled_matches_eager(backend: str) -> None:
+    torch.manual_seed(6)
+    model, x = Classifier(), torch.randn(3, 6, 4)
+    compiled = torch.compile(model, backend=backend)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+    model.train()
+    compiled(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_a_model_holding_the_layer_compiles_and_runs():
+    """torch.compile traces the model; the layer's own kernels (the C++ extension, the fused
+    ATen recurrence with its autograd Function) are graph breaks, not errors (docs/layer.md)."""
+    compiled_matches_eager("aot_eager")
+
+
+@pytest.mark.slow
+def test_a_model_holding_the_layer_compiles_with_inductor():
+    compiled_matches_eager("inductor")
