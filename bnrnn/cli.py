@@ -103,6 +103,8 @@ class TrainApp:
             overrides=list(hydra_cfg.overrides.task),
             choices={k: v for k, v in choices.items() if k in GROUPS},
             new_folder=bool(self.preflight and self.preflight.creates(out_dir)),
+            created=self.preflight.new_roots[0] if self.preflight and self.preflight.new_roots and not multirun
+            else None,
             lock=self.preflight.lock if self.preflight and not multirun else None,
         )
         try:

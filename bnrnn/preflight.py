@@ -170,7 +170,10 @@ def check_command_line(args: list[str]) -> Preflight | None:
         if not any(o.startswith(pin_key + "=") for o in overrides):
             preflight.hydra_overrides.append(f"{pin_key}={root}")
         if not root.exists():
-            preflight.new_roots.append(root.resolve())
+            created = root.resolve()
+            while not created.parent.exists():  # the folders made to hold it go with it (runs/<task>-<model>/)
+                created = created.parent
+            preflight.new_roots.append(created)
         if resumes:
             # .hydra/ keeps each run's first launch; a resume is recorded in history.jsonl
             preflight.hydra_overrides.append("hydra.output_subdir=null")

@@ -57,6 +57,7 @@ class Launch:
     overrides: list[str] | None = None  # the command line's overrides (None: the config is the whole intent)
     choices: dict[str, str] | None = None  # its config-group options (model=bnlstm, ...), for history.jsonl
     new_folder: bool = False  # the run folder did not exist before this launch
+    created: Path | None = None  # the topmost folder this launch created for it (runs/ of a first run), if known
     began: float = field(default_factory=time.monotonic)  # when it started: trainer.max_time counts from here
     lock: RunLock | None = None  # the run folder's lock, where the launch took it already (bnrnn train's preflight)
 
@@ -200,7 +201,7 @@ def train(cfg: DictConfig | dict, out_dir: str | Path, launch: Launch | None = N
     except (BnrnnError, KeyboardInterrupt) as exc:
         lock.release()
         if launch.new_folder:
-            shutil.rmtree(out_dir, ignore_errors=True)  # it holds only what this launch wrote
+            remove_new_folder(out_dir, launch.created)
         if isinstance(exc, KeyboardInterrupt):
             raise Preempted("interrupted during start-up, before the first step; nothing was trained",
                             signal.SIGINT) from None
@@ -225,6 +226,23 @@ def train(cfg: DictConfig | dict, out_dir: str | Path, launch: Launch | None = N
     else:
         record_event(out_dir, "finished", run.state.step)
     return results
+
+
+def remove_new_folder(out_dir: Path, created: Path | None) -> None:
+    """Remove a refused launch's new run folder (it holds only what this launch wrote), then
+    each folder made to hold it, up to ``created``, where it is left empty (another launch
+    may have put its own run there meanwhile)."""
+    shutil.rmtree(out_dir, ignore_errors=True)
+    if created is None:
+        return
+    folder = out_dir.resolve().parent
+    created = created.resolve()
+    while folder == created or created in folder.parents:
+        try:
+            folder.rmdir()  # only when empty
+        except OSError:
+            return
+        folder = folder.parent
 
 
 def start(plan: RunPlan, out_dir: Path) -> Run:

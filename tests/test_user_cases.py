@@ -261,6 +261,8 @@ CASES = [
          bad_test_label, absent=("run",)),
     Case("missing data file", NEW, 2, r"MNIST not found: .* lacks train-images-idx3-ubyte.gz", missing_file,
          absent=("run",)),
+    Case("missing data, into folders the launch makes", [*T, "hydra.run.dir={tmp}/runs/seqmnist-bnlstm/now"], 2,
+         r"MNIST not found", missing_file, absent=("runs",)),
     Case("no validation split", [*NEW, "task.valid_size=0"], 2, r"task.valid_size=0 is invalid: it must be a positive",
          absent=("run",)),
     Case("a bad job in a sweep", [*T, "-m", "trainer.lr=1e-3,nan", "hydra.sweep.dir={tmp}/sweep"], 2,
@@ -596,3 +598,15 @@ def test_an_interrupted_launch_leaves_no_folder_where_no_run_began(tmp_path):
     preflight = Preflight(new_roots=[empty, begun])
     assert preflight.remove_unused_folders() == [empty]
     assert not empty.exists() and (begun / "train.log").exists()
+
+
+def test_a_stopped_sweep_resumed_starts_the_jobs_that_never_started(finished_run, tmp_path):
+    where = Where(tmp_path, FINISHED["data"], tmp_path / "run")
+    first = sweep(where, "trainer.lr=1e-3,2e-3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    never = next((tmp_path / "sweep").glob("*trainer.lr=0.002*"))
+    shutil.rmtree(never)  # as if the sweep had been stopped before its second job
+    again = sweep(where, "trainer.lr=1e-3,2e-3", "trainer.resume=true")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "holds no run to resume: starting a new one" in again.stderr + again.stdout
+    assert json.loads((never / "results.json").read_text())["steps"] == 4
