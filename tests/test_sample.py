@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from bnrnn.errors import ConfigError, DataError
+from bnrnn.evaluate import evaluate_run
 from bnrnn.sample import sample_run, symbols_of, text_of
 from bnrnn.train import train
 
@@ -84,7 +85,7 @@ def test_a_reader_that_stops_early_stops_the_sample_quietly(ptb_run, tmp_path):
 @pytest.mark.parametrize("content, problem", [
     ('["a", "b"', "Expecting"), ('{"a": 1}', "not a JSON list of symbols"), ('["a", "a"]', "not distinct"),
 ])
-def test_a_broken_vocabulary_is_named(ptb_run, tmp_path, content, problem):
+def test_a_broken_vocabulary_is_named(ptb_run, tmp_path, fake_ptb, content, problem):
     import shutil
 
     run = tmp_path / "run"
@@ -92,6 +93,9 @@ def test_a_broken_vocabulary_is_named(ptb_run, tmp_path, content, problem):
     (run / "vocab.json").write_text(content)
     with pytest.raises(DataError, match=rf"vocab.json is not a vocabulary file \(.*{problem}.*\); delete it"):
         sample_run(run, length=5)
+    with pytest.raises(DataError, match=rf"vocab.json is not a vocabulary file \(.*{problem}.*\); delete it"):
+        evaluate_run(run, data_root=str(fake_ptb))  # eval and a resume read it the same way
+    assert not (run / "eval").exists()
 
 
 def test_another_runs_vocabulary_is_named_not_blamed_on_the_checkpoint(ptb_run, tmp_path):
