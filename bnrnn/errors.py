@@ -1,5 +1,8 @@
 """Errors meant for the person at the terminal: printed as one sentence, no traceback."""
 
+import os
+from pathlib import Path
+
 
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type name when it has none): library
@@ -44,9 +47,6 @@ def link_problem(path) -> str | None:
     symbolic link to Y, which does not exist', or '... that loops back on itself'; None if
     no link on the way is broken. (``exists()`` is False for both, and ``mkdir`` then says
     "File exists", ``resolve`` raises.)"""
-    import os
-    from pathlib import Path
-
     path = Path(path)
     for step in [*reversed(path.parents), path]:
         if not step.is_symlink():

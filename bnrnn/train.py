@@ -267,12 +267,17 @@ def start(plan: RunPlan, out_dir: Path) -> Run:
         changed = "; ".join(f"{key} {old} -> {new}" for key, (old, new) in plan.changes.items())
         log.info("resumed %s at step %d%s", out_dir, state.step, f" with {changed}" if changed else "")
         if plan.best_missing:
-            check_steps_left(tcfg.max_steps or tcfg.max_epochs * len(task.train), state.step, ckpt_dir / BEST)
+            check_steps_left(run_length(tcfg, task), state.step, ckpt_dir / BEST)
             log.warning("%s is missing: the best checkpoint is chosen again from the next validation", ckpt_dir / BEST)
             state.best_metric = state.best_step = None
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     return Run(cfg, out_dir, task, model, optimizer, device, state, resumed=plan.resume,
                restarted=bool(plan.restart))
+
+
+def run_length(tcfg: DictConfig, task) -> int:
+    """The run's length in steps: trainer.max_steps, or trainer.max_epochs of the task's epochs."""
+    return tcfg.max_steps or tcfg.max_epochs * len(task.train)
 
 
 def build_model(task, cfg: DictConfig, device: torch.device) -> nn.Module:
@@ -301,7 +306,7 @@ class Run:
         self.ckpt_dir = out_dir / "checkpoints"
         self.metric, self.mode = task.selection
         self.steps_per_epoch = len(task.train)
-        self.max_steps = self.tcfg.max_steps or self.tcfg.max_epochs * self.steps_per_epoch
+        self.max_steps = run_length(self.tcfg, task)
         self.saved_step = state.step if resumed else None  # the step of checkpoints/last.pt
         self.logger = RunLogger(out_dir, purge_step=state.step + 1 if resumed or restarted else None,
                                 elapsed_offset=state.elapsed)
