@@ -17,9 +17,10 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 
 class SequenceBatches:
-    """Classification examples: inputs (N, T) float, labels (N,) int64.
+    """Whole-sequence examples: inputs (N, T) or (N, T, I) float, labels (N,) (class indices,
+    or a target value).
 
-    Yields (x, y): x time-major (T, B, 1), y (B,). Training batches are shuffled per epoch
+    Yields (x, y): x time-major (T, B, I) (I = 1 for (N, T) inputs), y (B,). Training batches are shuffled per epoch
     and the last incomplete batch is dropped (a tiny batch gives poor batch statistics);
     evaluation batches keep every example, in order.
     """
@@ -49,5 +50,6 @@ class SequenceBatches:
             order = torch.arange(self.num_examples)
         for index in range(start, len(self)):
             rows = order[index * self.batch_size : (index + 1) * self.batch_size]
-            x = self.inputs[rows].t().unsqueeze(-1).contiguous()
+            x = self.inputs[rows]
+            x = (x.unsqueeze(-1) if x.dim() == 2 else x).transpose(0, 1).contiguous()
             yield x, self.labels[rows]
