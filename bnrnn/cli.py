@@ -6,7 +6,6 @@ COMP_LINE for tab completion) before Hydra sees the command line.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import re
@@ -40,16 +39,10 @@ commands:
 log = logging.getLogger("bnrnn")
 
 
-def config_dir() -> str:
-    """Absolute path of the Hydra configs: bnrnn/conf in a wheel, <repo>/conf from source."""
-    spec = importlib.util.find_spec("bnrnn.conf")
-    if spec is not None and spec.submodule_search_locations:
-        return str(Path(next(iter(spec.submodule_search_locations))).resolve())
-    return str((Path(__file__).resolve().parents[1] / "conf"))
-
-
 def group_choices(group: str) -> list[str]:
-    return sorted(p.stem for p in Path(config_dir(), group).glob("*.yaml"))
+    from bnrnn.schema import yaml_folder
+
+    return sorted(p.stem for p in Path(yaml_folder(), group).glob("*.yaml"))
 
 
 def check_group_choices(args: list[str]) -> str | None:
@@ -106,6 +99,7 @@ class TrainApp:
             created=self.preflight.new_roots[0] if self.preflight and self.preflight.new_roots and not multirun
             else None,
             lock=self.preflight.lock if self.preflight and not multirun else None,
+            plan=self.preflight.plan if self.preflight and not multirun else None,
         )
         try:
             results = train(cfg, out_dir, launch)
@@ -123,6 +117,7 @@ class TrainApp:
 def run_train(args: list[str]) -> int:
     import hydra
 
+    from bnrnn.config import config_dir
     from bnrnn.errors import BnrnnError
     from bnrnn.preflight import check_command_line
 

@@ -1,8 +1,10 @@
 """The typed configuration schema and its checks.
 
-Hydra composes the YAML in conf/; :func:`typed_config` merges the result onto these
-dataclasses (so a wrong type or an unknown key fails at start-up) and :func:`validate`
-checks ranges. Both raise :class:`ConfigError` with one sentence naming the key.
+Hydra composes the YAML in conf/, which holds only what each option changes;
+:func:`typed_config` merges the result onto the schema of :mod:`bnrnn.schema`, where every
+key, its default and its rule are written once (so a wrong type or an unknown key fails at
+start-up), and :func:`validate` checks the rules. Both raise :class:`ConfigError` with one
+sentence naming the key.
 """
 
 from __future__ import annotations
@@ -10,117 +12,47 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from bnrnn.durations import parse_duration
 from bnrnn.errors import BnrnnError, ConfigError, first_line
+from bnrnn.schema import RULES, STATISTICS_MODES, TaskConfig, TrainConfig, choices_of, declared, yaml_folder
+from bnrnn.tasks import task_class, task_classes, task_kinds
+
+__all__ = ["GROUPS", "STATISTICS_MODES", "TrainConfig", "load_config", "read_run_config", "typed_config", "validate"]
 
 log = logging.getLogger("bnrnn")
 
 
-@dataclass
-class DataConfig:
-    root: str = "~/.cache/bnrnn/data"
-    download: bool = True
+def schema_for(cfg: DictConfig | dict | None = None) -> DictConfig:
+    """The typed schema of a run: :class:`~bnrnn.schema.TrainConfig` with the ``Settings`` of
+    its ``task.kind`` (none given: the schema's default task); ConfigError for a kind no task
+    registers."""
+    given = OmegaConf.create(cfg) if cfg is not None else OmegaConf.create()
+    kind = OmegaConf.select(given, "task.kind", default=None)
+    if kind is not None and not isinstance(kind, str):
+        raise ConfigError(f"task.kind={kind} is invalid: it must be one of {', '.join(task_kinds())}")
+    name = OmegaConf.select(given, "task.name", default=None)
+    owner = next((cls for cls in task_classes() if name in cls.presets), None)
+    if kind is not None and owner is not None and owner.kind != kind:
+        # before the kind's schema refuses the preset's own keys (a seqmnist config's task.permute)
+        raise ConfigError(_identity_refusal("task.kind", kind, owner.kind, name))
+    return OmegaConf.structured(TrainConfig(task=task_class(kind or TaskConfig.kind).Settings()))
 
 
-@dataclass
-class TaskConfig:
-    name: str = "seqmnist"
-    kind: str = "mnist"  # mnist | ptb
-    batch_size: int = 100
-    eval_batch_size: int = 1000
-    # MNIST
-    permute: bool = False
-    permutation_seed: int = 0
-    permutation_with_replacement: bool = False
-    valid_size: int = 10000
-    train_limit: Optional[int] = None
-    # PTB
-    seq_len: int = 100
-    eval_chunk: int = 100
-
-
-@dataclass
-class BNSwitches:
-    x: bool = True
-    h: bool = True
-    c: bool = True
-
-
-@dataclass
-class ModelConfig:
-    name: str = "bnlstm"
-    hidden_size: int = 100
-    num_layers: int = 1
-    bidirectional: bool = False
-    bn: BNSwitches = field(default_factory=BNSwitches)
-    gamma_init: float = 0.1
-    momentum: float = 0.01
-    eps: float = 1e-5
-    forget_bias: float = 1.0
-    h0_noise: float = 0.0
-    t_max: Optional[int] = None
-    init: str = "orthogonal"  # orthogonal | identity_g (the authors' --init id)
-    embedding_size: Optional[int] = None
-    backend: str = "auto"  # auto | triton | cpu | aten | reference (bnrnn.nn.backends)
-    norm: str = "batch"  # batch (Cooijmans et al.) | layer (Ba et al.: lnlstm)
-    cuda_graphs: bool = True
-
-
-@dataclass
-class TrainerConfig:
-    optimizer: str = "rmsprop"  # rmsprop | adam | sgd
-    lr: float = 1e-3
-    momentum: float = 0.9
-    rmsprop_alpha: float = 0.99
-    rmsprop_eps: float = 1e-8
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    weight_decay: float = 0.0
-    clip_norm: Optional[float] = 1.0
-    max_steps: Optional[int] = None
-    max_epochs: Optional[int] = 200
-    eval_every: int = 500
-    valid_stats_every: Optional[int] = None
-    eval_batches: Optional[int] = None
-    log_every: int = 20
-    checkpoint_every: Optional[int] = None
-    max_time: Optional[str] = None
-    max_bad_steps: int = 5
-    resume: bool = False
-    progress: str = "auto"  # auto | on | off
-    test_at_end: bool = True
-    reestimate_stats: bool = False
-    reestimate_batches: Optional[int] = None
-    reestimate_batch_size: Optional[int] = None
-    valid_stats: list[str] = field(default_factory=lambda: ["batch", "ema", "reestimated"])
-    select_on: str = "batch"
-    valid_reestimate_batches: int = 50
-
-
-@dataclass
-class DeviceConfig:
-    name: str = "auto"  # auto | cpu | cuda
-
-
-@dataclass
-class TrainConfig:
-    seed: int = 1
-    data: DataConfig = field(default_factory=DataConfig)
-    task: TaskConfig = field(default_factory=TaskConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    device: DeviceConfig = field(default_factory=DeviceConfig)
+def _identity_refusal(key: str, value: Any, wanted: Any, name: str) -> str:
+    shown = str(wanted).lower() if isinstance(wanted, bool) else wanted
+    return (f"{key}={value} is invalid: it must be {shown} for task.name={name} (choose another task with task=..., "
+            f"which sets both)")
 
 
 def typed_config(cfg: DictConfig | dict) -> DictConfig:
     """Merge a composed config onto the schema; ConfigError on a wrong type or unknown key."""
-    schema = OmegaConf.structured(TrainConfig)
     try:
+        schema = schema_for(cfg)
         merged = OmegaConf.merge(schema, cfg)
         OmegaConf.resolve(merged)
     except OmegaConfBaseException as exc:
@@ -130,46 +62,40 @@ def typed_config(cfg: DictConfig | dict) -> DictConfig:
     return merged
 
 
+def config_dir() -> str:
+    """Absolute path of the Hydra configs, bnrnn/conf in a wheel, <repo>/conf from source,
+    with the schema registered (:func:`register_schema_with_hydra`): every caller composes next."""
+    register_schema_with_hydra()
+    return yaml_folder()
+
+
+def register_schema_with_hydra() -> None:
+    """Give Hydra's composition every key with its default (untyped: the types and rules stay
+    :func:`typed_config`'s and :func:`validate`'s one sentence): ``bnrnn_schema``, the root
+    that ``conf/train.yaml`` starts from, and ``task_schema/<kind>``, each task's keys, which
+    its YAML file places under ``task`` (``- /task_schema/mnist@_here_``). So any key can be
+    overridden on the command line although the YAML holds only what each option changes."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    root = OmegaConf.to_container(OmegaConf.structured(TrainConfig))
+    del root["task"]  # each task's own, from its group option
+    store.store(name="bnrnn_schema", node=root)
+    for cls in task_classes():
+        store.store(group="task_schema", name=cls.kind, node=OmegaConf.to_container(OmegaConf.structured(cls.Settings)))
+
+
 # The config groups of conf/: one option each on the command line (``model=lstm``).
 GROUPS = ("task", "model", "trainer", "device", "experiment")
-
-CHOICES = {
-    "task.kind": ("mnist", "ptb"),
-    "trainer.optimizer": ("rmsprop", "adam", "sgd"),
-    "trainer.progress": ("auto", "on", "off"),
-    "device.name": ("auto", "cpu", "cuda"),
-    "model.init": ("orthogonal", "identity_g"),
-    "model.backend": ("auto", "triton", "cpu", "aten", "reference"),
-    "model.norm": ("batch", "layer", "rms"),  # bnrnn.nn.norms.NORMS
-    "trainer.select_on": ("batch", "ema", "reestimated"),
-}
-STATISTICS_MODES = CHOICES["trainer.select_on"]
-POSITIVE = (
-    "task.batch_size", "task.eval_batch_size", "task.seq_len", "task.eval_chunk",
-    "model.hidden_size", "model.num_layers", "model.gamma_init", "model.eps", "trainer.lr",
-    "trainer.eval_every", "trainer.log_every", "trainer.max_bad_steps", "trainer.valid_reestimate_batches",
-    "trainer.rmsprop_eps", "task.valid_size",
-)
-POSITIVE_OR_NULL = (
-    "model.t_max", "model.embedding_size", "trainer.max_steps", "trainer.max_epochs",
-    "trainer.eval_batches", "trainer.checkpoint_every", "trainer.valid_stats_every", "trainer.reestimate_batches",
-    "trainer.reestimate_batch_size", "trainer.clip_norm", "task.train_limit",
-)
-NON_NEGATIVE = ("seed", "task.permutation_seed", "model.h0_noise", "trainer.weight_decay", "trainer.momentum")
-# What each task's name stands for: the keys that make it that task (conf/task/*.yaml), which
-# an override must not turn into another task while the name (and every table) says this one.
-TASK_IDENTITY = {
-    "seqmnist": {"task.kind": "mnist", "task.permute": False},
-    "pmnist": {"task.kind": "mnist", "task.permute": True},
-    "ptb": {"task.kind": "ptb"},
-}
 # The seed also seeds each epoch's data order as seed * 1_000_003 + epoch, a 64-bit integer.
 MAX_SEED = 2**32 - 1
-UNIT_INTERVAL = ("model.momentum",)  # (0, 1]
 
 
 def validate(cfg: DictConfig) -> None:
-    """Range checks; the first failure raises ConfigError naming the key and the rule."""
+    """Range checks; the first failure raises ConfigError naming the key and the rule.
+
+    Each key's own rule and allowed values are declared with it (:mod:`bnrnn.schema`); the
+    rules between keys follow here, then the task's own (its ``check``)."""
 
     def get(key: str) -> Any:
         return OmegaConf.select(cfg, key)
@@ -182,33 +108,20 @@ def validate(cfg: DictConfig) -> None:
     for key, value in leaves(cfg):
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{key}={value} is invalid: it must be a finite number")
-    for key, allowed in CHOICES.items():
-        if get(key) not in allowed:
+    task = task_class(cfg.task.kind)
+    for key, meta in [*declared(TrainConfig), *declared(task.Settings, "task.")]:
+        allowed = choices_of(meta)
+        if allowed is not None and get(key) not in allowed:
             bad(key, "one of " + ", ".join(allowed))
-    for key in POSITIVE:
-        if not get(key) > 0 or (isinstance(get(key), float) and not math.isfinite(get(key))):
-            bad(key, "a positive number")
-    for key in POSITIVE_OR_NULL:
-        if get(key) is not None and not get(key) > 0:
-            bad(key, "a positive number or null")
-    for key in NON_NEGATIVE:
-        if not get(key) >= 0:
-            bad(key, "zero or more")
+        if meta.get("rule"):
+            test, rule = RULES[meta["rule"]]
+            if not test(get(key)):
+                bad(key, rule)
     if get("seed") > MAX_SEED:
         bad("seed", f"at most {MAX_SEED}")
-    for key in UNIT_INTERVAL:
-        if not 0 < get(key) <= 1:
-            bad(key, "in (0, 1]")
-    for key, value in TASK_IDENTITY.get(get("task.name"), {}).items():
-        if get(key) != value:
-            shown = str(value).lower() if isinstance(value, bool) else value
-            bad(key, f"{shown} for task.name={get('task.name')} (choose another task with task=..., which sets "
-                     f"both)")
-    if not get("trainer.momentum") < 1:
-        bad("trainer.momentum", "in [0, 1) (a momentum of 1 or more never forgets a gradient: the steps grow "
-                                "without bound)")
-    if not 0 < get("trainer.rmsprop_alpha") < 1:
-        bad("trainer.rmsprop_alpha", "in (0, 1)")
+    for key, value in task.presets.get(get("task.name"), {}).items():  # what makes the preset that task
+        if get(f"task.{key}") != value:
+            raise ConfigError(_identity_refusal(f"task.{key}", get(f"task.{key}"), value, get("task.name")))
     betas = get("trainer.betas")
     if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
         bad("trainer.betas", "two numbers in [0, 1)")
@@ -227,9 +140,8 @@ def validate(cfg: DictConfig) -> None:
             bad("trainer.max_time", f"{exc} (or null)")
     if get("trainer.max_steps") is None and get("trainer.max_epochs") is None:
         bad("trainer.max_steps", "set when trainer.max_epochs is null")
-    if cfg.task.kind == "ptb" and cfg.task.seq_len < 2:
-        bad("task.seq_len", "at least 2 for PTB (a window of L characters gives L - 1 predictions)")
-    if cfg.model.bidirectional and cfg.task.kind == "ptb":
+    task.check(cfg, bad)
+    if cfg.model.bidirectional and task.language_model:
         bad("model.bidirectional", "false for a language model (it predicts the next symbol, which a reverse "
             "direction would already have read)")
     if cfg.task.batch_size < 2 and cfg.model.norm == "batch" and (cfg.model.bn.x or cfg.model.bn.h or cfg.model.bn.c):
@@ -254,14 +166,21 @@ def without_unknown_keys(saved: DictConfig | dict) -> tuple[DictConfig, list[str
     """A saved config (a run's config.yaml, a checkpoint's) without the keys this version of
     the schema does not have (a setting since renamed or removed), and the keys dropped, so
     that older runs can still be resumed and evaluated."""
-    schema = OmegaConf.structured(TrainConfig)
     saved = OmegaConf.create(saved) if isinstance(saved, dict) else saved.copy()
+    try:
+        schema = schema_for(saved)
+    except ConfigError:  # a task this version does not have: typed_config names it
+        schema = schema_for()
+    # Before each task had its own keys, every config held all tasks' (a seqMNIST run's
+    # task.seq_len): those are dropped without a word.
+    other_tasks = {key for cls in task_classes() for key, _ in declared(cls.Settings, "task.")}
     dropped = []
 
     def prune(node: DictConfig, known, prefix: str) -> None:
         for key in list(node.keys()):
             if key not in known:
-                dropped.append(prefix + str(key))
+                if prefix + str(key) not in other_tasks:
+                    dropped.append(prefix + str(key))
                 del node[key]
             elif isinstance(node[key], DictConfig) and isinstance(known[key], DictConfig):
                 prune(node[key], known[key], f"{prefix}{key}.")

@@ -127,7 +127,7 @@ def score_run(run_dir: Path, config_file: Path, ckpt_path: Path, out_dir: Path, 
     device = resolve_device(cfg.device.name)
     task = build_task(cfg)
     task.keep_artifacts(run_dir)  # the run's pixel order / vocabulary must be the data's
-    if lengths and not hasattr(task, "evaluate_lengths"):
+    if lengths and not task.language_model:
         raise BnrnnError(f"--lengths needs a language-modelling task; {run_dir} trained on {cfg.task.name}")
     if lengths:
         task.check_lengths(split, list(lengths), batch_size)

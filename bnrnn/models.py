@@ -6,6 +6,7 @@ from omegaconf import DictConfig
 
 from bnrnn.nn import BNLSTM
 from bnrnn.nn.stack import StackedLSTM
+from bnrnn.schema import layer_arguments
 
 
 def build_rnn(model_cfg: DictConfig, input_size: int, train_length: int) -> BNLSTM | StackedLSTM:
@@ -20,18 +21,6 @@ def build_rnn(model_cfg: DictConfig, input_size: int, train_length: int) -> BNLS
 
 
 def layer_options(model_cfg: DictConfig) -> dict:
-    """The keyword arguments every :class:`BNLSTM` layer of the model shares."""
-    return dict(
-        bn_x=model_cfg.bn.x,
-        bn_h=model_cfg.bn.h,
-        bn_c=model_cfg.bn.c,
-        gamma_init=model_cfg.gamma_init,
-        momentum=model_cfg.momentum,
-        eps=model_cfg.eps,
-        forget_bias=model_cfg.forget_bias,
-        h0_noise=model_cfg.h0_noise,
-        backend=model_cfg.backend,
-        norm=model_cfg.norm,
-        cuda_graphs=model_cfg.cuda_graphs,
-        init=model_cfg.init,
-    )
+    """The keyword arguments every :class:`BNLSTM` layer of the model shares: the keys the
+    schema declares with a ``layer_arg``."""
+    return layer_arguments(model_cfg)

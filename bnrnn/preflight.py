@@ -29,9 +29,10 @@ from pathlib import Path
 
 from omegaconf import open_dict
 
-from bnrnn.config import load_config
+from bnrnn.config import config_dir, load_config
 from bnrnn.errors import BnrnnError, ConfigError, first_line
-from bnrnn.runfolder import HISTORY_FILE, check_output_location, make_writable_folder, plan_run, read_history
+from bnrnn.runfolder import (HISTORY_FILE, RunPlan, check_output_location, make_writable_folder, plan_run,
+                             read_history)
 from bnrnn.runlock import RunLock
 
 MULTIRUN_FLAGS = ("-m", "--multirun")
@@ -56,6 +57,9 @@ class Preflight:
     new_roots: list[Path] = field(default_factory=list)
     lock: RunLock | None = None
     jobs: list[Job] = field(default_factory=list)
+    # A single run's plan, which bnrnn.train.train takes as it is (a sweep's jobs are checked
+    # here and planned as each starts: holding every resumed job's checkpoint would not scale)
+    plan: RunPlan | None = None
 
     def creates(self, folder: Path) -> bool:
         """Whether ``folder`` (a job's output folder) is, or lies in, a folder this launch creates."""
@@ -112,8 +116,6 @@ def check_command_line(args: list[str]) -> Preflight | None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from bnrnn.cli import config_dir
-
     flags = [a for a in args if a.startswith("-")]
     if any(flag not in MULTIRUN_FLAGS for flag in flags):
         return None
@@ -162,6 +164,8 @@ def check_command_line(args: list[str]) -> Preflight | None:
                 if not drawn:
                     plan = plan_run(cfg, folder, job)
                     resumes = resumes or plan.resume
+                    if not multirun:
+                        preflight.plan = plan
             except BnrnnError as exc:
                 raise type(exc)(f"{where}{exc}") from None
             if multirun and not drawn:

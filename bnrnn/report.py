@@ -25,12 +25,13 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from bnrnn.config import TrainConfig, read_yaml_mapping
+from bnrnn.config import read_yaml_mapping, schema_for
+from bnrnn.schema import TaskConfig
 from bnrnn.errors import BnrnnError
 from bnrnn.paper import PAPER_TEST, validation_curve
 from bnrnn.runfolder import make_writable_folder
 from bnrnn.scoring import DESCRIPTIONS, MODES
-from bnrnn.tasks import task_class
+from bnrnn.tasks import task_class, task_kinds
 
 log = logging.getLogger("bnrnn")
 
@@ -65,8 +66,8 @@ class Run:
     @property
     def selection(self) -> tuple[str, str]:
         """(metric, "max" | "min"): the task's own model-selection rule."""
-        kind = str(self.config.get("task", {}).get("kind", "mnist"))
-        return task_class(kind if kind in ("mnist", "ptb") else "mnist").selection
+        kind = str(self.config.get("task", {}).get("kind", TaskConfig.kind))
+        return task_class(kind if kind in task_kinds() else TaskConfig.kind).selection
 
     @property
     def model(self) -> str:
@@ -177,7 +178,7 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def assign_labels(runs: list[Run]) -> None:
     """Model name plus the settings that differ between the runs of the same task."""
     # A key a run's version did not have yet (model.num_layers) had its default there.
-    defaults = flatten(OmegaConf.to_container(OmegaConf.structured(TrainConfig)))
+    defaults = flatten(OmegaConf.to_container(schema_for()))
     for task in {run.task for run in runs}:
         group = [run for run in runs if run.task == task]
         flat = [{**defaults, **flatten(run.config)} for run in group]
@@ -238,6 +239,7 @@ def format_delta(metric: str, ours: float | None, paper: float | None) -> str:
 
 # Time to a result: the first validation reaching these numbers (plain metric).
 TARGETS = {"accuracy": (0.8, 0.9), "bpc": (1.8, 1.6)}
+METRIC_LABELS = {"accuracy": "validation accuracy (%)", "bpc": "validation bits per character"}
 
 
 def seconds_per_step(run: Run) -> float | None:
@@ -391,11 +393,11 @@ def plot_task(task: str, runs: list[Run], path: Path) -> dict[str, tuple[list[fl
                 s_, _, v_ = zip(*other)
                 by_step.plot(s_, [scale * v for v in v_], mode_style, color=line.get_color(), alpha=0.6, lw=1.2,
                              label=f"{run.label} ({DESCRIPTIONS[mode]})")
-    if metric != "accuracy":  # the paper's bpc starts at log2(50) = 5.6: keep our range readable
+    if metric != "accuracy":  # e.g. the paper's bpc starts at log2(50) = 5.6: keep our range readable
         worst = max(v for _, curve in curves for _, _, v in curve)
         best = min(v for _, curve in curves for _, _, v in curve)
         by_step.set_ylim(top=worst + 0.15 * (worst - best or 1.0))
-    ylabel = "validation accuracy (%)" if metric == "accuracy" else "validation bits per character"
+    ylabel = METRIC_LABELS.get(metric, f"validation {metric}")
     for ax, xlabel in ((by_step, "training steps"), (by_time, "training time (minutes)")):
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)

@@ -25,36 +25,13 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from bnrnn.config import GROUPS, load_config, read_saved_settings, typed_config, without_unknown_keys
 from bnrnn.errors import CheckpointError, ConfigError
+from bnrnn.schema import keys_where
 
 CONFIG_FILE = "config.yaml"
 
-_SHAPE = "the checkpoint's weights have another shape or meaning"
-FIXED_ON_RESUME: dict[str, str] = {
-    "seed": "the data order and every random draw of the run follow it",
-    "task.name": "the checkpoint was trained on another task",
-    "task.kind": "the checkpoint was trained on another task",
-    "task.batch_size": "the checkpoint's place in the data is counted in batches",
-    "task.permute": "the pixel order the checkpoint was trained on",
-    "task.permutation_seed": "the pixel order the checkpoint was trained on",
-    "task.permutation_with_replacement": "the pixel order the checkpoint was trained on",
-    "task.valid_size": "the training / validation split the checkpoint was trained and selected on",
-    "task.train_limit": "the training set the checkpoint's place in the data refers to",
-    "task.seq_len": "the training windows the checkpoint's place in the data refers to",
-    "model.name": _SHAPE,
-    "model.hidden_size": _SHAPE,
-    "model.num_layers": _SHAPE,
-    "model.bidirectional": _SHAPE,
-    "model.bn.x": _SHAPE,
-    "model.bn.h": _SHAPE,
-    "model.bn.c": _SHAPE,
-    "model.t_max": _SHAPE,
-    "model.embedding_size": _SHAPE,
-    "model.eps": "the normalisation the weights were trained with",
-    "model.norm": "the normalisation the weights were trained with",
-    "trainer.optimizer": "the optimiser state in the checkpoint belongs to the other optimiser",
-    "trainer.select_on": "the best checkpoint so far was chosen on the other statistics",
-}
-INIT_ONLY = ("model.gamma_init", "model.forget_bias", "model.init")
+# Declared with each key in the schema (bnrnn.schema: ``fixed=`` and ``init_only=``).
+FIXED_ON_RESUME: dict[str, str] = keys_where("fixed")
+INIT_ONLY = tuple(keys_where("init_only"))
 IGNORED = ("trainer.resume",)  # always differs on a resume; not a change of the run
 
 

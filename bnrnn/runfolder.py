@@ -1,8 +1,10 @@
 """A run folder's state, and what a launch into it may do, decided before anything is written.
 
-:func:`plan_run` is called twice with the same answer: by ``bnrnn train`` before Hydra
-creates or writes anything (for every job of a sweep before the first one starts), and by
-:func:`bnrnn.train.train` itself. It writes nothing. It refuses:
+:func:`plan_run` decides once per launch: ``bnrnn train``'s preflight plans a single run
+before Hydra creates or writes anything and hands the plan to :func:`bnrnn.train.train`; a
+sweep's jobs are all checked there before the first starts, and each is planned as it
+starts (the Python API's ``train(cfg, run_dir)`` plans its own). It writes nothing. It
+refuses:
 
 - a folder that cannot be made or written (a file in the way, no permission);
 - a folder another live process is writing to (:mod:`bnrnn.runlock`);

@@ -22,6 +22,7 @@ from bnrnn.config import load_config, read_run_config
 from bnrnn.data.ptb import EOL, Vocabulary, shown
 from bnrnn.device import resolve_device
 from bnrnn.errors import BnrnnError, CheckpointError, ConfigError, DataError
+from bnrnn.tasks import task_class
 from bnrnn.tasks.ptb import VOCAB_FILE, language_model
 
 WORD_BREAK = "_"
@@ -43,7 +44,7 @@ def load_language_model(run_dir: Path, checkpoint: str, device_name: str | None)
     if device_name is not None:
         cfg.device.name = device_name
     cfg = load_config(cfg)
-    if cfg.task.kind != "ptb":
+    if not task_class(cfg.task.kind).language_model:
         raise ConfigError(f"bnrnn sample needs a language-modelling run; {run_dir} trained on {cfg.task.name}")
     vocab_file = run_dir / VOCAB_FILE
     if not vocab_file.is_file():

@@ -60,6 +60,7 @@ class Launch:
     created: Path | None = None  # the topmost folder this launch created for it (runs/ of a first run), if known
     began: float = field(default_factory=time.monotonic)  # when it started: trainer.max_time counts from here
     lock: RunLock | None = None  # the run folder's lock, where the launch took it already (bnrnn train's preflight)
+    plan: RunPlan | None = None  # what the launch does, where bnrnn train's preflight decided it already
 
 
 def build_optimizer(trainer: DictConfig, params) -> torch.optim.Optimizer:
@@ -191,7 +192,7 @@ def train(cfg: DictConfig | dict, out_dir: str | Path, launch: Launch | None = N
     """
     out_dir = Path(out_dir)
     launch = launch or Launch(new_folder=not out_dir.exists())
-    plan = plan_run(load_config(cfg), out_dir, launch.overrides, lock_held=launch.lock is not None)
+    plan = launch.plan or plan_run(load_config(cfg), out_dir, launch.overrides, lock_held=launch.lock is not None)
     lock = launch.lock
     if lock is None:
         make_writable_folder(out_dir, "the run folder")

@@ -127,7 +127,7 @@ def compose(overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from bnrnn.cli import config_dir
+    from bnrnn.config import config_dir
 
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         return hydra_compose("train", overrides=overrides)

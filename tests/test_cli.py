@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +11,10 @@ from conftest import make_fake_mnist
 
 def bnrnn(*args, cwd):
     return subprocess.run([sys.executable, "-m", "bnrnn.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+# conf/task/*.yaml: seqmnist, pmnist, ptb and any task added since
+TASK_OPTIONS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "task").glob("*.yaml"))
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +26,7 @@ def corrupt_root(tmp_path_factory):
 
 
 @pytest.mark.parametrize("args,expected", [
-    (["task=foo"], "unknown task 'foo'; choose one of: pmnist, ptb, seqmnist"),
+    (["task=foo"], "unknown task 'foo'; choose one of: " + ", ".join(TASK_OPTIONS)),
     (["model=bar"], "unknown model 'bar'"),
     (["-m", "model=lstm,bnlst"], "unknown model 'bnlst'"),
     (["device=tpu"], "unknown device 'tpu'"),

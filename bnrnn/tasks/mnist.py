@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -15,13 +17,44 @@ from bnrnn.errors import DataError, first_line
 from bnrnn.models import build_rnn
 from bnrnn.nn import SequenceClassifier
 from bnrnn.nn.norms import Statistics
+from bnrnn.schema import TaskConfig, setting
+from bnrnn.tasks import register
 
 PERMUTATION_FILE = "permutation.pt"
 STATISTICS_CHUNK = 112  # steps per piece when re-estimating (784 = 7 x 112)
 
 
+PIXEL_ORDER = "the pixel order the checkpoint was trained on"
+
+
+@dataclass
+class MnistSettings(TaskConfig):
+    """Sequential MNIST: 784 steps, one pixel per step in [0, 1]; 50k train / 10k valid / 10k test."""
+
+    # pMNIST: one fixed pixel permutation drawn from permutation_seed (saved with the run);
+    # permutation_with_replacement=true reproduces the authors' randint(0, 784, 784) draw
+    permute: bool = setting(False, fixed=PIXEL_ORDER)
+    permutation_seed: int = setting(0, rule="non_negative", fixed=PIXEL_ORDER)
+    permutation_with_replacement: bool = setting(False, fixed=PIXEL_ORDER)
+    # validation images, taken from the end of the 60k training file
+    valid_size: int = setting(10000, rule="positive",
+                              fixed="the training / validation split the checkpoint was trained and selected on")
+    # use only the first N training examples (quick runs)
+    train_limit: Optional[int] = setting(None, rule="positive_or_null",
+                                         fixed="the training set the checkpoint's place in the data refers to")
+
+
+@register
 class MnistTask:
+    kind = "mnist"
+    Settings = MnistSettings
+    presets = {"seqmnist": {"permute": False}, "pmnist": {"permute": True}}
     selection = ("accuracy", "max")
+    language_model = False
+
+    @classmethod
+    def check(cls, cfg: DictConfig, bad) -> None:
+        pass
 
     def __init__(self, cfg: DictConfig) -> None:
         task = cfg.task

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,6 +17,8 @@ from bnrnn.errors import DataError
 from bnrnn.models import build_rnn
 from bnrnn.nn import CharLanguageModel
 from bnrnn.nn.norms import Statistics
+from bnrnn.schema import TaskConfig, setting
+from bnrnn.tasks import register
 
 VOCAB_FILE = "vocab.json"
 LN2 = math.log(2.0)
@@ -37,8 +40,35 @@ def language_model(model_cfg: DictConfig, vocab_size: int, train_length: int) ->
     return CharLanguageModel(build_rnn(model_cfg, width, train_length), vocab_size, model_cfg.embedding_size)
 
 
+@dataclass
+class PtbSettings(TaskConfig):
+    """Penn Treebank characters (Mikolov's split, 50 symbols with the line end), in bits per
+    character. Training: windows of seq_len symbols (seq_len - 1 predictions) cut at a fresh
+    random offset every epoch; T_max = seq_len - 1. Validation and test stream through the
+    whole split as eval_batch_size parallel pieces, eval_chunk steps at a time, the state
+    carried over (eval_batch_size=1: the split as one long sequence, as the paper's test)."""
+
+    name: str = "ptb"
+    kind: str = "ptb"
+    batch_size: int = 64
+    eval_batch_size: int = 64
+    seq_len: int = setting(100, rule="positive",
+                           fixed="the training windows the checkpoint's place in the data refers to")
+    eval_chunk: int = setting(100, rule="positive")
+
+
+@register
 class PtbTask:
+    kind = "ptb"
+    Settings = PtbSettings
+    presets = {"ptb": {}}
     selection = ("bpc", "min")
+    language_model = True
+
+    @classmethod
+    def check(cls, cfg: DictConfig, bad) -> None:
+        if cfg.task.seq_len < 2:
+            bad("task.seq_len", "at least 2 for PTB (a window of L characters gives L - 1 predictions)")
 
     def __init__(self, cfg: DictConfig) -> None:
         task = cfg.task
