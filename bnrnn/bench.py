@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
-import gc
 import json
 import statistics
 import sys
@@ -28,12 +26,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bnrnn.nn import BNLSTM, cpu_extension
+from bnrnn.kernels.cpu import extension as cpu_extension
+from bnrnn.nn import BNLSTM
 from bnrnn.nn.workspace import WORKSPACE
+from bnrnn.allocator import proc_status_kib, release_freed_memory, steady_allocator
+from bnrnn.bench_report import BASES, format_report
 
 TOLERANCE = 1e-5  # max |fast - reference| / max |reference| per tensor, our paths against our reference
 # Our vanilla LSTM against torch.nn.LSTM: another library's float32 summation order, over up to
-# 784 steps (cuDNN on an H100 at the seqMNIST shape: 1.1e-5; the CPU: below 1e-5).
+# 784 steps (the differences seen on each device: docs/performance.md).
 TORCH_TOLERANCE = 5e-5
 
 
@@ -75,7 +76,6 @@ MODELS = {
     "LN-LSTM reference": dict(norm="layer", gamma_init=1.0, backend="reference"),
 }
 # The rows the training table's ratio columns are relative to.
-BASES = ("nn.LSTM", "ours vanilla")
 # On a GPU, also the triton backend's parts: its kernels launched step by step (no CUDA
 # graphs), and the aten backend it replaces.
 GPU_VARIANTS = {
@@ -154,8 +154,8 @@ def medians(samples: dict[str, list[float]]) -> dict[str, float]:
 def paired_ratios(samples: dict[str, list[float]], bases: tuple[str, ...]) -> dict[str, dict[str, float]]:
     """{name: {base: ratio}}: the median over rounds of name's time over base's time in the
     same round, for each base timed in the same rounds. Models in one round see the same
-    machine state, so the per-round ratio cancels the slow swings of a shared VM (up to 2x
-    within minutes here) that a ratio of two medians taken over different moments keeps."""
+    machine state, so the per-round ratio cancels the slow swings of a shared VM that a
+    ratio of two medians taken over different moments keeps."""
     return {name: {base: statistics.median(a / b for a, b in zip(times, samples[base]))
                    for base in bases if base in samples}
             for name, times in samples.items()}
@@ -280,56 +280,6 @@ def peak_memory_mb(model: str, shape: Shape, device: torch.device) -> float | No
         return None
 
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
-
-
-def glibc():
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
-def steady_allocator() -> bool:
-    """Make glibc reuse freed blocks of up to 32 MB (its largest fixed mmap threshold) and
-    keep freed memory, so that every model is timed in the same, steady allocator state.
-
-    torch.nn.LSTM (oneDNN on the CPU) allocates its per-sequence tensors anew each step.
-    With glibc's defaults they come either from fresh pages or from reused heap memory,
-    depending on what the process freed before (glibc raises its mmap threshold after large
-    frees), and the same nn.LSTM step measured anywhere from 130 to 330 ms at seqMNIST. Fixed
-    this way it measures at its fast end. (Our fast path keeps its buffers in a pool and
-    does not depend on it.) False where glibc is not the allocator.
-    """
-    libc = glibc()
-    if libc is None:
-        return False
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
-
-
-def release_freed_memory() -> None:
-    """Make freed memory leave the resident set, so that RSS tracks live allocations.
-
-    glibc keeps freed blocks for reuse and raises its mmap threshold after large frees;
-    a fixed threshold returns every large tensor to the system on free, and malloc_trim
-    hands back the rest. A no-op where glibc is not the allocator.
-    """
-    libc = glibc()
-    if libc is None:
-        return
-    libc.mallopt(M_MMAP_THRESHOLD, 1 << 16)
-    gc.collect()
-    libc.malloc_trim(0)
-
-
-def proc_status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise OSError(f"/proc/self/status has no {field}")
-
-
 # -- the report ---------------------------------------------------------------------------------
 
 
@@ -361,38 +311,6 @@ def bench_shape(shape: Shape, models: list[str], device: torch.device, warmup: i
                                device, warmup, repeats)
     return {"shape": shape.__dict__, "train_s": train, "train_ratios": ratios, "inference_s": medians(samples),
             "inference_ratios": paired_ratios(samples, ("nn.LSTM", "BN-LSTM unfolded")), "peak_mb": {}}
-
-
-def ratio_text(result: dict, kind: str, name: str, base: str) -> str:
-    """name's time relative to base's, as printed: the paired per-round ratio where both ran
-    in the same rounds, else (the reference, timed in rounds of its own) the ratio of medians."""
-    paired = result.get(f"{kind}_ratios", {}).get(name, {})
-    if base in paired:
-        return f"{paired[base]:.2f}"
-    times = result[f"{kind}_s"]
-    return f"{times[name] / times[base]:.2f}" if times.get(base) else "-"
-
-
-def format_report(results: list[dict], checks: list[tuple[str, str, float, float]], header: str) -> str:
-    lines = [header, ""]
-    lines += ["| shape | model | train step (ms) | / nn.LSTM | / ours vanilla | peak memory (MB) |",
-              "|---|---|---:|---:|---:|---:|"]
-    for r in results:
-        for name, seconds in r["train_s"].items():
-            ratios = " | ".join(ratio_text(r, "train", name, base) for base in BASES)
-            peak = r["peak_mb"].get(name)
-            peak_text = f"{peak:.0f}" if peak is not None else "n/a"
-            lines.append(f"| {r['shape']['name']} | {name} | {seconds * 1e3:.1f} | {ratios} | {peak_text} |")
-    lines += ["", "| shape | inference, no grad | time (ms) | / nn.LSTM | / unfolded |", "|---|---|---:|---:|---:|"]
-    for r in results:
-        inf = r["inference_s"]
-        for name, seconds in inf.items():
-            ratios = " | ".join(ratio_text(r, "inference", name, base) for base in ("nn.LSTM", "BN-LSTM unfolded"))
-            lines.append(f"| {r['shape']['name']} | {name} | {seconds * 1e3:.1f} | {ratios} |")
-    lines += ["", "numerics (max |fast - reference| / max |reference|):"]
-    for shape, what, err, tolerance in checks:
-        lines.append(f"  {'ok  ' if err <= tolerance else 'FAIL'} {shape}: {what}: {err:.2e} (tolerance {tolerance:g})")
-    return "\n".join(lines)
 
 
 def cpu_gemms() -> str:

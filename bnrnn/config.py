@@ -77,6 +77,8 @@ def register_schema_with_hydra() -> None:
     overridden on the command line although the YAML holds only what each option changes."""
     from hydra.core.config_store import ConfigStore
 
+    if not OmegaConf.has_resolver("bnrnn_config_groups"):  # bnrnn train --help: the groups a user picks from
+        OmegaConf.register_new_resolver("bnrnn_config_groups", config_groups_text)
     store = ConfigStore.instance()
     root = OmegaConf.to_container(OmegaConf.structured(TrainConfig))
     del root["task"]  # each task's own, from its group option
@@ -87,6 +89,14 @@ def register_schema_with_hydra() -> None:
 
 # The config groups of conf/: one option each on the command line (``model=lstm``).
 GROUPS = ("task", "model", "trainer", "device", "experiment")
+
+
+def config_groups_text() -> str:
+    """'task: adding, pmnist, ...' a line per group of :data:`GROUPS`, for the help text (the
+    schema's own task_schema group is not a choice)."""
+    folder = Path(yaml_folder())
+    return "\n".join(f"{group}: {', '.join(sorted(p.stem for p in (folder / group).glob('*.yaml')))}"
+                     for group in sorted(GROUPS))
 # The seed also seeds each epoch's data order as seed * 1_000_003 + epoch, a 64-bit integer.
 MAX_SEED = 2**32 - 1
 

@@ -135,13 +135,17 @@ def check_backend(cfg: DictConfig) -> None:
     from bnrnn.nn import backends
 
     device = resolve_device(cfg.device.name)
-    name = cfg.model.backend
-    if name in ("auto", "aten", "reference"):
+    backend = backends.registered()[cfg.model.backend] if cfg.model.backend != backends.AUTO else None
+    if backend is None:
         return
-    probe = torch.zeros(1, 1, 1, device=device)
-    if not backends.available(name, probe):
-        needs = {"triton": "a CUDA GPU and the triton package", "cpu": "the compiled CPU extension"}[name]
-        raise ConfigError(f"model.backend={name} cannot run on {device}: it needs {needs}; use model.backend=auto, "
+    norms_on = cfg.model.bn.x or cfg.model.bn.h or cfg.model.bn.c
+    if not backend.computes(cfg.model.norm if norms_on else None):
+        raise ConfigError(f"model.backend={backend.name} cannot run model.norm={cfg.model.norm}: it computes "
+                          f"{' and '.join(backend.norms)} norm; use model.backend=auto, which picks the fastest "
+                          f"backend that can")
+    reason = backend.cannot_run(torch.zeros(1, 1, 1, device=device))
+    if reason is not None:
+        raise ConfigError(f"model.backend={backend.name} cannot run on {device}: {reason}; use model.backend=auto, "
                           f"which picks the fastest backend that can")
 
 

@@ -57,9 +57,9 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 
 def _backends() -> tuple:
-    from bnrnn.nn.backends import NAMES
+    from bnrnn.nn.backends import names
 
-    return NAMES
+    return names()
 
 
 def _norms() -> tuple:

@@ -168,7 +168,7 @@ def small_mnist_cfg(fake_mnist):
 def require_compiled_cpu_loop() -> None:
     """Skip the calling test where the compiled CPU extension cannot be built (no C++
     compiler), but fail it in CI, which has one: there the compiled path must be tested."""
-    from bnrnn.nn import cpu_extension
+    from bnrnn.kernels.cpu import extension as cpu_extension
 
     if not cpu_extension.load():
         reason = f"the compiled CPU loop did not build: {cpu_extension.failure()}"
@@ -183,7 +183,7 @@ def limit_gemm():
     best torch's BLAS (as on a CPU without AVX-512), or ATen's mm for everything."""
     import contextlib
 
-    from bnrnn.nn import cpu_extension
+    from bnrnn.kernels.cpu import extension as cpu_extension
 
     with contextlib.ExitStack() as stack:
         def limit(kind: str) -> None:

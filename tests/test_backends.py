@@ -4,7 +4,7 @@ Two layers with identical parameters and buffers, one on a fast backend and one 
 ``backend="reference"``,
 must give the same outputs, final state, gradients (inputs, weights, gammas, betas, initial
 state) and population statistics, in every statistics mode and beyond T_max. Every test runs
-on both CPU backends: ``cpu``, the compiled loops (bnrnn.nn.cpu_recurrence), and ``aten``
+on both CPU backends: ``cpu``, the compiled loops (bnrnn.kernels.cpu.recurrence), and ``aten``
 (bnrnn.nn.aten_recurrence).
 """
 
@@ -13,7 +13,9 @@ import copy
 import pytest
 import torch
 
-from bnrnn.nn import BNLSTM, aten_recurrence, cpu_extension, cpu_recurrence
+from bnrnn.kernels.cpu import extension as cpu_extension
+from bnrnn.kernels.cpu import recurrence as cpu_recurrence
+from bnrnn.nn import BNLSTM, recurrent_product
 from bnrnn.nn.norms import Statistics
 from conftest import require_compiled_cpu_loop
 
@@ -279,12 +281,12 @@ def test_pooled_buffers_give_the_same_gradients_step_after_step(cpu_loop):
 @pytest.mark.parametrize("switches", [(True, True, True), (False, False, False)], ids=["bnlstm", "vanilla"])
 def test_large_hidden_size(switches, dtype, cpu_loop):
     """H = 256: in float32 the recurrent products go through W_h packed (for oneDNN,
-    aten_recurrence.PACKED_MIN_HIDDEN, or in the compiled loop for its own AVX-512 kernel where the CPU
+    recurrent_product.PACKED_MIN_HIDDEN, or in the compiled loop for its own AVX-512 kernel where the CPU
     has one; float64 stays on mm), and in the compiled loop dW_h is one GEMM per chunk of steps
     (cpu_recurrence.CHUNKED_WEIGHT_GRAD_MIN_HIDDEN): training and folded inference
     against the reference."""
     fast, ref = twin_layers(switches, dtype, randomised=False, max_steps=4, I=12, H=256)
-    packed = aten_recurrence.packed_weight(fast.weight_hh, 8) is not None
+    packed = recurrent_product.packed_weight(fast.weight_hh, 8) is not None
     assert packed == (dtype == torch.float32)  # the paths under test
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 8, 12, generator=g, dtype=dtype)

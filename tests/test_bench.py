@@ -3,8 +3,10 @@
 import pytest
 import torch
 
-from bnrnn import bench
-from bnrnn.nn import aten_recurrence, cpu_extension, cpu_recurrence
+from bnrnn import bench, bench_report
+from bnrnn.kernels.cpu import extension as cpu_extension
+from bnrnn.kernels.cpu import recurrence as cpu_recurrence
+from bnrnn.nn import aten_recurrence
 
 
 def test_bench_prints_every_model_and_passes_its_numerics_check(capsys, tmp_path):
@@ -69,9 +71,9 @@ def test_ratios_pair_the_models_within_each_round():
     assert ratios["ours vanilla"] == pytest.approx({"nn.LSTM": 1.2, "ours vanilla": 1.0})
     assert ratios["nn.LSTM"]["ours vanilla"] == pytest.approx(1 / 1.2)
     result = {"train_s": {**bench.medians(samples), "reference": 5.0}, "train_ratios": ratios}
-    assert bench.ratio_text(result, "train", "ours vanilla", "nn.LSTM") == "1.20"
+    assert bench_report.ratio_text(result, "train", "ours vanilla", "nn.LSTM") == "1.20"
     # A row timed in rounds of its own (the reference) falls back to the ratio of medians.
-    assert bench.ratio_text(result, "train", "reference", "nn.LSTM") == "5.00"
+    assert bench_report.ratio_text(result, "train", "reference", "nn.LSTM") == "5.00"
 
 
 def test_the_header_says_which_gemms_the_cpu_loops_use():

@@ -1,4 +1,4 @@
-"""The compiled CPU loops (bnrnn/nn/csrc/recurrence_cpu.cpp) and the buffer pool they use.
+"""The compiled CPU loops (bnrnn/kernels/cpu/csrc/recurrence_cpu.cpp) and the buffer pool they use.
 
 Their equivalence with the reference layer is in test_backends.py (every test there runs on
 both CPU backends); here: the float activations' accuracy, results independent of the thread count,
@@ -11,7 +11,8 @@ import warnings
 import pytest
 import torch
 
-from bnrnn.nn import BNLSTM, backends, cpu_extension, workspace
+from bnrnn.kernels.cpu import extension as cpu_extension
+from bnrnn.nn import BNLSTM, backends, workspace
 from conftest import require_compiled_cpu_loop
 
 
@@ -142,7 +143,7 @@ def test_a_failed_build_falls_back_to_the_aten_backend_and_says_so_once(monkeypa
     monkeypatch.setattr(cpu_extension, "SOURCE", tmp_path / "missing.cpp")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "build"))
     x = torch.randn(6, 4, 3)
-    assert backends.select("auto", x) == "cpu"  # asking builds nothing ...
+    assert backends.select("auto", x).name == "cpu"  # asking builds nothing ...
     assert cpu_extension.failure() is None
     torch.manual_seed(0)
     layer = BNLSTM(3, 5, max_steps=6)
@@ -151,7 +152,7 @@ def test_a_failed_build_falls_back_to_the_aten_backend_and_says_so_once(monkeypa
     assert cpu_extension.failure()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # said once only
-        assert not cpu_extension.usable(x) and backends.select("auto", x) == "aten"
+        assert not cpu_extension.usable(x) and backends.select("auto", x).name == "aten"
         layer(x)
     reference = BNLSTM(3, 5, max_steps=6, backend="reference")
     reference.load_state_dict(layer.state_dict())
@@ -206,7 +207,7 @@ def test_which_inputs_the_cpu_backend_takes():
     x = torch.randn(3, 2, 4)
     assert cpu_extension.usable(x) and cpu_extension.usable(x.double())
     assert not cpu_extension.usable(x.half())
-    assert backends.select("auto", x) == "cpu" and backends.select("auto", x.half()) == "aten"
+    assert backends.select("auto", x).name == "cpu" and backends.select("auto", x.half()).name == "aten"
     with pytest.raises(ValueError, match="model.backend=cpu cannot run this input"):
         backends.select("cpu", x.half())
 
@@ -327,7 +328,7 @@ def test_input_projection_on_the_own_kernel(small_gemm, bias):
     """cpu_recurrence.project_input (W_x x + b before the loops, for inputs wider than
     NARROW_INPUT_MAX) on the own kernel, rows split over the threads: torch's product within
     float32 rounding, for a row count that is no multiple of a block's 8 rows."""
-    from bnrnn.nn import cpu_recurrence
+    from bnrnn.kernels.cpu import recurrence as cpu_recurrence
 
     g = torch.Generator().manual_seed(4)
     x, weight = torch.randn(13, 7, 50, generator=g), torch.randn(4 * 37, 50, generator=g)

@@ -54,7 +54,8 @@ def test_cuda_graph_replays_equal_step_by_step_launches(monkeypatch):
     """Graphs captured once, replayed with new weights and inputs: the same numbers as the
     kernels launched step by step (same kernels, so equal to rounding; an eager sequence
     would otherwise run on the whole-sequence kernels)."""
-    from bnrnn.nn import gpu_recurrence, triton_sequence
+    from bnrnn.kernels.triton import recurrence as gpu_recurrence
+    from bnrnn.kernels.triton import sequence as triton_sequence
 
     monkeypatch.setattr(triton_sequence, "PERSISTENT_MAX_HIDDEN", 0)
 
@@ -83,7 +84,7 @@ def test_cuda_graph_replays_equal_step_by_step_launches(monkeypatch):
 def test_interleaved_sequences_of_one_shape_keep_their_own_saved_results(monkeypatch):
     """Two forwards of the same shape before either backward (e.g. two chunks, or a second
     model): the second replay overwrites the graph's buffers, the first backward restores its own."""
-    from bnrnn.nn import triton_sequence
+    from bnrnn.kernels.triton import sequence as triton_sequence
 
     monkeypatch.setattr(triton_sequence, "PERSISTENT_MAX_HIDDEN", 0)  # the eager twin on the same kernels
     torch.manual_seed(2)
@@ -103,8 +104,8 @@ def test_interleaved_sequences_of_one_shape_keep_their_own_saved_results(monkeyp
 def run_recurrence(monkeypatch, persistent: bool, inputs, switches):
     """TritonLSTMRecurrence (no graphs) on the whole-sequence kernels or the step kernels:
     outputs and every gradient."""
-    from bnrnn.nn import triton_sequence
-    from bnrnn.nn.gpu_recurrence import TritonLSTMRecurrence
+    from bnrnn.kernels.triton import sequence as triton_sequence
+    from bnrnn.kernels.triton.recurrence import TritonLSTMRecurrence
 
     monkeypatch.setattr(triton_sequence, "PERSISTENT_MAX_HIDDEN", 10**9 if persistent else 0)
     xin, w, gamma_h, gamma_c, beta_c, h0, c0, weight = (t.detach().clone().requires_grad_() for t in inputs)
@@ -120,7 +121,7 @@ def run_recurrence(monkeypatch, persistent: bool, inputs, switches):
 def test_whole_sequence_kernels_on_many_programs_equal_the_step_kernels(monkeypatch, dtype, switches):
     """The persistent kernels with the grid barrier (7-25 programs at H = 100), against the
     step kernels (which need no barrier), forward and backward."""
-    from bnrnn.nn import triton_sequence
+    from bnrnn.kernels.triton import sequence as triton_sequence
 
     # float64 tiles of H = 100 need more shared memory than an H100 has (the production path
     # is float32 only): a smaller layer, still over several programs.
@@ -150,7 +151,8 @@ def test_whole_sequence_barrier_holds_over_32_programs(monkeypatch):
     """The smallest blocks the kernels allow (4 units: 32 programs at H = 128, each waiting on
     all others every step), repeated: every run equal to the first (a missed barrier would
     read a stale h)."""
-    from bnrnn.nn import triton_lstm, triton_sequence
+    from bnrnn.kernels.triton import sequence as triton_sequence
+    from bnrnn.kernels.triton import steps as triton_lstm
 
     monkeypatch.setattr(triton_sequence, "FORWARD_BLOCK_H", 4)
     T, B, H = 200, 32, 128

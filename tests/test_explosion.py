@@ -23,7 +23,7 @@ def test_a_norm_far_above_the_recent_median_is_named_once_per_cooldown():
 def test_a_run_whose_gradient_explodes_says_so(small_mnist_cfg, tmp_path, monkeypatch, caplog):
     """A gradient norm forced up from step 60 on (the training itself unchanged): one warning
     naming the step, and an exploding record."""
-    import bnrnn.train as trainer
+    import bnrnn.run_loop as trainer  # where the guarded step reads the gradient norm
 
     real = trainer.total_gradient_norm
     calls = {"n": 0}

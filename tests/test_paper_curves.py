@@ -131,7 +131,8 @@ def test_paper_curves_by_default_beside_the_published_runs_and_never_into_a_run(
 
 
 def test_time_to_a_result_leaves_evaluation_out_of_the_step_time(tmp_path):
-    from bnrnn.report import find_runs, seconds_per_step, time_to
+    from bnrnn.report import find_runs
+    from bnrnn.report_tables import seconds_per_step, time_to
 
     run = tmp_path / "run"
     run.mkdir()

@@ -59,7 +59,7 @@ def test_a_model_without_batch_norm_is_refused(small_mnist_cfg, tmp_path):
 def test_validation_writes_gamma_histograms_to_tensorboard(small_mnist_cfg, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from bnrnn.train import norm_histograms
+    from bnrnn.monitoring import norm_histograms
 
     run = tmp_path / "run"
     train(small_mnist_cfg("model=bnlstm", "trainer.max_steps=2", "trainer.test_at_end=false"), run)
@@ -83,7 +83,7 @@ def test_the_watched_batch_variance_of_w_h_h_is_that_of_the_first_sequence(backe
     W_h h_{t-1} averaged over the features, for the steps up to T_max (5 of 7): equal to that
     of the hidden states run by hand."""
     from bnrnn.nn import BNLSTM, Statistics
-    from bnrnn.train import batch_variance_watch
+    from bnrnn.monitoring import batch_variance_watch
 
     torch.manual_seed(0)
     layer = BNLSTM(3, 6, max_steps=5, backend=backend).double().eval()

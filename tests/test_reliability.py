@@ -12,7 +12,8 @@ import bnrnn.checkpoint as checkpoint_module
 import bnrnn.train as train_module
 from bnrnn.checkpoint import load_checkpoint, save_checkpoint
 from bnrnn.errors import CheckpointError
-from bnrnn.train import DivergedError, train
+from bnrnn.run_loop import DivergedError
+from bnrnn.train import train
 from conftest import assert_same_final_weights
 
 
@@ -259,7 +260,7 @@ def test_a_huge_but_finite_gradient_is_clipped_not_skipped(small_mnist_cfg, tmp_
 
 
 def test_total_gradient_norm_survives_float32_overflow():
-    from bnrnn.train import total_gradient_norm
+    from bnrnn.monitoring import total_gradient_norm
 
     grads = [torch.full((4,), 1e30), torch.ones(3)]
     assert total_gradient_norm(grads).item() == pytest.approx(2e30, rel=1e-6)

@@ -159,3 +159,24 @@ def test_a_run_saved_with_a_since_removed_setting_still_resumes(fake_mnist, tmp_
         resume(run, "trainer.max_steps=5")
     assert "settings this version no longer has are ignored: model.retired" in caplog.text
     assert load_checkpoint(run / "checkpoints" / "last.pt")["progress"]["step"] == 5
+
+
+def test_a_run_saved_with_every_tasks_keys_resumes_without_a_word(fake_mnist, tmp_path, caplog):
+    """Before each task had its own keys, an MNIST run's config.yaml and checkpoint held PTB's
+    too (task.seq_len, task.eval_chunk), as the campaign runs under runs/paper/ do: those are
+    dropped quietly, and the run goes on."""
+    import torch
+
+    run = tmp_path / "run"
+    first_run(fake_mnist, run)
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("task:\n", "task:\n  seq_len: 100\n  eval_chunk: 100\n", 1))
+    last = run / "checkpoints" / "last.pt"
+    payload = load_checkpoint(last)
+    payload["config"]["task"].update(seq_len=100, eval_chunk=100)
+    torch.save(payload, last)
+    with caplog.at_level("WARNING", logger="bnrnn"):
+        resume(run, "trainer.max_steps=5")
+    assert "no longer has" not in caplog.text
+    assert load_checkpoint(last)["progress"]["step"] == 5
+    assert "seq_len" not in config.read_text()

@@ -16,10 +16,13 @@ import torch
 
 from bnrnn.config import load_config
 from bnrnn.errors import ConfigError
-from bnrnn.nn import backends, cpu_extension, triton_lstm
+from bnrnn.kernels.cpu import extension as cpu_extension
+from bnrnn.kernels.triton import steps as triton_lstm
+from bnrnn.nn import backends
 from bnrnn.nn.heads import SequenceClassifier
 from bnrnn.nn.stack import StackedLSTM, layer_labels
-from bnrnn.train import norms_by_term, train
+from bnrnn.monitoring import norms_by_term
+from bnrnn.train import train
 
 BACKENDS = ["cpu", "aten", "triton"]
 # The Triton kernels run on a GPU where there is one, else in Triton's CPU interpreter.
@@ -117,8 +120,9 @@ def test_two_layer_bidirectional_training_equals_the_reference(on_backend, model
     gradient and every layer's and direction's population statistics, to the one-layer
     tests' 1e-11 / 1e-9; each of the four layers and directions ran on the backend."""
     runs = []
-    real = backends.TRAINING[on_backend]
-    monkeypatch.setitem(backends.TRAINING, on_backend, lambda *args: runs.append(args[0]) or real(*args))
+    backend = backends.registered()[on_backend]
+    real = backend.train
+    monkeypatch.setattr(backend, "train", lambda *args: runs.append(args[0]) or real(*args))
     fast, ref = twin_stacks(on_backend, seed=0, **SWITCHES[model])
     x = torch.randn(9, 7, 3, dtype=torch.float64)
     assert_same(run_with_grads(fast.train(), x), run_with_grads(ref.train(), x), **tolerance(on_backend))

@@ -122,3 +122,16 @@ def test_every_declared_key_reaches_the_composed_config():
         if not key.startswith("task."):
             assert OmegaConf.select(OmegaConf.create(cfg), key, default="<absent>") != "<absent>", key
     assert json.dumps(cfg["trainer"]["rmsprop_eps"]) == "1e-06"
+
+
+def test_train_help_lists_the_groups_a_user_picks_from_and_every_key():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "bnrnn.cli", "train", "--help"], capture_output=True, text=True,
+                            timeout=300)
+    groups, _, config = result.stdout.partition("== The config")
+    assert result.returncode == 0, result.stderr
+    options = sorted(p.stem for p in (CONF / "task").glob("*.yaml"))
+    assert f"task: {', '.join(options)}" in groups and "task_schema" not in groups
+    assert "rmsprop_eps: 1.0e-08" in config and "valid_reestimate_batches: 50" in config

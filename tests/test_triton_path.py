@@ -1,4 +1,4 @@
-"""The GPU fast path (Triton step kernels, bnrnn.nn.triton_lstm) against the reference path.
+"""The GPU fast path (Triton step kernels, bnrnn.kernels.triton.steps) against the reference path.
 
 On a machine without a GPU the kernels run in Triton's CPU interpreter (tests/conftest.py
 sets TRITON_INTERPRET=1), so CI checks the kernels' arithmetic, masking and the hand-derived
@@ -11,8 +11,9 @@ import warnings
 import pytest
 import torch
 
-from bnrnn.nn import triton_lstm, triton_sequence
-from bnrnn.nn.gpu_recurrence import TritonLSTMRecurrence
+from bnrnn.kernels.triton import sequence as triton_sequence
+from bnrnn.kernels.triton import steps as triton_lstm
+from bnrnn.kernels.triton.recurrence import TritonLSTMRecurrence
 from test_backends import (SWITCH_IDS, SWITCHES, assert_float32_results, assert_same_buffers, assert_same_results,
                         run_with_grads, twin_layers)
 

@@ -17,7 +17,8 @@ from bnrnn.nn.norms import Statistics
 from bnrnn.nn.population import reestimate_population_statistics
 from bnrnn.scoring import flatten_modes, reestimate, score, score_modes, population_kept
 from bnrnn.tasks import build_task
-from bnrnn.train import train, validation_overhead
+from bnrnn.run_loop import validation_overhead
+from bnrnn.train import train
 from conftest import assert_same_final_weights, without_clock
 
 CPU = torch.device("cpu")

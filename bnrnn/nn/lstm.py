@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from bnrnn.nn import backends
-from bnrnn.nn.norms import NORMS, Norm, Statistics, TimeBatchNorm, make_norm
+from bnrnn.nn.norms import NORMS, Norm, Statistics, make_norm
 from bnrnn.nn.reference import State
 
 INITS = ("orthogonal", "identity_g")
@@ -50,7 +50,7 @@ class BNLSTM(nn.Module):
             together (i, f, o; (3H, H) with orthonormal columns) and W_x orthogonal as one
             (4H, I) matrix.
         cuda_graphs: on the triton backend, replay each training sequence shape as captured
-            CUDA graphs (:mod:`bnrnn.nn.gpu_recurrence`) instead of launching every step.
+            CUDA graphs (:mod:`bnrnn.kernels.triton.recurrence`) instead of launching every step.
 
     Parameters:
         weight_ih (4H, I), weight_hh (4H, H), bias (4H,), h0 (H,), c0 (H,).
@@ -81,8 +81,8 @@ class BNLSTM(nn.Module):
             raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
-        if backend not in backends.NAMES:
-            raise ValueError(f"backend must be one of {', '.join(backends.NAMES)}, got {backend!r}")
+        if backend not in backends.names():
+            raise ValueError(f"backend must be one of {', '.join(backends.names())}, got {backend!r}")
         self.init = init
         self.backend = backend
         self.norm = norm
@@ -172,8 +172,7 @@ class BNLSTM(nn.Module):
         the inputs the layer was trained on. (On MNIST this matters: without the noise every
         image has the same state over the leading black pixels, W_h h has no variance there,
         and statistics gathered so give the first varying pixels a gain gamma / sqrt(var + eps)
-        that training never saw: a 3,500-step seqMNIST BN-LSTM read 91.6 % validation accuracy
-        re-estimated without the noise, 96.4 % with it, 95.2 % with batch statistics.)"""
+        that training never saw: docs/performance.md has the accuracies.)"""
         h0 = self.h0.expand(batch_size, -1)
         c0 = self.c0.expand(batch_size, -1)
         if Statistics.of(self, stats).from_batch and self.h0_noise > 0:
@@ -221,16 +220,3 @@ class BNLSTM(nn.Module):
         gammas = tuple(bn.weight if bn is not None else None for bn in norms)
         eps = tuple(bn.eps if bn is not None else 0.0 for bn in norms)
         return gammas, (self.bn_c.bias if self.bn_c is not None else None), eps
-
-    @staticmethod
-    def fold_into_population(found: dict[str, torch.Tensor], t0: int, stats: Statistics,
-                             *terms: tuple[str, TimeBatchNorm | None]) -> None:
-        """What ``stats`` does with a sequence's batch statistics as a fast path returns them
-        (``mean_<term>``, ``invstd_<term>``, each (T, F)), for each (term, norm) given
-        (:meth:`TimeBatchNorm.fold`)."""
-        for term, bn in terms:
-            if bn is None or stats is Statistics.POPULATION:
-                continue
-            mean, invstd = found["mean_" + term].detach(), found["invstd_" + term].detach()
-            var = invstd.pow(-2).sub_(bn.eps).clamp_(min=0.0)  # the biased batch variance
-            bn.fold(t0, mean, var, stats)

@@ -17,8 +17,9 @@ The x and h terms carry no beta of their own (the bias b plays that role), the c
 norms of :mod:`bnrnn.nn.norms` (layer norm and RMS norm are others): each term goes through
 the layer's norm of that term, whichever it is, with the statistics the caller asks for.
 
-:func:`reference_forward` is this, step by step: every fast path in
-:mod:`bnrnn.nn.backends` is tested against it (tests/test_bnlstm_reference.py,
+:func:`reference_forward` is this, step by step, and the ``reference`` backend runs it
+(every norm, any device and dtype, gradients through population statistics too): every
+other backend of :mod:`bnrnn.nn.backends` is tested against it (tests/test_bnlstm_reference.py,
 tests/test_backends.py, tests/test_cpu_extension.py, tests/test_triton_path.py).
 """
 
@@ -28,9 +29,8 @@ from collections.abc import Callable
 
 import torch
 
+from bnrnn.nn.backends import Backend, State, register
 from bnrnn.nn.norms import Statistics
-
-State = tuple[torch.Tensor, torch.Tensor]
 
 
 def reference_forward(layer, x: torch.Tensor, state: State | None = None, t0: int = 0,
@@ -73,3 +73,18 @@ def reference_forward(layer, x: torch.Tensor, state: State | None = None, t0: in
             step_hook(t0 + step, h)
         outputs.append(h)
     return torch.stack(outputs), (h, c)
+
+
+@register
+class ReferenceBackend(Backend):
+    """The paper's equations step by step: every norm, any device, any dtype; ``auto`` takes
+    it only where no faster backend computes the layer's norm (RMS norm)."""
+
+    name = "reference"
+    priority = 0
+
+    def train(self, layer, x, h0, c0, t0, needs_grad, stats):
+        return reference_forward(layer, x, (h0, c0), t0, stats=stats)
+
+    def infer(self, layer, x, h0, c0, t0):
+        return reference_forward(layer, x, (h0, c0), t0, stats=Statistics.POPULATION)

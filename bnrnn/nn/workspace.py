@@ -32,8 +32,8 @@ def mapped_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     Linux, advised to use transparent huge pages.
 
     Own pages rather than the C allocator's: how glibc serves an 80 MB request (fresh
-    mmap, or heap memory, depending on what was freed before) changed a step's time by up to
-    2x between otherwise identical runs. Huge pages: the buffers stream through far more
+    mmap, or heap memory, depending on what was freed before) changed a step's time between
+    otherwise identical runs (docs/performance.md). Huge pages: the buffers stream through far more
     memory than the TLB covers with 4 KB pages (a nested page walk per 4 KB in a VM).
     """
     numel = math.prod(shape)

@@ -112,8 +112,7 @@ void combine_statistics(const PartMoments<T>* const* parts, int64_t count, int64
   }
   // mean and invstd in T first (into shift and scale), in one vectorised loop: with the
   // stores to mean and invstd in it, GCC left it scalar, a double sqrt and divide at a time
-  // (BN_h's 400 features at seqMNIST: 0.9-1.0 ms of a training step on each thread, now
-  // 0.4-0.7)
+  // (docs/performance.md)
   const double inv_n = 1.0 / n;
   T* __restrict__ sc = affine.scale.data();
   T* __restrict__ sh = affine.shift.data();

@@ -20,8 +20,8 @@ from dataclasses import replace
 
 import torch
 
-from bnrnn.nn import triton_lstm
-from bnrnn.nn.triton_lstm import Gradients, Parameters, Recurrence, run_backward
+from bnrnn.kernels.triton import steps as triton_lstm
+from bnrnn.kernels.triton.steps import Gradients, Parameters, Recurrence, run_backward
 
 GRAPH_CACHE_SIZE = 8  # (shape, layer) pairs kept captured, each with its own buffers: a 2-layer
                       # bidirectional stack uses 4
@@ -120,9 +120,9 @@ class TritonLSTMRecurrence(torch.autograd.Function):
         stats.update(saved.statistics())
         # hs is the output: held by ctx as an attribute it would make a reference cycle (hs ->
         # its grad_fn -> ctx -> hs) that only Python's cycle collector frees, so that every
-        # sequence's buffers (350 MB at seqMNIST) outlived their step until it ran; a 2-layer
-        # bidirectional stack ran an H200 out of memory within 450 steps. save_for_backward
-        # keeps it without the cycle (and checks that it is unmodified).
+        # sequence's buffers outlive their step until it runs (a GPU then runs out of memory:
+        # docs/performance.md). save_for_backward keeps it without the cycle (and checks that
+        # it is unmodified).
         ctx.params, ctx.saved, ctx.runner, ctx.generation = p, replace(saved, hs=None), runner, generation
         ctx.save_for_backward(xin, h0, c0, saved.hs)
         return saved.hs, saved.cs[-1].clone()

@@ -64,8 +64,8 @@ struct NarrowInput {
   // buffers.
   //
   // In passes over the G features, each one vectorised (on the critical path of every step,
-  // between the threads' first meeting and the gates; a loop per feature over its I inputs
-  // took 4 us a step at seqMNIST): mean = W_x mu and var_f = sum_ij w_fi C_ij w_fj.
+  // between the threads' first meeting and the gates, where a loop per feature over its I
+  // inputs was slow: docs/performance.md): mean = W_x mu and var_f = sum_ij w_fi C_ij w_fj.
   __attribute__((noinline)) void normalise(int64_t t, const Norm<T>& nx, bool store) {
     moments(t);
     mean_f.assign(G, 0.0);

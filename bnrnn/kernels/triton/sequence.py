@@ -1,6 +1,6 @@
 """The GPU fast path for small layers: the whole recurrence in one persistent kernel.
 
-At the sequential-MNIST size (hidden 100, batch 64) a step of :mod:`bnrnn.nn.triton_lstm`
+At the sequential-MNIST size (hidden 100, batch 64) a step of :mod:`bnrnn.kernels.triton.steps`
 is a cuBLAS GEMM and a step kernel of a few microseconds each; here one launch runs every
 step of a sequence:
 
@@ -9,7 +9,7 @@ step of a sequence:
   backward its BLOCK_H columns of W_h (4H, BLOCK_H);
 - the cell state (forward) and dL/dc (backward) of its units stay in registers too;
 - between steps the programs meet at a grid-wide barrier (an atomic counter in global
-  memory; ~0.9 us on an H100), since step t+1 needs every program's h_t (forward) or
+  memory; an L2 round trip), since step t+1 needs every program's h_t (forward) or
   dL/d(W_h h_{t+1}) (backward).
 
 The step kernels replayed from a CUDA graph are faster for training, the whole-sequence
@@ -27,7 +27,7 @@ nothing over steps, uses "tf32x3": 1.6e-7 from float64 against 1.4e-7 with FMA.
 A grid barrier needs every program resident at once, so the grid is kept within the
 device's SM count (one program per SM at most), and a wait that never ends sets a flag
 that the launcher asserts on the device instead of hanging. The per-step arithmetic is the
-step kernels' own (:mod:`bnrnn.nn.triton_cell`), and so are the buffers it writes.
+step kernels' own (:mod:`bnrnn.kernels.triton.cell`), and so are the buffers it writes.
 
 In Triton's CPU interpreter programs run one after another, so there the grid is one
 program (the tests check the arithmetic that way; tests/test_cuda.py checks the barrier).
@@ -40,28 +40,27 @@ from dataclasses import dataclass
 
 import torch
 
-from bnrnn.nn.triton_cell import tl, triton
+from bnrnn.kernels.triton.cell import tl, triton
 
 if triton is not None:
-    from bnrnn.nn.triton_cell import _cell_backward, _cell_forward, _cell_inference, _layout, _product_columns
+    from bnrnn.kernels.triton.cell import _cell_backward, _cell_forward, _cell_inference, _layout, _product_columns
 
-# Sizes whose W_h slices and tiles fit in a program's registers (measured on an H100).
+# Sizes whose W_h slices and tiles fit in a program's registers (docs/performance.md).
 PERSISTENT_MAX_HIDDEN = 128
 PERSISTENT_MAX_BATCH = 128
-# The backward's tiles are twice the forward's: at a batch of 100 (block 128) and H = 100 it
-# asked for 294,912 bytes of shared memory where an H200 has 232,448 (seqMNIST's preset
-# batch with model.cuda_graphs=false); batches of 64 ran. Larger batches take the step kernels.
+# The backward's tiles are twice the forward's: from a block of 128 rows they ask for more
+# shared memory than a GPU has (docs/performance.md). Larger batches take the step kernels.
 PERSISTENT_BACKWARD_MAX_BATCH = 64
 # Smallest blocks per program: tl.dot needs 16 columns (4 gates x 4 units forward, 16 units
 # backward); more units per program when the grid would exceed the SM count.
 FORWARD_BLOCK_H = 4
 BACKWARD_BLOCK_H = 16
 FORWARD_WARPS = 8
-BACKWARD_WARPS = 8  # 4 warps spill the (4H, BLOCK_H) slice of W_h: 30x slower (H100)
+BACKWARD_WARPS = 8  # 4 warps spill the (4H, BLOCK_H) slice of W_h to local memory
 # Precision of float32 recurrent products (float64 ones are always "ieee"); see above.
 TRAINING_DOT = "ieee"
 INFERENCE_DOT = "tf32x3"
-# Polls of a barrier before giving up (each is an L2 round trip, ~1 us: seconds in all).
+# Polls of a barrier before giving up (each an L2 round trip: seconds in all).
 MAX_SPINS = 1 << 22
 
 
@@ -260,7 +259,7 @@ def _check(sync: torch.Tensor) -> None:
 
 def run_forward(xin, p, h0, c0, out, config: SequenceConfig) -> None:
     """The recurrence with batch statistics in one launch, into ``out`` (a
-    :class:`bnrnn.nn.triton_lstm.Recurrence`); arguments as :func:`bnrnn.nn.triton_lstm.run_forward`."""
+    :class:`bnrnn.kernels.triton.steps.Recurrence`); arguments as :func:`bnrnn.kernels.triton.steps.run_forward`."""
     T, B, G = xin.shape
     H = G // 4
     bn_h, bn_c = p.bn_h, p.bn_c

@@ -1,4 +1,4 @@
-// recurrence_cpu.cpp: the ops of the cpu backend (bnrnn/nn/cpu_recurrence.py), registered
+// recurrence_cpu.cpp: the ops of the cpu backend (bnrnn/kernels/cpu/recurrence.py), registered
 // as torch.ops.bnrnn_cpu.*: the BN-LSTM recurrence as two compiled loops (forward,
 // backward), inference with population statistics, and helpers for their tests.
 //

@@ -1,4 +1,4 @@
-"""The ``cpu`` backend: the compiled loops of :mod:`bnrnn.nn.cpu_extension`.
+"""The ``cpu`` backend: the compiled loops of :mod:`bnrnn.kernels.cpu.extension`.
 
 The same function as :class:`~bnrnn.nn.aten_recurrence.FusedLSTMRecurrence` (the aten backend), with the
 input projection inside: the Function takes x and W_x, so that its backward accumulates
@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import torch
 
-from bnrnn.nn import aten_recurrence, cpu_extension
-from bnrnn.nn.aten_recurrence import PACKED_MIN_HIDDEN, STATISTICS, Norms, packed_column_halves, statistics_buffers
+from bnrnn.kernels.cpu import extension as cpu_extension
+from bnrnn.nn import aten_recurrence
+from bnrnn.nn.aten_recurrence import STATISTICS, Norms, statistics_buffers
+from bnrnn.nn.recurrent_product import PACKED_MIN_HIDDEN, packed_column_halves
 from bnrnn.nn.workspace import WORKSPACE
 
 

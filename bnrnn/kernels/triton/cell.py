@@ -1,5 +1,5 @@
 """The BN-LSTM cell as Triton device functions, shared by the step kernels
-(:mod:`bnrnn.nn.triton_lstm`) and the whole-sequence kernels (:mod:`bnrnn.nn.triton_sequence`).
+(:mod:`bnrnn.kernels.triton.steps`) and the whole-sequence kernels (:mod:`bnrnn.kernels.triton.sequence`).
 
 A program owns BLOCK_H hidden units: their four gate columns (k H + j, k = i, f, g, o) and
 their cell column, for *every* batch row, so BN's per-feature batch statistics are

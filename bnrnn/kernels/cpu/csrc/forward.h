@@ -127,8 +127,8 @@ bool forward_rows(ForwardShared<T>& sh, int thread) {
     const T* h = t > 0 ? sh.hs.template data_ptr<T>() + (t - 1) * B * H : sh.h0.template data_ptr<T>();
     const bool by_halves = sh.recurrent.by_halves();
     // W_h packed in halves (large H): a thread's half of the columns over every row, which
-    // keeps oneDNN's single-threaded GEMM on its own half of W_h (at PTB's shape 4.6 ms
-    // against 5.4 for the whole product on both threads); otherwise each part's rows.
+    // keeps oneDNN's single-threaded GEMM on its own half of W_h (see RecurrentProduct);
+    // otherwise each part's rows.
     if (by_halves && !product_halves(sh.barrier, thread, sh.threads, t > 0, [&](int half) {
           sh.recurrent.template forward_half<T>(h, B, half, product);
         }))

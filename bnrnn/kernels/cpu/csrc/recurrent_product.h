@@ -39,7 +39,7 @@ struct Blas<double> {
 
 // Who computes the loops' GEMMs: small_gemm.h's kernel (float, where the build has AVX-512),
 // the BLAS directly, or ATen's mm (tensors, dispatch). The tests and the bench can step down
-// (bnrnn.nn.cpu_extension.gemm_limit: the BLAS instead of the own kernel, or ATen's mm for
+// (bnrnn.kernels.cpu.extension.gemm_limit: the BLAS instead of the own kernel, or ATen's mm for
 // everything); the best available is the default.
 enum class GemmKernel { own, blas, aten };
 std::atomic<int> gemm_ceiling{static_cast<int>(GemmKernel::own)};
@@ -110,8 +110,8 @@ enum class Products { forward, backward };
 // Without it, from H = 256 the caller passes W_h (forward) or W_h^T (backward) packed once per
 // sequence into oneDNN's blocked layout (what torch.nn.LSTM does inside; see
 // cpu_recurrence.py) as two row halves: each column half is then a single-threaded oneDNN
-// GEMM on its own half of the weight (at PTB's shape 4.6 ms against 5.4 for oneDNN's GEMM of
-// the whole product on both threads). Otherwise the BLAS directly, or ATen's mm.
+// GEMM on its own half of the weight, which beat oneDNN's GEMM of the whole product on both
+// threads (docs/performance.md). Otherwise the BLAS directly, or ATen's mm.
 struct RecurrentProduct {
   RecurrentProduct(const Tensor& weight_hh, at::TensorList packed_halves, Products products)
       : weight(weight_hh), halves(packed_halves.vec()) {
@@ -184,8 +184,7 @@ struct RecurrentProduct {
   // (half 1), for the caller to add up (backward_by_sum_halves). Each half then spans all H
   // columns, panels of 48 with one ragged edge, where column halves of PTB's H = 1000 were
   // two halves of 500, each ending in a 20-column block that cost about a whole panel
-  // (single-threaded halves on 2 threads at PTB's shape: 1.26 ms at 500 columns, 1.17 at
-  // 480; in the loop the step's dL/dh_{t-1} products took 0.94x with halves of the sum).
+  // (docs/performance.md).
   template <typename T>
   void backward_half(const T* g, int64_t B, int half, const T* add, T* out, T* partial) const {
     const int64_t G = weight.size(0), H = weight.size(1);

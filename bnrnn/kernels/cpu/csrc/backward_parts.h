@@ -232,8 +232,8 @@ struct BackwardShared {
 #if SMALL_GEMM_AVAILABLE
     if constexpr (std::is_same_v<T, float>) {
       if (kernel == GemmKernel::own) {
-        // B, the chunk's rows of h (4 KB apart at PTB), packed into panels first: the
-        // chunk GEMMs took 0.93-0.97x of their time on the rows in place, packing included
+        // B, the chunk's rows of h (4 KB apart at PTB), packed into panels first, which
+        // costs less than it saves (docs/performance.md)
         small_gemm::PackedB& packed = chunk_h[thread];
         packed.assign(K, H, h_rows, H);
         small_gemm::gemm(f1 - f0, a, 1, G, packed, first ? T(1) : beta, out, H);

@@ -209,8 +209,8 @@ struct BackwardThread {
     // Step t's per-step weight GEMMs (a wide input's dW_x; dW_h without dwh_steps): each
     // part's rows, or with products by halves, once every row is written, half of the
     // features of each on each half's thread. (That dW_x (G, I) accumulates in one (G / 2, I)
-    // block a thread from all B rows at once instead of in all of G from its own rows, in
-    // cache: at PTB's shape 0.95x the backward's time in these GEMMs.)
+    // block a thread from all B rows at once instead of in all of G from its own rows: it
+    // stays in cache.)
     const bool weight_gemms = sh.parts > 1 && sh.per_step_gemms;
     for (int k = p0; k < p1; ++k) {
       const int64_t r0 = sh.first_row(k), rows = sh.first_row(k + 1) - r0;

@@ -26,14 +26,14 @@ it for all steps at once with ordinary autograd ops, and the backward returns it
 The weight gradient of W_h is one GEMM over all steps after the loop, as cuDNN does.
 
 On CUDA the two loops can be captured as CUDA graphs
-(:class:`bnrnn.nn.gpu_recurrence.GraphedRecurrence`), which
+(:class:`bnrnn.kernels.triton.recurrence.GraphedRecurrence`), which
 removes the remaining per-launch CPU cost; on CPU the kernels run in Triton's interpreter,
 which is how the tests check them on machines without a GPU.
 
 :func:`run_forward` and :func:`run_backward` run a sequence that is not being captured as a
-graph on the whole-sequence kernels of :mod:`bnrnn.nn.triton_sequence` instead, where those
+graph on the whole-sequence kernels of :mod:`bnrnn.kernels.triton.sequence` instead, where those
 apply (one launch in place of T; they write the same buffers). The cell arithmetic both use
-is in :mod:`bnrnn.nn.triton_cell`.
+is in :mod:`bnrnn.kernels.triton.cell`.
 """
 
 from __future__ import annotations
@@ -42,11 +42,11 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from bnrnn.nn import triton_sequence
-from bnrnn.nn.triton_cell import tl, triton
+from bnrnn.kernels.triton import sequence as triton_sequence
+from bnrnn.kernels.triton.cell import tl, triton
 
 if triton is not None:
-    from bnrnn.nn.triton_cell import _cell_backward, _cell_forward, _layout, _product_columns
+    from bnrnn.kernels.triton.cell import _cell_backward, _cell_forward, _layout, _product_columns
 
 # Largest batch one program holds in registers (its rows are reduced over for BN).
 MAX_BATCH = 256
@@ -138,8 +138,8 @@ if triton is not None:
 
 # Small batches: each step kernel also does its own slice of the recurrent product (one
 # launch per step and direction), because cuBLAS picks slow kernels for GEMMs of 16 rows.
-# Larger hidden sizes and batches: cuBLAS's GEMM, then the kernel (the thresholds were
-# measured on an H100: docs/performance.md, "Measurements behind the code's thresholds").
+# Larger hidden sizes and batches: cuBLAS's GEMM, then the kernel (the thresholds:
+# docs/performance.md, "Measurements behind the code's thresholds").
 FUSE_GEMM_MAX_BATCH = 16
 FUSE_GEMM_MAX_HIDDEN = 256
 
@@ -161,9 +161,8 @@ class LaunchConfig:
 
 
 def launch_config(batch: int, hidden: int) -> LaunchConfig:
-    """All rows per program, about 256 (row, unit) pairs per program (the fastest of 1-32
-    units and 1-8 warps on an H100 at B=64, H=100); with the fused product, blocks of 16
-    (tl.dot's smallest)."""
+    """All rows per program, about 256 (row, unit) pairs per program (docs/performance.md);
+    with the fused product, blocks of 16 (tl.dot's smallest)."""
     fuse = batch <= FUSE_GEMM_MAX_BATCH and hidden <= FUSE_GEMM_MAX_HIDDEN
     block_b = triton.next_power_of_2(batch)
     if fuse:
@@ -281,7 +280,7 @@ def run_forward(xin: torch.Tensor, p: Parameters, h0: torch.Tensor, c0: torch.Te
                 graphed: bool = False) -> None:
     """The recurrence with batch statistics, into ``out``. xin (T, B, 4H); h0, c0 (B, H)
     contiguous. ``graphed``: this call is being captured as a CUDA graph, where the step
-    kernels are faster than the whole-sequence kernel (see :mod:`bnrnn.nn.triton_sequence`)."""
+    kernels are faster than the whole-sequence kernel (see :mod:`bnrnn.kernels.triton.sequence`)."""
     T, B, G = xin.shape
     H = G // 4
     whole = None if graphed else triton_sequence.sequence_config(T, B, H, xin.device)

@@ -124,10 +124,9 @@ inline void gates_row_narrow_in_place(int64_t n, int64_t I, const T* __restrict_
 // long as the 96 before them. From one vector's width on, the rest is instead one more
 // vector over the last `lanes` values, computed again from their inputs (an in-place map
 // saves those first): the same values, as vector and scalar code do the same arithmetic
-// (outputs and gradients bit-identical to the scalar ends'). The cell and hidden rows of 32
-// rows at H = 100 took 0.87x (4.66 us against 5.37, alone); folded inference at seqMNIST
-// 0.96-0.99x, the training step within noise. (`noinline`: inlined with its constant length,
-// GCC unrolls the last vector into scalar code.)
+// (outputs and gradients bit-identical to the scalar ends'; the gain: docs/performance.md).
+// (`noinline`: inlined with its constant length, GCC unrolls the last vector into scalar
+// code.)
 template <typename T>
 constexpr int64_t lanes = 64 / sizeof(T);
 

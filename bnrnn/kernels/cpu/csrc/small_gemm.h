@@ -2,9 +2,9 @@
 // that has it; elsewhere SMALL_GEMM_AVAILABLE is 0 and the loops call the BLAS).
 //
 // Why not the BLAS: torch's MKL picks its AVX2 code on AMD processors, AVX-512 or not. On a
-// Zen 5 core it ran the seqMNIST step's GEMMs (32x100 by 100x400, 32x400 by 400x100, 400x32
-// by 32x100) at about 90 GFLOP/s, half of what the core does; oneDNN (torch.nn.LSTM's
-// library) runs at full width there, so nn.LSTM's step took 0.8x ours.
+// Zen 5 core the seqMNIST step's GEMMs (32x100 by 100x400, 32x400 by 400x100, 400x32 by
+// 32x100) then run at half of what the core does, while oneDNN (torch.nn.LSTM's library)
+// runs at full width (docs/performance.md).
 //
 //     C (M, N) = beta C + A (M, K) B (K, N)
 //
@@ -152,8 +152,7 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t rsa, i
 // A weight B (K, N) repacked once for many products: panels of WIDTH columns, each its K rows
 // of WIDTH contiguous floats (the last panel's missing columns zero), 64-byte aligned. A
 // block then reads B sequentially; from a row-major W_h^T at PTB's size (16 KB rows) it read
-// one row per page and missed the TLB (forward product on 2 threads: 1.55 ms a step, packed
-// 1.37).
+// one row per page and missed the TLB (docs/performance.md).
 class PackedB {
  public:
   PackedB() = default;
