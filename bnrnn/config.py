@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from bnrnn.durations import parse_duration
 from bnrnn.errors import BnrnnError, ConfigError, first_line
@@ -51,12 +51,17 @@ def _identity_refusal(key: str, value: Any, wanted: Any, name: str) -> str:
 
 def typed_config(cfg: DictConfig | dict) -> DictConfig:
     """Merge a composed config onto the schema; ConfigError on a wrong type or unknown key."""
+    schema = None
     try:
         schema = schema_for(cfg)
         merged = OmegaConf.merge(schema, cfg)
         OmegaConf.resolve(merged)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None)
+        if isinstance(exc, ConfigKeyError) and schema is not None and str(key).startswith("task."):  # another task's
+            kind = schema.task.kind
+            own = ", ".join(k for k in schema.task if k not in ("name", "kind"))
+            raise ConfigError(f"{key} is not a setting of task.kind={kind} (its settings: {own})") from exc
         reason = first_line(exc)
         raise ConfigError(f"bad config value for '{key}': {reason}" if key else f"bad config: {reason}") from exc
     return merged
