@@ -74,22 +74,27 @@ class Backend:
 BACKENDS: dict[str, Backend] = {}
 _logged: set[str] = set()
 _discovered = False
+_by_priority: dict[str, Backend] | None = None  # BACKENDS ordered, made again after a register
 
 
 def register(cls: type[Backend]) -> type[Backend]:
     """Class decorator: make the backend ``cls.name`` available (one instance)."""
+    global _by_priority
     BACKENDS[cls.name] = cls()
+    _by_priority = None
     return cls
 
 
 def registered() -> dict[str, Backend]:
     """Every backend, highest priority first (the providers imported once)."""
-    global _discovered
+    global _discovered, _by_priority
     if not _discovered:
         _discovered = True
         for module in PROVIDERS:
             importlib.import_module(module)
-    return dict(sorted(BACKENDS.items(), key=lambda item: -item[1].priority))
+    if _by_priority is None:
+        _by_priority = dict(sorted(BACKENDS.items(), key=lambda item: -item[1].priority))
+    return _by_priority
 
 
 def names() -> tuple[str, ...]:
