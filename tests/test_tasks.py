@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from bnrnn.config import load_config
 from bnrnn.errors import ConfigError
+from bnrnn.report import flatten as flat
 from bnrnn.report import make_report
 from bnrnn.schema import TrainConfig, declared
 from bnrnn.tasks import task_class, task_kinds
@@ -69,16 +70,6 @@ def test_the_adding_task_rules_are_its_own():
                                           r"batch_size, eval_batch_size, length, train_size, eval_size, data_seed\)$"):
         load_config(compose(["task=adding", "+task.permute=true", "data.root=/nowhere"]))
     assert TOLERANCE == 0.04
-
-
-def flat(node, prefix=""):
-    out = {}
-    for key, value in node.items():
-        if isinstance(value, dict):
-            out.update(flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 @pytest.mark.parametrize("group", ["model", "trainer", "device", "task"])
