@@ -33,6 +33,13 @@ class SequenceBatches:
         self.batch_size = batch_size
         self.shuffle = shuffle
 
+    def with_batch_size(self, batch_size: int | None) -> SequenceBatches:
+        """The same examples, shuffled alike, in batches of ``batch_size`` (at most every
+        example; None or the same size: these batches themselves)."""
+        if batch_size is None or batch_size == self.batch_size:
+            return self
+        return SequenceBatches(self.inputs, self.labels, min(batch_size, self.num_examples), self.shuffle)
+
     @property
     def num_examples(self) -> int:
         return self.inputs.shape[0]

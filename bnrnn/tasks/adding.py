@@ -91,9 +91,7 @@ class AddingTask:
         """Nothing to keep: the data is a function of the run's settings."""
 
     def training_batches(self, batch_size: int | None = None) -> SequenceBatches:
-        if batch_size is None or batch_size == self.train.batch_size:
-            return self.train
-        return SequenceBatches(self.train.inputs, self.train.labels, min(batch_size, self.train.num_examples), True)
+        return self.train.with_batch_size(batch_size)
 
     def build_model(self, model_cfg: DictConfig) -> nn.Module:
         return SequenceClassifier(build_rnn(model_cfg, 2, self.train_length), 1)  # one output: the sum

@@ -108,9 +108,7 @@ class MnistTask:
     def training_batches(self, batch_size: int | None = None) -> SequenceBatches:
         """The training split in shuffled batches of ``batch_size`` (default: the training
         batch size), e.g. the authors' batches of 5000 to re-estimate population statistics."""
-        if batch_size is None or batch_size == self.train.batch_size:
-            return self.train
-        return SequenceBatches(self.train.inputs, self.train.labels, min(batch_size, self.train.num_examples), True)
+        return self.train.with_batch_size(batch_size)
 
     def build_model(self, model_cfg: DictConfig) -> nn.Module:
         return SequenceClassifier(build_rnn(model_cfg, 1, self.train_length), NUM_CLASSES)
