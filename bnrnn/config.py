@@ -9,6 +9,7 @@ sentence naming the key.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from pathlib import Path
@@ -74,6 +75,7 @@ def config_dir() -> str:
     return yaml_folder()
 
 
+@functools.cache  # once a process: every compose calls config_dir()
 def register_schema_with_hydra() -> None:
     """Give Hydra's composition every key with its default (untyped: the types and rules stay
     :func:`typed_config`'s and :func:`validate`'s one sentence): ``bnrnn_schema``, the root
