@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from bnrnn.kernels.cpu import extension as cpu_extension
-from bnrnn.nn import BNLSTM
+from bnrnn.nn import LSTMLayer
 from bnrnn.nn.workspace import WORKSPACE
 from bnrnn.allocator import proc_status_kib, release_freed_memory, steady_allocator
 from bnrnn.bench_report import BASES, format_report
@@ -63,9 +63,9 @@ SHAPES = {
     "ptb": Shape("ptb", T=100, I=50, H=1000, B=64, one_hot=True),
 }
 
-# name -> BNLSTM keyword arguments; "nn.LSTM" is torch's (cuDNN on a GPU).
-VANILLA = dict(bn_x=False, bn_h=False, bn_c=False)
-BN_INPUT = dict(bn_x=True, bn_h=False, bn_c=False)
+# name -> LSTMLayer keyword arguments; "nn.LSTM" is torch's (cuDNN on a GPU).
+VANILLA = dict(norm_x=False, norm_h=False, norm_c=False)
+BN_INPUT = dict(norm_x=True, norm_h=False, norm_c=False)
 MODELS = {
     "nn.LSTM": None,
     "ours vanilla": VANILLA,
@@ -113,7 +113,7 @@ def build(model: str, shape: Shape, device: torch.device, seed: int = 0) -> nn.M
     if options is None:
         return nn.LSTM(shape.I, shape.H).to(device)
     # h0_noise 0: the timed work is the same, and the numerics check needs determinism.
-    return BNLSTM(shape.I, shape.H, max_steps=shape.T, **options).to(device)
+    return LSTMLayer(shape.I, shape.H, max_steps=shape.T, **options).to(device)
 
 
 def training_step(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, state=None) -> torch.Tensor:
@@ -171,7 +171,7 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return diff / scale if scale > 0 else diff
 
 
-def compare_training(fast: BNLSTM, ref: BNLSTM, x: torch.Tensor, weight: torch.Tensor) -> dict[str, float]:
+def compare_training(fast: LSTMLayer, ref: LSTMLayer, x: torch.Tensor, weight: torch.Tensor) -> dict[str, float]:
     """Largest relative error of outputs, gradients and buffers of one training step.
 
     ``ref`` runs in its own dtype (the check passes a float64 copy of the reference: the

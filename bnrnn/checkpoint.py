@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,10 @@ import torch
 
 from bnrnn.errors import CheckpointError, StorageError, first_line, is_no_room
 
-FORMAT_NAME, FORMAT_VERSION = "bnrnn-checkpoint", 1
+# Format 2: the recurrent layer is always a bnrnn.BNLSTM (its cells under rnn.cells.{i}.), and
+# its norms are norm_x, norm_h, norm_c (format 1: bn_x, ..., and a single layer's directly
+# under rnn.); a format-1 file is read under the new names (migrate_model_state).
+FORMAT_NAME, FORMAT_VERSION = "bnrnn-checkpoint", 2
 FORMAT = f"{FORMAT_NAME}/{FORMAT_VERSION}"  # a file's marker; the version grows when the contents change meaning
 
 
@@ -53,7 +57,24 @@ def load_checkpoint(path: Path, map_location: torch.device | str = "cpu") -> dic
     if int(version) > FORMAT_VERSION:
         raise CheckpointError(f"{path} was written by a newer bnrnn (checkpoint format {version}; this version reads "
                               f"format {FORMAT_VERSION}); upgrade bnrnn to use it")
+    if int(version) < 2 and isinstance(payload.get("model"), dict):
+        payload["model"] = migrate_model_state(payload["model"])
     return payload
+
+
+def migrate_model_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A format-1 model state dict under format 2's names: ``rnn.layers.{i}.`` (a stack) and
+    ``rnn.`` (a single layer) become ``rnn.cells.{i}.`` and ``rnn.cells.0.``, and the norms
+    ``bn_x``, ``bn_h``, ``bn_c`` become ``norm_x``, ``norm_h``, ``norm_c``. The order of the
+    entries, which the optimiser's state follows, is kept."""
+    out = {}
+    for key, value in state.items():
+        if key.startswith("rnn."):
+            rest = key[len("rnn."):]
+            rest = rest[len("layers."):] if rest.startswith("layers.") else "0." + rest
+            key = "rnn.cells." + re.sub(r"(^|\.)bn_([xhc])\.", r"\1norm_\2.", rest)
+        out[key] = value
+    return out
 
 
 def rng_state() -> dict[str, Any]:

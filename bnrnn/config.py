@@ -20,7 +20,8 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from bnrnn.durations import parse_duration
 from bnrnn.errors import BnrnnError, ConfigError, first_line
-from bnrnn.schema import RULES, STATISTICS_MODES, TaskConfig, TrainConfig, choices_of, declared, yaml_folder
+from bnrnn.schema import (RULES, STATISTICS_MODES, TaskConfig, TrainConfig, choices_of, declared, normalized_terms,
+                          yaml_folder)
 from bnrnn.tasks import task_class, task_classes, task_kinds
 
 __all__ = ["GROUPS", "STATISTICS_MODES", "TrainConfig", "load_config", "read_run_config", "typed_config", "validate"]
@@ -161,7 +162,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.model.bidirectional and task.language_model:
         bad("model.bidirectional", "false for a language model (it predicts the next symbol, which a reverse "
             "direction would already have read)")
-    if cfg.task.batch_size < 2 and cfg.model.norm == "batch" and (cfg.model.bn.x or cfg.model.bn.h or cfg.model.bn.c):
+    if cfg.task.batch_size < 2 and cfg.model.norm == "batch" and normalized_terms(cfg.model):
         bad("task.batch_size", "at least 2 with batch norm (a batch of one has no variance)")
 
 
@@ -179,11 +180,42 @@ def leaves(cfg: DictConfig, prefix: str = "") -> list[tuple[str, Any]]:
     return out
 
 
-def without_unknown_keys(saved: DictConfig | dict) -> tuple[DictConfig, list[str]]:
-    """A saved config (a run's config.yaml, a checkpoint's) without the keys this version of
-    the schema does not have (a setting since renamed or removed), and the keys dropped, so
-    that older runs can still be resumed and evaluated."""
+# Keys renamed since runs were first saved: old dotted key -> new one. A saved config (a
+# run's config.yaml, a checkpoint's) is read under the new names, so an older run resumes,
+# evaluates and reports with the settings it was trained with.
+RENAMED = {
+    "model.bn.x": "model.normalize.x",  # the switches also turn on layer and RMS norm
+    "model.bn.h": "model.normalize.h",
+    "model.bn.c": "model.normalize.c",
+    "model.momentum": "model.stats_momentum",  # the statistics' EMA rate, not the optimiser's
+}
+
+
+def with_current_names(saved: DictConfig | dict) -> DictConfig:
+    """A copy of a saved config with every :data:`RENAMED` key under its new name (a key
+    that already has its new name is left as it is)."""
     saved = OmegaConf.create(saved) if isinstance(saved, dict) else saved.copy()
+    for old, new in RENAMED.items():
+        value = OmegaConf.select(saved, old, default=None, throw_on_missing=False)
+        if value is None:
+            continue
+        if OmegaConf.select(saved, new, default=None) is None:
+            OmegaConf.update(saved, new, value, force_add=True)
+        parent, _, leaf = old.rpartition(".")
+        node = OmegaConf.select(saved, parent)
+        del node[leaf]
+        if not node and parent.count("."):  # model.bn emptied: remove it
+            grand, _, name = parent.rpartition(".")
+            del OmegaConf.select(saved, grand)[name]
+    return saved
+
+
+def without_unknown_keys(saved: DictConfig | dict) -> tuple[DictConfig, list[str]]:
+    """A saved config (a run's config.yaml, a checkpoint's) under this version's names
+    (:func:`with_current_names`) and without the keys the schema does not have (a setting
+    since removed), and the keys dropped, so that older runs can still be resumed and
+    evaluated."""
+    saved = with_current_names(saved)
     try:
         schema = schema_for(saved)
     except ConfigError:  # a task this version does not have: typed_config names it

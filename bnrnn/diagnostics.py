@@ -111,7 +111,7 @@ def likely_cause(report: dict[str, Any]) -> str:
                 f"resume from the last good checkpoint with a lower trainer.lr")
     collapsed = collapsed_norms(report)
     loss_finite = not isinstance(report["loss"], str)
-    recurrent = [name for name in collapsed if not name.endswith("bn_x")]
+    recurrent = [name for name in collapsed if not name.endswith("norm_x")]
     if recurrent and loss_finite:
         return (f"the batch variance collapsed to ~0 in {', '.join(recurrent)}, so batch norm's gain "
                 f"gamma/sqrt(eps) blew up the gradient: add noise to the initial state (model.h0_noise, "

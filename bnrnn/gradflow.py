@@ -30,7 +30,7 @@ from torch import nn
 
 from bnrnn.data.mnist import load_mnist, to_sequences
 from bnrnn.errors import BnrnnError
-from bnrnn.nn import BNLSTM, TimeBatchNorm
+from bnrnn.nn import LSTMLayer, TimeBatchNorm
 from bnrnn.nn.reference import reference_forward
 
 GAMMAS = (0.1, 0.3, 0.5, 0.7, 1.0)
@@ -77,7 +77,7 @@ def hidden_gradient_norms(kind: str, gamma: float, x: torch.Tensor, y: torch.Ten
     else:
         # A little h0 noise, as in training: with a shared h0 and black leading pixels the
         # batch variance of W_h h is 0 and BN's gain would make these gradients meaningless.
-        rnn = BNLSTM(x.shape[2], hidden, T, gamma_init=gamma, h0_noise=0.1)
+        rnn = LSTMLayer(x.shape[2], hidden, T, gamma_init=gamma, h0_noise=0.1)
     head = nn.Linear(hidden, 10)
     rnn.train()
     states: list[torch.Tensor] = []

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from bnrnn.diagnostics import divergence_report
-from bnrnn.nn.stack import norm_name
+from bnrnn.layer import norm_name
 from bnrnn.runlog import RunLogger
 
 log = logging.getLogger("bnrnn")
@@ -28,10 +28,10 @@ def norms_by_term(model: nn.Module) -> list[tuple[str, nn.Module]]:
     rnn = getattr(model, "rnn", None)
     if rnn is None:
         return []
-    single = len(rnn.layers) == 1
+    single = len(rnn.cells) == 1
     return [(norm_name(term, None if single else label), norm)
-            for layer, label in zip(rnn.layers, rnn.labels)
-            for term, norm in (("x", layer.bn_x), ("h", layer.bn_h), ("c", layer.bn_c)) if norm is not None]
+            for cell, label in zip(rnn.cells, rnn.labels)
+            for term, norm in (("x", cell.norm_x), ("h", cell.norm_h), ("c", cell.norm_c)) if norm is not None]
 
 
 def gamma_summary(model: nn.Module) -> dict[str, float]:

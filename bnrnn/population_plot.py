@@ -23,20 +23,20 @@ SHOWN_FEATURES = 4
 
 
 def population_statistics(state_dict: dict[str, torch.Tensor],
-                          labels: list[str] | None = None) -> dict[str, dict[str, torch.Tensor]]:
-    """{name: {"mean": (T_max, F), "var": (T_max, F)}} for each norm the model has: name
-    "x" | "h" | "c" for a single layer; in a stack (``labels``: one per entry of its
-    ``layers``, :attr:`bnrnn.nn.stack.StackedLSTM.labels`) "x_layer2_reverse" and so on."""
-    from bnrnn.nn.stack import norm_name
+                          labels: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """{name: {"mean": (T_max, F), "var": (T_max, F)}} for each norm the model has, from its
+    state dict (``rnn.cells.{i}.*``, ``labels`` one per cell, :attr:`bnrnn.BNLSTM.labels`):
+    name "x" | "h" | "c" for a single cell, "x_layer2_reverse" and so on in a stack."""
+    from bnrnn.layer import norm_name
 
-    layers = [("rnn.", None)] if not labels else [(f"rnn.layers.{i}.", label) for i, label in enumerate(labels)]
     out = {}
-    for layer_prefix, label in layers:
+    for index, label in enumerate(labels):
         for term in NORMS:
-            prefix = f"{layer_prefix}bn_{term}."
+            prefix = f"rnn.cells.{index}.norm_{term}."
             if prefix + "running_mean" in state_dict:
-                out[norm_name(term, label)] = {"mean": state_dict[prefix + "running_mean"].double(),
-                                               "var": state_dict[prefix + "running_var"].double()}
+                out[norm_name(term, label if len(labels) > 1 else None)] = {
+                    "mean": state_dict[prefix + "running_mean"].double(),
+                    "var": state_dict[prefix + "running_var"].double()}
     return out
 
 
@@ -81,13 +81,12 @@ def plot_population(run_dir: str | Path, checkpoint: str = "best", out_dir: str 
     return {"json": out_dir / "population.json", "figure": figure}
 
 
-def stack_labels(model: dict[str, Any]) -> list[str] | None:
-    """The labels of a checkpoint's stacked layers and directions (from its saved model
-    settings), or None for a single layer (also in checkpoints from before stacks)."""
-    from bnrnn.nn.stack import layer_labels
+def stack_labels(model: dict[str, Any]) -> list[str]:
+    """The labels of a checkpoint's cells, one per layer and direction (from its saved model
+    settings; one layer in checkpoints from before stacks)."""
+    from bnrnn.layer import layer_labels
 
-    num_layers, bidirectional = model.get("num_layers", 1), model.get("bidirectional", False)
-    return None if num_layers == 1 and not bidirectional else layer_labels(num_layers, bidirectional)
+    return layer_labels(model.get("num_layers", 1), model.get("bidirectional", False))
 
 
 def draw(data: dict[str, Any], path: Path) -> None:

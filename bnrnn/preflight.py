@@ -29,7 +29,7 @@ from pathlib import Path
 
 from omegaconf import open_dict
 
-from bnrnn.config import config_dir, load_config
+from bnrnn.config import RENAMED, config_dir, load_config
 from bnrnn.errors import BnrnnError, ConfigError, first_line
 from bnrnn.runfolder import (HISTORY_FILE, RunPlan, check_output_location, make_writable_folder, plan_run,
                              read_history)
@@ -156,6 +156,10 @@ def check_command_line(args: list[str]) -> Preflight | None:
                 with open_dict(composed):
                     del composed["hydra"]
             except (HydraException, OmegaConfBaseException, ValueError, TypeError) as exc:
+                renamed = [f"{old} is now {RENAMED[old]}" for old in (o.split("=")[0].lstrip("+~") for o in job)
+                           if old in RENAMED]
+                if renamed:
+                    raise ConfigError(f"{where}settings were renamed: {'; '.join(renamed)}") from None
                 raise ConfigError(f"{where}cannot compose the config ({first_line(exc)})") from None
             try:
                 cfg = load_config(composed)

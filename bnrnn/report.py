@@ -25,7 +25,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from bnrnn.config import read_yaml_mapping, schema_for
+from bnrnn.config import read_yaml_mapping, schema_for, with_current_names
 from bnrnn.schema import TaskConfig
 from bnrnn.errors import BnrnnError
 from bnrnn.paper import validation_curve
@@ -80,7 +80,7 @@ class Run:
     @property
     def normalised(self) -> bool:
         """Whether any term is normalised (batch or layer norm): drawn solid."""
-        switches = self.config.get("model", {}).get("bn", {})
+        switches = self.config.get("model", {}).get("normalize", {})
         return any(bool(v) for v in switches.values()) if switches else "bn" in self.model
 
     @property
@@ -114,7 +114,8 @@ def read_run(path: Path) -> Run:
         config_file = path / ".hydra" / "config.yaml"
     config = {}
     if config_file.exists():
-        config = OmegaConf.to_container(read_yaml_mapping(config_file, "fix it, or leave the run out of the report"))
+        saved = read_yaml_mapping(config_file, "fix it, or leave the run out of the report")
+        config = OmegaConf.to_container(with_current_names(saved))
         for section, value in config.items():
             if section in SECTIONS and not isinstance(value, dict):
                 raise BnrnnError(f"{config_file}: '{section}: {value}' is not a section of settings (a mapping such "
@@ -196,7 +197,7 @@ def assign_labels(runs: list[Run]) -> None:
                      and varies(k, flat) and not set_by_model(k)]
         for run, f in zip(group, flat):
             extras = [f"{k.split('.')[-1] if k.startswith(('model.', 'trainer.', 'task.')) else k}={f[k]}"
-                      for k in differing if not k.startswith("model.bn.") and k in f]
+                      for k in differing if not k.startswith("model.normalize.") and k in f]
             run.label = " ".join([run.model_label, *extras])
         labels = [run.label for run in group]
         for run in group:  # still ambiguous (e.g. same settings, two folders): add the folder

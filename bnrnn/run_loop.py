@@ -44,9 +44,9 @@ class DivergedError(BnrnnError):
 
 
 # The settings a sweep varies, shown in TensorBoard's HParams tab against the final metrics.
-HPARAM_KEYS = ("task.name", "model.name", "model.hidden_size", "model.gamma_init", "model.momentum", "model.h0_noise",
-               "model.bn.x", "model.bn.h", "model.bn.c", "trainer.optimizer", "trainer.lr", "trainer.clip_norm",
-               "task.batch_size", "seed")
+HPARAM_KEYS = ("task.name", "model.name", "model.hidden_size", "model.gamma_init", "model.stats_momentum",
+               "model.h0_noise", "model.normalize.x", "model.normalize.h", "model.normalize.c", "trainer.optimizer",
+               "trainer.lr", "trainer.clip_norm", "task.batch_size", "seed")
 
 
 def hparams_of(cfg: DictConfig) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 from bnrnn.errors import CheckpointError, ConfigError, link_problem
 from bnrnn.resume import CONFIG_FILE, resume_config
 from bnrnn.runlock import check_free
+from bnrnn.schema import normalized_terms
 
 LAST, BEST = "last.pt", "best.pt"
 HISTORY_FILE = "history.jsonl"
@@ -138,8 +139,7 @@ def check_backend(cfg: DictConfig) -> None:
     backend = backends.registered()[cfg.model.backend] if cfg.model.backend != backends.AUTO else None
     if backend is None:
         return
-    norms_on = cfg.model.bn.x or cfg.model.bn.h or cfg.model.bn.c
-    if not backend.computes(cfg.model.norm if norms_on else None):
+    if not backend.computes(cfg.model.norm if normalized_terms(cfg.model) else None):
         raise ConfigError(f"model.backend={backend.name} cannot run model.norm={cfg.model.norm}: it computes "
                           f"{' and '.join(backend.norms)} norm; use model.backend=auto, which picks the fastest "
                           f"backend that can")

@@ -44,14 +44,15 @@ def load_language_model(run_dir: Path, checkpoint: str, device_name: str | None)
     if device_name is not None:
         cfg.device.name = device_name
     cfg = load_config(cfg)
-    if not task_class(cfg.task.kind).language_model:
+    task = task_class(cfg.task.kind)
+    if not task.language_model:
         raise ConfigError(f"bnrnn sample needs a language-modelling run; {run_dir} trained on {cfg.task.name}")
     vocab_file = run_dir / VOCAB_FILE
     if not vocab_file.is_file():
         raise BnrnnError(f"{vocab_file} is missing: the run's vocabulary is needed to read and write text")
     vocab = Vocabulary.load(vocab_file)
     device = resolve_device(cfg.device.name)
-    model = language_model(cfg.model, len(vocab), cfg.task.seq_len - 1)
+    model = language_model(cfg.model, len(vocab), task.train_length_of(cfg.task))
     path = run_dir / "checkpoints" / f"{checkpoint}.pt"
     weights = load_checkpoint(path)["model"]
     trained_on = weights.get("decoder.bias", torch.empty(len(vocab))).shape[0]

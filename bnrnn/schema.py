@@ -10,7 +10,7 @@ off), so a default is never written twice. Each key's :func:`setting` also decla
   defines them (the backends, the norms, the tasks);
 - ``fixed``: why a resume must not change it (:mod:`bnrnn.resume`);
 - ``init_only``: it only initialises the weights, so a resume that changes it is refused;
-- ``layer_arg``: the :class:`~bnrnn.nn.lstm.BNLSTM` keyword it is passed as.
+- ``layer_arg``: the :class:`bnrnn.BNLSTM` keyword it is passed as.
 
 A task's own keys live in its module (``Settings``, a subclass of :class:`TaskConfig`), and
 the schema of a run takes the ``Settings`` of its ``task.kind`` (:func:`schema_for`).
@@ -100,12 +100,13 @@ class TaskConfig:
 
 
 @dataclass
-class BNSwitches:
-    """Which terms are normalised: W_x x, W_h h, c_t (the paper's BN-LSTM: all three)."""
+class NormalizedTerms:
+    """Which terms ``model.norm`` normalises: W_x x, W_h h, c_t (the paper's BN-LSTM: all
+    three; none: the plain LSTM)."""
 
-    x: bool = setting(True, fixed=SHAPE, layer_arg="bn_x")
-    h: bool = setting(True, fixed=SHAPE, layer_arg="bn_h")
-    c: bool = setting(True, fixed=SHAPE, layer_arg="bn_c")
+    x: bool = setting(True, fixed=SHAPE, layer_arg="norm_terms")
+    h: bool = setting(True, fixed=SHAPE, layer_arg="norm_terms")
+    c: bool = setting(True, fixed=SHAPE, layer_arg="norm_terms")
 
 
 @dataclass
@@ -118,11 +119,12 @@ class ModelConfig:
     num_layers: int = setting(1, rule="positive", fixed=SHAPE)
     # a reverse direction in every layer (classification only: not for a language model)
     bidirectional: bool = setting(False, fixed=SHAPE)
-    bn: BNSwitches = field(default_factory=BNSwitches)
+    normalize: NormalizedTerms = field(default_factory=NormalizedTerms)
     # initial gain of every normalisation (the paper's key finding: 0.1, not 1)
     gamma_init: float = setting(0.1, rule="positive", init_only=True, layer_arg="gamma_init")
-    # EMA rate of the population statistics (paper: 0.01 MNIST, 0.05 PTB)
-    momentum: float = setting(0.01, rule="unit_interval", layer_arg="momentum")
+    # EMA rate of the population statistics (paper: 0.01 MNIST, 0.05 PTB); not the optimiser's
+    # trainer.momentum
+    stats_momentum: float = setting(0.01, rule="unit_interval", layer_arg="momentum")
     eps: float = setting(1e-5, rule="positive", fixed=TRAINED_WITH, layer_arg="eps")
     forget_bias: float = setting(1.0, init_only=True, layer_arg="forget_bias")
     # std of the noise on the learned h0 wherever the statistics come from the batch: MNIST's
@@ -137,7 +139,7 @@ class ModelConfig:
     embedding_size: Optional[int] = setting(None, rule="positive_or_null", fixed=SHAPE)
     # which implementation runs the recurrence (bnrnn.nn.backends); all compute the same function
     backend: str = setting("auto", choices=_backends, layer_arg="backend")
-    # batch (Cooijmans et al.) | layer (Ba et al.: model=lnlstm) | rms; which terms: bn.x|h|c
+    # batch (Cooijmans et al.) | layer (Ba et al.: model=lnlstm) | rms; which terms: normalize.x|h|c
     norm: str = setting("batch", choices=_norms, fixed=TRAINED_WITH, layer_arg="norm")
     # triton backend: replay each training sequence shape as captured CUDA graphs
     cuda_graphs: bool = setting(True, layer_arg="cuda_graphs")
@@ -249,15 +251,22 @@ def choices_of(meta: dict) -> tuple | None:
     return choices() if callable(choices) else choices
 
 
+def normalized_terms(model_cfg: Any) -> tuple[str, ...]:
+    """The terms a model config normalises, of "x", "h" and "c" (``model.normalize.*``)."""
+    return tuple(term for term in ("x", "h", "c") if model_cfg.normalize[term])
+
+
 def layer_arguments(model_cfg: Any) -> dict[str, Any]:
-    """The :class:`~bnrnn.nn.lstm.BNLSTM` keywords a model config sets (``layer_arg`` keys)."""
+    """The :class:`bnrnn.BNLSTM` keywords a model config sets (``layer_arg`` keys); the
+    ``model.normalize`` switches become one ``norm_terms``."""
     out = {}
     for key, meta in declared(ModelConfig):
-        if meta.get("layer_arg"):
+        if meta.get("layer_arg") and meta["layer_arg"] != "norm_terms":
             value = model_cfg
             for part in key.split("."):
                 value = value[part]
             out[meta["layer_arg"]] = value
+    out["norm_terms"] = normalized_terms(model_cfg)
     return out
 
 

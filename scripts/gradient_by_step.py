@@ -47,7 +47,7 @@ def main() -> None:
     model.load_state_dict(payload["model"])
     layer = model.rnn
     gains = {"h": [], "c": []}
-    for term, bn in (("h", layer.bn_h), ("c", layer.bn_c)):
+    for term, bn in (("h", layer.norm_h), ("c", layer.norm_c)):
         if bn is not None and bn.keeps_population:
             bn.register_forward_hook(largest_gain(gains[term]))
     print(f"{args.run} {args.checkpoint}.pt, step {payload['progress']['step']}")

@@ -43,8 +43,8 @@ layernorm() {  # beyond the paper: Fig. 2 with the layer-normalised LSTM beside 
     run bnrnn train -m experiment=paper_pmnist model=lnlstm model.gamma_init=1.0 "${extra[@]}"
 }
 placement() {  # which terms to normalise: all 8 on/off combinations of x, h, c on pMNIST
-    run bnrnn train -m experiment=paper_pmnist model=bnlstm model.bn.x=true,false model.bn.h=true,false \
-        model.bn.c=true,false "${extra[@]}"
+    run bnrnn train -m experiment=paper_pmnist model=bnlstm model.normalize.x=true,false model.normalize.h=true,false \
+        model.normalize.c=true,false "${extra[@]}"
 }
 
 case "$figure" in

@@ -15,7 +15,7 @@ import torch
 
 from bnrnn.kernels.cpu import extension as cpu_extension
 from bnrnn.kernels.cpu import recurrence as cpu_recurrence
-from bnrnn.nn import BNLSTM, recurrent_product
+from bnrnn.nn import LSTMLayer, recurrent_product
 from bnrnn.nn.norms import Statistics
 from conftest import require_compiled_cpu_loop
 
@@ -52,13 +52,13 @@ def expect_compiled(cpu_loop, loop="run_forward"):
         assert loop in cpu_loop, f"the compiled {loop} did not run"
 
 SWITCHES = [(True, True, True), (True, False, False), (False, True, False), (False, False, True), (False, False, False)]
-SWITCH_IDS = ["bnlstm", "bn_x", "bn_h", "bn_c", "vanilla"]
+SWITCH_IDS = ["bnlstm", "norm_x", "norm_h", "norm_c", "vanilla"]
 
 
 def twin_layers(switches, dtype, randomised: bool, seed: int = 0, max_steps: int = 6, I: int = 3, H: int = 5):
     """(fast layer, reference layer) with equal parameters and buffers."""
     torch.manual_seed(seed)
-    fast = BNLSTM(I, H, max_steps=max_steps, bn_x=switches[0], bn_h=switches[1], bn_c=switches[2],
+    fast = LSTMLayer(I, H, max_steps=max_steps, norm_x=switches[0], norm_h=switches[1], norm_c=switches[2],
                   backend="cpu" if USE_COMPILED["value"] else "aten")
     fast = fast.to(dtype)
     if randomised:
@@ -215,7 +215,7 @@ def test_mixed_statistics_modes_fall_back_to_the_reference():
     fast, ref = twin_layers((True, True, True), torch.float64, randomised=True, seed=7)
     for layer in (fast, ref):
         layer.eval()
-        layer.bn_h.train()
+        layer.norm_h.train()
     x = torch.randn(8, 5, 3, dtype=torch.float64)
     with torch.no_grad():
         out_f, _ = fast(x)

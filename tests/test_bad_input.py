@@ -20,8 +20,8 @@ CONFIG_MISTAKES = [
     (["model.hidden_size=abc"], "bad config value for 'model.hidden_size'"),
     (["model.gamma_init=0"], "model.gamma_init=0.0 is invalid"),
     (["model.gamma_init=-0.1"], "model.gamma_init=-0.1 is invalid"),
-    (["model.momentum=0"], "model.momentum=0.0 is invalid: it must be in (0, 1]"),
-    (["model.momentum=1.5"], "model.momentum=1.5 is invalid: it must be in (0, 1]"),
+    (["model.stats_momentum=0"], "model.stats_momentum=0.0 is invalid: it must be in (0, 1]"),
+    (["model.stats_momentum=1.5"], "model.stats_momentum=1.5 is invalid: it must be in (0, 1]"),
     (["model.eps=0"], "model.eps=0.0 is invalid"),
     (["model.h0_noise=-0.1"], "model.h0_noise=-0.1 is invalid: it must be zero or more"),
     (["model.t_max=0"], "model.t_max=0 is invalid: it must be a positive number or null"),
@@ -111,7 +111,7 @@ def test_a_resume_with_another_optimizer_is_refused(tmp_path, fake_mnist):
     train(small(fake_mnist), run)
     with pytest.raises(CheckpointError, match=r"cannot resume .* with trainer.optimizer rmsprop -> adam \(the optimiser state"):
         train(small(fake_mnist, "trainer.resume=true", "trainer=adam"), run)
-    with pytest.raises(CheckpointError, match="model.bn.h True -> False"):
+    with pytest.raises(CheckpointError, match="model.normalize.h True -> False"):
         train(small(fake_mnist, "trainer.resume=true", "model=bnlstm_input"), run)
 
 

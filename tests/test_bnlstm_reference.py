@@ -4,12 +4,12 @@ import pytest
 import torch
 from torch import nn
 
-from bnrnn.nn import BNLSTM, TimeBatchNorm
+from bnrnn.nn import LSTMLayer, TimeBatchNorm
 
 torch.set_default_dtype(torch.float32)
 
 
-def naive_bnlstm(layer: BNLSTM, x, training: bool):
+def naive_bnlstm(layer: LSTMLayer, x, training: bool):
     """Step-by-step BN-LSTM written straight from the paper's equations, one time step at a time.
 
     Uses batch statistics of step t in training and population slot min(t, T_max-1) in eval.
@@ -34,20 +34,20 @@ def naive_bnlstm(layer: BNLSTM, x, training: bool):
     for t in range(T):
         ax = x[t] @ layer.weight_ih.T
         ah = h @ layer.weight_hh.T
-        if layer.bn_x is not None:
-            ax = bn(layer.bn_x, ax, t)
-        if layer.bn_h is not None:
-            ah = bn(layer.bn_h, ah, t)
+        if layer.norm_x is not None:
+            ax = bn(layer.norm_x, ax, t)
+        if layer.norm_h is not None:
+            ah = bn(layer.norm_h, ah, t)
         pre = ax + ah + layer.bias
         i, f, g, o = pre[:, :H], pre[:, H : 2 * H], pre[:, 2 * H : 3 * H], pre[:, 3 * H :]
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        cn = bn(layer.bn_c, c, t) if layer.bn_c is not None else c
+        cn = bn(layer.norm_c, c, t) if layer.norm_c is not None else c
         h = torch.sigmoid(o) * torch.tanh(cn)
         outs.append(h)
     return torch.stack(outs)
 
 
-def randomise(layer: BNLSTM, seed=0):
+def randomise(layer: LSTMLayer, seed=0):
     """Give every parameter and buffer a non-trivial value, so no term hides behind a 0 or 1."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -64,7 +64,7 @@ def randomise(layer: BNLSTM, seed=0):
 @pytest.mark.parametrize("T,B,I,H", [(7, 5, 3, 4), (20, 16, 1, 10)])
 def test_all_switches_off_equals_torch_lstm(T, B, I, H, backend):
     torch.manual_seed(0)
-    ours = BNLSTM(I, H, max_steps=T, bn_x=False, bn_h=False, bn_c=False, backend=backend)
+    ours = LSTMLayer(I, H, max_steps=T, norm_x=False, norm_h=False, norm_c=False, backend=backend)
     ref = nn.LSTM(I, H)
     with torch.no_grad():
         ours.weight_ih.copy_(ref.weight_ih_l0)
@@ -97,7 +97,7 @@ def test_training_mode_matches_per_step_batch_statistics(switches, backend):
     variance, and BN's gain gamma / sqrt(eps) amplifies float32 rounding differences between
     two correct formulas (the fast paths compute x * s + m, the reference (x - mean) * s)."""
     torch.manual_seed(1)
-    layer = BNLSTM(3, 6, max_steps=9, bn_x=switches[0], bn_h=switches[1], bn_c=switches[2], backend=backend)
+    layer = LSTMLayer(3, 6, max_steps=9, norm_x=switches[0], norm_h=switches[1], norm_c=switches[2], backend=backend)
     layer = randomise(layer).double()
     x = torch.randn(9, 8, 3, dtype=torch.float64)
     out, _ = layer.train()(x)
@@ -108,7 +108,7 @@ def test_training_mode_matches_per_step_batch_statistics(switches, backend):
 def test_training_output_at_step_t_ignores_later_steps(backend):
     """Statistics shared over time (a common port bug) would leak later steps into step t."""
     torch.manual_seed(2)
-    layer = randomise(BNLSTM(2, 5, max_steps=12, backend=backend)).train()
+    layer = randomise(LSTMLayer(2, 5, max_steps=12, backend=backend)).train()
     x = torch.randn(12, 6, 2)
     y = x.clone()
     y[6:] = 10 * torch.randn(6, 6, 2)
@@ -122,7 +122,7 @@ def test_training_output_at_step_t_ignores_later_steps(backend):
 def test_training_step_t_depends_on_the_batch_at_step_t(backend):
     """Same example, different batch-mates at step t only: its output at t changes."""
     torch.manual_seed(3)
-    layer = randomise(BNLSTM(2, 5, max_steps=4, bn_x=True, bn_h=False, bn_c=False, backend=backend)).train()
+    layer = randomise(LSTMLayer(2, 5, max_steps=4, norm_x=True, norm_h=False, norm_c=False, backend=backend)).train()
     x = torch.randn(4, 6, 2)
     y = x.clone()
     y[3, 1:] += 1.0  # examples 1.. differ at the last step only
@@ -137,7 +137,7 @@ def test_training_step_t_depends_on_the_batch_at_step_t(backend):
 def test_eval_mode_uses_population_statistics_and_reuses_the_last_beyond_t_max(backend):
     torch.manual_seed(4)
     t_max = 5
-    layer = randomise(BNLSTM(3, 4, max_steps=t_max, backend=backend)).eval()
+    layer = randomise(LSTMLayer(3, 4, max_steps=t_max, backend=backend)).eval()
     x = torch.randn(t_max + 4, 7, 3)  # 4 steps beyond T_max
     out, _ = layer(x)
     torch.testing.assert_close(out, naive_bnlstm(layer, x, training=False), atol=1e-5, rtol=1e-5)
@@ -156,7 +156,7 @@ def test_eval_mode_uses_population_statistics_and_reuses_the_last_beyond_t_max(b
 @pytest.mark.parametrize("backend", ["reference", "auto"])
 def test_gradcheck_float64_tiny_bnlstm(backend):
     torch.manual_seed(5)
-    layer = randomise(BNLSTM(2, 3, max_steps=4, backend=backend)).double().train()
+    layer = randomise(LSTMLayer(2, 3, max_steps=4, backend=backend)).double().train()
     x = torch.randn(4, 5, 2, dtype=torch.float64, requires_grad=True)
     params = [layer.weight_ih, layer.weight_hh, layer.bias, layer.h0, layer.c0]
     params += [p for bn in layer.norms() for p in bn.parameters()]
@@ -172,25 +172,25 @@ def test_gradcheck_float64_tiny_bnlstm(backend):
 def test_running_statistics_after_one_step_follow_the_ema_formula(backend):
     torch.manual_seed(6)
     momentum = 0.05
-    layer = BNLSTM(3, 4, max_steps=6, momentum=momentum, backend=backend).train()
+    layer = LSTMLayer(3, 4, max_steps=6, momentum=momentum, backend=backend).train()
     x = torch.randn(6, 10, 3)
-    before_mean = layer.bn_x.running_mean.clone()
-    before_var = layer.bn_x.running_var.clone()
+    before_mean = layer.norm_x.running_mean.clone()
+    before_var = layer.norm_x.running_var.clone()
     layer(x)
     a = x @ layer.weight_ih.detach().T  # (T, B, 4H), the x term's input
     batch_mean = a.mean(1)
     batch_var = a.var(1, unbiased=False)
-    torch.testing.assert_close(layer.bn_x.running_mean, (1 - momentum) * before_mean + momentum * batch_mean)
-    torch.testing.assert_close(layer.bn_x.running_var, (1 - momentum) * before_var + momentum * batch_var)
+    torch.testing.assert_close(layer.norm_x.running_mean, (1 - momentum) * before_mean + momentum * batch_mean)
+    torch.testing.assert_close(layer.norm_x.running_var, (1 - momentum) * before_var + momentum * batch_var)
     # The starting point is mean 0 / var 1, so after one step: alpha * batch and 1 - alpha + alpha * var.
-    torch.testing.assert_close(layer.bn_x.running_mean, momentum * batch_mean)
-    assert layer.bn_x.num_batches_tracked.tolist() == [1] * 6
+    torch.testing.assert_close(layer.norm_x.running_mean, momentum * batch_mean)
+    assert layer.norm_x.num_batches_tracked.tolist() == [1] * 6
 
 
 @pytest.mark.parametrize("backend", ["reference", "auto"])
 @torch.no_grad()
 def test_eval_does_not_touch_running_statistics(backend):
-    layer = BNLSTM(2, 3, max_steps=4, backend=backend).eval()
+    layer = LSTMLayer(2, 3, max_steps=4, backend=backend).eval()
     before = {k: v.clone() for k, v in layer.state_dict().items()}
     layer(torch.randn(6, 3, 2))
     for k, v in layer.state_dict().items():
@@ -209,21 +209,21 @@ def test_cumulative_average_mode_averages_batch_statistics():
 
 
 def test_initialisation_follows_the_paper():
-    layer = BNLSTM(1, 8, max_steps=3, gamma_init=0.1)
+    layer = LSTMLayer(1, 8, max_steps=3, gamma_init=0.1)
     H = 8
     assert torch.all(layer.bias[H : 2 * H] == 1.0)
     assert torch.all(layer.bias[:H] == 0) and torch.all(layer.bias[2 * H :] == 0)
     for bn in layer.norms():
         assert torch.all(bn.weight == 0.1)
-    assert layer.bn_x.bias is None and layer.bn_h.bias is None  # b already plays beta's role
-    assert torch.all(layer.bn_c.bias == 0)
+    assert layer.norm_x.bias is None and layer.norm_h.bias is None  # b already plays beta's role
+    assert torch.all(layer.norm_c.bias == 0)
     for block in layer.weight_hh.detach().split(H):
         torch.testing.assert_close(block @ block.T, torch.eye(H), atol=1e-5, rtol=1e-5)
     assert torch.all(layer.h0 == 0) and torch.all(layer.c0 == 0)
 
 
 def test_h0_noise_only_in_training():
-    layer = BNLSTM(1, 4, max_steps=2, h0_noise=0.1)
+    layer = LSTMLayer(1, 4, max_steps=2, h0_noise=0.1)
     h_train, _ = layer.train().initial_state(1000)
     h_eval, _ = layer.eval().initial_state(3)
     assert 0.08 < h_train.std().item() < 0.12
@@ -235,7 +235,7 @@ def test_h0_noise_only_in_training():
 def test_state_can_be_carried_between_chunks(backend):
     """A long sequence in two chunks (state and time offset passed on) equals one pass."""
     torch.manual_seed(7)
-    layer = randomise(BNLSTM(2, 3, max_steps=4, backend=backend)).eval()
+    layer = randomise(LSTMLayer(2, 3, max_steps=4, backend=backend)).eval()
     x = torch.randn(10, 3, 2)
     full, (h, c) = layer(x)
     first, state = layer(x[:6])

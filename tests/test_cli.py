@@ -32,6 +32,8 @@ def corrupt_root(tmp_path_factory):
     (["device=tpu"], "unknown device 'tpu'"),
     (["model.hidden_size=0"], "model.hidden_size=0 is invalid"),  # the rest of the config table: test_bad_input.py
     (["data.root=/nonexistent/folder", "data.download=false"], "MNIST not found"),
+    (["model.bn.h=false", "model.momentum=0.1"],
+     "settings were renamed: model.bn.h is now model.normalize.h; model.momentum is now model.stats_momentum"),
 ])
 def test_bad_input_is_one_sentence_and_exit_2(tmp_path, args, expected):
     result = bnrnn("train", *args, f"hydra.run.dir={tmp_path}/run", "hydra.sweep.dir=" + str(tmp_path / "sweep"), cwd=tmp_path)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bnrnn.kernels.cpu import extension as cpu_extension
-from bnrnn.nn import BNLSTM, backends, workspace
+from bnrnn.nn import LSTMLayer, backends, workspace
 from conftest import require_compiled_cpu_loop
 
 
@@ -66,7 +66,7 @@ def test_results_do_not_depend_on_the_thread_count(compiled, switches):
         for n in (1, 2, 2):
             torch.set_num_threads(n)
             torch.manual_seed(1)
-            layer = BNLSTM(3, 21, max_steps=8, bn_x=switches[0], bn_h=switches[1], bn_c=switches[2], h0_noise=0.1)
+            layer = LSTMLayer(3, 21, max_steps=8, norm_x=switches[0], norm_h=switches[1], norm_c=switches[2], h0_noise=0.1)
             out, (h, c) = layer(x)
             (out.square().sum() + c.sum()).backward()
             results.append([out, c, *(p.grad for p in layer.parameters()), *layer.buffers()])
@@ -86,7 +86,7 @@ def test_outputs_held_across_steps_are_not_overwritten(compiled):
     """The pool reuses a buffer only once nothing refers to it: outputs kept from one step
     (and tensors autograd saved) stay intact through the next steps."""
     torch.manual_seed(0)
-    layer = BNLSTM(2, 50, max_steps=300)
+    layer = LSTMLayer(2, 50, max_steps=300)
     x = torch.randn(300, 8, 2)  # (T, B, 4H) = 1.9 MB: pooled
     first, _ = layer(x)
     kept = first.detach().clone()
@@ -146,7 +146,7 @@ def test_a_failed_build_falls_back_to_the_aten_backend_and_says_so_once(monkeypa
     assert backends.select("auto", x).name == "cpu"  # asking builds nothing ...
     assert cpu_extension.failure() is None
     torch.manual_seed(0)
-    layer = BNLSTM(3, 5, max_steps=6)
+    layer = LSTMLayer(3, 5, max_steps=6)
     with pytest.warns(RuntimeWarning, match="the aten backend runs instead"):
         out, _ = layer(x)  # ... running does, and the build fails
     assert cpu_extension.failure()
@@ -154,7 +154,7 @@ def test_a_failed_build_falls_back_to_the_aten_backend_and_says_so_once(monkeypa
         warnings.simplefilter("error")  # said once only
         assert not cpu_extension.usable(x) and backends.select("auto", x).name == "aten"
         layer(x)
-    reference = BNLSTM(3, 5, max_steps=6, backend="reference")
+    reference = LSTMLayer(3, 5, max_steps=6, backend="reference")
     reference.load_state_dict(layer.state_dict())
     torch.testing.assert_close(out, reference(x)[0], atol=1e-6, rtol=1e-5)
 
@@ -163,7 +163,7 @@ def test_the_aten_backend_never_builds_the_extension(monkeypatch, untried_extens
     monkeypatch.setattr(cpu_extension, "load", lambda: pytest.fail("the extension was built"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # asked for: no warning
-        BNLSTM(3, 5, max_steps=6, backend="aten")(torch.randn(6, 4, 3))
+        LSTMLayer(3, 5, max_steps=6, backend="aten")(torch.randn(6, 4, 3))
     assert cpu_extension.failure() is None
 
 
@@ -217,14 +217,14 @@ def test_batch_statistics_keep_their_precision_far_from_zero(compiled):
     first row) still give the float64 variance to float32 precision, where sum(x^2)/B -
     mean^2 would lose every digit."""
     torch.manual_seed(0)
-    layer = BNLSTM(1, 8, max_steps=5, bn_h=False, bn_c=False, momentum=None)  # population = batch stats
+    layer = LSTMLayer(1, 8, max_steps=5, norm_h=False, norm_c=False, momentum=None)  # population = batch stats
     reference = copy.deepcopy(layer).double()
     reference.backend = "reference"
     x = 3000.0 + torch.randn(5, 64, 1)
     layer(x)
     reference(x.double())
-    torch.testing.assert_close(layer.bn_x.running_var.double(), reference.bn_x.running_var, rtol=1e-4, atol=0)
-    torch.testing.assert_close(layer.bn_x.running_mean.double(), reference.bn_x.running_mean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(layer.norm_x.running_var.double(), reference.norm_x.running_var, rtol=1e-4, atol=0)
+    torch.testing.assert_close(layer.norm_x.running_mean.double(), reference.norm_x.running_mean, rtol=1e-6, atol=0)
 
 
 def test_narrow_input_statistics_from_nearly_collinear_inputs(compiled):
@@ -233,7 +233,7 @@ def test_narrow_input_statistics_from_nearly_collinear_inputs(compiled):
     take their difference: the variance of the term is 1e-6 of the columns' own, so the
     covariance must keep it. Statistics, outputs and gradients against the float64 reference."""
     torch.manual_seed(1)
-    layer = BNLSTM(2, 8, max_steps=4, bn_h=False, bn_c=False, momentum=None)
+    layer = LSTMLayer(2, 8, max_steps=4, norm_h=False, norm_c=False, momentum=None)
     with torch.no_grad():
         layer.weight_ih[::2] = torch.tensor([1.0, -1.0])  # half the features see x_0 - x_1
     reference = copy.deepcopy(layer).double()
@@ -247,8 +247,8 @@ def test_narrow_input_statistics_from_nearly_collinear_inputs(compiled):
     weight = torch.randn(out.shape, dtype=torch.float64)
     (out.double() * weight).sum().backward()
     (out_ref * weight).sum().backward()
-    torch.testing.assert_close(layer.bn_x.running_var.double(), reference.bn_x.running_var, rtol=1e-4, atol=0)
-    torch.testing.assert_close(layer.bn_x.running_mean.double(), reference.bn_x.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.norm_x.running_var.double(), reference.norm_x.running_var, rtol=1e-4, atol=0)
+    torch.testing.assert_close(layer.norm_x.running_mean.double(), reference.norm_x.running_mean, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.double(), out_ref, rtol=0, atol=2e-4)
     for p, q in [(x, x64), *zip(layer.parameters(), reference.parameters())]:
         scale = q.grad.abs().max()
@@ -309,7 +309,7 @@ def test_the_own_gemm_can_be_limited_to_the_blas(small_gemm):
     """gemm_limit("blas"): the loops' float GEMMs go back to torch's BLAS (and oneDNN's packed
     halves from H = 256), e.g. to compare the two; the results agree within float32 rounding."""
     torch.manual_seed(0)
-    layer = BNLSTM(3, 40, max_steps=6)
+    layer = LSTMLayer(3, 40, max_steps=6)
     x = torch.randn(6, 20, 3)
     outputs = []
     for limit in ("own", "blas"):

@@ -85,7 +85,7 @@ def masked_reference(cell, x: torch.Tensor, lengths: torch.Tensor):
     h = x.new_zeros(batch, H)
     c = x.new_zeros(batch, H)
     running = {name: [getattr(cell, name).running_mean.clone(), getattr(cell, name).running_var.clone()]
-               for name in ("bn_x", "bn_h", "bn_c")}
+               for name in ("norm_x", "norm_h", "norm_c")}
 
     def bn(name: str, v: torch.Tensor, mask: torch.Tensor, t: int) -> torch.Tensor:
         norm = getattr(cell, name)
@@ -99,10 +99,10 @@ def masked_reference(cell, x: torch.Tensor, lengths: torch.Tensor):
     outputs = []
     for t in range(steps):
         mask = lengths > t
-        gates = bn("bn_x", x[t] @ cell.weight_ih.T, mask, t) + bn("bn_h", h @ cell.weight_hh.T, mask, t) + cell.bias
+        gates = bn("norm_x", x[t] @ cell.weight_ih.T, mask, t) + bn("norm_h", h @ cell.weight_hh.T, mask, t) + cell.bias
         i, f, g, o = gates.chunk(4, dim=1)
         c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h_new = torch.sigmoid(o) * torch.tanh(bn("bn_c", c_new, mask, t))
+        h_new = torch.sigmoid(o) * torch.tanh(bn("norm_c", c_new, mask, t))
         m = mask.unsqueeze(1)
         h, c = torch.where(m, h_new, h), torch.where(m, c_new, c)
         outputs.append(torch.where(m, h_new, torch.zeros_like(h_new)))
@@ -131,10 +131,10 @@ def test_batch_statistics_cover_only_the_running_sequences(backend):
 
     def ours(inputs):
         before = {n: (getattr(cell, n).running_mean.clone(), getattr(cell, n).running_var.clone())
-                  for n in ("bn_x", "bn_h", "bn_c")}
+                  for n in ("norm_x", "norm_h", "norm_c")}
         out, (h_n, c_n) = layer(inputs, lengths=lengths)
         after = {n: [getattr(cell, n).running_mean.clone(), getattr(cell, n).running_var.clone()]
-                 for n in ("bn_x", "bn_h", "bn_c")}
+                 for n in ("norm_x", "norm_h", "norm_c")}
         for n, (mean, var) in before.items():  # put them back: each call starts from the same population
             getattr(cell, n).running_mean.copy_(mean)
             getattr(cell, n).running_var.copy_(var)
@@ -147,7 +147,7 @@ def test_batch_statistics_cover_only_the_running_sequences(backend):
     for result in (got, again):
         for a, b in zip(expected[:3], result[:3]):
             torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
-        for name in ("bn_x", "bn_h", "bn_c"):
+        for name in ("norm_x", "norm_h", "norm_c"):
             for a, b in zip(expected[3][name], result[3][name]):
                 torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(result[4].masked_fill(padding.unsqueeze(2), 0), expected[4].masked_fill(

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bnrnn.nn import BNLSTM
+from bnrnn.nn import LSTMLayer
 from bnrnn.train import train
 
 
-def hand_written_ln_lstm(layer: BNLSTM, x: torch.Tensor) -> torch.Tensor:
+def hand_written_ln_lstm(layer: LSTMLayer, x: torch.Tensor) -> torch.Tensor:
     """Ba et al.'s LN-LSTM written out, from the layer's parameters: (T, B, I) -> (T, B, H)."""
     B, H = x.shape[1], layer.hidden_size
 
@@ -22,10 +22,10 @@ def hand_written_ln_lstm(layer: BNLSTM, x: torch.Tensor) -> torch.Tensor:
     h, c = layer.h0.expand(B, H), layer.c0.expand(B, H)
     outputs = []
     for x_t in x:
-        gates = ln(x_t @ layer.weight_ih.t(), layer.bn_x) + ln(h @ layer.weight_hh.t(), layer.bn_h) + layer.bias
+        gates = ln(x_t @ layer.weight_ih.t(), layer.norm_x) + ln(h @ layer.weight_hh.t(), layer.norm_h) + layer.bias
         i, f, g, o = gates.split(H, dim=1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(ln(c, layer.bn_c))
+        h = torch.sigmoid(o) * torch.tanh(ln(c, layer.norm_c))
         outputs.append(h)
     return torch.stack(outputs)
 
@@ -33,9 +33,9 @@ def hand_written_ln_lstm(layer: BNLSTM, x: torch.Tensor) -> torch.Tensor:
 BACKENDS = ("reference", "aten", "auto")  # auto: the aten loop on the CPU and on a GPU
 
 
-def randomised_ln_layer(seed: int = 0, backend: str = "reference", **switches) -> BNLSTM:
+def randomised_ln_layer(seed: int = 0, backend: str = "reference", **switches) -> LSTMLayer:
     torch.manual_seed(seed)
-    layer = BNLSTM(3, 5, max_steps=4, norm="layer", gamma_init=1.0, backend=backend, **switches).double()
+    layer = LSTMLayer(3, 5, max_steps=4, norm="layer", gamma_init=1.0, backend=backend, **switches).double()
     with torch.no_grad():
         for p in layer.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -73,7 +73,7 @@ def test_lnlstm_passes_gradcheck(backend):
 
 
 def test_lnlstm_keeps_no_statistics_and_runs_with_a_batch_of_one():
-    layer = BNLSTM(2, 4, max_steps=3, norm="layer")
+    layer = LSTMLayer(2, 4, max_steps=3, norm="layer")
     assert not any("running" in name for name, _ in layer.named_buffers())
     out, _ = layer.train()(torch.randn(7, 1, 2))  # no batch statistics: one example is fine
     assert torch.isfinite(out).all() and F.layer_norm is not None
@@ -85,7 +85,8 @@ def test_model_lnlstm_trains_and_tests_on_a_task(small_mnist_cfg, tmp_path):
     assert results["test_stats"] == "none"  # one validation mode: nothing to choose between
 
 
-@pytest.mark.parametrize("switches", [dict(bn_x=False), dict(bn_h=False), dict(bn_c=False), dict(bn_x=False, bn_c=False)])
+@pytest.mark.parametrize("switches", [dict(norm_x=False), dict(norm_h=False), dict(norm_c=False),
+                                      dict(norm_x=False, norm_c=False)])
 def test_the_aten_loop_equals_the_reference_with_any_terms_normalised(switches):
     """Each subset of layer-normalised terms, from a given state and past T_max: outputs, the
     final state and every gradient (the state's included), float64."""

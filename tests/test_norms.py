@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from bnrnn.config import load_config
-from bnrnn.nn import BNLSTM, Statistics
+from bnrnn.nn import LSTMLayer, Statistics
 from bnrnn.nn.norms import NORMS, LayerNorm, Norm, RMSNorm, TimeBatchNorm, make_norm
 from bnrnn.train import train
 from conftest import compose
 
 
-def rms_lstm_by_hand(layer: BNLSTM, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rms_lstm_by_hand(layer: LSTMLayer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """An RMS-normalised LSTM written out from its definition, x (T, B, I) -> (outputs (T, B, H), c_T):
     RMS(a) = g * a / sqrt(mean(a^2) + eps) over each row, on W_x x, W_h h and c (+ beta_c)."""
     def rms(a, gain, eps=1e-5):
@@ -24,16 +24,16 @@ def rms_lstm_by_hand(layer: BNLSTM, x: torch.Tensor) -> tuple[torch.Tensor, torc
     c = layer.c0.expand(x.shape[1], H)
     outputs = []
     for x_t in x:
-        pre = (rms(x_t @ layer.weight_ih.t(), layer.bn_x.weight) + rms(h @ layer.weight_hh.t(), layer.bn_h.weight)
+        pre = (rms(x_t @ layer.weight_ih.t(), layer.norm_x.weight) + rms(h @ layer.weight_hh.t(), layer.norm_h.weight)
                + layer.bias)
         i, f, g, o = pre[:, :H], pre[:, H:2 * H], pre[:, 2 * H:3 * H], pre[:, 3 * H:]
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(rms(c, layer.bn_c.weight) + layer.bn_c.bias)
+        h = torch.sigmoid(o) * torch.tanh(rms(c, layer.norm_c.weight) + layer.norm_c.bias)
         outputs.append(h)
     return torch.stack(outputs), c
 
 
-def randomised(layer: BNLSTM) -> BNLSTM:
+def randomised(layer: LSTMLayer) -> LSTMLayer:
     with torch.no_grad():
         for p in layer.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -46,8 +46,8 @@ def test_an_rms_normalised_lstm_equals_the_cell_written_by_hand(mode):
     every gradient equal the hand-written cell's (float64), in training and in evaluation
     (RMS norm keeps no statistics: both are the same function)."""
     torch.manual_seed(0)
-    layer = randomised(BNLSTM(3, 5, max_steps=4, norm="rms", gamma_init=0.7).double())
-    assert all(isinstance(bn, RMSNorm) for bn in layer.norms()) and layer.bn_x.bias is None
+    layer = randomised(LSTMLayer(3, 5, max_steps=4, norm="rms", gamma_init=0.7).double())
+    assert all(isinstance(bn, RMSNorm) for bn in layer.norms()) and layer.norm_x.bias is None
     x = torch.randn(6, 4, 3, dtype=torch.float64)
     out, (_, c) = layer.train(mode is Statistics.TRAIN)(x, stats=mode)
     out_h, c_h = rms_lstm_by_hand(layer, x)
@@ -61,8 +61,8 @@ def test_an_rms_normalised_lstm_equals_the_cell_written_by_hand(mode):
 
 def test_a_norm_no_fast_backend_computes_runs_on_the_reference_and_a_named_one_refuses():
     torch.manual_seed(0)
-    auto = BNLSTM(3, 5, max_steps=4, norm="rms")
-    ref = BNLSTM(3, 5, max_steps=4, norm="rms", backend="reference")
+    auto = LSTMLayer(3, 5, max_steps=4, norm="rms")
+    ref = LSTMLayer(3, 5, max_steps=4, norm="rms", backend="reference")
     ref.load_state_dict(auto.state_dict())
     x = torch.randn(6, 4, 3)
     torch.testing.assert_close(auto(x)[0], ref(x)[0], atol=0, rtol=0)
@@ -116,8 +116,8 @@ def test_an_rms_lstm_trains_from_the_config(small_mnist_cfg, tmp_path):
     results = train(cfg, tmp_path)
     assert results["steps"] == 4 and 0 <= results["valid_accuracy"] <= 1
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.pt")
-    assert {"rnn.bn_x.weight", "rnn.bn_c.bias"} <= checkpoint["model"].keys()
-    assert "rnn.bn_x.running_mean" not in checkpoint["model"]
+    assert {"rnn.cells.0.norm_x.weight", "rnn.cells.0.norm_c.bias"} <= checkpoint["model"].keys()
+    assert "rnn.cells.0.norm_x.running_mean" not in checkpoint["model"]
 
 
 def test_an_unknown_norm_is_refused_by_the_config(fake_mnist):

@@ -3,17 +3,17 @@ explicit argument of the forward (bnrnn.nn.norms.Statistics)."""
 
 import torch
 
-from bnrnn.nn import BNLSTM
+from bnrnn.nn import LSTMLayer
 from bnrnn.nn.norms import Statistics
 from bnrnn.nn.population import reestimate_population_statistics
 
 
-def make_layer(**kwargs) -> BNLSTM:
+def make_layer(**kwargs) -> LSTMLayer:
     torch.manual_seed(0)
-    return BNLSTM(3, 5, max_steps=4, momentum=0.3, **kwargs)
+    return LSTMLayer(3, 5, max_steps=4, momentum=0.3, **kwargs)
 
 
-def batch_stats_per_step(layer: BNLSTM, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def batch_stats_per_step(layer: LSTMLayer, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(mean, var) of W_h h_{t-1} at each step, recomputed naively from the hidden states."""
     with torch.no_grad():
         output, _ = layer(x, stats=Statistics.BATCH)
@@ -32,14 +32,14 @@ def test_reestimation_is_the_plain_average_of_batch_statistics():
     for t in range(4):
         mean = torch.stack([e[t][0] for e in expected]).mean(0)
         var = torch.stack([e[t][1] for e in expected]).mean(0)
-        torch.testing.assert_close(layer.bn_h.running_mean[t], mean, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(layer.bn_h.running_var[t], var, rtol=1e-5, atol=1e-6)
-    assert layer.bn_h.num_batches_tracked.tolist() == [3, 3, 3, 3]
-    assert layer.bn_h.momentum == 0.3 and not layer.training and not layer.bn_h.training
+        torch.testing.assert_close(layer.norm_h.running_mean[t], mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(layer.norm_h.running_var[t], var, rtol=1e-5, atol=1e-6)
+    assert layer.norm_h.num_batches_tracked.tolist() == [3, 3, 3, 3]
+    assert layer.norm_h.momentum == 0.3 and not layer.training and not layer.norm_h.training
     # and a training forward after it goes on with the EMA
-    before = layer.bn_h.running_mean[0].clone()
+    before = layer.norm_h.running_mean[0].clone()
     layer.train()(batches[0])
-    torch.testing.assert_close(layer.bn_h.running_mean[0], 0.7 * before + 0.3 * expected[0][0][0], rtol=1e-5,
+    torch.testing.assert_close(layer.norm_h.running_mean[0], 0.7 * before + 0.3 * expected[0][0][0], rtol=1e-5,
                                atol=1e-6)
 
 

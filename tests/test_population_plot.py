@@ -23,7 +23,7 @@ def test_the_plotted_data_equal_the_buffers(small_mnist_cfg, tmp_path):
     assert set(data) >= {"x", "h", "c"} and data["step"] == 3
     for term in ("x", "h", "c"):
         for name, buffer in (("mean", "running_mean"), ("var", "running_var")):
-            values = state[f"rnn.bn_{term}.{buffer}"].double()  # (T_max, F)
+            values = state[f"rnn.cells.0.norm_{term}.{buffer}"].double()  # (T_max, F)
             assert data[term]["steps"] == values.shape[0] == 20
             shown = torch.tensor(data[term][name]["shown"], dtype=torch.float64)  # (features, T)
             assert torch.equal(shown, values[:, :4].t())
@@ -45,7 +45,7 @@ def test_a_stacked_bidirectional_run_draws_every_layer_and_direction(small_mnist
     assert set(data) >= set(names) and "h" not in data
     for index, name in enumerate(names):
         term = name[0]
-        values = state[f"rnn.layers.{index // 3}.bn_{term}.running_var"].double()
+        values = state[f"rnn.cells.{index // 3}.norm_{term}.running_var"].double()
         assert torch.equal(torch.tensor(data[name]["var"]["shown"], dtype=torch.float64), values[:, :4].t())
     assert written["figure"].stat().st_size > 10_000
 
@@ -70,7 +70,7 @@ def test_validation_writes_gamma_histograms_to_tensorboard(small_mnist_cfg, tmp_
             "norms/batch_var_h_per_step"} <= set(tags)
     assert events.Histograms("norms/batch_var_h_per_step")[0].histogram_value.num == 784  # one value per step
     assert [e.step for e in events.Histograms("norms/gamma_h")] == [2]  # eval_every=2
-    gamma_h = load_checkpoint(run / "checkpoints" / "last.pt")["model"]["rnn.bn_h.weight"]
+    gamma_h = load_checkpoint(run / "checkpoints" / "last.pt")["model"]["rnn.cells.0.norm_h.weight"]
     histogram = events.Histograms("norms/gamma_h")[0].histogram_value
     assert histogram.num == gamma_h.numel()
     assert histogram.min == pytest.approx(float(gamma_h.min())) and histogram.max == pytest.approx(float(gamma_h.max()))
@@ -82,19 +82,20 @@ def test_the_watched_batch_variance_of_w_h_h_is_that_of_the_first_sequence(backe
     """In evaluation with batch statistics, BN_h's watch keeps the per-step batch variance of
     W_h h_{t-1} averaged over the features, for the steps up to T_max (5 of 7): equal to that
     of the hidden states run by hand."""
-    from bnrnn.nn import BNLSTM, Statistics
+    from bnrnn import BNLSTM
+    from bnrnn.nn import Statistics
     from bnrnn.monitoring import batch_variance_watch
 
     torch.manual_seed(0)
-    layer = BNLSTM(3, 6, max_steps=5, backend=backend).double().eval()
     model = torch.nn.Module()
-    model.rnn = layer
+    model.rnn = BNLSTM(3, 6, max_steps=5, backend=backend, learn_initial_state=True).double().eval()
+    layer = model.rnn.cells[0]
     x = torch.randn(7, 9, 3, dtype=torch.float64)
     with torch.no_grad(), batch_variance_watch(model) as watched:
-        hs, _ = layer(x, stats=Statistics.BATCH)
-        layer(torch.randn(7, 9, 3, dtype=torch.float64), stats=Statistics.BATCH)  # a second sequence: not kept
+        hs, _ = model.rnn(x, stats=Statistics.BATCH)
+        model.rnn(torch.randn(7, 9, 3, dtype=torch.float64), stats=Statistics.BATCH)  # a second sequence: not kept
     h_prev = torch.cat([layer.h0.expand(1, 9, 6), hs[:-1]])  # h_{t-1} (T, B, H)
     expected = (h_prev @ layer.weight_hh.t()).var(dim=1, unbiased=False).mean(dim=1)[:5]
     assert set(watched) == {"norms/batch_var_h_per_step"}
     torch.testing.assert_close(watched["norms/batch_var_h_per_step"], expected.float(), atol=1e-6, rtol=1e-5)
-    assert layer.bn_h.watched_variance() is None  # the watch ends with the block
+    assert layer.norm_h.watched_variance() is None  # the watch ends with the block

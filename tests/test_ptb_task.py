@@ -55,7 +55,7 @@ def test_every_model_trains_on_ptb(small_ptb_cfg, tmp_path, model):
     assert len(vocab) == 50 and vocab[0] == "\n"
     state = torch.load(tmp_path / "checkpoints/last.pt", weights_only=True)["model"]
     if model != "lstm":
-        assert state["rnn.bn_x.running_mean"].shape == (19, 32)  # T_max = seq_len - 1 slots, 4H
+        assert state["rnn.cells.0.norm_x.running_mean"].shape == (19, 32)  # T_max = seq_len - 1 slots, 4H
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["split"] for r in records] == ["train", "train", "valid", "test"]
     assert all(r["bpc"] == pytest.approx(r["loss"] / math.log(2)) for r in records)
@@ -117,7 +117,7 @@ def test_eval_reestimates_and_sweeps_lengths(small_ptb_cfg, tmp_path):
     assert json.loads((tmp_path / "run/eval/eval.json").read_text())["lengths"] == result["lengths"]
     # The population statistics in the checkpoint were not changed by the evaluation.
     before = torch.load(tmp_path / "run/checkpoints/best.pt", weights_only=True)["model"]
-    assert before["rnn.bn_h.num_batches_tracked"][0] == 2
+    assert before["rnn.cells.0.norm_h.num_batches_tracked"][0] == 2
 
 
 def run_cli(*args):

@@ -91,9 +91,9 @@ def test_a_nan_batch_is_skipped_like_a_missing_batch(small_mnist_cfg, tmp_path, 
     assert "input batch holds NaN" in bad[0]["likely_cause"]
     report = json.loads((tmp_path / "nan" / "diagnostics" / "step-00000003-try1.json").read_text())
     assert report["input_finite"] is False and report["loss"] == "nan"
-    assert set(report["norms"]) == {"rnn.bn_x", "rnn.bn_h", "rnn.bn_c"}
+    assert set(report["norms"]) == {"rnn.cells.0.norm_x", "rnn.cells.0.norm_h", "rnn.cells.0.norm_c"}
     assert all("gamma_min" in entry and "batch_var_min" in entry for entry in report["norms"].values())
-    assert "rnn.weight_hh" in report["grad_norms"]
+    assert "rnn.cells.0.weight_hh" in report["grad_norms"]
 
     draws = []
 
@@ -132,7 +132,7 @@ def test_an_infinite_gradient_is_caught_and_named(small_mnist_cfg, tmp_path, mon
             calls["n"] += 1
             return grad * math.inf if calls["n"] >= 3 else grad
 
-        model.rnn.weight_hh.register_hook(hook)
+        model.rnn.cells[0].weight_hh.register_hook(hook)
 
     tamper(monkeypatch, on_model=poison_weight_hh)
     cfg = small_mnist_cfg("model=lstm", "trainer.max_steps=50", "trainer.max_bad_steps=2", "trainer.clip_norm=null")
@@ -144,33 +144,33 @@ def test_an_infinite_gradient_is_caught_and_named(small_mnist_cfg, tmp_path, mon
     assert len(warnings) == 2 and all("non-finite gradient (the loss was finite)" in w for w in warnings)
     bad = records(tmp_path / "run", "diverge")
     assert [r["step"] for r in bad] == [3, 3]  # nothing was applied, so both tries are step 3
-    assert bad[0]["nonfinite_grads"] == ["rnn.weight_hh"]
+    assert bad[0]["nonfinite_grads"] == ["rnn.cells.0.weight_hh"]
     assert isinstance(bad[0]["loss"], float)
     report = json.loads((tmp_path / "run" / "diagnostics" / "step-00000003-try1.json").read_text())
-    assert report["grad_norms"]["rnn.weight_hh"] in ("inf", "nan")
-    assert isinstance(report["grad_norms"]["rnn.weight_ih"], float)
+    assert report["grad_norms"]["rnn.cells.0.weight_hh"] in ("inf", "nan")
+    assert isinstance(report["grad_norms"]["rnn.cells.0.weight_ih"], float)
 
 
 def test_a_collapsed_batch_variance_is_named_as_the_cause():
     """Every example the same at the first steps (MNIST's black pixels, shared h0)."""
     from bnrnn.diagnostics import divergence_report
-    from bnrnn.nn import BNLSTM
+    from bnrnn.nn import LSTMLayer
 
-    layer = BNLSTM(1, 4, max_steps=5).train()
+    layer = LSTMLayer(1, 4, max_steps=5).train()
     x = torch.zeros(5, 8, 1)  # zero input and a shared h0: W_x x and W_h h_0 have zero variance
     out, _ = layer(x)
     out.sum().backward()
     report = divergence_report(layer, torch.tensor(1.0), torch.tensor(math.inf), (x,), 7)
-    assert report["norms"]["bn_x"]["batch_var_min"] < 1e-9  # 0 up to the rounding of 1/invstd^2 - eps
-    assert report["norms"]["bn_h"]["batch_var_min"] < 1e-9
-    assert "batch variance collapsed to ~0 in bn_h" in report["likely_cause"]
+    assert report["norms"]["norm_x"]["batch_var_min"] < 1e-9  # 0 up to the rounding of 1/invstd^2 - eps
+    assert report["norms"]["norm_h"]["batch_var_min"] < 1e-9
+    assert "batch variance collapsed to ~0 in norm_h" in report["likely_cause"]
     assert "model.h0_noise" in report["likely_cause"]
     # With per-example initial states only the input term is collapsed: another cause.
     layer.zero_grad()
     out, _ = layer(x, (torch.randn(8, 4), torch.randn(8, 4)))
     out.sum().backward()
     report = divergence_report(layer, torch.tensor(1.0), torch.tensor(math.inf), (x,), 7)
-    assert report["likely_cause"].startswith("the input term has zero batch variance at some steps (bn_x")
+    assert report["likely_cause"].startswith("the input term has zero batch variance at some steps (norm_x")
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
@@ -247,7 +247,7 @@ def test_a_huge_but_finite_gradient_is_clipped_not_skipped(small_mnist_cfg, tmp_
             calls["n"] += 1
             return grad * 1e30 if calls["n"] == 2 else grad
 
-        model.rnn.weight_hh.register_hook(hook)
+        model.rnn.cells[0].weight_hh.register_hook(hook)
 
     tamper(monkeypatch, on_model=inflate_weight_hh)
     results = train(small_mnist_cfg("model=lstm", "trainer.max_steps=3", "trainer.test_at_end=false"), tmp_path / "run")

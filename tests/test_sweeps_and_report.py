@@ -141,8 +141,8 @@ def test_report_names_the_models_and_draws_layer_norm_as_normalised(tmp_path, fa
         train(cfg, tmp_path / "runs" / model)
     table = make_report([tmp_path / "runs"], tmp_path / "report")["table"]
     assert "| seqmnist | LN-LSTM | 2 |" in table and "| seqmnist | LSTM | 2 |" in table
-    assert Run(tmp_path, {"model": {"name": "lnlstm", "bn": {"x": True, "h": True, "c": True}}}, []).normalised
-    assert not Run(tmp_path, {"model": {"name": "lstm", "bn": {"x": False, "h": False, "c": False}}}, []).normalised
+    assert Run(tmp_path, {"model": {"name": "lnlstm", "normalize": {"x": True, "h": True, "c": True}}}, []).normalised
+    assert not Run(tmp_path, {"model": {"name": "lstm", "normalize": {"x": False, "h": False, "c": False}}}, []).normalised
 
 
 def test_a_key_an_older_run_lacks_counts_as_its_default(tmp_path):

@@ -94,16 +94,16 @@ def test_the_paper_presets_compose_to_the_papers_settings():
     seq = load_config(compose(["experiment=paper_seqmnist", "model=bnlstm", "data.root=/x"]))
     assert (seq.model.hidden_size, seq.task.batch_size, seq.trainer.optimizer, seq.trainer.lr) == (100, 100, "rmsprop",
                                                                                                   1e-3)
-    assert (seq.trainer.clip_norm, seq.trainer.max_epochs, seq.model.momentum, seq.model.gamma_init) == (1.0, 200, 0.01,
+    assert (seq.trainer.clip_norm, seq.trainer.max_epochs, seq.model.stats_momentum, seq.model.gamma_init) == (1.0, 200, 0.01,
                                                                                                         0.1)
     assert seq.trainer.reestimate_batch_size == 5000 and seq.trainer.select_on == "batch"
     ptb = load_config(compose(["experiment=paper_ptb", "model=bnlstm", "data.root=/x"]))
     assert (ptb.model.hidden_size, ptb.task.batch_size, ptb.task.seq_len, ptb.trainer.optimizer, ptb.trainer.lr) == (
         1000, 64, 100, "adam", 2e-3)
-    assert (ptb.trainer.clip_norm, ptb.trainer.max_epochs, ptb.model.momentum, ptb.model.gamma_init) == (1.0, 50, 0.05,
+    assert (ptb.trainer.clip_norm, ptb.trainer.max_epochs, ptb.model.stats_momentum, ptb.model.gamma_init) == (1.0, 50, 0.05,
                                                                                                         0.1)
     pm = load_config(compose(["experiment=paper_pmnist", "model=lstm", "data.root=/x"]))
-    assert pm.task.permute and pm.task.name == "pmnist" and not pm.model.bn.x
+    assert pm.task.permute and pm.task.name == "pmnist" and not pm.model.normalize.x
 
 
 def test_every_declared_key_reaches_the_composed_config():

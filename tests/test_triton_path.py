@@ -203,7 +203,7 @@ def test_a_training_sequence_frees_its_buffers_without_the_cycle_collector(monke
     import gc
     import weakref
 
-    from bnrnn.nn import BNLSTM
+    from bnrnn.nn import LSTMLayer
 
     kept = []
     real = triton_lstm.run_sequence
@@ -215,7 +215,7 @@ def test_a_training_sequence_frees_its_buffers_without_the_cycle_collector(monke
 
     monkeypatch.setattr(triton_lstm, "available", lambda x: True)
     monkeypatch.setattr(triton_lstm, "run_sequence", spy)
-    layer = BNLSTM(3, 5, max_steps=6, backend="triton", cuda_graphs=False).to(DEVICE).train()
+    layer = LSTMLayer(3, 5, max_steps=6, backend="triton", cuda_graphs=False).to(DEVICE).train()
     gc.collect()
     gc.disable()
     try:

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from bnrnn.config import load_config
 from bnrnn.errors import ConfigError
-from bnrnn.nn import BNLSTM
+from bnrnn import BNLSTM
+from bnrnn.nn import LSTMLayer
 from bnrnn.nn.norms import Statistics
 from bnrnn.nn.population import reestimate_population_statistics
 from bnrnn.scoring import flatten_modes, reestimate, score, score_modes, population_kept
@@ -31,7 +32,7 @@ def records(run_dir, split):
 
 def trained_task_and_model(small_mnist_cfg, tmp_path, steps=6):
     """A small BN-LSTM after a few steps (EMA far from the weights' statistics), its task."""
-    cfg = load_config(small_mnist_cfg("model=bnlstm", "model.momentum=0.1",
+    cfg = load_config(small_mnist_cfg("model=bnlstm", "model.stats_momentum=0.1",
                                       f"trainer.max_steps={steps}", "trainer.test_at_end=false"))
     train(cfg, tmp_path / "run")
     task = build_task(cfg)
@@ -42,7 +43,7 @@ def trained_task_and_model(small_mnist_cfg, tmp_path, steps=6):
 
 def test_batch_statistics_validation_equals_a_training_mode_forward_on_the_same_batches(small_mnist_cfg, tmp_path):
     cfg, task, model = trained_task_and_model(small_mnist_cfg, tmp_path)
-    assert model.rnn.h0_noise == 0.1
+    assert model.rnn.cells[0].h0_noise == 0.1
     rng = torch.get_rng_state()
     got = score(task, model, "valid", CPU, "batch", seed=7)
     assert torch.equal(torch.get_rng_state(), rng)  # the training's random stream did not move
@@ -79,7 +80,7 @@ def test_reestimated_validation_equals_reestimating_by_hand_and_leaves_the_model
     # By hand: the first 3 training batches through the whole classifier with batch statistics
     # (h0 noise from the RNG seeded with the run's seed), the norms averaging cumulatively.
     by_hand = copy.deepcopy(model).eval()
-    for bn in by_hand.rnn.norms():
+    for bn in by_hand.rnn.cells[0].norms():
         bn.reset_running_stats()
     torch.manual_seed(cfg.seed)
     with torch.no_grad():
@@ -169,7 +170,7 @@ def test_bad_statistics_settings_fail_at_start_naming_the_key(small_mnist_cfg, o
 
 def test_identity_g_init_is_the_authors_init_id():
     H = 6
-    layer = BNLSTM(3, H, max_steps=4, init="identity_g")
+    layer = LSTMLayer(3, H, max_steps=4, init="identity_g")
     i, f, g, o = layer.weight_hh.detach().split(H, dim=0)
     assert torch.equal(g, torch.eye(H))
     others = torch.cat([i, f, o])  # (3H, H): one orthogonal matrix, orthonormal columns
@@ -177,11 +178,11 @@ def test_identity_g_init_is_the_authors_init_id():
     assert not torch.allclose(i.t() @ i, torch.eye(H), atol=1e-2)  # not orthogonal block by block
     w = layer.weight_ih.detach()  # (4H, I) as one orthogonal matrix
     assert torch.allclose(w.t() @ w, torch.eye(3), atol=1e-5)
-    plain = BNLSTM(3, H, max_steps=4)
+    plain = LSTMLayer(3, H, max_steps=4)
     for block in plain.weight_hh.detach().split(H, dim=0):
         assert torch.allclose(block.t() @ block, torch.eye(H), atol=1e-5)
     with pytest.raises(ValueError, match="init"):
-        BNLSTM(3, H, max_steps=4, init="identity")
+        LSTMLayer(3, H, max_steps=4, init="identity")
 
 
 def test_tensorboard_gets_every_mode_and_a_chart_that_overlays_them(small_mnist_cfg, tmp_path):
@@ -207,10 +208,10 @@ def test_reestimating_draws_the_training_h0_noise(small_mnist_cfg, tmp_path):
     cfg, task, model = trained_task_and_model(small_mnist_cfg, tmp_path)
     variance_at_step_0 = {}
     for noise in (0.1, 0.0):
-        model.rnn.h0_noise = noise
+        model.rnn.cells[0].h0_noise = noise
         with population_kept(model):
             assert reestimate(task, model, CPU, cfg.seed, 2) == 2
-            variance_at_step_0[noise] = model.rnn.bn_h.running_var[0].clone()
+            variance_at_step_0[noise] = model.rnn.cells[0].norm_h.running_var[0].clone()
     assert variance_at_step_0[0.1].min() > 1e-4  # the noise's spread through W_h
     assert variance_at_step_0[0.0].max() < 1e-9  # every image in the same state
 
@@ -219,14 +220,14 @@ def test_reestimating_draws_the_training_h0_noise(small_mnist_cfg, tmp_path):
 def test_statistics_in_pieces_equal_those_of_one_pass(backend):
     """Re-estimating in pieces of steps (the authors' batches of 5000 would take 11 GB whole)."""
     torch.manual_seed(0)
-    whole = BNLSTM(1, 12, max_steps=30, backend=backend, h0_noise=0.0)
+    whole = BNLSTM(1, 12, max_steps=30, backend=backend)
     pieces = copy.deepcopy(whole)
     x = torch.rand(30, 40, 1)
     reestimate_population_statistics(whole, [x], lambda m, b, stats: m(b, stats=stats))
     reestimate_population_statistics(pieces, [x], lambda m, b, stats: m.forward_in_chunks(b, 7, stats=stats))
     for (name, a), (_, b) in zip(whole.named_buffers(), pieces.named_buffers()):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
-    assert torch.equal(whole.bn_h.num_batches_tracked, torch.ones(30, dtype=torch.long))
+    assert torch.equal(whole.cells[0].norm_h.num_batches_tracked, torch.ones(30, dtype=torch.long))
 
 
 def test_every_mode_on_a_schedule_of_its_own_and_the_selection_mode_at_every_validation(small_mnist_cfg, tmp_path):

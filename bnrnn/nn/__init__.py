@@ -2,7 +2,7 @@
 (BN-)LSTM layer, task heads."""
 
 from bnrnn.nn.heads import CharLanguageModel, SequenceClassifier
-from bnrnn.nn.lstm import BNLSTM
+from bnrnn.nn.lstm import LSTMLayer
 from bnrnn.nn.norms import Norm, Statistics, TimeBatchNorm
 
-__all__ = ["BNLSTM", "CharLanguageModel", "Norm", "SequenceClassifier", "Statistics", "TimeBatchNorm"]
+__all__ = ["LSTMLayer", "CharLanguageModel", "Norm", "SequenceClassifier", "Statistics", "TimeBatchNorm"]

@@ -27,9 +27,9 @@ class AtenBackend(Backend):
         if layer.norm == "layer":
             return layer_norm_training(layer, x, h0, c0)
         # W_x x for all steps in one GEMM; b rides along unless it is BN_x's beta.
-        wx = InputProjection.apply(x, layer.weight_ih, layer.bias if layer.bn_x is None else None)
+        wx = InputProjection.apply(x, layer.weight_ih, layer.bias if layer.norm_x is None else None)
         (gamma_x, gamma_h, gamma_c), beta_c, eps = layer.norm_tensors()
-        beta_x = layer.bias if layer.bn_x is not None else None  # b is BN_x's beta
+        beta_x = layer.bias if layer.norm_x is not None else None  # b is BN_x's beta
         if needs_grad:
             found: dict[str, torch.Tensor] = {}
             hs, c_last = FusedLSTMRecurrence.apply(wx, layer.weight_hh, gamma_x, beta_x, gamma_h, gamma_c, beta_c, h0,
@@ -54,8 +54,8 @@ def layer_norm_training(layer, x, h0, c0):
     LN_x(W_x x) over every step at once in autograd, with every bias (LN_x's, LN_h's, b)
     added to it, since the terms are summed; LN_h and LN_c inside the Function."""
     wx = InputProjection.apply(x, layer.weight_ih, None)
-    bias = layer.bias if layer.bn_h is None else layer.bias + layer.bn_h.bias
-    xin = (wx if layer.bn_x is None else layer.bn_x.forward_sequence(wx)) + bias
+    bias = layer.bias if layer.norm_h is None else layer.bias + layer.norm_h.bias
+    xin = (wx if layer.norm_x is None else layer.norm_x.forward_sequence(wx)) + bias
     (_, gamma_h, gamma_c), beta_c, eps = layer.norm_tensors()
     hs, c_last = FusedLSTMRecurrence.apply(xin, layer.weight_hh, None, None, gamma_h, gamma_c, beta_c, h0, c0, eps,
                                            {}, True)

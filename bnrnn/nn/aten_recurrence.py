@@ -1,4 +1,4 @@
-"""The ``aten`` backend of :class:`~bnrnn.nn.lstm.BNLSTM`: the recurrence as one autograd Function.
+"""The ``aten`` backend of :class:`~bnrnn.nn.lstm.LSTMLayer`: the recurrence as one autograd Function.
 
 At the paper's sizes (hidden 100, batch 64-100) a time step is a few dozen small ops, and
 per-op overhead (Python, dispatch, autograd bookkeeping) dominates the arithmetic. Here the

@@ -183,14 +183,14 @@ def population_affine(layer, t0: int, steps: int):
     fewer operations); BN_c stays one affine step."""
     shift = layer.bias.expand(steps, -1)  # the input term is W_x x * s_x + (m_x + b + m_h)
     x_scale = h_scale = c_scale = c_shift = None
-    if layer.bn_x is not None:
-        x_scale, x_shift = layer.bn_x.affine_at(t0, steps)
+    if layer.norm_x is not None:
+        x_scale, x_shift = layer.norm_x.affine_at(t0, steps)
         shift = shift + x_shift
-    if layer.bn_h is not None:
-        h_scale, h_shift = layer.bn_h.affine_at(t0, steps)
+    if layer.norm_h is not None:
+        h_scale, h_shift = layer.norm_h.affine_at(t0, steps)
         shift = shift + h_shift
-    if layer.bn_c is not None:
-        c_scale, c_shift = layer.bn_c.affine_at(t0, steps)
+    if layer.norm_c is not None:
+        c_scale, c_shift = layer.norm_c.affine_at(t0, steps)
     return shift, x_scale, h_scale, c_scale, c_shift
 
 
@@ -201,7 +201,7 @@ def fold_into_population(layer, found: dict[str, torch.Tensor], t0: int, stats: 
     if stats is Statistics.POPULATION:
         return
     for term in terms:
-        bn = getattr(layer, "bn_" + term)
+        bn = getattr(layer, "norm_" + term)
         if bn is None:
             continue
         mean, invstd = found["mean_" + term].detach(), found["invstd_" + term].detach()

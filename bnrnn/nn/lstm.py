@@ -2,8 +2,8 @@
 initialisation and its initial state. What it computes is :mod:`bnrnn.nn.reference`
 (Cooijmans et al., eqs. 6-8); which implementation computes it is :mod:`bnrnn.nn.backends`.
 
-Each of the three normalisations is a switch (``bn_x``, ``bn_h``, ``bn_c``): all off is a
-vanilla LSTM, ``bn_x`` alone is Laurent et al.'s BN-input LSTM, all on is the paper's
+Each of the three normalisations is a switch (``norm_x``, ``norm_h``, ``norm_c``): all off is a
+vanilla LSTM, ``norm_x`` alone is Laurent et al.'s BN-input LSTM, all on is the paper's
 BN-LSTM. The cell *update* is never normalised. The x and h terms carry no beta of their own:
 the single bias ``b`` (forget part initialised to 1) plays that role.
 
@@ -23,14 +23,15 @@ from bnrnn.nn.reference import State
 INITS = ("orthogonal", "identity_g")
 
 
-class BNLSTM(nn.Module):
-    """Single-layer, time-major LSTM with switchable per-time-step batch normalisation.
+class LSTMLayer(nn.Module):
+    """One layer and direction of the (BN-)LSTM, time-major, with switchable per-time-step
+    normalisation: the cell that every backend runs and :class:`bnrnn.BNLSTM` stacks.
 
     Args:
         input_size: I, features per time step.
         hidden_size: H.
         max_steps: T_max, the number of population-statistics slots (training length).
-        bn_x, bn_h, bn_c: normalise W_x x_t, W_h h_{t-1}, c_t.
+        norm_x, norm_h, norm_c: normalise W_x x_t, W_h h_{t-1}, c_t.
         gamma_init: initial gamma of every normalisation (paper: 0.1).
         momentum: EMA rate of the population statistics (paper: 0.01 MNIST, 0.05 PTB).
         eps: added to the variance (paper: 1e-5).
@@ -61,9 +62,9 @@ class BNLSTM(nn.Module):
         input_size: int,
         hidden_size: int,
         max_steps: int,
-        bn_x: bool = True,
-        bn_h: bool = True,
-        bn_c: bool = True,
+        norm_x: bool = True,
+        norm_h: bool = True,
+        norm_c: bool = True,
         gamma_init: float = 0.1,
         momentum: float | None = 0.01,
         eps: float = 1e-5,
@@ -112,9 +113,9 @@ class BNLSTM(nn.Module):
         def make(features: int, learn_bias: bool) -> Norm:
             return make_norm(norm, features, max_steps, gamma_init, learn_bias, momentum, eps)
 
-        self.bn_x = make(gates, False) if bn_x else None
-        self.bn_h = make(gates, False) if bn_h else None
-        self.bn_c = make(hidden_size, True) if bn_c else None
+        self.norm_x = make(gates, False) if norm_x else None
+        self.norm_h = make(gates, False) if norm_h else None
+        self.norm_c = make(hidden_size, True) if norm_c else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -142,29 +143,10 @@ class BNLSTM(nn.Module):
             bn.reset_parameters()
 
     def norms(self) -> list[Norm]:
-        return [bn for bn in (self.bn_x, self.bn_h, self.bn_c) if bn is not None]
+        return [bn for bn in (self.norm_x, self.norm_h, self.norm_c) if bn is not None]
 
     def extra_repr(self) -> str:
         return f"{self.input_size}, {self.hidden_size}, max_steps={self.max_steps}, backend={self.backend}"
-
-    @property
-    def output_size(self) -> int:
-        """Features of each output step: H (a stack's may be 2H: :mod:`bnrnn.nn.stack`)."""
-        return self.hidden_size
-
-    @property
-    def layers(self) -> list[BNLSTM]:
-        """The recurrent layers, as for :class:`~bnrnn.nn.stack.StackedLSTM`: this one."""
-        return [self]
-
-    @property
-    def labels(self) -> list[str]:
-        return ["layer1"]
-
-    @staticmethod
-    def final_hidden(state: State) -> torch.Tensor:
-        """What a sequence classifier reads: h_T (B, H)."""
-        return state[0]
 
     def initial_state(self, batch_size: int, stats: Statistics | None = None) -> State:
         """Learned (h0, c0) broadcast to the batch, each (B, H). h0 is noisy wherever the norms
@@ -196,27 +178,10 @@ class BNLSTM(nn.Module):
         """
         return backends.run(self, x, state, t0, Statistics.of(self, stats))
 
-    def forward_in_chunks(self, x: torch.Tensor, chunk: int, state: State | None = None,
-                          stats: Statistics | None = None) -> State:
-        """Run over ``x`` (T, B, I) in consecutive pieces of ``chunk`` steps, the state carried
-        over, and return only the final (h_T, c_T).
-
-        Every step's batch statistics depend only on that step's inputs and state, so in
-        training mode this folds the same statistics into the population as one pass over
-        the whole sequence, while holding (chunk, B, .) buffers instead of (T, B, .): the
-        authors re-estimated with batches of 5000 MNIST images, whose 784 steps at once
-        take about 11 GB.
-        """
-        for t0 in range(0, x.shape[0], chunk):
-            _, state = self(x[t0:t0 + chunk], state, t0, stats)
-        if state is None:
-            state = self.initial_state(x.shape[1], stats)
-        return state
-
     def norm_tensors(self) -> tuple[tuple, torch.Tensor | None, tuple[float, float, float]]:
         """(gamma_x, gamma_h, gamma_c), beta_c, (eps_x, eps_h, eps_c) of the fast paths; None
         (eps 0) for a norm that is off."""
-        norms = (self.bn_x, self.bn_h, self.bn_c)
+        norms = (self.norm_x, self.norm_h, self.norm_c)
         gammas = tuple(bn.weight if bn is not None else None for bn in norms)
         eps = tuple(bn.eps if bn is not None else 0.0 for bn in norms)
-        return gammas, (self.bn_c.bias if self.bn_c is not None else None), eps
+        return gammas, (self.norm_c.bias if self.norm_c is not None else None), eps

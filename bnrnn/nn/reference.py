@@ -36,11 +36,11 @@ from bnrnn.nn.norms import Statistics
 def reference_forward(layer, x: torch.Tensor, state: State | None = None, t0: int = 0,
                       step_hook: Callable[[int, torch.Tensor], None] | None = None,
                       stats: Statistics | None = None) -> tuple[torch.Tensor, State]:
-    """Eqs. 6-8 over a sequence, one step at a time, for a :class:`~bnrnn.nn.lstm.BNLSTM` layer.
+    """Eqs. 6-8 over a sequence, one step at a time, for a :class:`~bnrnn.nn.lstm.LSTMLayer` layer.
 
     Args:
         layer: the parameters (weight_ih (4H, I), weight_hh (4H, H), bias (4H,)) and the
-            norms bn_x, bn_h (4H features), bn_c (H features); None where switched off.
+            norms norm_x, norm_h (4H features), norm_c (H features); None where switched off.
         x: (T, B, I), time-major.
         state: (h, c), each (B, H); None for the layer's learned initial state.
         t0: the time index of x[0], for the per-step statistics of a sequence cut in pieces.
@@ -55,19 +55,19 @@ def reference_forward(layer, x: torch.Tensor, state: State | None = None, t0: in
     h, c = layer.initial_state(x.shape[1], stats) if state is None else state
     # W_x x for all steps in one product; its per-step statistics do not depend on h.
     wx = torch.matmul(x, layer.weight_ih.t())
-    if layer.bn_x is not None:
-        wx = layer.bn_x.forward_sequence(wx, t0, stats)
+    if layer.norm_x is not None:
+        wx = layer.norm_x.forward_sequence(wx, t0, stats)
     wx = wx + layer.bias
     outputs = []
     # unbind(0), not wx[t]: indexing a tensor that needs grad makes every step's backward
     # allocate a full (T, B, 4H) zero gradient.
     for step, wx_t in enumerate(wx.unbind(0)):
         wh = torch.mm(h, layer.weight_hh.t())
-        if layer.bn_h is not None:
-            wh = layer.bn_h(wh, t0 + step, stats)
+        if layer.norm_h is not None:
+            wh = layer.norm_h(wh, t0 + step, stats)
         i, f, g, o = (wx_t + wh).chunk(4, dim=1)  # gate order of torch.nn.LSTM
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        c_out = c if layer.bn_c is None else layer.bn_c(c, t0 + step, stats)
+        c_out = c if layer.norm_c is None else layer.norm_c(c, t0 + step, stats)
         h = torch.sigmoid(o) * torch.tanh(c_out)
         if step_hook is not None:
             step_hook(t0 + step, h)

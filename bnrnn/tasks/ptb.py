@@ -40,6 +40,16 @@ def language_model(model_cfg: DictConfig, vocab_size: int, train_length: int) ->
     return CharLanguageModel(build_rnn(model_cfg, width, train_length), vocab_size, model_cfg.embedding_size)
 
 
+def keep_vocabulary(vocab: Vocabulary, out_dir: Path) -> None:
+    """Save the vocabulary with the run (vocab.json); a resumed run must see the same one."""
+    saved = out_dir / VOCAB_FILE
+    if saved.is_file():
+        if Vocabulary.load(saved) != vocab:
+            raise DataError(f"{saved} differs from the vocabulary of the training split now in data.root")
+    else:
+        vocab.save(saved)
+
+
 @dataclass
 class PtbSettings(TaskConfig):
     """Penn Treebank characters (Mikolov's split, 50 symbols with the line end), in bits per
@@ -81,16 +91,15 @@ class PtbTask:
         }
         self.batch_size = task.batch_size
         self.seq_len = task.seq_len
-        self.train_length = task.seq_len - 1  # input steps per window = T_max
+        self.train_length = self.train_length_of(task)
+
+    @staticmethod
+    def train_length_of(task_cfg: DictConfig) -> int:
+        """T_max of a run with these task settings: the training windows' input steps."""
+        return task_cfg.seq_len - 1
 
     def keep_artifacts(self, out_dir: Path) -> None:
-        """Save the vocabulary with the run (vocab.json); a resumed run must see the same one."""
-        saved = out_dir / VOCAB_FILE
-        if saved.is_file():
-            if Vocabulary.load(saved) != self.corpus.vocab:
-                raise DataError(f"{saved} differs from the vocabulary of the training split now in data.root")
-        else:
-            self.corpus.vocab.save(saved)
+        keep_vocabulary(self.corpus.vocab, out_dir)
 
     def training_batches(self, batch_size: int | None = None) -> WindowBatches:
         """The training windows in batches of ``batch_size`` (default: the training batch size)."""

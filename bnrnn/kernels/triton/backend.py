@@ -32,7 +32,7 @@ class TritonBackend(Backend):
         """The input term for all steps in autograd ops (BN_x's statistics are over (T, B, 4H)
         at once, with no recurrence), the recurrence on the step kernels."""
         wx = torch.matmul(x, layer.weight_ih.t())
-        xin = (wx if layer.bn_x is None else layer.bn_x.forward_sequence(wx, t0, stats)) + layer.bias
+        xin = (wx if layer.norm_x is None else layer.norm_x.forward_sequence(wx, t0, stats)) + layer.bias
         (_, gamma_h, gamma_c), beta_c, (_, eps_h, eps_c) = layer.norm_tensors()
         h0, c0 = h0.contiguous(), c0.contiguous()
         if needs_grad:

@@ -1,4 +1,4 @@
-"""The GPU fast path of BNLSTM training: one Triton kernel per time step and direction.
+"""The GPU fast path of LSTMLayer training: one Triton kernel per time step and direction.
 
 On a GPU the aten backend (:mod:`bnrnn.nn.aten_recurrence`) is bound by kernel launches: a BN-LSTM
 step is ~14 small kernels forward and ~25 backward, each far shorter than its launch. Here
