@@ -1,0 +1,83 @@
+"""A split's sentences, one per sequence, in padded batches with their lengths.
+
+A PTB line is a sentence. Each becomes the sequence ``EOL s_1 ... s_n EOL``: the inputs are
+all but its last symbol, the targets all but its first, so a model reads from a line start
+and predicts every symbol of the sentence and then its end (n + 1 predictions). Every
+batch is (inputs, targets, lengths): inputs and targets (T, B) int64, time-major, T the
+batch's longest sequence, the padding of targets ``IGNORE``; lengths (B,) int64.
+
+Training (``shuffle``): the sentences of at most ``max_length`` predictions, in an order
+that is a pure function of (seed, epoch), full batches only, so that a resumed run finds its
+place from the step counter. Evaluation: every sentence, longest first (the batches'
+padding is then small), the last batch partial.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from bnrnn.data.batches import epoch_generator
+from bnrnn.data.streams import IGNORE
+from bnrnn.errors import DataError
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def sentences_of(stream: torch.Tensor, eol: int) -> list[torch.Tensor]:
+    """The sentences of ``stream`` (N,): the non-empty runs of ids between line ends."""
+    ends = (stream == eol).nonzero().flatten().tolist()
+    starts = [0] + [end + 1 for end in ends]
+    return [stream[a:b] for a, b in zip(starts, ends + [stream.numel()]) if b > a]
+
+
+class SentenceBatches:
+    """The sentences of ``stream`` (N,) whose line ends are ``eol``, ``batch_size`` per batch.
+
+    Args:
+        max_length: keep only the sentences of at most this many predictions (their symbols
+            plus the end); None keeps every one.
+        shuffle: the training order (a fresh permutation each epoch, full batches only);
+            False: longest first, every sentence, the last batch partial.
+    """
+
+    def __init__(self, stream: torch.Tensor, eol: int, batch_size: int, max_length: int | None = None,
+                 shuffle: bool = True, what: str = "the training split") -> None:
+        every = sentences_of(stream, eol)
+        kept = [s for s in every if max_length is None or s.numel() + 1 <= max_length]
+        if len(kept) < (batch_size if shuffle else 1):
+            raise DataError(f"{what} holds {len(kept)} sentences of at most {max_length} symbols with their end, "
+                            f"fewer than one batch of {batch_size}")
+        self.eol, self.batch_size, self.shuffle = eol, batch_size, shuffle
+        self.sentences = kept
+        self.skipped = len(every) - len(kept)
+        self.lengths = torch.tensor([s.numel() + 1 for s in kept])  # predictions per sentence
+
+    def __len__(self) -> int:
+        full, rest = divmod(len(self.sentences), self.batch_size)
+        return full if self.shuffle or not rest else full + 1
+
+    def order(self, epoch: int, seed: int) -> torch.Tensor:
+        if self.shuffle:
+            return torch.randperm(len(self.sentences), generator=epoch_generator(seed, epoch))
+        return torch.argsort(self.lengths, descending=True, stable=True)
+
+    def iterate(self, epoch: int = 0, seed: int = 0, start: int = 0) -> Iterator[Batch]:
+        """Batches from batch index ``start`` on: inputs, targets (T, B) and lengths (B,)."""
+        order = self.order(epoch, seed)
+        for index in range(start, len(self)):
+            yield self.batch(order[index * self.batch_size:(index + 1) * self.batch_size].tolist())
+
+    def batch(self, rows: list[int]) -> Batch:
+        lengths = self.lengths[rows]
+        steps = int(lengths.max())
+        inputs = torch.full((steps, len(rows)), self.eol, dtype=torch.long)
+        targets = torch.full((steps, len(rows)), IGNORE, dtype=torch.long)
+        for column, row in enumerate(rows):
+            sentence = self.sentences[row]
+            n = sentence.numel()
+            inputs[1:n + 1, column] = sentence  # inputs[0] is the line start (EOL)
+            targets[:n, column] = sentence
+            targets[n, column] = self.eol  # the sentence's end, to be predicted
+        return inputs, targets, lengths
