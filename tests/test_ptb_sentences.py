@@ -45,6 +45,9 @@ def test_training_keeps_the_short_sentences_in_a_seeded_order_of_full_batches():
     first = [b[2].tolist() for b in batches.iterate(epoch=0, seed=1)]
     assert first == [b[2].tolist() for b in batches.iterate(epoch=0, seed=1)]
     assert all(max(lengths) <= 8 for lengths in first)
+    many = SentenceBatches(stream(*[[1] * (n % 97 + 1) for n in range(4 * 120)]), EOL, batch_size=4)
+    spread = [int(lengths.max() - lengths.min()) for _, _, lengths in many.iterate(epoch=0, seed=1)]
+    assert len(spread) == 120 and sum(spread) / len(spread) < 5  # bucketed: random batches of 4 spread ~50
     evaluation = SentenceBatches(data, EOL, batch_size=4, shuffle=False)
     assert len(evaluation) == 3 and sum(len(b[2]) for b in evaluation.iterate()) == 11  # every one, the last partial
 

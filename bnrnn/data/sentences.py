@@ -8,8 +8,14 @@ batch's longest sequence, the padding of targets ``IGNORE``; lengths (B,) int64.
 
 Training (``shuffle``): the sentences of at most ``max_length`` predictions, in an order
 that is a pure function of (seed, epoch), full batches only, so that a resumed run finds its
-place from the step counter. Evaluation: every sentence, longest first (the batches'
-padding is then small), the last batch partial.
+place from the step counter. The batches are bucketed: each epoch's permutation is cut into
+pools of ``POOL`` batches, each pool sorted by length and cut into batches, and the batches
+shuffled. A batch then holds sentences of about one length, so nearly every step's
+statistics cover the whole batch: in a batch of 32 random lengths the last steps run with 2
+or 3 sentences, whose batch variance is near 0, and batch norm's backward gain
+gamma / sqrt(var + eps) there made gradient norms of 10^3 to 10^4 (docs/results/sentences.md).
+Evaluation: every sentence, longest first (the batches' padding is then small), the last
+batch partial.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from bnrnn.data.streams import IGNORE
 from bnrnn.errors import DataError
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+POOL = 50  # batches per bucketing pool: sorted by length within it
 
 
 def sentences_of(stream: torch.Tensor, eol: int) -> list[torch.Tensor]:
@@ -58,16 +65,23 @@ class SentenceBatches:
         full, rest = divmod(len(self.sentences), self.batch_size)
         return full if self.shuffle or not rest else full + 1
 
-    def order(self, epoch: int, seed: int) -> torch.Tensor:
-        if self.shuffle:
-            return torch.randperm(len(self.sentences), generator=epoch_generator(seed, epoch))
-        return torch.argsort(self.lengths, descending=True, stable=True)
+    def batch_rows(self, epoch: int, seed: int) -> list[torch.Tensor]:
+        """Each batch's sentence indices, in the epoch's order (see the module's docstring)."""
+        if not self.shuffle:
+            order = torch.argsort(self.lengths, descending=True, stable=True)
+            return list(order.split(self.batch_size))
+        generator = epoch_generator(seed, epoch)
+        order = torch.randperm(len(self.sentences), generator=generator)[:len(self) * self.batch_size]
+        batches = []
+        for pool in order.split(POOL * self.batch_size):
+            by_length = pool[torch.argsort(self.lengths[pool], stable=True)]
+            batches.extend(by_length.split(self.batch_size))
+        return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
     def iterate(self, epoch: int = 0, seed: int = 0, start: int = 0) -> Iterator[Batch]:
         """Batches from batch index ``start`` on: inputs, targets (T, B) and lengths (B,)."""
-        order = self.order(epoch, seed)
-        for index in range(start, len(self)):
-            yield self.batch(order[index * self.batch_size:(index + 1) * self.batch_size].tolist())
+        for rows in self.batch_rows(epoch, seed)[start:]:
+            yield self.batch(rows.tolist())
 
     def batch(self, rows: list[int]) -> Batch:
         lengths = self.lengths[rows]
