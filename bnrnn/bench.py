@@ -21,12 +21,13 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from bnrnn.kernels.cpu import extension as cpu_extension
+from bnrnn.bench_models import (LOW_PRECISION, MODELS, SHAPES, Shape, build, parse_shape, training_step,
+                                 variants)
 from bnrnn.nn import LSTMLayer
 from bnrnn.nn.workspace import WORKSPACE
 from bnrnn.allocator import proc_status_kib, release_freed_memory, steady_allocator
@@ -36,94 +37,9 @@ TOLERANCE = 1e-5  # max |fast - reference| / max |reference| per tensor, our pat
 # Our vanilla LSTM against torch.nn.LSTM: another library's float32 summation order, over up to
 # 784 steps (the differences seen on each device: docs/performance.md).
 TORCH_TOLERANCE = 5e-5
-
-
-@dataclass(frozen=True)
-class Shape:
-    """A benchmark shape: T steps, input width I, hidden H, batch B; one-hot inputs for PTB."""
-
-    name: str
-    T: int
-    I: int
-    H: int
-    B: int
-    one_hot: bool = False
-
-    def inputs(self, device: torch.device, seed: int = 0) -> torch.Tensor:
-        """(T, B, I) float32: Gaussian pixels, or one-hot symbols."""
-        g = torch.Generator().manual_seed(seed)
-        if self.one_hot:
-            symbols = torch.randint(self.I, (self.T, self.B), generator=g)
-            return nn.functional.one_hot(symbols, self.I).float().to(device)
-        return torch.randn(self.T, self.B, self.I, generator=g).to(device)
-
-
-SHAPES = {
-    "seqmnist": Shape("seqmnist", T=784, I=1, H=100, B=64),
-    "ptb": Shape("ptb", T=100, I=50, H=1000, B=64, one_hot=True),
-}
-
-# name -> LSTMLayer keyword arguments; "nn.LSTM" is torch's (cuDNN on a GPU).
-VANILLA = dict(norm_x=False, norm_h=False, norm_c=False)
-BN_INPUT = dict(norm_x=True, norm_h=False, norm_c=False)
-MODELS = {
-    "nn.LSTM": None,
-    "ours vanilla": VANILLA,
-    "BN-input": BN_INPUT,
-    "BN-LSTM": {},
-    "BN-LSTM reference": dict(backend="reference"),
-    "LN-LSTM": dict(norm="layer", gamma_init=1.0),  # layer norm (Ba et al.): the aten loop on every device
-    "LN-LSTM reference": dict(norm="layer", gamma_init=1.0, backend="reference"),
-}
-# The rows the training table's ratio columns are relative to.
-# On a GPU, also the triton backend's parts: its kernels launched step by step (no CUDA
-# graphs), and the aten backend it replaces.
-GPU_VARIANTS = {
-    "ours vanilla, no graphs": dict(VANILLA, cuda_graphs=False),
-    "BN-LSTM, no graphs": dict(cuda_graphs=False),
-    "BN-LSTM, aten backend": dict(backend="aten"),
-}
-# On the CPU, the aten backend the cpu backend replaces.
-CPU_VARIANTS = {
-    "BN-LSTM, aten backend": dict(backend="aten"),
-}
-
-
-def variants(device: torch.device) -> dict[str, dict]:
-    """The extra rows timed (and checked) on this device."""
-    if device.type == "cuda":
-        return GPU_VARIANTS
-    return CPU_VARIANTS
-
-
-def parse_shape(text: str) -> Shape:
-    """A preset name, or ``T,I,H,B`` for a custom shape."""
-    if text in SHAPES:
-        return SHAPES[text]
-    try:
-        T, I, H, B = (int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"shape '{text}' is neither {' nor '.join(SHAPES)} nor T,I,H,B") from None
-    return Shape(text, T, I, H, B)
-
-
-def build(model: str, shape: Shape, device: torch.device, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    options = {**MODELS, **variants(device)}[model]
-    if options is None:
-        return nn.LSTM(shape.I, shape.H).to(device)
-    # h0_noise 0: the timed work is the same, and the numerics check needs determinism.
-    return LSTMLayer(shape.I, shape.H, max_steps=shape.T, **options).to(device)
-
-
-def training_step(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, state=None) -> torch.Tensor:
-    """Forward and backward of one batch (from ``state``, or the layer's initial state);
-    returns the outputs (T, B, H)."""
-    for p in layer.parameters():
-        p.grad = None
-    out, _ = layer(x, state)
-    (out * weight).sum().backward()
-    return out
+# bf16 keeps 8 bits of mantissa: the relative error of a product is about 2^-9, and the
+# recurrence carries it from step to step.
+BF16_TOLERANCE = 5e-2
 
 
 def synchronize(device: torch.device) -> None:
@@ -228,11 +144,12 @@ def numerics_check(shape: Shape, device: torch.device) -> list[tuple[str, float,
         if model == "LN-LSTM":
             fast.double()
         ref = copy.deepcopy(fast).double()
-        ref.backend = "reference"
+        ref.backend, ref.autocast_dtype = "reference", None
         errors = compare_training(fast, ref, x, weight)
         worst = max(errors, key=errors.get)
+        tolerance = BF16_TOLERANCE if model in LOW_PRECISION else TOLERANCE
         results.append((f"{model} {precision} vs float64 reference (output, grads, population; worst: {worst})",
-                        errors[worst], TOLERANCE))
+                        errors[worst], tolerance))
     # Folded inference against the unfolded reference, with the population from the step above.
     fast.eval()
     ref.eval()

@@ -187,6 +187,8 @@ def run_eval(args: list[str]) -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="sequences per batch for --lengths")
     parser.add_argument("--data-root", default=None, help="override the run's data.root")
     parser.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--precision", default=None, choices=("32", "bf16"),
+                        help="score under torch.autocast(bf16) or in float32 (default: the run's trainer.precision)")
     parser.add_argument("--out", default=None, help="output folder (default RUN_DIR/eval)")
     parser.add_argument("--stats", action="store_true",
                         help="instead of scoring: draw the checkpoint's population statistics against the time "
@@ -215,6 +217,7 @@ def run_eval(args: list[str]) -> int:
         result = evaluate_run(
             opts.run_dir, opts.checkpoint, opts.split, opts.reestimate, opts.reestimate_batches,
             opts.reestimate_batch_size, opts.lengths, opts.batch_size, opts.data_root, opts.device, opts.out,
+            opts.precision,
         )
     except BnrnnError as exc:
         error(str(exc))

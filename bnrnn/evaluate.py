@@ -17,7 +17,7 @@ from typing import Any
 
 from bnrnn.checkpoint import load_checkpoint
 from bnrnn.config import load_config, read_run_config
-from bnrnn.device import resolve_device
+from bnrnn.device import precision_context, resolve_device
 from bnrnn.errors import BnrnnError, CheckpointError
 from bnrnn.nn.population import time_norms
 from bnrnn.runfolder import make_writable_folder
@@ -93,9 +93,11 @@ def evaluate_run(
     data_root: str | None = None,
     device_name: str | None = None,
     out_dir: str | Path | None = None,
+    precision: str | None = None,
 ) -> dict[str, Any]:
     """Score one run's checkpoint; write eval.json (and the Fig. 3b outputs) into ``out_dir``
-    (default RUN_DIR/eval); return what was written to eval.json."""
+    (default RUN_DIR/eval); return what was written to eval.json. ``precision`` ("32" or
+    "bf16"): score in it instead of the run's ``trainer.precision``."""
     run_dir = Path(run_dir)
     config_file = run_dir / "config.yaml"
     cfg = read_run_config(run_dir, "bnrnn eval")
@@ -103,6 +105,8 @@ def evaluate_run(
         cfg.data.root = data_root
     if device_name is not None:
         cfg.device.name = device_name
+    if precision is not None:
+        cfg.trainer.precision = precision
     cfg = load_config(cfg)
     if split not in ("valid", "test"):
         raise BnrnnError(f"unknown split '{split}'; choose valid or test")
@@ -141,18 +145,20 @@ def score_run(run_dir: Path, config_file: Path, ckpt_path: Path, out_dir: Path, 
     metric, _ = task.selection
     result: dict[str, Any] = {
         "run": str(run_dir), "checkpoint": checkpoint, "step": payload["progress"]["step"], "split": split,
+        "precision": cfg.trainer.precision,
     }
     normalised = bool(time_norms(model))
-    for mode in ("ema", "batch") if normalised else ("ema",):
-        result[mode] = score(task, model, split, device, mode)
-        log.info("%s, %s: %s %.4f", split, DESCRIPTIONS[mode], metric, result[mode][metric])
-    if reestimate_stats:
-        # Kept in the model (not only scored): the Fig. 3b sweep below uses them too.
-        result["reestimate_batches"] = reestimate(task, model, device, cfg.seed, reestimate_batches, reestimate_batch_size)
-        result["reestimated"] = score(task, model, split, device, "ema")
-        if normalised:
-            log.info("%s, %s over %d training batches: %s %.4f", split, DESCRIPTIONS["reestimated"],
-                     result["reestimate_batches"], metric, result["reestimated"][metric])
+    with precision_context(device, cfg.trainer.precision):
+        for mode in ("ema", "batch") if normalised else ("ema",):
+            result[mode] = score(task, model, split, device, mode)
+            log.info("%s, %s: %s %.4f", split, DESCRIPTIONS[mode], metric, result[mode][metric])
+        if reestimate_stats:
+            # Kept in the model (not only scored): the Fig. 3b sweep below uses them too.
+            result["reestimate_batches"] = reestimate(task, model, device, cfg.seed, reestimate_batches, reestimate_batch_size)
+            result["reestimated"] = score(task, model, split, device, "ema")
+            if normalised:
+                log.info("%s, %s over %d training batches: %s %.4f", split, DESCRIPTIONS["reestimated"],
+                         result["reestimate_batches"], metric, result["reestimated"][metric])
     if lengths:
         rows = task.evaluate_lengths(model, split, list(lengths), device, batch_size)
         result["lengths"] = rows

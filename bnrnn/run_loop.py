@@ -19,6 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from bnrnn.checkpoint import load_checkpoint, rng_state, save_checkpoint
+from bnrnn.device import precision_context
 from bnrnn.durations import format_duration
 from bnrnn.errors import BnrnnError, StorageError, is_no_room
 from bnrnn.explosion import ExplosionWatch
@@ -141,7 +142,7 @@ class Run:
         (``overhead``: validation time over training time)."""
         state, metric, tcfg = self.state, self.metric, self.tcfg
         began = time.monotonic()
-        with batch_variance_watch(self.model) as batch_variances:
+        with batch_variance_watch(self.model) as batch_variances, precision_context(self.device, tcfg.precision):
             scores = score_modes(self.task, self.model, "valid", self.device, self.modes_now(), seed=self.cfg.seed,
                                  max_batches=tcfg.eval_batches, reestimate_batches=tcfg.valid_reestimate_batches)
         self.model.train()
@@ -240,7 +241,8 @@ class Run:
         state, tcfg, model = self.state, self.tcfg, self.model
         params = self.params
         snapshot = buffers_snapshot(model)
-        loss, batch_metrics = self.task.train_loss(model, batch, self.device)
+        with precision_context(self.device, tcfg.precision):
+            loss, batch_metrics = self.task.train_loss(model, batch, self.device)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         # The norm first, clipping only when it is finite: clipping an inf norm would
@@ -327,8 +329,9 @@ def finish(cfg, task, model, device, ckpt_dir: Path, state: Progress, logger: Ru
         # numbers are kept beside it.
         final = "reestimated" if tcfg.reestimate_stats else "ema"
         modes = ["ema", "batch"] + (["reestimated"] if tcfg.reestimate_stats else [])
-        scores = score_modes(task, model, "test", device, modes, seed=cfg.seed,
-                             reestimate_batches=tcfg.reestimate_batches, reestimate_batch_size=tcfg.reestimate_batch_size)
+        with precision_context(device, tcfg.precision):
+            scores = score_modes(task, model, "test", device, modes, seed=cfg.seed, reestimate_batches=tcfg.reestimate_batches,
+                                 reestimate_batch_size=tcfg.reestimate_batch_size)
         stop.raise_if_stopped()  # a stop whose raise something swallowed
         test = flatten_modes(scores, final)
         logger.log("test", state.best_step, test)

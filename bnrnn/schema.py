@@ -172,6 +172,8 @@ class TrainerConfig:
     # the first step boundary past it the run writes its checkpoint, says how to continue, and
     # exits 0; each resume counts its own budget
     max_time: Optional[str] = setting(None)
+    # 32 | bf16: forward passes under torch.autocast(bf16) (bnrnn.device.precision_context)
+    precision: str = setting("32", choices=("32", "bf16"))
     max_bad_steps: int = setting(5, rule="positive")  # consecutive non-finite steps (skipped) before a stop
     resume: bool = setting(False)
     progress: str = setting("auto", choices=("auto", "on", "off"))  # tqdm bar (auto: on a terminal, not in multirun)

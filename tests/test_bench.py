@@ -15,11 +15,12 @@ def test_bench_prints_every_model_and_passes_its_numerics_check(capsys, tmp_path
     out = capsys.readouterr().out
     assert status == 0, out
     for model in ("nn.LSTM", "ours vanilla", "BN-input", "BN-LSTM", "BN-LSTM reference", "BN-LSTM, aten backend",
-                  "LN-LSTM", "LN-LSTM reference"):
+                  "LN-LSTM", "LN-LSTM reference", "BN-LSTM, bf16 GEMMs"):
         assert f"| 12,3,8,6 | {model} |" in out
     for row in ("BN-LSTM folded", "BN-LSTM unfolded"):
         assert f"| 12,3,8,6 | {row} |" in out
-    assert "FAIL" not in out and out.count("  ok   12,3,8,6") == 7
+    assert "FAIL" not in out and out.count("  ok   12,3,8,6") == 8
+    assert "ok   12,3,8,6: BN-LSTM, bf16 GEMMs fast vs float64 reference" in out and "(tolerance 0.05)" in out
     assert "ok   12,3,8,6: BN-LSTM, aten backend fast vs float64 reference" in out
     assert "ok   12,3,8,6: LN-LSTM float64 vs float64 reference" in out
     # ratios are relative to nn.LSTM's own row

@@ -110,3 +110,17 @@ def test_best_checkpoint_is_the_one_tested(small_mnist_cfg, tmp_path):
 def test_valid_size_leaving_no_training_batch_is_refused(small_mnist_cfg, tmp_path):
     with pytest.raises(DataError, match="valid_size"):
         train(small_mnist_cfg("task.valid_size=90"), tmp_path)
+
+
+def test_bf16_precision_trains_under_autocast_with_the_first_loss_near_float32s(small_mnist_cfg, tmp_path):
+    """trainer.precision=bf16: the same weights (seed) give a first-step loss within bf16's
+    rounding of float32's, not equal to it; the run trains, validates and tests."""
+    first_losses = {}
+    for precision in ("32", "bf16"):
+        run = tmp_path / precision
+        results = train(small_mnist_cfg("model=bnlstm", "trainer.max_steps=4", f"trainer.precision={precision}"), run)
+        assert results["steps"] == 4 and 0.0 <= results["test_accuracy"] <= 1.0
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        first_losses[precision] = next(r["loss"] for r in records if r["split"] == "train" and r["step"] == 1)
+    assert first_losses["bf16"] == pytest.approx(first_losses["32"], rel=1e-2)
+    assert first_losses["bf16"] != first_losses["32"]

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from bnrnn.nn.recurrent_product import RecurrentProduct
+from bnrnn.nn.recurrent_product import RecurrentProduct, low_precision_mm
 from bnrnn.nn.workspace import WORKSPACE
 
 aten = torch.ops.aten
@@ -87,7 +87,8 @@ def normalise_backward(layer: bool, grad, inp, gamma, mean, invstd, eps: float, 
     return aten.native_batch_norm_backward(grad, inp, gamma, None, None, mean, invstd, True, eps, mask)
 
 
-def recurrence_forward(wx, weight_hh, norms: Norms, h0, c0, keep_for_backward: bool):
+def recurrence_forward(wx, weight_hh, norms: Norms, h0, c0, keep_for_backward: bool,
+                       gemm_dtype: torch.dtype | None = None):
     """The LSTM recurrence with batch statistics for the normalised terms (ATen ops).
 
     Args:
@@ -98,6 +99,8 @@ def recurrence_forward(wx, weight_hh, norms: Norms, h0, c0, keep_for_backward: b
         hs (T, B, H), cs (T, B, H) (the cell states), and a dict holding the per-step
         statistics ``mean_x, invstd_x, mean_h, invstd_h, mean_c, invstd_c`` ((T, F) each,
         for the norms in use) and, with ``keep_for_backward``, what backward needs.
+        ``gemm_dtype``: W_h h's operands in this dtype (bf16 under autocast); the statistics,
+        the gates and the cell state stay in wx's.
     """
     T, B, G = wx.shape
     H = G // 4
@@ -108,7 +111,7 @@ def recurrence_forward(wx, weight_hh, norms: Norms, h0, c0, keep_for_backward: b
     tanh_g = WORKSPACE.empty((T, B, H), wx)
     tanh_c = WORKSPACE.empty((T, B, H), wx)
     stats = statistics_buffers(T, G, wx, norms)
-    wh, product = aten_recurrence_forward(wx, weight_hh, n, h0, c0, (hs, cs, sig, tanh_g, tanh_c), stats)
+    wh, product = aten_recurrence_forward(wx, weight_hh, n, h0, c0, (hs, cs, sig, tanh_g, tanh_c), stats, gemm_dtype)
     if keep_for_backward:
         stats.update(sig=sig, tanh_g=tanh_g, tanh_c=tanh_c, wh=wh, product=product)
     return hs, cs, stats
@@ -130,14 +133,14 @@ def statistics_buffers(T: int, G: int, like: torch.Tensor, norms: Norms) -> dict
 STATISTICS = ("mean_x", "invstd_x", "mean_h", "invstd_h", "mean_c", "invstd_c")
 
 
-def aten_recurrence_forward(wx, weight_hh, n: Norms, h0, c0, buffers, stats):
+def aten_recurrence_forward(wx, weight_hh, n: Norms, h0, c0, buffers, stats, gemm_dtype=None):
     """The forward loop in ATen ops, filling ``buffers`` = (hs, cs, sig, tanh_g, tanh_c) and
     the (T, F) statistics in ``stats``. Returns BN_h's inputs W_h h_{t-1} (a list of (B, 4H),
     None without BN_h) and the :class:`RecurrentProduct`, for the backward."""
     hs, cs, sig, tanh_g, tanh_c = buffers
     T, B, G = wx.shape
     H = G // 4
-    product = RecurrentProduct(weight_hh, B)
+    product = RecurrentProduct(weight_hh, B, gemm_dtype)
     wh_steps = [] if n.gamma_h is not None else None
     sig_i, sig_f, _, sig_o = split_gates(sig, H)
     wx_t, hs_t, cs_t, sig_t = wx.unbind(0), hs.unbind(0), cs.unbind(0), sig.unbind(0)
@@ -169,14 +172,20 @@ def aten_recurrence_forward(wx, weight_hh, n: Norms, h0, c0, buffers, stats):
 
 
 @torch.no_grad()
-def project_input(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def project_input(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  gemm_dtype: torch.dtype | None = None) -> torch.Tensor:
     """W_x x [+ b]: (T, B, I) -> (T, B, 4H), one GEMM over the flattened sequence into a
     buffer of the :mod:`~bnrnn.nn.workspace` pool (80 MB at seqMNIST: fresh pages would
-    cost more than the product). No autograd: see :class:`InputProjection`."""
+    cost more than the product). ``gemm_dtype``: the operands in this dtype (bf16 under
+    autocast), the result in x's. No autograd: see :class:`InputProjection`."""
     T, B, _ = x.shape
     wx = WORKSPACE.empty((T, B, weight.shape[0]), x)
     flat, out = x.reshape(T * B, -1), wx.view(T * B, -1)
-    if bias is None:
+    if gemm_dtype is not None and gemm_dtype != x.dtype:
+        out.copy_(low_precision_mm(flat, weight.t(), gemm_dtype))
+        if bias is not None:
+            out.add_(bias)
+    elif bias is None:
         torch.mm(flat, weight.t(), out=out)
     else:
         torch.addmm(bias, flat, weight.t(), out=out)
@@ -184,40 +193,44 @@ def project_input(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 class InputProjection(torch.autograd.Function):
-    """(x (T, B, I), W_x (4H, I), b (4H,) or None) -> W_x x [+ b] (T, B, 4H): :func:`project_input`
-    with its backward."""
+    """(x (T, B, I), W_x (4H, I), b (4H,) or None, gemm_dtype) -> W_x x [+ b] (T, B, 4H):
+    :func:`project_input` with its backward, whose GEMMs take the same dtype."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias):
-        out = project_input(x, weight, bias)
+    def forward(ctx, x, weight, bias, gemm_dtype=None):
+        out = project_input(x, weight, bias, gemm_dtype)
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
+        ctx.gemm_dtype = gemm_dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         T, B, G = grad_out.shape
-        grad = grad_out.reshape(T * B, G)
-        grad_x = (grad @ weight).view_as(x) if ctx.needs_input_grad[0] else None
-        grad_weight = grad.t() @ x.reshape(T * B, -1) if ctx.needs_input_grad[1] else None
+        grad, low = grad_out.reshape(T * B, G), ctx.gemm_dtype
+        grad_x = low_precision_mm(grad, weight, low).view_as(x) if ctx.needs_input_grad[0] else None
+        grad_weight = low_precision_mm(grad.t(), x.reshape(T * B, -1), low) if ctx.needs_input_grad[1] else None
         grad_bias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_weight, grad_bias
+        return grad_x, grad_weight, grad_bias, None
 
 
 class FusedLSTMRecurrence(torch.autograd.Function):
-    """(wx, W_h, gamma_x, b, gamma_h, gamma_c, beta_c, h0, c0, eps, stats, layer) -> (hs, c_T).
+    """(wx, W_h, gamma_x, b, gamma_h, gamma_c, beta_c, h0, c0, eps, stats, layer, gemm_dtype)
+    -> (hs, c_T).
 
     hs (T, B, H) and c_T (B, H). ``stats``, a dict, receives the per-step batch statistics
     (``mean_x``, ``invstd_x``, ...) for the caller to fold into the population. ``layer``:
-    layer norms instead (:class:`Norms`).
+    layer norms instead (:class:`Norms`). ``gemm_dtype``: every GEMM's operands in this dtype
+    (bf16 under autocast), forward and backward; the rest in wx's dtype.
     """
 
     @staticmethod
-    def forward(ctx, wx, weight_hh, gamma_x, beta_x, gamma_h, gamma_c, beta_c, h0, c0, eps, stats, layer=False):
+    def forward(ctx, wx, weight_hh, gamma_x, beta_x, gamma_h, gamma_c, beta_c, h0, c0, eps, stats, layer=False,
+                gemm_dtype=None):
         norms = Norms(gamma_x, beta_x, gamma_h, gamma_c, beta_c, eps, layer)
-        ctx.layer = layer
-        hs, cs, saved = recurrence_forward(wx, weight_hh, norms, h0, c0, True)
+        ctx.layer, ctx.gemm_dtype = layer, gemm_dtype
+        hs, cs, saved = recurrence_forward(wx, weight_hh, norms, h0, c0, True, gemm_dtype)
         stats.update({k: v for k, v in saved.items() if k.startswith(("mean_", "invstd_"))})
         ctx.eps = eps
         ctx.saved = saved
@@ -236,10 +249,14 @@ class FusedLSTMRecurrence(torch.autograd.Function):
         grad_weight_hh = None
         if ctx.needs_input_grad[1]:
             T, B, H = hs.shape
-            grad_weight_hh = grad_wh[0].t() @ h0
+            grad_weight_hh = low_precision_mm(grad_wh[0].t(), h0, ctx.gemm_dtype)
             if T > 1:
-                grad_weight_hh.addmm_(grad_wh[1:].reshape((T - 1) * B, 4 * H).t(), hs[:-1].reshape((T - 1) * B, H))
-        return (grad_wx, grad_weight_hh, *norm_grads, dh0, dc0, None, None, None)
+                later = grad_wh[1:].reshape((T - 1) * B, 4 * H).t(), hs[:-1].reshape((T - 1) * B, H)
+                if ctx.gemm_dtype is None:
+                    grad_weight_hh.addmm_(*later)
+                else:
+                    grad_weight_hh.add_(low_precision_mm(*later, ctx.gemm_dtype))
+        return (grad_wx, grad_weight_hh, *norm_grads, dh0, dc0, None, None, None, None)
 
 
 def aten_backward(grad_hs, grad_c_last, wx, gamma_x, gamma_h, gamma_c, c0, cs, saved, eps, layer: bool = False):
@@ -323,7 +340,7 @@ def aten_backward(grad_hs, grad_c_last, wx, gamma_x, gamma_h, gamma_c, c0, cs, s
 
 
 @torch.no_grad()
-def population_recurrence(xin, weight_hh, h_scale, c_scale, c_shift, h0, c0):
+def population_recurrence(xin, weight_hh, h_scale, c_scale, c_shift, h0, c0, gemm_dtype=None):
     """The recurrence with every normalisation an affine map (population statistics).
 
     Args:
@@ -333,12 +350,13 @@ def population_recurrence(xin, weight_hh, h_scale, c_scale, c_shift, h0, c0):
         h_scale: (T, 4H) per-step column scale of W_h h (gamma_h / sqrt(var_h + eps)) or None.
         c_scale, c_shift: (T, H) per-step affine map of c, or None.
         h0, c0: (B, H).
+        gemm_dtype: W_h h's operands in this dtype (bf16 under autocast), or None.
     Returns:
         hs (T, B, H), c_T (B, H).
     """
     T, B, G = xin.shape
     H = G // 4
-    product = RecurrentProduct(weight_hh, B)
+    product = RecurrentProduct(weight_hh, B, gemm_dtype)
     hs = xin.new_empty(T, B, H)
     gates = xin.new_empty(B, G)
     tanh_g = xin.new_empty(B, H)

@@ -4,9 +4,9 @@ Every backend is a :class:`Backend`: it declares the norms it computes and says,
 sentence, why it cannot run an input (device, dtype, a missing kernel); it runs the layer
 through two methods of one signature each:
 
-    train(layer, x, h0, c0, t0, needs_grad, stats) -> (output (T, B, H), (h_T, c_T))
+    train(layer, x, h0, c0, t0, needs_grad, stats, gemm_dtype) -> (output (T, B, H), (h_T, c_T))
         batch statistics (folded into the population as ``stats`` says)
-    infer(layer, x, h0, c0, t0) -> (output, (h_T, c_T))
+    infer(layer, x, h0, c0, t0, gemm_dtype) -> (output, (h_T, c_T))
         population statistics, or no norm at all and no gradient
 
 with x (T, B, I) time-major and h0, c0 (B, H). The core backends sit in :mod:`bnrnn.nn`:
@@ -21,6 +21,11 @@ of :mod:`bnrnn.kernels` that register what they can run: ``cpu`` (the C++ loops)
 cannot is refused with a sentence that names one that can; none reroutes quietly. The
 backend that runs is logged once per process. All compute the same function: tests hold
 each to the reference.
+
+Under ``torch.autocast`` a backend that lists the autocast dtype in ``gemm_dtypes`` (aten and
+the reference: bf16 and fp16) gets it as ``gemm_dtype`` and runs its GEMMs with operands in it, keeping the
+statistics, the gates and the cell state in the parameters' dtype; ``auto`` prefers such a
+backend. One that does not computes in the parameters' dtype, and says so once.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ class Backend:
     name: ClassVar[str]
     norms: ClassVar[tuple[str, ...] | None] = None  # the norm kinds it computes; None: every norm
     priority: ClassVar[int] = 0  # auto takes the highest that can run the input
+    gemm_dtypes: ClassVar[tuple[torch.dtype, ...]] = ()  # the autocast dtypes its GEMMs can take
 
     def cannot_run(self, x: torch.Tensor) -> str | None:
         """Why this backend cannot run a sequence ``x`` (T, B, I) here (one clause, e.g. "it
@@ -64,10 +70,11 @@ class Backend:
         return True
 
     def train(self, layer, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, t0: int, needs_grad: bool,
-              stats: Statistics) -> tuple[torch.Tensor, State]:
+              stats: Statistics, gemm_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, State]:
         raise NotImplementedError
 
-    def infer(self, layer, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, t0: int) -> tuple[torch.Tensor, State]:
+    def infer(self, layer, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, t0: int,
+              gemm_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, State]:
         raise NotImplementedError
 
 
@@ -113,14 +120,16 @@ def norm_kind(layer) -> str | None:
     return layer.norm if layer.norms() else None
 
 
-def select(requested: str, x: torch.Tensor, norm: str | None = None) -> Backend:
+def select(requested: str, x: torch.Tensor, norm: str | None = None, gemm_dtype: torch.dtype | None = None) -> Backend:
     """The backend that runs the norm kind ``norm`` (None: every norm off) over ``x``:
     ``requested``, or for ``auto`` the highest priority one that computes the norm and can
-    run ``x``. ValueError with one sentence if a named backend cannot, naming one that can."""
+    run ``x`` (with ``gemm_dtype``, autocast's: one whose GEMMs take it, where one can).
+    ValueError with one sentence if a named backend cannot, naming one that can."""
     backends = registered()
     capable = [b for b in backends.values() if b.computes(norm) and b.cannot_run(x) is None]
     if requested == AUTO:
-        return capable[0]  # the reference runs anything
+        in_low_precision = [b for b in capable if gemm_dtype in b.gemm_dtypes]
+        return (in_low_precision or capable)[0]  # the reference runs anything
     if requested not in backends:
         raise ValueError(f"unknown backend {requested!r}; choose one of {', '.join(names())}")
     backend = backends[requested]
@@ -140,22 +149,38 @@ def announce(backend: Backend, layer) -> None:
         log.info("bnrnn: the recurrence runs on the %s backend (model.backend=%s)", backend.name, layer.backend)
 
 
-def run(layer, x: torch.Tensor, state: State | None, t0: int, stats: Statistics) -> tuple[torch.Tensor, State]:
+def announce_full_precision(backend: Backend, gemm_dtype: torch.dtype, dtype: torch.dtype) -> None:
+    key = f"{backend.name} {gemm_dtype}"
+    if key not in _logged:
+        _logged.add(key)
+        able = [b.name for b in registered().values() if gemm_dtype in b.gemm_dtypes]
+        log.warning("bnrnn: the %s backend cannot run its GEMMs in %s: under autocast it computes in %s%s",
+                    backend.name, str(gemm_dtype).removeprefix("torch."), str(dtype).removeprefix("torch."),
+                    f" (model.backend={able[0]} or auto can)" if able else "")
+
+
+def run(layer, x: torch.Tensor, state: State | None, t0: int, stats: Statistics,
+        gemm_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, State]:
     """``layer``'s forward over ``x`` (T, B, I) with the norms' statistics ``stats``: output
     (T, B, H) and the final (h, c).
 
-    Under ``torch.autocast`` the fused recurrences compute in the parameters' dtype, autocast
-    off: their kernels and saved statistics are written for one dtype (a bf16 GEMM inside
-    them met float32 buffers). The reference follows autocast."""
-    if torch.is_autocast_enabled(x.device.type) and layer.backend != "reference":
+    Under ``torch.autocast`` the fused recurrences run with autocast off, in the parameters'
+    dtype, and are handed autocast's dtype as ``gemm_dtype`` where their GEMMs take it (see
+    the module's docstring): autocast itself would give their float32 buffers bf16 products.
+    """
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
         dtype = layer.weight_hh.dtype
-        with torch.autocast(x.device.type, enabled=False):
+        with torch.autocast(device, enabled=False):
             state = None if state is None else (state[0].to(dtype), state[1].to(dtype))
-            return run(layer, x.to(dtype), state, t0, stats)
-    backend = select(layer.backend, x, norm_kind(layer))
+            return run(layer, x.to(dtype), state, t0, stats, torch.get_autocast_dtype(device))
+    backend = select(layer.backend, x, norm_kind(layer), gemm_dtype)
     if not backend.ready():
         backend = registered()["aten"]
     announce(backend, layer)
+    if gemm_dtype is not None and gemm_dtype not in backend.gemm_dtypes:
+        announce_full_precision(backend, gemm_dtype, x.dtype)
+        gemm_dtype = None
     h0, c0 = layer.initial_state(x.shape[1], stats) if state is None else state
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or h0.requires_grad or c0.requires_grad or any(p.requires_grad for p in layer.parameters())
@@ -168,8 +193,8 @@ def run(layer, x: torch.Tensor, state: State | None, t0: int, stats: Statistics)
     if population or not layer.norms() and not needs_grad:
         # Population statistics, or no norm at all and no gradient (a plain LSTM's inference):
         # the inference path, which keeps nothing per step for a backward.
-        return backend.infer(layer, x, h0, c0, t0)
-    return backend.train(layer, x, h0, c0, t0, needs_grad, stats)
+        return backend.infer(layer, x, h0, c0, t0, gemm_dtype)
+    return backend.train(layer, x, h0, c0, t0, needs_grad, stats, gemm_dtype)
 
 
 def population_affine(layer, t0: int, steps: int):

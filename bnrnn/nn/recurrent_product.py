@@ -48,6 +48,14 @@ def packed_column_halves(weight: torch.Tensor, batch: int, transposed: bool = Fa
             for half in linear_weight(weight, transposed).chunk(2)]
 
 
+def low_precision_mm(a: torch.Tensor, b: torch.Tensor, gemm_dtype: torch.dtype | None) -> torch.Tensor:
+    """a @ b with both operands in ``gemm_dtype`` (bf16 under autocast) and the product back
+    in ``a``'s dtype; None: in ``a``'s dtype."""
+    if gemm_dtype is None or gemm_dtype == a.dtype:
+        return a @ b
+    return (a.to(gemm_dtype) @ b.to(gemm_dtype)).to(a.dtype)
+
+
 class RecurrentProduct:
     """The recurrent products of one sequence, W = weight_hh (4H, H): ``h W^T`` (forward,
     (B, H) -> (B, 4H)) and ``g W`` (backward, (B, 4H) -> (B, H)), each optionally plus a
@@ -56,9 +64,14 @@ class RecurrentProduct:
     On CPU in float32 with oneDNN and a large hidden size, W and W^T are packed once per
     sequence into oneDNN's blocked layout (what ``torch.nn.LSTM`` does internally) instead
     of being repacked by every one of the T small-batch GEMMs; otherwise plain mm/addmm.
+    With ``gemm_dtype`` (bf16 under autocast) the products take their operands in that
+    dtype, W converted once per sequence, and return in h's dtype.
     """
 
-    def __init__(self, weight: torch.Tensor, batch: int) -> None:
+    def __init__(self, weight: torch.Tensor, batch: int, gemm_dtype: torch.dtype | None = None) -> None:
+        self.gemm_dtype = gemm_dtype if gemm_dtype != weight.dtype else None
+        if self.gemm_dtype is not None:
+            weight = weight.detach().to(self.gemm_dtype)  # its gradient is formed apart from these products
         self.weight = weight
         self.weight_t = weight.t()
         self.packed_w = packed_weight(weight, batch)
@@ -67,11 +80,19 @@ class RecurrentProduct:
 
     def forward(self, h: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
         """[add +] h W^T: (B, H) -> (B, 4H)."""
+        if self.gemm_dtype is not None:
+            return self.low_precision(h, add, self.weight_t)
         return self.product(h, add, self.packed_w if self.packed else None, self.weight_t)
 
     def backward(self, g: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
         """[add +] g W: (B, 4H) -> (B, H)."""
+        if self.gemm_dtype is not None:
+            return self.low_precision(g, add, self.weight)
         return self.product(g, add, self.packed_w_t if self.packed else None, self.weight)
+
+    def low_precision(self, a: torch.Tensor, add: torch.Tensor | None, dense: torch.Tensor) -> torch.Tensor:
+        out = torch.mm(a.to(self.gemm_dtype), dense).to(a.dtype)
+        return out if add is None else out.add_(add)
 
     @staticmethod
     def product(a: torch.Tensor, add: torch.Tensor | None, packed: torch.Tensor | None, dense: torch.Tensor) -> torch.Tensor:

@@ -31,11 +31,13 @@ import torch
 
 from bnrnn.nn.backends import Backend, State, register
 from bnrnn.nn.norms import Statistics
+from bnrnn.nn.recurrent_product import low_precision_mm
 
 
 def reference_forward(layer, x: torch.Tensor, state: State | None = None, t0: int = 0,
                       step_hook: Callable[[int, torch.Tensor], None] | None = None,
-                      stats: Statistics | None = None) -> tuple[torch.Tensor, State]:
+                      stats: Statistics | None = None, gemm_dtype: torch.dtype | None = None
+                      ) -> tuple[torch.Tensor, State]:
     """Eqs. 6-8 over a sequence, one step at a time, for a :class:`~bnrnn.nn.lstm.LSTMLayer` layer.
 
     Args:
@@ -48,13 +50,15 @@ def reference_forward(layer, x: torch.Tensor, state: State | None = None, t0: in
             (e.g. to read dL/dh_t, the paper's Fig. 1).
         stats: the statistics every norm uses (:class:`~bnrnn.nn.norms.Statistics`); None:
             the layer's train() / eval() convention.
+        gemm_dtype: W_x x and W_h h with operands in this dtype (bf16 under autocast), their
+            products back in x's; everything else in x's dtype.
     Returns:
         the hidden states (T, B, H), and the final (h_T, c_T).
     """
     stats = Statistics.of(layer, stats)
     h, c = layer.initial_state(x.shape[1], stats) if state is None else state
     # W_x x for all steps in one product; its per-step statistics do not depend on h.
-    wx = torch.matmul(x, layer.weight_ih.t())
+    wx = low_precision_mm(x.flatten(0, 1), layer.weight_ih.t(), gemm_dtype).view(*x.shape[:2], -1)
     if layer.norm_x is not None:
         wx = layer.norm_x.forward_sequence(wx, t0, stats)
     wx = wx + layer.bias
@@ -62,7 +66,7 @@ def reference_forward(layer, x: torch.Tensor, state: State | None = None, t0: in
     # unbind(0), not wx[t]: indexing a tensor that needs grad makes every step's backward
     # allocate a full (T, B, 4H) zero gradient.
     for step, wx_t in enumerate(wx.unbind(0)):
-        wh = torch.mm(h, layer.weight_hh.t())
+        wh = low_precision_mm(h, layer.weight_hh.t(), gemm_dtype)
         if layer.norm_h is not None:
             wh = layer.norm_h(wh, t0 + step, stats)
         i, f, g, o = (wx_t + wh).chunk(4, dim=1)  # gate order of torch.nn.LSTM
@@ -82,9 +86,10 @@ class ReferenceBackend(Backend):
 
     name = "reference"
     priority = 0
+    gemm_dtypes = (torch.bfloat16, torch.float16)
 
-    def train(self, layer, x, h0, c0, t0, needs_grad, stats):
-        return reference_forward(layer, x, (h0, c0), t0, stats=stats)
+    def train(self, layer, x, h0, c0, t0, needs_grad, stats, gemm_dtype=None):
+        return reference_forward(layer, x, (h0, c0), t0, stats=stats, gemm_dtype=gemm_dtype)
 
-    def infer(self, layer, x, h0, c0, t0):
-        return reference_forward(layer, x, (h0, c0), t0, stats=Statistics.POPULATION)
+    def infer(self, layer, x, h0, c0, t0, gemm_dtype=None):
+        return reference_forward(layer, x, (h0, c0), t0, stats=Statistics.POPULATION, gemm_dtype=gemm_dtype)

@@ -28,7 +28,7 @@ class CpuBackend(Backend):
     def ready(self) -> bool:
         return extension.load()  # the first run builds it; on failure, aten (with a warning)
 
-    def train(self, layer, x, h0, c0, t0, needs_grad, stats):
+    def train(self, layer, x, h0, c0, t0, needs_grad, stats, gemm_dtype=None):
         (gamma_x, gamma_h, gamma_c), beta_c, eps = layer.norm_tensors()
         if needs_grad:
             found: dict[str, torch.Tensor] = {}
@@ -42,7 +42,7 @@ class CpuBackend(Backend):
         fold_into_population(layer, found, t0, stats, "xhc")
         return hs, (hs[-1], c_last)
 
-    def infer(self, layer, x, h0, c0, t0):
+    def infer(self, layer, x, h0, c0, t0, gemm_dtype=None):
         """A narrow input (seqMNIST's one pixel) never forms W_x x: the loop takes x_t times
         W_x^T scaled per step; a wider one gets the folded input term."""
         with torch.no_grad():

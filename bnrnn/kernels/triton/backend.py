@@ -28,7 +28,7 @@ class TritonBackend(Backend):
             return f"it takes batches of 1 to {steps.MAX_BATCH}"
         return "it runs outside torch.autocast"
 
-    def train(self, layer, x, h0, c0, t0, needs_grad, stats):
+    def train(self, layer, x, h0, c0, t0, needs_grad, stats, gemm_dtype=None):
         """The input term for all steps in autograd ops (BN_x's statistics are over (T, B, 4H)
         at once, with no recurrence), the recurrence on the step kernels."""
         wx = torch.matmul(x, layer.weight_ih.t())
@@ -47,7 +47,7 @@ class TritonBackend(Backend):
         fold_into_population(layer, found, t0, stats, "hc")
         return hs, (hs[-1], c_last)
 
-    def infer(self, layer, x, h0, c0, t0):
+    def infer(self, layer, x, h0, c0, t0, gemm_dtype=None):
         """One whole-sequence kernel launch where the sizes fit it, else the aten loop."""
         with torch.no_grad():
             xin, (h_scale, c_scale, c_shift) = folded_input_term(layer, x, t0, project_input)
