@@ -45,7 +45,7 @@ def main() -> None:
     model = task.build_model(cfg.model)
     payload = load_checkpoint(args.run / "checkpoints" / f"{args.checkpoint}.pt")
     model.load_state_dict(payload["model"])
-    layer = model.rnn
+    layer = model.rnn.cells[0]  # the first (for seqMNIST: the only) layer
     gains = {"h": [], "c": []}
     for term, bn in (("h", layer.norm_h), ("c", layer.norm_c)):
         if bn is not None and bn.keeps_population:

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from bnrnn.data.mnist import FILES, load_mnist, to_sequences
-from bnrnn.nn import LSTMLayer, SequenceClassifier
+from bnrnn import BNLSTM
+from bnrnn.nn import SequenceClassifier
 
 MD5 = {  # torchvision's published checksums
     "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
@@ -29,7 +30,7 @@ def first_update_gradient_norm(real_data, h0_noise):
     arrays = load_mnist(real_data, allow_download=False)
     x = to_sequences(arrays.train_images[:100]).t().unsqueeze(-1).contiguous()
     y = arrays.train_labels[:100]
-    model = SequenceClassifier(LSTMLayer(1, 32, 784, h0_noise=h0_noise), 10).train()
+    model = SequenceClassifier(BNLSTM(1, 32, max_steps=784, learn_initial_state=True, h0_noise=h0_noise), 10).train()
     F.cross_entropy(model(x), y).backward()
     return torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
 
