@@ -118,11 +118,30 @@ def test_pool_reuses_free_buffers_and_allocates_for_busy_ones():
     assert pool.kept_bytes() == 3 * 4 * 256 * 512 * 4 and small.numel() == 10
 
 
-def test_pool_keeps_at_most_its_limit_per_shape():
+def test_pool_serves_any_shape_from_a_free_buffer_large_enough():
+    """Variable-length batches ask for a new shape at almost every call: the pool answers from
+    the smallest free buffer that holds the request and keeps no more than it used at once."""
     pool = workspace.Workspace()
-    held = [pool.empty((1 << 18,), torch.empty(0)) for _ in range(workspace.MAX_KEPT_PER_SHAPE + 2)]
-    assert pool.kept_bytes() == workspace.MAX_KEPT_PER_SHAPE * (1 << 18) * 4
+    like = torch.empty(0)
+    for steps in range(200, 100, -3):  # shapes that never repeat, each freed before the next
+        t = pool.empty((steps, 32, 256), like)
+        assert t.shape == (steps, 32, 256) and t.is_contiguous()
+        del t
+    assert pool.kept_bytes() == 200 * 32 * 256 * 4  # the first (largest) buffer, reused for every other
+    busy = pool.empty((150, 32, 256), like)
+    other = pool.empty((150, 32, 256), like)
+    assert other.data_ptr() != busy.data_ptr() and pool.kept_bytes() == (200 + 150) * 32 * 256 * 4
+
+
+def test_pool_stays_within_its_bound(monkeypatch):
+    monkeypatch.setattr(workspace, "MAX_KEPT_BYTES", 3 * (1 << 20))
+    pool = workspace.Workspace()
+    held = [pool.empty((1 << 18,), torch.empty(0)) for _ in range(5)]  # 1 MB each, all busy
+    assert pool.kept_bytes() == 3 * (1 << 20)
     assert len({t.data_ptr() for t in held}) == len(held)
+    del held
+    big = pool.empty((3 << 18,), torch.empty(0))  # 3 MB: the idle 1 MB buffers make room
+    assert pool.kept_bytes() == 3 * (1 << 20) and big.numel() == 3 << 18
 
 
 def test_pooled_buffers_are_aligned_for_huge_pages():

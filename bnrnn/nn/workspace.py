@@ -6,6 +6,12 @@ with mmap and unmaps it on free), and faulting them in cost more than the arithm
 into them (docs/performance.md, "Measurements behind the code's thresholds").
 This pool hands out views of buffers kept from earlier steps once nothing references them
 any more (no saved tensor, no output a caller still holds), and allocates otherwise.
+
+Buffers are kept by size, not by shape: a request takes the smallest idle buffer that holds
+it. Padded batches of variable length (``task=ptb_sentences``) ask for a new shape at almost
+every call; kept per shape, the pool grew to 10 GB within 500 steps and the kernel's OOM
+killer ended the run. ``MAX_KEPT_BYTES`` bounds the pool: idle buffers are dropped, the
+largest first, to make room, and a request that would pass the bound is served outside it.
 """
 
 from __future__ import annotations
@@ -16,9 +22,9 @@ import threading
 
 import torch
 
-# Buffers kept per (shape, dtype, device); a new one is kept only while all kept ones are in
-# use at once (an output the caller holds across one step, a second layer of the same shape).
-MAX_KEPT_PER_SHAPE = 4
+# The kept buffers' bound, in bytes, per (dtype, device): a seqMNIST BN-LSTM step keeps
+# about 0.6 GB, PTB's 1000-unit one about 1.6 GB.
+MAX_KEPT_BYTES = 3 << 30
 # Smaller buffers are cheap to allocate (served from the heap without page faults).
 MIN_POOLED_BYTES = 1 << 20
 
@@ -71,17 +77,26 @@ class Workspace:
         if (_storage_use_count is None or like.device.type != "cpu"
                 or numel * like.element_size() < MIN_POOLED_BYTES):
             return like.new_empty(shape)
-        key = (tuple(shape), like.dtype, like.device)
         with self.lock:
-            kept = self.kept.setdefault(key, [])
-            for base, idle_count in kept:
-                if self.use_count(base) == idle_count:
-                    return base.view(shape)
-            if len(kept) == MAX_KEPT_PER_SHAPE:
+            kept = self.kept.setdefault((like.dtype, like.device), [])
+            idle = [entry for entry in kept if self.use_count(entry[0]) == entry[1]]
+            fitting = [base for base, _ in idle if base.numel() >= numel]
+            if fitting:
+                return min(fitting, key=torch.Tensor.numel)[:numel].view(shape)
+            size = numel * like.element_size()
+            for entry in sorted(idle, key=lambda e: -e[0].numel()):  # make room: the largest idle first
+                if self.bytes_in(kept) + size <= MAX_KEPT_BYTES:
+                    break
+                kept.remove(entry)
+            if self.bytes_in(kept) + size > MAX_KEPT_BYTES:
                 return like.new_empty(shape)
-            base = mapped_empty(tuple(shape), like.dtype)
+            base = mapped_empty((numel,), like.dtype)
             kept.append((base, self.use_count(base)))
             return base.view(shape)
+
+    @staticmethod
+    def bytes_in(kept: list[tuple[torch.Tensor, int]]) -> int:
+        return sum(base.numel() * base.element_size() for base, _ in kept)
 
     def clear(self) -> None:
         """Drop every kept buffer (their memory is freed once no view is left)."""
