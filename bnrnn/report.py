@@ -44,7 +44,7 @@ IGNORED_KEYS = ("data.", "trainer.resume", "trainer.progress", "device.", "train
                 "model.cuda_graphs",
                 "trainer.test_at_end", "trainer.log_every", "trainer.checkpoint_every", "trainer.max_bad_steps",
                 "trainer.eval_every", "trainer.max_steps", "trainer.max_epochs", "trainer.reestimate",
-                "trainer.valid_", "trainer.select_on")
+                "trainer.valid_", "trainer.select_on", "trainer.max_time")
 
 
 @dataclass
