@@ -13,7 +13,9 @@ pools of ``POOL`` batches, each pool sorted by length and cut into batches, and 
 shuffled. A batch then holds sentences of about one length, so nearly every step's
 statistics cover the whole batch: in a batch of 32 random lengths the last steps run with 2
 or 3 sentences, whose batch variance is near 0, and batch norm's backward gain
-gamma / sqrt(var + eps) there made gradient norms of 10^3 to 10^4 (docs/results/sentences.md).
+gamma / sqrt(var + eps) there made gradient norms of 10^3 to 10^5. The price: a bucketed
+batch's statistics tell how far its sentences are from their end, a cue that population
+statistics do not carry (docs/results/sentences.md).
 Evaluation: every sentence, longest first (the batches' padding is then small), the last
 batch partial.
 """
