@@ -78,14 +78,15 @@ def task_classes() -> list[type]:
 
 
 def task_kinds() -> tuple[str, ...]:
-    return tuple(cls.kind for cls in task_classes())
+    """The registered kinds, sorted: the order modules import one another in is no order."""
+    return tuple(sorted(cls.kind for cls in task_classes()))
 
 
 def task_class(kind: str) -> type:
     """The task class for ``task.kind``; ConfigError naming the registered kinds for another."""
     _discover()
     if kind not in TASKS:
-        raise ConfigError(f"task.kind={kind} is invalid: it must be one of {', '.join(TASKS)}")
+        raise ConfigError(f"task.kind={kind} is invalid: it must be one of {', '.join(task_kinds())}")
     return TASKS[kind]
 
 
