@@ -50,6 +50,28 @@ def keep_vocabulary(vocab: Vocabulary, out_dir: Path) -> None:
         vocab.save(saved)
 
 
+class CharacterModelling:
+    """What the tasks on PTB's characters share (windows: :class:`PtbTask`; sentences:
+    :class:`bnrnn.tasks.ptb_sentences.PtbSentencesTask`): bpc as the selection metric, the
+    character language model over ``self.corpus``'s vocabulary, and the vocabulary kept
+    with the run."""
+
+    selection = ("bpc", "min")
+    language_model = True
+    corpus: PtbCorpus
+    train_length: int
+
+    def keep_artifacts(self, out_dir: Path) -> None:
+        keep_vocabulary(self.corpus.vocab, out_dir)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.corpus.vocab)
+
+    def build_model(self, model_cfg: DictConfig) -> nn.Module:
+        return language_model(model_cfg, self.vocab_size, self.train_length)
+
+
 @dataclass
 class PtbSettings(TaskConfig):
     """Penn Treebank characters (Mikolov's split, 50 symbols with the line end), in bits per
@@ -68,12 +90,10 @@ class PtbSettings(TaskConfig):
 
 
 @register
-class PtbTask:
+class PtbTask(CharacterModelling):
     kind = "ptb"
     Settings = PtbSettings
     presets = {"ptb": {}}
-    selection = ("bpc", "min")
-    language_model = True
 
     @classmethod
     def check(cls, cfg: DictConfig, bad) -> None:
@@ -98,21 +118,11 @@ class PtbTask:
         """T_max of a run with these task settings: the training windows' input steps."""
         return task_cfg.seq_len - 1
 
-    def keep_artifacts(self, out_dir: Path) -> None:
-        keep_vocabulary(self.corpus.vocab, out_dir)
-
     def training_batches(self, batch_size: int | None = None) -> WindowBatches:
         """The training windows in batches of ``batch_size`` (default: the training batch size)."""
         if batch_size is None or batch_size == self.batch_size:
             return self.train
         return WindowBatches(self.corpus.train, self.seq_len, batch_size)
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.corpus.vocab)
-
-    def build_model(self, model_cfg: DictConfig) -> nn.Module:
-        return language_model(model_cfg, self.vocab_size, self.train_length)
 
     def train_loss(self, model: nn.Module, batch, device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
         inputs, targets = (t.to(device, non_blocking=True) for t in batch)

@@ -13,7 +13,6 @@ spent on the sentence ends alone (how well the model knows that a sentence is ov
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +25,7 @@ from bnrnn.data.streams import IGNORE
 from bnrnn.nn.norms import Statistics
 from bnrnn.schema import TaskConfig, setting
 from bnrnn.tasks import register
-from bnrnn.tasks.ptb import LN2, keep_vocabulary, language_model, summed_nats
+from bnrnn.tasks.ptb import LN2, CharacterModelling, summed_nats
 
 
 @dataclass
@@ -46,12 +45,10 @@ class PtbSentencesSettings(TaskConfig):
 
 
 @register
-class PtbSentencesTask:
+class PtbSentencesTask(CharacterModelling):
     kind = "ptb_sentences"
     Settings = PtbSentencesSettings
     presets = {"ptb_sentences": {}}
-    selection = ("bpc", "min")
-    language_model = True
 
     @classmethod
     def check(cls, cfg: DictConfig, bad) -> None:
@@ -75,18 +72,8 @@ class PtbSentencesTask:
                        for split in ("valid", "test")}
         self.train_length = self.train_length_of(task)
 
-    def keep_artifacts(self, out_dir: Path) -> None:
-        keep_vocabulary(self.corpus.vocab, out_dir)
-
     def training_batches(self, batch_size: int | None = None) -> SentenceBatches:
         return SentenceBatches(self.corpus.train, self.eol, batch_size or self.batch_size, self.max_length)
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.corpus.vocab)
-
-    def build_model(self, model_cfg: DictConfig) -> nn.Module:
-        return language_model(model_cfg, self.vocab_size, self.train_length)
 
     def train_loss(self, model: nn.Module, batch, device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
         inputs, targets, lengths = batch
