@@ -66,6 +66,12 @@ class BNLSTM(nn.Module):
         momentum: the EMA rate of the population statistics (the paper's 0.01 on MNIST,
             0.05 on PTB).
         eps: added to every variance.
+        stats_min_sequences: the fewest sequences a step's batch statistics are taken over
+            (1: every step's own). At a step where fewer run (the tail of a variable-length
+            batch, or a batch smaller than this), the batch norms use their population
+            statistics there, and fold nothing into them: the variance of 2 or 3 sequences
+            is near 0, and batch norm's backward gain gamma / sqrt(var + eps) there blows
+            gradients up (docs/results/sentences.md).
         backend: the cell's implementation ("auto": the fastest that can run the input).
     The paper's training set-up (nn.LSTM's defaults when left out):
         learn_initial_state: a learned (h_0, c_0) per cell when ``hx`` is None (else zeros).
@@ -83,8 +89,8 @@ class BNLSTM(nn.Module):
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, *,
                  norm_terms: tuple[str, ...] = ("x", "h", "c"), norm: str = "batch", max_steps: int | None = None,
                  gamma_init: float = 0.1, momentum: float = 0.01, eps: float = 1e-5, backend: str = "auto",
-                 learn_initial_state: bool = False, h0_noise: float = 0.0, forget_bias: float = 1.0,
-                 init: str = "orthogonal", cuda_graphs: bool = True) -> None:
+                 stats_min_sequences: int = 1, learn_initial_state: bool = False, h0_noise: float = 0.0,
+                 forget_bias: float = 1.0, init: str = "orthogonal", cuda_graphs: bool = True) -> None:
         super().__init__()
         unknown = set(norm_terms) - {"x", "h", "c"}
         if unknown:
@@ -93,13 +99,15 @@ class BNLSTM(nn.Module):
             raise ValueError(f"num_layers must be at least 1, got {num_layers}")
         if not 0 <= dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if stats_min_sequences < 1:
+            raise ValueError(f"stats_min_sequences must be at least 1, got {stats_min_sequences}")
         if norm == "batch" and norm_terms and max_steps is None:
             raise ValueError("batch norm keeps statistics per time step: set max_steps, the training length "
                              "(e.g. max_steps=784 for sequential MNIST)")
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.batch_first, self.dropout, self.bidirectional = batch_first, dropout, bidirectional
         self.num_directions = 2 if bidirectional else 1
-        self.max_steps = max_steps
+        self.max_steps, self.stats_min_sequences = max_steps, stats_min_sequences
         options = dict(norm_x="x" in norm_terms, norm_h="h" in norm_terms, norm_c="c" in norm_terms, norm=norm,
                        gamma_init=gamma_init, momentum=momentum, eps=eps, backend=backend, bias=bias,
                        learn_initial_state=learn_initial_state, h0_noise=h0_noise, forget_bias=forget_bias,
@@ -153,8 +161,9 @@ class BNLSTM(nn.Module):
 
         def run(cell: LSTMLayer, seq: torch.Tensor, carried: State, reverse: bool) -> tuple[torch.Tensor, State]:
             if lengths is not None:
-                return run_masked(cell, seq, carried, lengths, reverse, stats)
-            out, final = cell(seq.flip(0) if reverse else seq, carried, t0, stats)
+                return run_masked(cell, seq, carried, lengths, reverse, stats, self.stats_min_sequences)
+            used = statistics_over(cell, stats, seq.shape[1], self.stats_min_sequences)
+            out, final = cell(seq.flip(0) if reverse else seq, carried, t0, used)
             return (out.flip(0) if reverse else out), final
 
         output, (h_n, c_n) = self.through_cells(x, self.initial_states(hx, x, stats), run)
@@ -196,8 +205,9 @@ class BNLSTM(nn.Module):
 
         def in_chunks(cell: LSTMLayer, seq: torch.Tensor, carried: State, reverse: bool) -> tuple[torch.Tensor, State]:
             seq, pieces = (seq.flip(0) if reverse else seq), []
+            used = statistics_over(cell, stats, seq.shape[1], self.stats_min_sequences)
             for t0 in range(0, seq.shape[0], chunk):
-                out, carried = cell(seq[t0:t0 + chunk], carried, t0, stats)
+                out, carried = cell(seq[t0:t0 + chunk], carried, t0, used)
                 pieces.append(out)
             out = torch.cat(pieces)
             return (out.flip(0) if reverse else out), carried
@@ -242,13 +252,23 @@ class BNLSTM(nn.Module):
         return [(h0[i], c0[i]) for i in range(count)]
 
 
+def statistics_over(cell: LSTMLayer, stats: Statistics | None, running: int, min_sequences: int) -> Statistics | None:
+    """What ``cell``'s norms use at steps where ``running`` sequences run: ``stats`` (None:
+    as the cell's mode says), except that batch statistics of fewer than ``min_sequences``
+    sequences give way to the population's (:class:`BNLSTM`'s ``stats_min_sequences``)."""
+    if running >= min_sequences or not Statistics.of(cell, stats).from_batch:
+        return stats
+    return Statistics.POPULATION
+
+
 def run_masked(cell: LSTMLayer, x: torch.Tensor, state: State, lengths: torch.Tensor, reverse: bool,
-               stats: Statistics | None) -> tuple[torch.Tensor, State]:
+               stats: Statistics | None, min_sequences: int = 1) -> tuple[torch.Tensor, State]:
     """``cell`` over a padded batch ``x`` (T, B, I) whose sequence b has ``lengths[b]`` steps:
     step t of the cell sees only the sequences still running (longest first), so its batch
-    statistics, its population update and its gradient cover no padding. ``reverse``: each
-    sequence read from its own end. Returns outputs (T, B, H), zero at padding, and each
-    sequence's (h, c) after its own last step, in the batch's order.
+    statistics, its population update and its gradient cover no padding; where fewer than
+    ``min_sequences`` run, its norms use the population statistics (:func:`statistics_over`).
+    ``reverse``: each sequence read from its own end. Returns outputs (T, B, H), zero at
+    padding, and each sequence's (h, c) after its own last step, in the batch's order.
 
     The running set only changes where a sequence ends, so the steps between two such ends
     run as one call of the cell (time offset ``t0`` = the segment's first step) on the
@@ -268,7 +288,8 @@ def run_masked(cell: LSTMLayer, x: torch.Tensor, state: State, lengths: torch.Te
         if running == 0:  # every sequence has ended: the rest of the batch is padding
             outputs.append(xs.new_zeros(steps - start, batch, cell.hidden_size))
             break
-        out, (h_b, c_b) = cell(xs[start:end, :running], (h[:running], c[:running]), start, stats)
+        used = statistics_over(cell, stats, running, min_sequences)
+        out, (h_b, c_b) = cell(xs[start:end, :running], (h[:running], c[:running]), start, used)
         outputs.append(torch.cat([out, out.new_zeros(end - start, batch - running, out.shape[2])], dim=1))
         h, c = torch.cat([h_b, h[running:]]), torch.cat([c_b, c[running:]])  # the ended keep their last state
     out = torch.cat(outputs)

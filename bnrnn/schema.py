@@ -126,6 +126,9 @@ class ModelConfig:
     # trainer.momentum
     stats_momentum: float = setting(0.01, rule="unit_interval", layer_arg="momentum")
     eps: float = setting(1e-5, rule="positive", fixed=TRAINED_WITH, layer_arg="eps")
+    # the fewest running sequences a step's batch statistics are taken over; at a step with
+    # fewer (the tail of a variable-length batch) the norms use the population's
+    stats_min_sequences: int = setting(1, rule="positive", layer_arg="stats_min_sequences")
     forget_bias: float = setting(1.0, init_only=True, layer_arg="forget_bias")
     # std of the noise on the learned h0 wherever the statistics come from the batch: MNIST's
     # leading black pixels otherwise give every example the same state, zero batch variance

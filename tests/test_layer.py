@@ -75,22 +75,30 @@ def test_with_its_norms_off_it_is_nn_lstm(backend, packed):
         torch.testing.assert_close(b_hh, b_ih)
 
 
-def masked_reference(cell, x: torch.Tensor, lengths: torch.Tensor):
+def masked_reference(cell, x: torch.Tensor, lengths: torch.Tensor, min_sequences: int = 1):
     """The BN-LSTM of eq. (6)-(8) over a padded batch, written out: at step t every mean and
     (biased) variance is over the sequences with lengths > t, the population slot t moves
-    toward them by the EMA, and the ended sequences keep their state. Returns outputs
-    (T, B, H), zero at padding, h_n, c_n, and the running (mean, var) of each norm."""
+    toward them by the EMA, and the ended sequences keep their state; at a step where fewer
+    than ``min_sequences`` run, the population of the last slot filled so far normalises
+    instead, and nothing is folded. Returns outputs (T, B, H), zero at padding, h_n, c_n,
+    and the running (mean, var) of each norm."""
     steps, batch = x.shape[:2]
     H = cell.hidden_size
     h = x.new_zeros(batch, H)
     c = x.new_zeros(batch, H)
     running = {name: [getattr(cell, name).running_mean.clone(), getattr(cell, name).running_var.clone()]
                for name in ("norm_x", "norm_h", "norm_c")}
+    filled = set(cell.norm_x.num_batches_tracked.nonzero().flatten().tolist())  # slots that hold statistics
 
     def bn(name: str, v: torch.Tensor, mask: torch.Tensor, t: int) -> torch.Tensor:
         norm = getattr(cell, name)
-        mean, var = v[mask].mean(0), v[mask].var(0, unbiased=False)
         slot_mean, slot_var = running[name]
+        if int(mask.sum()) < min_sequences:
+            slot = min(t, max(filled) if filled else cell.max_steps - 1)
+            mean, var = slot_mean[slot].detach(), slot_var[slot].detach()  # the population: constants
+            y = (v - mean) / torch.sqrt(var + norm.eps) * norm.weight
+            return y if norm.bias is None else y + norm.bias
+        mean, var = v[mask].mean(0), v[mask].var(0, unbiased=False)
         running[name] = [slot_mean.index_put((torch.tensor(t),), slot_mean[t] + norm.momentum * (mean - slot_mean[t])),
                          slot_var.index_put((torch.tensor(t),), slot_var[t] + norm.momentum * (var - slot_var[t]))]
         y = (v - mean) / torch.sqrt(var + norm.eps) * norm.weight
@@ -99,6 +107,8 @@ def masked_reference(cell, x: torch.Tensor, lengths: torch.Tensor):
     outputs = []
     for t in range(steps):
         mask = lengths > t
+        if int(mask.sum()) >= min_sequences and t < cell.max_steps:
+            filled.add(t)
         gates = bn("norm_x", x[t] @ cell.weight_ih.T, mask, t) + bn("norm_h", h @ cell.weight_hh.T, mask, t) + cell.bias
         i, f, g, o = gates.chunk(4, dim=1)
         c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
@@ -110,12 +120,15 @@ def masked_reference(cell, x: torch.Tensor, lengths: torch.Tensor):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_batch_statistics_cover_only_the_running_sequences(backend):
+@pytest.mark.parametrize("min_sequences", [1, 3])
+def test_batch_statistics_cover_only_the_running_sequences(backend, min_sequences):
     """Against the BN-LSTM written out with masks: outputs, h_n and c_n at each sequence's own
     end, the population statistics after the update, and the gradients; padding of any
-    value changes none of them."""
+    value changes none of them. With ``stats_min_sequences=3`` the last three steps (two
+    sequences running) use the population of slot 5, the last filled."""
     torch.manual_seed(1)
-    layer = BNLSTM(3, 4, max_steps=9, gamma_init=0.5, momentum=0.3, backend=backend).double()
+    layer = BNLSTM(3, 4, max_steps=9, gamma_init=0.5, momentum=0.3, backend=backend,
+                   stats_min_sequences=min_sequences).double()
     cell = layer.cells[0]
     lengths = torch.tensor(LENGTHS)
     x = torch.randn(9, 5, 3, dtype=torch.float64)
@@ -140,7 +153,7 @@ def test_batch_statistics_cover_only_the_running_sequences(backend):
             getattr(cell, n).running_var.copy_(var)
         return out, h_n[0], c_n[0], after
 
-    expected = run(lambda inputs: masked_reference(cell, inputs, lengths), x)
+    expected = run(lambda inputs: masked_reference(cell, inputs, lengths, min_sequences), x)
     got = run(ours, x)
     noisy = x.masked_fill(padding.unsqueeze(2), 1e3)  # padding of another value entirely
     again = run(ours, noisy)
@@ -187,6 +200,23 @@ def test_in_eval_a_batch_of_one_is_its_row_in_a_batch_of_64(backend):
         one, (h_one, c_one) = layer(x[:, 7:8])
     torch.testing.assert_close(one[:, 0], out[:, 7], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(h_one[:, 0], h_n[:, 7], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_steps_past_the_last_filled_slot_reuse_it(backend):
+    """A layer of 10 slots trained on 4 steps infers as one of 4 slots: the slots no batch
+    reached hold no statistics, and steps there read slot 3, as steps past T_max do."""
+    outputs = []
+    for slots in (10, 4):
+        torch.manual_seed(5)
+        layer = BNLSTM(3, 5, max_steps=slots, momentum=0.5, backend=backend)
+        for _ in range(3):
+            layer(torch.randn(4, 16, 3))
+        assert layer.cells[0].norm_h.last_slot() == 3
+        layer.eval()
+        with torch.no_grad():
+            outputs.append(layer(torch.randn(10, 8, 3))[0])
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-6, atol=1e-7)
 
 
 def test_gradcheck_with_lengths():

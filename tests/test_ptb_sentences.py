@@ -45,11 +45,18 @@ def test_training_keeps_the_short_sentences_in_a_seeded_order_of_full_batches():
     first = [b[2].tolist() for b in batches.iterate(epoch=0, seed=1)]
     assert first == [b[2].tolist() for b in batches.iterate(epoch=0, seed=1)]
     assert all(max(lengths) <= 8 for lengths in first)
-    many = SentenceBatches(stream(*[[1] * (n % 97 + 1) for n in range(4 * 120)]), EOL, batch_size=4)
-    spread = [int(lengths.max() - lengths.min()) for _, _, lengths in many.iterate(epoch=0, seed=1)]
-    assert len(spread) == 120 and sum(spread) / len(spread) < 5  # bucketed: random batches of 4 spread ~50
     evaluation = SentenceBatches(data, EOL, batch_size=4, shuffle=False)
     assert len(evaluation) == 3 and sum(len(b[2]) for b in evaluation.iterate()) == 11  # every one, the last partial
+
+
+@pytest.mark.parametrize("bucketed, spread_range", [(False, (25, 60)), (True, (0, 5))])
+def test_training_batches_are_random_or_bucketed_by_length(bucketed, spread_range):
+    many = SentenceBatches(stream(*[[1] * (n % 97 + 1) for n in range(4 * 120)]), EOL, batch_size=4,
+                           bucketed=bucketed)
+    batches = [lengths.tolist() for _, _, lengths in many.iterate(epoch=0, seed=1)]
+    assert len(batches) == 120 and sorted(sum(batches, [])) == sorted(many.lengths.tolist())  # each once
+    spread = sum(max(b) - min(b) for b in batches) / len(batches)  # random batches of 4 of 1..97: ~48
+    assert spread_range[0] <= spread <= spread_range[1]
 
 
 class UniformModel(nn.Module):

@@ -8,14 +8,14 @@ batch's longest sequence, the padding of targets ``IGNORE``; lengths (B,) int64.
 
 Training (``shuffle``): the sentences of at most ``max_length`` predictions, in an order
 that is a pure function of (seed, epoch), full batches only, so that a resumed run finds its
-place from the step counter. The batches are bucketed: each epoch's permutation is cut into
-pools of ``POOL`` batches, each pool sorted by length and cut into batches, and the batches
-shuffled. A batch then holds sentences of about one length, so nearly every step's
-statistics cover the whole batch: in a batch of 32 random lengths the last steps run with 2
-or 3 sentences, whose batch variance is near 0, and batch norm's backward gain
-gamma / sqrt(var + eps) there made gradient norms of 10^3 to 10^5. The price: a bucketed
+place from the step counter. A batch holds sentences drawn at random, or, ``bucketed``, of
+about one length: each epoch's permutation is cut into pools of ``POOL`` batches, each pool
+sorted by length and cut into batches, and the batches shuffled. Bucketing spares the
+padding, and nearly every step's statistics then cover the whole batch, but a bucketed
 batch's statistics tell how far its sentences are from their end, a cue that population
-statistics do not carry (docs/results/sentences.md).
+statistics do not carry: a BN-LSTM learns to read it and loses at inference
+(docs/results/sentences.md). Random batches carry no such cue; their last steps run with a
+few sentences, whose batch statistics the layer's ``stats_min_sequences`` replaces.
 Evaluation: every sentence, longest first (the batches' padding is then small), the last
 batch partial.
 """
@@ -49,16 +49,17 @@ class SentenceBatches:
             plus the end); None keeps every one.
         shuffle: the training order (a fresh permutation each epoch, full batches only);
             False: longest first, every sentence, the last batch partial.
+        bucketed: with ``shuffle``, batches of sentences of about one length.
     """
 
     def __init__(self, stream: torch.Tensor, eol: int, batch_size: int, max_length: int | None = None,
-                 shuffle: bool = True, what: str = "the training split") -> None:
+                 shuffle: bool = True, bucketed: bool = False, what: str = "the training split") -> None:
         every = sentences_of(stream, eol)
         kept = [s for s in every if max_length is None or s.numel() + 1 <= max_length]
         if len(kept) < (batch_size if shuffle else 1):
             raise DataError(f"{what} holds {len(kept)} sentences of at most {max_length} symbols with their end, "
                             f"fewer than one batch of {batch_size}")
-        self.eol, self.batch_size, self.shuffle = eol, batch_size, shuffle
+        self.eol, self.batch_size, self.shuffle, self.bucketed = eol, batch_size, shuffle, bucketed
         self.sentences = kept
         self.skipped = len(every) - len(kept)
         self.lengths = torch.tensor([s.numel() + 1 for s in kept])  # predictions per sentence
@@ -74,6 +75,8 @@ class SentenceBatches:
             return list(order.split(self.batch_size))
         generator = epoch_generator(seed, epoch)
         order = torch.randperm(len(self.sentences), generator=generator)[:len(self) * self.batch_size]
+        if not self.bucketed:
+            return list(order.split(self.batch_size))
         batches = []
         for pool in order.split(POOL * self.batch_size):
             by_length = pool[torch.argsort(self.lengths[pool], stable=True)]

@@ -131,7 +131,8 @@ class TimeBatchNorm(Norm):
     population variance is the *biased* batch variance, the one the normalisation uses.
 
     Steps t >= max_steps are normalised with their own batch statistics but fold into no
-    slot; with population statistics they use the last slot.
+    slot; with population statistics they use the last slot (the last that has folded a
+    batch, :meth:`last_slot`).
 
     For diagnostics, :attr:`last_batch_var_min` holds the smallest batch variance of the
     last sequence folded into the population (a collapsed variance gives a gain of
@@ -150,6 +151,7 @@ class TimeBatchNorm(Norm):
         self.momentum = momentum
         self.last_batch_var_min: torch.Tensor | None = None
         self._watched: list[torch.Tensor] | None = None
+        self._last_slot: tuple[torch.Tensor, int, int] | None = None  # (num_batches_tracked, its version, slot)
         self.register_buffer("running_mean", torch.zeros(max_steps, num_features))
         self.register_buffer("running_var", torch.ones(max_steps, num_features))
         self.register_buffer("num_batches_tracked", torch.zeros(max_steps, dtype=torch.long))
@@ -175,8 +177,25 @@ class TimeBatchNorm(Norm):
     # -- statistics ---------------------------------------------------------------------------
 
     def slot_indices(self, t0: int, steps: int, device: torch.device) -> torch.Tensor:
-        """Population slot for each of the time steps t0 .. t0+steps-1: (steps,) int64."""
-        return torch.arange(t0, t0 + steps, device=device).clamp_(max=self.max_steps - 1)
+        """Population slot for each of the time steps t0 .. t0+steps-1: (steps,) int64; a
+        step past the last slot with statistics (:meth:`last_slot`) reads that one."""
+        return torch.arange(t0, t0 + steps, device=device).clamp_(max=self.last_slot())
+
+    def last_slot(self) -> int:
+        """The last population slot that holds statistics: the last that has folded a batch,
+        or T_max - 1 while none has. Variable-length training can leave the last slots
+        without a batch (no batch had enough sequences running there, see
+        :class:`bnrnn.BNLSTM`'s ``stats_min_sequences``); they would hold only their initial 0
+        and 1, so the steps past the last filled slot reuse it, as steps past T_max do.
+        Cached against the tensor ``num_batches_tracked`` and its version counter, which
+        every fold, reset and load changes (one device sync per change, not per step)."""
+        tracked = self.num_batches_tracked
+        cached = self._last_slot
+        if cached is None or cached[0] is not tracked or cached[1] != tracked._version:
+            filled = tracked.nonzero()
+            cached = self._last_slot = (tracked, tracked._version,
+                                        int(filled.max()) if filled.numel() else self.max_steps - 1)
+        return cached[2]
 
     @torch.no_grad()
     def fold(self, t0: int, mean: torch.Tensor, var: torch.Tensor, stats: Statistics) -> None:

@@ -32,7 +32,8 @@ from bnrnn.tasks.ptb import LN2, CharacterModelling, summed_nats
 class PtbSentencesSettings(TaskConfig):
     """PTB's lines as sequences of their own, padded in batches. Training uses the sentences
     of at most max_length predictions (their symbols and the end: 91 % of the training
-    split's lines at 200), in a fresh order every epoch; T_max = max_length. Validation and
+    split's lines at 200), in a fresh order every epoch, in random or bucketed batches;
+    T_max = max_length. Validation and
     test score every sentence, longest first; steps past T_max reuse the last slot's
     population statistics."""
 
@@ -42,6 +43,10 @@ class PtbSentencesSettings(TaskConfig):
     eval_batch_size: int = 64
     max_length: int = setting(200, rule="positive",
                               fixed="the training sentences the checkpoint's place in the data refers to")
+    # training batches of sentences of about one length (less padding; but their batch
+    # statistics then tell the BN-LSTM where its sentences end, which population statistics
+    # cannot: docs/results/sentences.md)
+    bucketed: bool = setting(False, fixed="the training order the checkpoint's place in the data refers to")
 
 
 @register
@@ -65,7 +70,7 @@ class PtbSentencesTask(CharacterModelling):
         self.name = task.name
         self.corpus: PtbCorpus = load_ptb(cfg.data.root, cfg.data.download)
         self.eol = self.corpus.vocab.index[EOL]
-        self.batch_size, self.max_length = task.batch_size, task.max_length
+        self.batch_size, self.max_length, self.bucketed = task.batch_size, task.max_length, task.bucketed
         self.train = self.training_batches()
         self.splits = {split: SentenceBatches(getattr(self.corpus, split), self.eol, task.eval_batch_size,
                                               shuffle=False, what=f"the {split} split")
@@ -73,7 +78,8 @@ class PtbSentencesTask(CharacterModelling):
         self.train_length = self.train_length_of(task)
 
     def training_batches(self, batch_size: int | None = None) -> SentenceBatches:
-        return SentenceBatches(self.corpus.train, self.eol, batch_size or self.batch_size, self.max_length)
+        return SentenceBatches(self.corpus.train, self.eol, batch_size or self.batch_size, self.max_length,
+                               bucketed=self.bucketed)
 
     def train_loss(self, model: nn.Module, batch, device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
         inputs, targets, lengths = batch
