@@ -25,6 +25,7 @@ CONFIG_MISTAKES = [
     (["model.eps=0"], "model.eps=0.0 is invalid"),
     (["model.h0_noise=-0.1"], "model.h0_noise=-0.1 is invalid: it must be zero or more"),
     (["model.t_max=0"], "model.t_max=0 is invalid: it must be a positive number or null"),
+    (["model.stats_min_sequences=0"], "model.stats_min_sequences=0 is invalid: it must be a positive number"),
     (["+model.dropout=0.5"], "bad config value for 'model.dropout': Key 'dropout' not in 'ModelConfig'"),
     (["model.cuda_graphs=sometimes"], "bad config value for 'model.cuda_graphs'"),
     (["model.backend=fast"], "model.backend=fast is invalid: it must be one of auto, triton, cpu, aten, reference"),
