@@ -208,6 +208,18 @@ def assign_labels(runs: list[Run]) -> None:
 METRIC_LABELS = {"accuracy": "validation accuracy (%)", "bpc": "validation bits per character"}
 
 
+def figure_title(task: str, metric: str, paper: bool, modes: bool) -> str:
+    """The figure's title, with a key to the line styles it holds: the paper's black lines and
+    the other statistics' dotted lines only where they were drawn."""
+    key = ["solid: normalised, dashed: plain LSTM"]
+    if paper:
+        key.append("black: the paper")
+    title = f"{task}: validation {metric} ({'; '.join(key)}"
+    if modes:
+        title += ";\ndotted / dash-dotted: EMA / re-estimated statistics"
+    return title + ")"
+
+
 def plot_task(task: str, runs: list[Run], path: Path) -> dict[str, tuple[list[float], list[float]]] | None:
     """Validation metric against steps and against wall-clock time, with the paper's curves
     on the steps panel. Returns the steps panel's lines ({label: (x, y)}, as plotted), or
@@ -225,6 +237,7 @@ def plot_task(task: str, runs: list[Run], path: Path) -> dict[str, tuple[list[fl
     scale = 100 if metric == "accuracy" else 1
     fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(12, 4.8))
     last_step = max(run.last_step for run, _ in curves)
+    drew_paper = drew_modes = False
     for model in dict.fromkeys(run.model for run, _ in curves):
         paper = validation_curve(task, model)
         if paper is None:
@@ -237,6 +250,7 @@ def plot_task(task: str, runs: list[Run], path: Path) -> dict[str, tuple[list[fl
             xs, ys = zip(*keep)
             by_step.plot(xs, [scale * y for y in ys], color="black", lw=1.2, ls="-" if "bn" in model else "--",
                          alpha=0.75, label=paper.label)
+            drew_paper = True
     for run, curve in curves:
         steps, seconds, values = zip(*curve)
         style = "-" if run.normalised else "--"
@@ -251,6 +265,7 @@ def plot_task(task: str, runs: list[Run], path: Path) -> dict[str, tuple[list[fl
                 s_, _, v_ = zip(*other)
                 by_step.plot(s_, [scale * v for v in v_], mode_style, color=line.get_color(), alpha=0.6, lw=1.2,
                              label=f"{run.label} ({DESCRIPTIONS[mode]})")
+                drew_modes = True
     if metric != "accuracy":  # e.g. the paper's bpc starts at log2(50) = 5.6: keep our range readable
         worst = max(v for _, curve in curves for _, _, v in curve)
         best = min(v for _, curve in curves for _, _, v in curve)
@@ -266,8 +281,7 @@ def plot_task(task: str, runs: list[Run], path: Path) -> dict[str, tuple[list[fl
     height = 4.8 + 0.2 * rows
     fig.set_size_inches(12, height)
     fig.legend(handles, labels, loc="lower center", ncol=columns, fontsize="small", frameon=False)
-    fig.suptitle(f"{task}: validation {metric} (solid: normalised, dashed: plain LSTM; black: the paper;\n"
-                 f"dotted / dash-dotted: EMA / re-estimated statistics)", fontsize="medium")
+    fig.suptitle(figure_title(task, metric, drew_paper, drew_modes), fontsize="medium")
     fig.tight_layout(rect=(0, (0.2 * rows + 0.3) / height, 1, 1))  # room for the legend below the panels
     fig.savefig(path, dpi=110)
     plt.close(fig)

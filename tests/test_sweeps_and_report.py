@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bnrnn.config import load_config
-from bnrnn.report import make_report
+from bnrnn.report import figure_title, make_report
 from bnrnn.train import train
 from conftest import SMALL_MNIST, compose
 
@@ -154,3 +154,13 @@ def test_a_key_an_older_run_lacks_counts_as_its_default(tmp_path):
     new = Run(tmp_path / "new", {"task": {"name": "ptb"}, "model": {"name": "bnlstm", "num_layers": 2}}, [])
     assign_labels([old, new])
     assert (old.label, new.label) == ("BN-LSTM num_layers=1", "BN-LSTM num_layers=2")
+
+
+def test_the_figure_title_keys_only_the_lines_it_holds():
+    """A task the paper never ran (PTB sentences) has no black lines; runs validated in one
+    statistics mode have no dotted ones: the title does not promise them."""
+    bare = figure_title("ptb_sentences", "bpc", paper=False, modes=False)
+    assert bare == "ptb_sentences: validation bpc (solid: normalised, dashed: plain LSTM)"
+    full = figure_title("seqmnist", "accuracy", paper=True, modes=True)
+    assert full == ("seqmnist: validation accuracy (solid: normalised, dashed: plain LSTM; black: the paper;\n"
+                    "dotted / dash-dotted: EMA / re-estimated statistics)")
