@@ -106,6 +106,17 @@ def test_the_paper_presets_compose_to_the_papers_settings():
     assert pm.task.permute and pm.task.name == "pmnist" and not pm.model.normalize.x
 
 
+def test_the_sentences_preset_composes_to_its_documented_settings():
+    """docs/results/sentences.md's runs: random batches, population statistics where fewer
+    than 8 of 32 sentences run, and the test number with re-estimated statistics."""
+    cfg = load_config(compose(["experiment=sentences", "model=bnlstm", "data.root=/x"]))
+    assert (cfg.task.name, cfg.task.batch_size, cfg.task.bucketed, cfg.model.hidden_size) == ("ptb_sentences", 32, False,
+                                                                                             256)
+    assert (cfg.model.stats_min_sequences, cfg.model.stats_momentum, cfg.model.gamma_init) == (8, 0.05, 0.1)
+    assert (cfg.trainer.optimizer, cfg.trainer.lr, cfg.trainer.max_steps) == ("adam", 2e-3, 3000)
+    assert cfg.trainer.reestimate_stats and cfg.trainer.reestimate_batches == 50
+
+
 def test_every_declared_key_reaches_the_composed_config():
     """Hydra knows every key (the schema is registered with it), so any can be overridden
     without a '+'."""
