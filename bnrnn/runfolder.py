@@ -234,6 +234,25 @@ def read_history(run_dir: Path) -> list[dict[str, Any]]:
     return records
 
 
+# The events that open and close a segment (one process's stretch of a run) in history.jsonl.
+SEGMENT_OPENS = ("start", "resume")
+SEGMENT_CLOSES = ("finished", "stopped", "failed", "max_time")
+
+
+def unclosed_segment(history: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The opening record of the last segment where no record closes it, else None.
+
+    A process writes its closing record on every way out it sees (the end, a budget, a
+    signal, an error); one that has none was killed where it could not (SIGKILL, the OOM
+    killer, a lost machine). Only meaningful while no process holds the run."""
+    for record in reversed(history):
+        if record.get("event") in SEGMENT_CLOSES:
+            return None
+        if record.get("event") in SEGMENT_OPENS:
+            return record
+    return None
+
+
 def resume_command(run_dir: Path) -> str:
     """The command that continues the run in ``run_dir`` with its own saved settings
     (config.yaml), to paste into a POSIX shell whatever the folder's name holds: the path is

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import suppress
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
@@ -77,6 +78,18 @@ class RunLogger:
         self.flush()
         self.writer.close()
         self.jsonl.close()
+
+
+def last_logged_step(path: Path) -> int | None:
+    """The highest step of any record in metrics.jsonl (None: no file, or no record)."""
+    last = None
+    if path.exists():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            with suppress(json.JSONDecodeError):  # a line cut short by a kill
+                step = json.loads(line).get("step") if line.startswith("{") else None
+                if isinstance(step, int) and (last is None or step > last):
+                    last = step
+    return last
 
 
 def keep_records(path: Path, keep: Callable[[dict], bool]) -> None:

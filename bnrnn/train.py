@@ -28,8 +28,9 @@ from bnrnn.preemption import Preempted
 from bnrnn.progress import Progress, progress_of
 from bnrnn.provenance import code_version
 from bnrnn.run_loop import Run, run_length
-from bnrnn.runfolder import (BEST, LAST, RunPlan, check_steps_left, make_writable_folder, plan_run, record_event,
-                             requeued)
+from bnrnn.runfolder import (BEST, LAST, RunPlan, check_steps_left, make_writable_folder, plan_run, read_history,
+                             record_event, requeued, unclosed_segment)
+from bnrnn.runlog import last_logged_step
 from bnrnn.runlock import RunLock, command_line
 from bnrnn.tasks import build_task
 
@@ -66,6 +67,7 @@ def train(cfg: DictConfig | dict, out_dir: str | Path, launch: Launch | None = N
     if lock is None:
         make_writable_folder(out_dir, "the run folder")
         lock = RunLock(out_dir).acquire()  # if refused, nothing is touched: the folder is another live run's
+    killed = killed_segment(out_dir) if plan.resume else None  # read before start() cuts metrics.jsonl back
     try:
         run = start(plan, out_dir)
     except (BnrnnError, KeyboardInterrupt) as exc:
@@ -76,9 +78,13 @@ def train(cfg: DictConfig | dict, out_dir: str | Path, launch: Launch | None = N
             raise Preempted("interrupted during start-up, before the first step; nothing was trained",
                             signal.SIGINT) from None
         raise
+    if killed:
+        log.warning("the previous segment of this run (pid %s on %s, from step %s) ended without a record: it was "
+                    "killed; it had logged up to step %s, and goes on from its checkpoint at step %d",
+                    killed["pid"], killed["host"], killed["from_step"], killed["last_logged_step"], run.state.step)
     record_event(out_dir, "resume" if plan.resume else "start", run.state.step, command=command_line(),
                  changes=plan.changes, choices=launch.choices, code=code_version(),
-                 **({"restarted": plan.restart} if plan.restart else {}))
+                 **({"restarted": plan.restart} if plan.restart else {}), **({"after_kill": killed} if killed else {}))
     if plan.config.trainer.max_time is not None:
         run.deadline = launch.began + parse_duration(plan.config.trainer.max_time)
     try:
@@ -96,6 +102,19 @@ def train(cfg: DictConfig | dict, out_dir: str | Path, launch: Launch | None = N
     else:
         record_event(out_dir, "finished", run.state.step)
     return results
+
+
+def killed_segment(out_dir: Path) -> dict[str, Any] | None:
+    """What history.jsonl and metrics.jsonl say of the run's last segment, where it ended
+    without a closing record (killed: SIGKILL, the OOM killer, a lost machine); else None.
+    The resume record keeps it, since the resume cuts the killed segment's records past its
+    checkpoint out of metrics.jsonl, and the steps it ran beyond that are run again."""
+    opened = unclosed_segment(read_history(out_dir))
+    if opened is None:
+        return None
+    return {"event": opened.get("event"), "from_step": opened.get("step"), "time": opened.get("time"),
+            "host": opened.get("host"), "pid": opened.get("pid"),
+            "last_logged_step": last_logged_step(out_dir / "metrics.jsonl")}
 
 
 def remove_new_folder(out_dir: Path, created: Path | None) -> None:

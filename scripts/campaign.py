@@ -88,6 +88,17 @@ def last_commit(run: Path) -> str | None:
     return None
 
 
+def ended(history: list[dict]) -> str:
+    """How a run's last segment ended: its closing event (max_time, stopped, failed), or
+    "killed" where none closes it (bnrnn.runfolder.unclosed_segment; the run is not live)."""
+    for record in reversed(history):
+        if record.get("event") in ("finished", "stopped", "failed", "max_time"):
+            return record["event"]
+        if record.get("event") in ("start", "resume"):
+            return "killed"
+    return "empty"
+
+
 def describe(run: Path) -> dict:
     history = read_jsonl(run / "history.jsonl")
     metrics = read_jsonl(run / "metrics.jsonl")
@@ -96,8 +107,7 @@ def describe(run: Path) -> dict:
     metric = "bpc" if valid and "bpc" in valid[-1] else "accuracy"
     return {
         "run": run.name,
-        "state": "live" if is_live(run) else ("finished" if (run / "results.json").exists() else
-                                               (history[-1]["event"] if history else "empty")),
+        "state": "live" if is_live(run) else ("finished" if (run / "results.json").exists() else ended(history)),
         "step": train[-1]["step"] if train else 0,
         "hours": round(train[-1]["elapsed"] / 3600, 2) if train else 0.0,
         "valid": valid[-1].get(metric) if valid else None,

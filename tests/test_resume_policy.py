@@ -180,3 +180,76 @@ def test_a_run_saved_with_every_tasks_keys_resumes_without_a_word(fake_mnist, tm
     assert "no longer has" not in caplog.text
     assert load_checkpoint(last)["progress"]["step"] == 5
     assert "seq_len" not in config.read_text()
+
+
+KILL_AT_STEP_3 = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from bnrnn import runlog
+from bnrnn.train import Launch, train
+from conftest import compose
+
+logged = runlog.RunLogger.log
+
+def log_then_die(self, split, step, metrics):  # SIGKILL: no handler runs, no closing record
+    logged(self, split, step, metrics)
+    if split == "train" and step == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+runlog.RunLogger.log = log_then_die
+train(compose({args!r}), {run!r}, Launch(overrides={args!r}, new_folder=True))
+"""
+
+
+def test_a_resume_after_a_kill_records_the_killed_segment_and_runs_its_lost_steps_again(fake_mnist, tmp_path,
+                                                                                       caplog):
+    """A process killed by SIGKILL writes no closing record. The resume names that segment
+    (its pid, where it began, the last step it logged) in its own record and in the log,
+    goes on from the checkpoint at step 2, and ends as a run never killed."""
+    import subprocess
+    import sys
+
+    from conftest import assert_same_final_weights, without_clock
+
+    args = [f"data.root={fake_mnist}", "data.download=false", *SMALL_MNIST, "trainer.max_steps=6",
+            "trainer.test_at_end=false"]
+    train(compose(args), tmp_path / "straight", Launch(overrides=args, new_folder=True))
+    run = tmp_path / "killed"
+    script = KILL_AT_STEP_3.format(tests=str(Path(__file__).parent), args=args, run=str(run))
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert child.returncode == -9, child.stderr
+    assert [r["event"] for r in read_history(run)] == ["start"]
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["progress"]["step"] == 2
+    assert campaign_state(run) == "killed"  # scripts/campaign.py status's word for it
+
+    with caplog.at_level("WARNING", logger="bnrnn"):
+        resume(run)
+    history = read_history(run)
+    assert [r["event"] for r in history] == ["start", "resume", "finished"]
+    killed = history[0]  # the child's start record
+    assert killed["pid"] != os.getpid() and history[1]["step"] == 2
+    assert history[1]["after_kill"] == {"event": "start", "from_step": 0, "time": killed["time"],
+                                        "host": killed["host"], "pid": killed["pid"], "last_logged_step": 3}
+    assert (f"the previous segment of this run (pid {killed['pid']} on {killed['host']}, from step 0) "
+            "ended without a record: it was killed; it had logged up to step 3, and goes on from its checkpoint "
+            "at step 2") in caplog.text
+    assert_same_final_weights(tmp_path / "straight", run)
+
+    def records(folder):
+        return [without_clock(json.loads(line)) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+    assert records(run) == records(tmp_path / "straight")  # the killed step 3 was cut, then run again
+    assert campaign_state(run) == "finished"
+    resume(run, "trainer.max_steps=7")  # a resume after a closed segment names no kill
+    assert "after_kill" not in read_history(run)[-2]
+
+
+def campaign_state(run: Path) -> str:
+    """How scripts/campaign.py (standard library only) reads the run's last segment's end."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "campaign.py"
+    spec = importlib.util.spec_from_file_location("campaign", path)
+    campaign = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(campaign)
+    return campaign.ended(read_history(run))
