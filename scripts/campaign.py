@@ -43,6 +43,9 @@ CAMPAIGN = {
     "seqmnist-lstm-rmsprop_authors": ["experiment=paper_seqmnist", "model=lstm", "trainer=rmsprop_authors"],
     "pmnist-bnlstm": ["experiment=paper_pmnist", "model=bnlstm"],
     "pmnist-lstm": ["experiment=paper_pmnist", "model=lstm"],
+    # pMNIST's campaign arms (runs/paper/README.md): the optimiser the seqMNIST headline uses.
+    "pmnist-bnlstm-rmsprop_authors": ["experiment=paper_pmnist", "model=bnlstm", "trainer=rmsprop_authors"],
+    "pmnist-lstm-rmsprop_authors": ["experiment=paper_pmnist", "model=lstm", "trainer=rmsprop_authors"],
     "ptb256-bnlstm": ["experiment=paper_ptb", "model=bnlstm", "model.hidden_size=256"],
     "ptb256-lstm": ["experiment=paper_ptb", "model=lstm", "model.hidden_size=256"],
     "ptb-bnlstm": ["experiment=paper_ptb", "model=bnlstm", "device=cuda"],  # 1000 units: on a GPU
