@@ -88,6 +88,12 @@ class Run:
         return max((r["step"] for r in self.records if r.get("split") == "train"), default=0)
 
     @property
+    def last_valid_step(self) -> int:
+        """The step of the run's last validation (0 if none): a run stopped between two
+        validations has trained past it."""
+        return max((r["step"] for r in self.records if r.get("split") == "valid"), default=0)
+
+    @property
     def stats(self) -> str | None:
         """The statistics of the plain validation numbers ("batch", ..., "none"; None in
         logs older than the statistics modes)."""
@@ -220,10 +226,23 @@ def figure_title(task: str, metric: str, paper: bool, modes: bool) -> str:
     return title + ")"
 
 
-def plot_task(task: str, runs: list[Run], path: Path) -> dict[str, tuple[list[float], list[float]]] | None:
+# Runs this long get a third panel: the second half of the steps, enlarged (at the paper's
+# length the curves sit within a point or two of each other, a sliver of the full panel).
+ZOOM_FROM_STEPS = 20000
+
+
+@dataclass
+class Plotted:
+    """What plot_task drew: the steps panel's lines ({label: (x, y)}, as plotted) and the
+    enlarged panel's (x limits, y limits), None where there is none."""
+
+    lines: dict[str, tuple[list[float], list[float]]]
+    zoom: tuple[tuple[float, float], tuple[float, float]] | None
+
+
+def plot_task(task: str, runs: list[Run], path: Path) -> Plotted | None:
     """Validation metric against steps and against wall-clock time, with the paper's curves
-    on the steps panel. Returns the steps panel's lines ({label: (x, y)}, as plotted), or
-    None if there is nothing to plot."""
+    on the steps panels; None if there is nothing to plot."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -235,8 +254,10 @@ def plot_task(task: str, runs: list[Run], path: Path) -> dict[str, tuple[list[fl
     if not curves:
         return None
     scale = 100 if metric == "accuracy" else 1
-    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(12, 4.8))
     last_step = max(run.last_step for run, _ in curves)
+    zoomed = metric == "accuracy" and last_step >= ZOOM_FROM_STEPS
+    fig, axes = plt.subplots(1, 3 if zoomed else 2, figsize=(17 if zoomed else 12, 4.8))
+    by_step, by_time, step_panels = axes[0], axes[-1], axes[:-1]
     drew_paper = drew_modes = False
     for model in dict.fromkeys(run.model for run, _ in curves):
         paper = validation_curve(task, model)
@@ -248,8 +269,9 @@ def plot_task(task: str, runs: list[Run], path: Path) -> dict[str, tuple[list[fl
             keep.append((limit, paper.at(limit)))  # the line runs to the panel's edge
         if keep:
             xs, ys = zip(*keep)
-            by_step.plot(xs, [scale * y for y in ys], color="black", lw=1.2, ls="-" if "bn" in model else "--",
-                         alpha=0.75, label=paper.label)
+            for ax in step_panels:
+                ax.plot(xs, [scale * y for y in ys], color="black", lw=1.2, ls="-" if "bn" in model else "--",
+                        alpha=0.75, label=paper.label)
             drew_paper = True
     for run, curve in curves:
         steps, seconds, values = zip(*curve)
@@ -257,36 +279,57 @@ def plot_task(task: str, runs: list[Run], path: Path) -> dict[str, tuple[list[fl
         marker = "." if len(steps) < 30 else None
         stats = f" ({DESCRIPTIONS.get(run.stats, run.stats)})" if run.stats not in (None, "none") else ""
         (line,) = by_step.plot(steps, [scale * v for v in values], style, marker=marker, label=run.label + stats)
-        by_time.plot([s / 60 for s in seconds], [scale * v for v in values], style, marker=marker,
-                     color=line.get_color(), label=run.label)
+        for ax in (*step_panels[1:], by_time):
+            ax.plot([s / 60 for s in seconds] if ax is by_time else steps, [scale * v for v in values], style,
+                    marker=marker, color=line.get_color(), label=run.label)
         for mode, mode_style in zip(MODES, ("--", ":", "-.")):
             other = run.curve("valid", f"{metric}_{mode}")
             if mode != run.stats and other:
                 s_, _, v_ = zip(*other)
-                by_step.plot(s_, [scale * v for v in v_], mode_style, color=line.get_color(), alpha=0.6, lw=1.2,
-                             label=f"{run.label} ({DESCRIPTIONS[mode]})")
+                for ax in step_panels:
+                    ax.plot(s_, [scale * v for v in v_], mode_style, color=line.get_color(), alpha=0.6, lw=1.2,
+                            label=f"{run.label} ({DESCRIPTIONS[mode]})")
                 drew_modes = True
     if metric != "accuracy":  # e.g. the paper's bpc starts at log2(50) = 5.6: keep our range readable
         worst = max(v for _, curve in curves for _, _, v in curve)
         best = min(v for _, curve in curves for _, _, v in curve)
         by_step.set_ylim(top=worst + 0.15 * (worst - best or 1.0))
+    zoom = enlarge(step_panels[1], last_step) if zoomed else None
     ylabel = METRIC_LABELS.get(metric, f"validation {metric}")
-    for ax, xlabel in ((by_step, "training steps"), (by_time, "training time (minutes)")):
-        ax.set_xlabel(xlabel)
+    for ax in axes:
+        ax.set_xlabel("training time (minutes)" if ax is by_time else "training steps")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     handles, labels = by_step.get_legend_handles_labels()
-    columns = 1 if max(map(len, labels)) > 60 else 2  # long labels (many differing settings) one a row
+    columns = 1 if max(map(len, labels)) > 60 else (3 if zoomed else 2)  # long labels (many settings) one a row
     rows = math.ceil(len(labels) / columns)
     height = 4.8 + 0.2 * rows
-    fig.set_size_inches(12, height)
+    fig.set_size_inches(17 if zoomed else 12, height)
     fig.legend(handles, labels, loc="lower center", ncol=columns, fontsize="small", frameon=False)
     fig.suptitle(figure_title(task, metric, drew_paper, drew_modes), fontsize="medium")
     fig.tight_layout(rect=(0, (0.2 * rows + 0.3) / height, 1, 1))  # room for the legend below the panels
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return {line.get_label(): (list(map(float, line.get_xdata())), list(map(float, line.get_ydata())))
-            for line in by_step.get_lines()}
+    lines = {line.get_label(): (list(map(float, line.get_xdata())), list(map(float, line.get_ydata())))
+             for line in by_step.get_lines()}
+    return Plotted(lines, zoom)
+
+
+def enlarge(ax, last_step: int) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Limit ``ax`` to the second half of the steps, and its y axis to where the lines drawn
+    there lie: from their 5th percentile (a single dip, such as the paper's at 92.5k, goes off
+    the panel rather than flatten the rest) to their top. Returns (x limits, y limits)."""
+    xlim = (last_step / 2, 1.05 * last_step)
+    values = sorted(y for line in ax.get_lines() for x, y in zip(line.get_xdata(), line.get_ydata())
+                    if xlim[0] <= x <= xlim[1])
+    if values:
+        ylim = (values[len(values) // 20] - 0.5, min(values[-1] + 0.3, 100.2))
+        ax.set_ylim(*ylim)
+    else:
+        ylim = ax.get_ylim()
+    ax.set_xlim(*xlim)
+    ax.set_title(f"steps {xlim[0] / 1000:.0f}k-{last_step / 1000:.0f}k, enlarged", fontsize="small")
+    return xlim, tuple(map(float, ylim))
 
 
 def make_report(paths: list[Path], out_dir: Path) -> dict[str, Any]:
@@ -296,24 +339,26 @@ def make_report(paths: list[Path], out_dir: Path) -> dict[str, Any]:
         raise BnrnnError(f"no runs found under {', '.join(map(str, paths))} (a run folder holds metrics.jsonl)")
     make_writable_folder(out_dir, "the output folder (--out)")
     assign_labels(runs)
-    figures, plotted = [], {}
+    figures, plotted, zoomed = [], {}, {}
     for task in sorted({run.task for run in runs}):
         path = out_dir / f"{task}.png"
-        lines = plot_task(task, [run for run in runs if run.task == task], path)
-        if lines is not None:
+        drawn = plot_task(task, [run for run in runs if run.task == task], path)
+        if drawn is not None:
             figures.append(path)
-            plotted[task] = lines
+            plotted[task], zoomed[task] = drawn.lines, drawn.zoom
     table = markdown_table(runs)
     body = ["# bnrnn report", "", table, "## Validation by statistics", "",
             "The paper's curves are read from its figures (bnrnn/paper_curves/README.md); which statistics "
             "they were validated with is not written, most likely batch statistics.", "", modes_table(runs),
             "## Time to a result", "",
             "Seconds per training step (median between log records, evaluation excluded) and the first "
-            "validation that reached each number, with the training time to it (evaluation included).", "",
+            "validation that reached each number, with the training time to it (evaluation included); after "
+            "the semicolon, the first step at which the paper's curve reached it.", "",
             time_table(runs)]
     body += [f"![{p.stem}]({p.name})" for p in figures]
     no_curve = [run.label for run in runs if best_validation(run)[0] is None]
     if no_curve:
         body.append(f"\nNo validation logged yet for: {', '.join(no_curve)}.")
     (out_dir / "report.md").write_text("\n".join(body) + "\n")
-    return {"runs": len(runs), "figures": [str(p) for p in figures], "table": table, "plotted": plotted}
+    return {"runs": len(runs), "figures": [str(p) for p in figures], "table": table, "plotted": plotted,
+            "zoomed": zoomed}

@@ -13,6 +13,13 @@ if TYPE_CHECKING:
 
 TABLE_STEPS = (1000, 5000, 10000)
 MODE_TABLE_STEPS = (1000, 2000, 5000, 10000)
+LONG_STEPS = (25000, 50000, 100000)  # columns added where a run has validated that far (the paper's length)
+
+
+def columns(runs: list[Run], steps: tuple[int, ...]) -> tuple[int, ...]:
+    """``steps``, and each of LONG_STEPS that some run has validated at or past."""
+    reached = max((run.last_valid_step for run in runs), default=0)
+    return steps + tuple(step for step in LONG_STEPS if step <= reached)
 
 
 def best_validation(run: Run) -> tuple[float | None, int | None]:
@@ -48,7 +55,7 @@ def format_delta(metric: str, ours: float | None, paper: float | None) -> str:
 
 
 # Time to a result: the first validation reaching these numbers (plain metric).
-TARGETS = {"accuracy": (0.8, 0.9), "bpc": (1.8, 1.6)}
+TARGETS = {"accuracy": (0.8, 0.9, 0.95, 0.98), "bpc": (1.8, 1.6, 1.5, 1.4)}
 
 
 def seconds_per_step(run: Run) -> float | None:
@@ -66,13 +73,26 @@ def seconds_per_step(run: Run) -> float | None:
     return rates[len(rates) // 2]
 
 
+def reaches(run: Run, value: float, target: float) -> bool:
+    return value >= target if run.selection[1] == "max" else value <= target
+
+
 def time_to(run: Run, metric: str, target: float) -> str:
     """'step (minutes)' of the first validation at or past ``target``, or '-'."""
-    better = (lambda v: v >= target) if run.selection[1] == "max" else (lambda v: v <= target)
     for step, elapsed, value in run.curve("valid", metric):
-        if better(value):
+        if reaches(run, value, target):
             return f"{step} ({elapsed / 60:.0f} min)"
     return "-"
+
+
+def paper_step_to(run: Run, target: float) -> str:
+    """The first step at which the paper's curve for the run's task and model reaches
+    ``target`` (its plotted vertices), '-' where it never does, '' where it drew none."""
+    curve = validation_curve(run.task, run.model)
+    if curve is None:
+        return ""
+    step = next((x for x, y in zip(curve.x, curve.y) if reaches(run, y, target)), None)
+    return "-" if step is None else f"{step:.0f}"
 
 
 def ours_and_paper(run: Run, step: int, metric: str) -> str:
@@ -83,10 +103,11 @@ def ours_and_paper(run: Run, step: int, metric: str) -> str:
 
 
 def markdown_table(runs: list[Run]) -> str:
-    at_steps = " | ".join(f"valid at {step // 1000}k: ours / paper" for step in TABLE_STEPS)
+    table_steps = columns(runs, TABLE_STEPS)
+    at_steps = " | ".join(f"valid at {step // 1000}k: ours / paper" for step in table_steps)
     lines = [f"| task | run | steps | best valid (step) | test | paper (test) | test - paper | {at_steps} | "
-             f"valid at the last step: ours / paper | s / step | status |",
-             "|---|---|---:|---|---|---|---|" + "---|" * len(TABLE_STEPS) + "---|---:|---|"]
+             f"valid at the last validation (step): ours / paper | s / step | status |",
+             "|---|---|---:|---|---|---|---|" + "---|" * len(table_steps) + "---|---:|---|"]
     for run in runs:
         steps = run.last_step
         best, best_step = best_validation(run)
@@ -102,10 +123,12 @@ def markdown_table(runs: list[Run]) -> str:
             status += f"; {run.torn_lines} unreadable log line(s) skipped"
         metric = run.selection[0]
         best_text = f"{format_metric(metric, best)} ({best_step})" if best is not None else "-"
-        at = " | ".join(ours_and_paper(run, step, metric) for step in TABLE_STEPS)
+        at = " | ".join(ours_and_paper(run, step, metric) for step in table_steps)
+        last = run.last_valid_step
         lines.append(f"| {run.task} | {run.label} | {steps} | {best_text} | {format_metric(metric, test)} | "
                      f"{format_metric(metric, paper)} | {format_delta(metric, test, paper)} | {at} | "
-                     f"{ours_and_paper(run, steps, metric)} | {format_seconds(seconds_per_step(run))} | {status} |")
+                     f"{ours_and_paper(run, last, metric)} ({last}) | {format_seconds(seconds_per_step(run))} | "
+                     f"{status} |")
     return "\n".join(lines) + "\n"
 
 
@@ -115,37 +138,42 @@ def format_seconds(seconds: float | None) -> str:
 
 def time_table(runs: list[Run]) -> str:
     """Seconds per training step and the step (and training time, evaluation included) at
-    which the plain validation number first reached each target."""
+    which the plain validation number first reached each target, beside the step at which
+    the paper's curve first did."""
     lines = []
     for task in dict.fromkeys(run.task for run in runs):
         group = [run for run in runs if run.task == task]
         metric = group[0].selection[0]
         targets = TARGETS.get(metric, ())
-        heads = " | ".join(f"first at {format_metric(metric, t)}: step (time)" for t in targets)
+        heads = " | ".join(f"first at {format_metric(metric, t)}: step (time); paper" for t in targets)
         lines += [f"| task | run | s / training step | {heads} |", "|---|---|---:|" + "---|" * len(targets)]
         for run in group:
-            cells = " | ".join(time_to(run, metric, t) for t in targets)
+            cells = " | ".join(time_to(run, metric, t) + (f"; {paper}" if (paper := paper_step_to(run, t)) else "")
+                               for t in targets)
             lines.append(f"| {task} | {run.label} | {format_seconds(seconds_per_step(run))} | {cells} |")
         lines.append("")
     return "\n".join(lines)
 
 
 def modes_table(runs: list[Run]) -> str:
-    """Validation in every statistics mode a run logged, at MODE_TABLE_STEPS and its last
-    step, below the paper's curve for the same task and model."""
-    header = " | ".join(f"{step // 1000}k" for step in MODE_TABLE_STEPS)
-    lines = [f"| task | run | statistics | {header} | last step |", "|---|---|---|" + "---:|" * (len(MODE_TABLE_STEPS) + 1)]
+    """Validation in every statistics mode a run logged, at MODE_TABLE_STEPS (and the long
+    steps reached) and at the mode's last validation, below the paper's curve for the same
+    task and model."""
+    mode_steps = columns(runs, MODE_TABLE_STEPS)
+    header = " | ".join(f"{step // 1000}k" for step in mode_steps)
+    lines = [f"| task | run | statistics | {header} | last |", "|---|---|---|" + "---:|" * (len(mode_steps) + 1)]
     papers_done = set()
     for run in runs:
         metric = run.selection[0]
         curve = validation_curve(run.task, run.model)
         if curve is not None and (run.task, run.model) not in papers_done:
             papers_done.add((run.task, run.model))
-            cells = " | ".join(format_metric(metric, curve.at(step)) for step in MODE_TABLE_STEPS)
+            cells = " | ".join(format_metric(metric, curve.at(step)) for step in mode_steps)
             lines.append(f"| {run.task} | {curve.label} | most likely batch | {cells} | - |")
         for key, name in mode_keys(run, metric):
-            cells = " | ".join(format_metric(metric, run.valid_at(step, key)) for step in MODE_TABLE_STEPS)
-            last = f"{format_metric(metric, run.valid_at(run.last_step, key))} ({run.last_step})"
+            cells = " | ".join(format_metric(metric, run.valid_at(step, key)) for step in mode_steps)
+            logged = run.curve("valid", key)
+            last = f"{format_metric(metric, logged[-1][2])} ({logged[-1][0]})" if logged else "-"
             lines.append(f"| {run.task} | {run.label} | {name} | {cells} | {last} |")
     return "\n".join(lines) + "\n"
 

@@ -91,9 +91,35 @@ def test_the_report_figure_draws_the_paper_over_the_runs_range(tmp_path):
     assert ys[xs.index(1000.0)] == pytest.approx(75.70)
     table = (tmp_path / "report" / "report.md").read_text()
     assert "| 50.00 % / 75.70 % |" in table  # ours / paper at 1k
-    assert "| 50.00 % / 81.43 % |" in table  # at the last step, 2k
+    assert "| 50.00 % / 81.43 % (2000) |" in table  # at the last validation, 2k
     assert "| seqmnist | paper: BN-LSTM (Fig. 2) | most likely batch | 75.70 % | 81.43 % | 91.44 % | 95.68 % | - |" in table
     assert "| seqmnist | BN-LSTM | EMA population statistics | 20.00 % | 20.00 % | - | - | 20.00 % (2000) |" in table
+    assert written["zoomed"]["seqmnist"] is None  # a short run: two panels
+
+
+def test_a_run_at_the_papers_length_gets_its_columns_and_an_enlarged_panel(tmp_path):
+    """A synthetic 60,500-step log, validated every 500 steps up to 60,000 and every 5,000 in
+    EMA: columns at 25k and 50k (not 100k, not reached), the last validation named with its
+    step, and a third panel over steps 30k-60.5k whose y axis holds the lines drawn there."""
+    run = tmp_path / "runs" / "bn"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("task: {name: seqmnist, kind: mnist}\nmodel: {name: bnlstm}\n")
+    records = [{"split": "train", "step": 60500, "elapsed": 1.0, "loss": 1.0}]
+    records += [{"split": "valid", "step": s, "elapsed": s / 10, "accuracy": min(0.5 + s / 100000, 0.985),
+                 "accuracy_batch": min(0.5 + s / 100000, 0.985), "stats": "batch",
+                 **({"accuracy_ema": 0.96} if s % 5000 == 0 else {})} for s in range(500, 60001, 500)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    written = make_report([tmp_path / "runs"], tmp_path / "report")
+    table = (tmp_path / "report" / "report.md").read_text()
+    assert "| valid at 25k: ours / paper | valid at 50k: ours / paper | valid at the last validation (step)" in table
+    assert "| 75.00 % / 97.94 % | 98.50 % / 98.44 % | 98.50 % / 98.39 % (60000) |" in table
+    assert "| seqmnist | BN-LSTM | EMA population statistics | - | - | 96.00 % | 96.00 % | 96.00 % | 96.00 % | " \
+           "96.00 % (60000) |" in table
+    (xlim, ylim) = written["zoomed"]["seqmnist"]
+    assert xlim == (30250, pytest.approx(63525))
+    # from the 5th percentile of what is drawn there (ours from 80.5 %, the EMA's 96 %, the
+    # paper's ~98 %): our lowest few points go off the panel, the rest stays on it
+    assert 80.5 < ylim[0] < 96.0 and 98.94 < ylim[1] <= 100.2
 
 
 def test_paper_curves_are_written_as_tensorboard_runs_under_our_tags(tmp_path):
@@ -132,7 +158,7 @@ def test_paper_curves_by_default_beside_the_published_runs_and_never_into_a_run(
 
 def test_time_to_a_result_leaves_evaluation_out_of_the_step_time(tmp_path):
     from bnrnn.report import find_runs
-    from bnrnn.report_tables import seconds_per_step, time_to
+    from bnrnn.report_tables import paper_step_to, seconds_per_step, time_to
 
     run = tmp_path / "run"
     run.mkdir()
@@ -148,3 +174,5 @@ def test_time_to_a_result_leaves_evaluation_out_of_the_step_time(tmp_path):
     assert seconds_per_step(loaded) == 0.5
     assert time_to(loaded, "accuracy", 0.8) == "40 (1 min)" and time_to(loaded, "accuracy", 0.9) == "80 (2 min)"
     assert time_to(loaded, "accuracy", 0.99) == "-"
+    # where the paper's BN-LSTM curve (Fig. 2) first reached them, read off its vertices
+    assert [paper_step_to(loaded, t) for t in (0.8, 0.9, 0.98)] == ["2000", "3500", "24500"]
