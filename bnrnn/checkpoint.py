@@ -62,6 +62,13 @@ def load_checkpoint(path: Path, map_location: torch.device | str = "cpu") -> dic
     return payload
 
 
+def population_source(payload: dict[str, Any]) -> str:
+    """The statistics mode a checkpoint's population buffers hold: "reestimated" where a
+    published best.pt says its statistics were re-estimated (bnrnn.published), else "ema"
+    (the training's moving average)."""
+    return "reestimated" if payload.get("population_statistics", {}).get("source") == "reestimated" else "ema"
+
+
 def migrate_model_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A format-1 model state dict under format 2's names: ``rnn.layers.{i}.`` (a stack) and
     ``rnn.`` (a single layer) become ``rnn.cells.{i}.`` and ``rnn.cells.0.``, and the norms

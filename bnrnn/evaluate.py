@@ -15,12 +15,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from bnrnn.checkpoint import load_checkpoint
+from bnrnn.checkpoint import load_checkpoint, population_source
 from bnrnn.config import load_config, read_run_config
 from bnrnn.device import precision_context, resolve_device
 from bnrnn.errors import BnrnnError, CheckpointError
 from bnrnn.nn.population import time_norms
-from bnrnn.runfolder import make_writable_folder
+from bnrnn.runfolder import checkpoint_file, make_writable_folder
 from bnrnn.scoring import DESCRIPTIONS, reestimate, score
 from bnrnn.tasks import build_task
 
@@ -110,7 +110,7 @@ def evaluate_run(
     cfg = load_config(cfg)
     if split not in ("valid", "test"):
         raise BnrnnError(f"unknown split '{split}'; choose valid or test")
-    ckpt_path = run_dir / "checkpoints" / f"{checkpoint}.pt"
+    ckpt_path = checkpoint_file(run_dir, checkpoint)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "eval"
     created = not out_dir.exists()
     make_writable_folder(out_dir, "the output folder (--out)")  # before the work, not after it
@@ -148,10 +148,14 @@ def score_run(run_dir: Path, config_file: Path, ckpt_path: Path, out_dir: Path, 
         "precision": cfg.trainer.precision,
     }
     normalised = bool(time_norms(model))
+    # The population buffers hold the EMA's statistics, or, in a published best.pt, the
+    # re-estimated ones its run's test number used: named (and keyed in eval.json) as such.
+    population = population_source(payload)
     with precision_context(device, cfg.trainer.precision):
         for mode in ("ema", "batch") if normalised else ("ema",):
-            result[mode] = score(task, model, split, device, mode)
-            log.info("%s, %s: %s %.4f", split, DESCRIPTIONS[mode], metric, result[mode][metric])
+            key = population if mode == "ema" and normalised else mode
+            result[key] = score(task, model, split, device, mode)
+            log.info("%s, %s: %s %.4f", split, DESCRIPTIONS[key], metric, result[key][metric])
         if reestimate_stats:
             # Kept in the model (not only scored): the Fig. 3b sweep below uses them too.
             result["reestimate_batches"] = reestimate(task, model, device, cfg.seed, reestimate_batches, reestimate_batch_size)
@@ -170,7 +174,7 @@ def score_run(run_dir: Path, config_file: Path, ckpt_path: Path, out_dir: Path, 
             for row in rows:
                 writer.add_scalars("fig3b/bpc", {"population": row["bpc_population"], "batch": row["bpc_batch"]},
                                    row["length"])
-        stats = "re-estimated population statistics" if reestimate_stats else "EMA population statistics"
+        stats = DESCRIPTIONS["reestimated" if reestimate_stats else population]
         title = f"{cfg.task.name} {cfg.model.name}, {split} (step {result['step']}; {stats})"
         if plot_lengths(rows, task.train_length, out_dir / "lengths.png", title):
             result["plot"] = str(out_dir / "lengths.png")

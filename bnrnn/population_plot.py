@@ -65,11 +65,11 @@ def summary(stats: dict[str, dict[str, torch.Tensor]], features: int = SHOWN_FEA
 def plot_population(run_dir: str | Path, checkpoint: str = "best", out_dir: str | Path | None = None) -> dict[str, Path]:
     """Write population.png and population.json for a run's checkpoint; return their paths."""
     from bnrnn.errors import BnrnnError
-    from bnrnn.runfolder import make_writable_folder
+    from bnrnn.runfolder import checkpoint_file, make_writable_folder
 
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "eval"
-    payload = load_checkpoint(run_dir / "checkpoints" / f"{checkpoint}.pt")
+    payload = load_checkpoint(checkpoint_file(run_dir, checkpoint))
     stats = population_statistics(payload["model"], stack_labels(payload.get("config", {}).get("model", {})))
     if not stats:
         raise BnrnnError(f"{run_dir}'s model has no batch norm, so no population statistics to draw")

@@ -106,6 +106,16 @@ def make_writable_folder(folder: Path, what: str) -> None:
         raise ConfigError(f"{what} {folder} cannot be written to ({reason}: {exc.filename or folder})") from exc
 
 
+def checkpoint_file(run_dir: Path, which: str) -> Path:
+    """The run's ``which`` ("best" or "last") checkpoint for a reader (eval, sample, the
+    statistics plot): checkpoints/<which>.pt, or, for "best" where the run has none, the
+    published RUN/best.pt (bnrnn.published: a finished run as a fresh clone of the repository
+    holds it). Missing both, the usual place, for the error to name."""
+    kept = run_dir / "checkpoints" / f"{which}.pt"
+    published = run_dir / f"{which}.pt"
+    return published if which == "best" and not kept.exists() and published.is_file() else kept
+
+
 def check_best(path: Path) -> None:
     from bnrnn.checkpoint import load_checkpoint
 

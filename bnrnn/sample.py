@@ -22,6 +22,7 @@ from bnrnn.config import load_config, read_run_config
 from bnrnn.data.ptb import EOL, Vocabulary, shown
 from bnrnn.device import resolve_device
 from bnrnn.errors import BnrnnError, CheckpointError, ConfigError, DataError
+from bnrnn.runfolder import checkpoint_file
 from bnrnn.tasks import task_class
 from bnrnn.tasks.ptb import VOCAB_FILE, language_model
 
@@ -53,7 +54,7 @@ def load_language_model(run_dir: Path, checkpoint: str, device_name: str | None)
     vocab = Vocabulary.load(vocab_file)
     device = resolve_device(cfg.device.name)
     model = language_model(cfg.model, len(vocab), task.train_length_of(cfg.task))
-    path = run_dir / "checkpoints" / f"{checkpoint}.pt"
+    path = checkpoint_file(run_dir, checkpoint)
     weights = load_checkpoint(path)["model"]
     trained_on = weights.get("decoder.bias", torch.empty(len(vocab))).shape[0]
     if trained_on != len(vocab):

@@ -7,7 +7,7 @@ background from a git worktree pinned to one commit, in segments that outlive th
     scripts/campaign.py resume --max-time 2h45m      # continue every unfinished run that is not live
     scripts/campaign.py stop seqmnist-lstm           # pause a run (SIGTERM: it checkpoints and exits)
     scripts/campaign.py restart seqmnist-lstm        # from step 0, where its checkpoint was lost
-    scripts/campaign.py publish                      # stage the records and carry.pt for git (see below)
+    scripts/campaign.py publish                      # stage the records, carry.pt or a finished best.pt (see below)
 
 Runs live in runs/paper/<name>/ of this checkout. Each run goes on from the commit its
 last segment ran (history.jsonl's "code"), in the worktree ../campaign/<commit> with its
@@ -265,6 +265,12 @@ def stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def this_python() -> str:
+    """The Python of this checkout's environment (.venv, as the README makes it), else this one."""
+    venv = REPO / ".venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
 def carry(tree: Path, action: str, run: Path) -> None:
     """scripts/carry.py ``action`` (pack or unpack) on ``run``, with the Python of the worktree
     that runs it, so that the model it builds is the run's code's."""
@@ -274,12 +280,20 @@ def carry(tree: Path, action: str, run: Path) -> None:
 
 # What git keeps of each run (.gitignore keeps the rest out): the records and carry.pt, not
 # checkpoints/ (each session's machine is new: carry.pt is how a run reaches the next one).
+# A finished run publishes its best checkpoint instead (bnrnn.published: the weights and the
+# re-estimated population statistics of its test number, as RUN/best.pt), made by this
+# checkout's bnrnn, the one a fresh clone's `bnrnn eval` will read it with.
 def publish(_: argparse.Namespace) -> int:
     for run in campaign_runs():
         row = describe(run)
         print(f"{run.name}: step {row['step']}, {row['state']}")
         commit = last_commit(run)
-        if commit and (run / "checkpoints" / "last.pt").exists():  # live or not (see carry.consistent_pair)
+        best = run / "checkpoints" / "best.pt"
+        if row["state"] == "finished" and best.exists():
+            published = run / "best.pt"
+            if not published.exists() or published.stat().st_mtime < best.stat().st_mtime:
+                subprocess.run([this_python(), "-m", "bnrnn.published", str(run)], check=True)
+        elif commit and (run / "checkpoints" / "last.pt").exists():  # live or not (see carry.consistent_pair)
             carry(worktree(commit), "pack", run)
     subprocess.run(["git", "-C", str(REPO), "add", "--", str(RUNS)], check=True)
     subprocess.run(["git", "-C", str(REPO), "status", "--short", "--", str(RUNS)], check=True)
