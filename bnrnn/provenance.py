@@ -1,11 +1,16 @@
-"""Which code ran: the commit of the source tree bnrnn is imported from, for history.jsonl."""
+"""Which code ran, and on what: the commit of the source tree bnrnn is imported from, and the
+machine (CPU, vector instructions, threads, GPU), for history.jsonl."""
 
 from __future__ import annotations
 
 import functools
+import os
+import platform
 import subprocess
 from pathlib import Path
 from typing import Any
+
+import torch
 
 import bnrnn
 
@@ -33,4 +38,27 @@ def code_version() -> dict[str, Any]:
     if commit:
         status = _git("status", "--porcelain")
         found.update(commit=commit, dirty=bool(status) if status is not None else None)
+    return found
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else what the platform says."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    """What a segment of a run ran on: the CPU and the vector instructions torch's kernels use
+    on it (AVX2, AVX512: float summation order, hence the run's arithmetic, can follow them and
+    the thread count), its cores, torch's threads and version, and the GPU where one is used."""
+    found: dict[str, Any] = {"cpu": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                             "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    if device.type == "cuda":
+        found["gpu"] = torch.cuda.get_device_name(device)
     return found

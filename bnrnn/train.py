@@ -26,7 +26,7 @@ from bnrnn.errors import BnrnnError, CheckpointError, ConfigError, first_line
 from bnrnn.optimizers import apply_hyperparameters, build_optimizer
 from bnrnn.preemption import Preempted
 from bnrnn.progress import Progress, progress_of
-from bnrnn.provenance import code_version
+from bnrnn.provenance import code_version, machine
 from bnrnn.run_loop import Run, run_length
 from bnrnn.runfolder import (BEST, LAST, RunPlan, check_steps_left, make_writable_folder, plan_run, read_history,
                              record_event, requeued, unclosed_segment)
@@ -83,7 +83,7 @@ def train(cfg: DictConfig | dict, out_dir: str | Path, launch: Launch | None = N
                     "killed; it had logged up to step %s, and goes on from its checkpoint at step %d",
                     killed["pid"], killed["host"], killed["from_step"], killed["last_logged_step"], run.state.step)
     record_event(out_dir, "resume" if plan.resume else "start", run.state.step, command=command_line(),
-                 changes=plan.changes, choices=launch.choices, code=code_version(),
+                 changes=plan.changes, choices=launch.choices, code=code_version(), machine=machine(run.device),
                  **({"restarted": plan.restart} if plan.restart else {}), **({"after_kill": killed} if killed else {}))
     if plan.config.trainer.max_time is not None:
         run.deadline = launch.began + parse_duration(plan.config.trainer.max_time)

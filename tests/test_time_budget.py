@@ -5,18 +5,20 @@ Also what each segment of a run records: the code that ran it."""
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import sys
 import time
 
 import pytest
+import torch
 
 from bnrnn.checkpoint import load_checkpoint
 from bnrnn.config import load_config
 from bnrnn.durations import format_duration, parse_duration
 from bnrnn.errors import ConfigError
-from bnrnn.provenance import SOURCE
+from bnrnn.provenance import SOURCE, cpu_name
 from bnrnn.runfolder import read_history, resume_command
 from bnrnn.train import Launch, train
 from conftest import SMALL_MNIST, assert_same_final_weights, compose, without_clock
@@ -125,7 +127,7 @@ def git(*args: str) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
-def test_each_segment_of_a_run_records_the_code_that_ran_it(small_mnist_cfg, tmp_path):
+def test_each_segment_of_a_run_records_the_code_and_the_machine_that_ran_it(small_mnist_cfg, tmp_path):
     train(small_mnist_cfg("trainer.max_steps=2", "trainer.test_at_end=false"), tmp_path)
     train(small_mnist_cfg("trainer.max_steps=4", "trainer.test_at_end=false", "trainer.resume=true"), tmp_path)
     import bnrnn
@@ -135,6 +137,10 @@ def test_each_segment_of_a_run_records_the_code_that_ran_it(small_mnist_cfg, tmp
     head = git("rev-parse", "HEAD") if git("rev-parse", "--show-toplevel") == str(SOURCE) else None
     for record in starts:
         assert record["code"]["version"] == bnrnn.__version__
+        assert record["machine"] == {"cpu": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                                     "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+                                     "torch": torch.__version__}  # a CPU run: no "gpu"
+        assert record["machine"]["cpu"]  # a name, whatever the platform
         if head is None:  # bnrnn installed from a wheel: no commit to name
             assert "commit" not in record["code"]
         else:
