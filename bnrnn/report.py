@@ -29,7 +29,7 @@ from bnrnn.config import read_yaml_mapping, schema_for, with_current_names
 from bnrnn.schema import TaskConfig
 from bnrnn.errors import BnrnnError
 from bnrnn.paper import validation_curve
-from bnrnn.runfolder import make_writable_folder
+from bnrnn.runfolder import make_writable_folder, saved_choices
 from bnrnn.scoring import DESCRIPTIONS, MODES
 from bnrnn.tasks import task_class, task_kinds
 from bnrnn.report_tables import best_validation, markdown_table, modes_table, time_table
@@ -57,6 +57,7 @@ class Run:
     results: dict[str, Any] = field(default_factory=dict)
     torn_lines: int = 0
     label: str = ""
+    choices: dict[str, Any] = field(default_factory=dict)  # the config groups it was made with (trainer=...)
 
     @property
     def task(self) -> str:
@@ -147,7 +148,7 @@ def read_run(path: Path) -> Run:
             results = {}
     if skipped:
         log.warning("%s: %d line(s) skipped (not a record with an integer step)", path / "metrics.jsonl", skipped)
-    return Run(path, config, records, results, skipped)
+    return Run(path, config, records, results, skipped, choices=saved_choices(path))
 
 
 def find_runs(paths: list[Path]) -> list[Run]:
@@ -201,14 +202,38 @@ def assign_labels(runs: list[Run]) -> None:
 
         differing = [k for k in keys if not k.startswith(IGNORED_KEYS) and k != "model.name"
                      and varies(k, flat) and not set_by_model(k)]
+        named = chosen_groups(group, flat, differing)
+        differing = [k for k in differing if k.split(".")[0] not in named]
         for run, f in zip(group, flat):
-            extras = [f"{k.split('.')[-1] if k.startswith(('model.', 'trainer.', 'task.')) else k}={f[k]}"
-                      for k in differing if not k.startswith("model.normalize.") and k in f]
+            extras = [f"{name}={run.choices[name]}" for name in named]
+            extras += [f"{k.split('.')[-1] if k.startswith(('model.', 'trainer.', 'task.')) else k}={f[k]}"
+                       for k in differing if not k.startswith("model.normalize.") and k in f]
             run.label = " ".join([run.model_label, *extras])
         labels = [run.label for run in group]
         for run in group:  # still ambiguous (e.g. same settings, two folders): add the folder
             if labels.count(run.label) > 1:
                 run.label = f"{run.label} ({run.path.name})"
+
+
+def chosen_groups(group: list[Run], flat: list[dict[str, Any]], differing: list[str]) -> list[str]:
+    """The config groups (other than the model, which the label names already) whose option
+    differs between the runs and accounts for every differing key of its section: runs with
+    the same option agree on them. They are named as the option (trainer=rmsprop_authors),
+    as typed on the command line, rather than as the settings it sets (momentum=0.0 ...)."""
+    named = []
+    for section in dict.fromkeys(k.split(".")[0] for k in differing):
+        if section == "model" or any(section not in run.choices for run in group):
+            continue
+        options = [str(run.choices[section]) for run in group]
+        if len(set(options)) < 2:
+            continue
+        keys = [k for k in differing if k.split(".")[0] == section]
+        by_option: dict[str, set[str]] = {}
+        for option, f in zip(options, flat):
+            by_option.setdefault(option, set()).add(json.dumps([f.get(k) for k in keys], sort_keys=True))
+        if all(len(values) == 1 for values in by_option.values()):
+            named.append(section)
+    return named
 
 
 METRIC_LABELS = {"accuracy": "validation accuracy (%)", "bpc": "validation bits per character"}

@@ -156,6 +156,28 @@ def test_a_key_an_older_run_lacks_counts_as_its_default(tmp_path):
     assert (old.label, new.label) == ("BN-LSTM num_layers=1", "BN-LSTM num_layers=2")
 
 
+def test_runs_that_differ_by_a_config_group_are_labelled_by_its_option(tmp_path):
+    """trainer=rmsprop_authors against trainer=rmsprop: the option as typed, not the three
+    settings it changes. A setting that also differs within one option stays named."""
+    from bnrnn.report import Run, assign_labels
+
+    def run(name: str, trainer: str, lr: float, momentum: float) -> Run:
+        config = {"task": {"name": "seqmnist"}, "model": {"name": "bnlstm"},
+                  "trainer": {"optimizer": "rmsprop", "lr": lr, "momentum": momentum}}
+        return Run(tmp_path / name, config, [], choices={"trainer": trainer, "model": "bnlstm"})
+
+    authors, preset = run("a", "rmsprop_authors", 1e-3, 0.0), run("p", "rmsprop", 1e-3, 0.9)
+    assign_labels([authors, preset])
+    assert (authors.label, preset.label) == ("BN-LSTM trainer=rmsprop_authors", "BN-LSTM trainer=rmsprop")
+    swept = [run("a1", "rmsprop_authors", 1e-3, 0.0), run("a2", "rmsprop_authors", 2e-3, 0.0), preset]
+    assign_labels(swept)  # lr differs within rmsprop_authors: the settings are named, not the option
+    assert [r.label for r in swept] == ["BN-LSTM lr=0.001 momentum=0.0", "BN-LSTM lr=0.002 momentum=0.0",
+                                        "BN-LSTM lr=0.001 momentum=0.9"]
+    unknown = [run("a", "rmsprop_authors", 1e-3, 0.0), Run(tmp_path / "x", preset.config, [])]
+    assign_labels(unknown)  # a run that does not say its options: compared setting by setting
+    assert [r.label for r in unknown] == ["BN-LSTM momentum=0.0", "BN-LSTM momentum=0.9"]
+
+
 def test_the_figure_title_keys_only_the_lines_it_holds():
     """A task the paper never ran (PTB sentences) has no black lines; runs validated in one
     statistics mode have no dotted ones: the title does not promise them."""
