@@ -27,7 +27,7 @@ from typing import Any
 
 from bnrnn.checkpoint import load_checkpoint, save_checkpoint
 from bnrnn.config import load_config, read_run_config
-from bnrnn.device import resolve_device
+from bnrnn.device import precision_context, resolve_device
 from bnrnn.errors import BnrnnError, CheckpointError
 from bnrnn.nn.population import time_norms
 from bnrnn.runfolder import BEST, RESULTS_FILE
@@ -67,7 +67,8 @@ def publish_best(run_dir: str | Path, check: bool = True) -> dict[str, Any]:
     if not time_norms(model):
         statistics: dict[str, Any] = {"source": "none"}
     elif tcfg.reestimate_stats:
-        batches = reestimate(task, model, device, cfg.seed, tcfg.reestimate_batches, tcfg.reestimate_batch_size)
+        with precision_context(device, tcfg.precision):  # as the run's test re-estimated them
+            batches = reestimate(task, model, device, cfg.seed, tcfg.reestimate_batches, tcfg.reestimate_batch_size)
         statistics = {"source": "reestimated", "batches": batches,
                       "batch_size": tcfg.reestimate_batch_size or cfg.task.batch_size}
     else:
@@ -83,7 +84,8 @@ def publish_best(run_dir: str | Path, check: bool = True) -> dict[str, Any]:
               "population_statistics": statistics}
     if check:
         metric, _ = task.selection
-        record["test"] = score(task, model, "test", device, "ema")[metric]  # "ema": the model's own buffers
+        with precision_context(device, tcfg.precision):
+            record["test"] = score(task, model, "test", device, "ema")[metric]  # "ema": the model's own buffers
         record["results_json"] = results.get(f"test_{metric}")
     return record
 
