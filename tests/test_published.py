@@ -83,3 +83,32 @@ def test_the_module_publishes_from_the_command_line(small_mnist_cfg, tmp_path):
                                    f"statistics; test {results['test_accuracy']:.4f} (results.json: "
                                    f"{results['test_accuracy']})")
     assert json.loads((run / "results.json").read_text())["test_accuracy"] == results["test_accuracy"]
+
+
+def test_the_campaign_publishes_a_finished_run_and_git_takes_its_best_pt_not_its_checkpoints(small_mnist_cfg,
+                                                                                           tmp_path, monkeypatch):
+    """scripts/campaign.py publish in a repository with the project's .gitignore: a finished
+    run gets RUN/best.pt, staged with its records; checkpoints/ and eval/ stay out."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    repo = tmp_path / "repo"
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    shutil.copy(root / ".gitignore", repo / ".gitignore")
+    run = repo / "runs" / "paper" / "seqmnist-bnlstm"
+    train(small_mnist_cfg("model=bnlstm", "trainer.max_steps=4", "trainer.reestimate_stats=true"), run)
+    evaluate_run(run, out_dir=run / "eval")  # a reader's scores, beside the run
+    spec = importlib.util.spec_from_file_location("campaign", root / "scripts" / "campaign.py")
+    campaign = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(campaign)
+    monkeypatch.setattr(campaign, "REPO", repo)
+    monkeypatch.setattr(campaign, "RUNS", repo / "runs" / "paper")
+    monkeypatch.setattr(campaign, "this_python", lambda: sys.executable)
+    assert campaign.publish(None) == 0
+    staged = subprocess.run(["git", "-C", str(repo), "diff", "--cached", "--name-only"], capture_output=True,
+                            text=True, check=True).stdout.split()
+    folder = "runs/paper/seqmnist-bnlstm/"
+    assert {f"{folder}best.pt", f"{folder}results.json", f"{folder}metrics.jsonl", f"{folder}config.yaml",
+            f"{folder}history.jsonl"} <= set(staged)
+    assert not [path for path in staged if path.startswith((f"{folder}checkpoints/", f"{folder}eval/"))]
+    assert load_checkpoint(run / "best.pt")["population_statistics"]["source"] == "reestimated"
