@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -102,16 +103,42 @@ def ended(history: list[dict]) -> str:
     return "empty"
 
 
+def target_steps(run: Path) -> int | None:
+    """The run's length in steps, as its log's start line states it ("100000 steps (500 per epoch)")."""
+    log = run / "train.log"
+    found = re.findall(r"(\d+) steps \(\d+ per epoch\)", log.read_text(errors="replace")) if log.exists() else []
+    return int(found[-1]) if found else None
+
+
+def pace(train: list[dict], window: float = 3600.0) -> float | None:
+    """Wall-clock seconds a step (validations included) over the last ``window`` seconds of
+    training records, within the current segment; None with too few records."""
+    recent = [r for r in train if isinstance(r.get("time"), (int, float))]
+    recent = [r for r in recent if r["time"] >= recent[-1]["time"] - window] if recent else []
+    for i in range(len(recent) - 1, 0, -1):  # back to the last resume: elapsed restarts its wall-clock stretch
+        if recent[i]["time"] - recent[i - 1]["time"] > 600:
+            recent = recent[i:]
+            break
+    if len(recent) < 2 or recent[-1]["step"] <= recent[0]["step"]:
+        return None
+    return (recent[-1]["time"] - recent[0]["time"]) / (recent[-1]["step"] - recent[0]["step"])
+
+
 def describe(run: Path) -> dict:
     history = read_jsonl(run / "history.jsonl")
     metrics = read_jsonl(run / "metrics.jsonl")
     train = [r for r in metrics if r.get("split") == "train"]
     valid = [r for r in metrics if r.get("split") == "valid"]
     metric = "bpc" if valid and "bpc" in valid[-1] else "accuracy"
+    state = "live" if is_live(run) else ("finished" if (run / "results.json").exists() else ended(history))
+    step, target = (train[-1]["step"] if train else 0), target_steps(run)
+    seconds = pace(train) if state == "live" else None
     return {
         "run": run.name,
-        "state": "live" if is_live(run) else ("finished" if (run / "results.json").exists() else ended(history)),
-        "step": train[-1]["step"] if train else 0,
+        "state": state,
+        "step": step,
+        "s/step": round(seconds, 3) if seconds else "-",  # wall clock now, validations included (live runs)
+        "h left": round((target - step) * seconds / 3600, 1) if seconds and target else "-",
         "hours": round(train[-1]["elapsed"] / 3600, 2) if train else 0.0,
         "valid": valid[-1].get(metric) if valid else None,
         "best": valid[-1].get(f"best_{metric}") if valid else None,
@@ -125,7 +152,7 @@ def status(_: argparse.Namespace) -> int:
     if not runs:
         print(f"no runs under {RUNS}")
         return 0
-    columns = ("run", "state", "step", "hours", "valid", "best", "overhead", "commit")
+    columns = ("run", "state", "step", "s/step", "h left", "hours", "valid", "best", "overhead", "commit")
     width = max(len(run.name) for run in runs)
     print("  ".join(f"{c:>9}" if i else f"{c:<{width}}" for i, c in enumerate(columns)))
     for run in runs:
