@@ -62,6 +62,15 @@ def load_checkpoint(path: Path, map_location: torch.device | str = "cpu") -> dic
     return payload
 
 
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, config_file: Path) -> None:
+    """``model.load_state_dict(state)``, read from the checkpoint ``path``; CheckpointError
+    naming both files where the weights do not fit the model ``config_file`` describes."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path} does not fit the model in {config_file}") from exc
+
+
 def population_source(payload: dict[str, Any]) -> str:
     """The statistics mode a checkpoint's population buffers hold: "reestimated" where a
     published best.pt says its statistics were re-estimated (bnrnn.published), else "ema"

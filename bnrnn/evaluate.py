@@ -15,10 +15,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from bnrnn.checkpoint import load_checkpoint, population_source
+from bnrnn.checkpoint import load_checkpoint, load_weights, population_source
 from bnrnn.config import load_config, read_run_config
 from bnrnn.device import precision_context, resolve_device
-from bnrnn.errors import BnrnnError, CheckpointError
+from bnrnn.errors import BnrnnError
 from bnrnn.nn.population import time_norms
 from bnrnn.runfolder import checkpoint_file, make_writable_folder
 from bnrnn.scoring import DESCRIPTIONS, reestimate, score
@@ -136,10 +136,7 @@ def score_run(run_dir: Path, config_file: Path, ckpt_path: Path, out_dir: Path, 
     if lengths:
         task.check_lengths(split, list(lengths), batch_size)
     model = task.build_model(cfg.model).to(device)
-    try:
-        model.load_state_dict(payload["model"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"{ckpt_path} does not fit the model in {config_file}") from exc
+    load_weights(model, payload["model"], ckpt_path, config_file)
     model.eval()
 
     metric, _ = task.selection

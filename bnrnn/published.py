@@ -25,18 +25,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bnrnn.checkpoint import load_checkpoint, save_checkpoint
+from bnrnn.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from bnrnn.config import load_config, read_run_config
 from bnrnn.device import precision_context, resolve_device
-from bnrnn.errors import BnrnnError, CheckpointError
+from bnrnn.errors import BnrnnError
 from bnrnn.nn.population import time_norms
 from bnrnn.runfolder import BEST, RESULTS_FILE
 from bnrnn.scoring import DESCRIPTIONS, reestimate, score
 from bnrnn.tasks import build_task
 
 log = logging.getLogger("bnrnn")
-
-PUBLISHED = BEST  # RUN/best.pt
 
 
 def publish_best(run_dir: str | Path, check: bool = True) -> dict[str, Any]:
@@ -59,10 +57,7 @@ def publish_best(run_dir: str | Path, check: bool = True) -> dict[str, Any]:
     task = build_task(cfg)
     task.keep_artifacts(run_dir)  # the run's pixel order / vocabulary must be the data's
     model = task.build_model(cfg.model).to(device)
-    try:
-        model.load_state_dict(payload["model"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"{source} does not fit the model in {run_dir / 'config.yaml'}") from exc
+    load_weights(model, payload["model"], source, run_dir / "config.yaml")
     tcfg = cfg.trainer
     if not time_norms(model):
         statistics: dict[str, Any] = {"source": "none"}
@@ -74,13 +69,13 @@ def publish_best(run_dir: str | Path, check: bool = True) -> dict[str, Any]:
     else:
         statistics = {"source": "ema"}
     progress = payload["progress"]
-    save_checkpoint(run_dir / PUBLISHED, {
+    save_checkpoint(run_dir / BEST, {
         "model": model.state_dict(),
         "progress": {key: progress[key] for key in ("step", "best_step", "best_metric") if key in progress},
         "config": payload.get("config", {}),
         "population_statistics": statistics,
     })
-    record = {"run": str(run_dir), "file": str(run_dir / PUBLISHED), "step": progress["step"],
+    record = {"run": str(run_dir), "file": str(run_dir / BEST), "step": progress["step"],
               "population_statistics": statistics}
     if check:
         metric, _ = task.selection

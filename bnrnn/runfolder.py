@@ -112,7 +112,7 @@ def checkpoint_file(run_dir: Path, which: str) -> Path:
     published RUN/best.pt (bnrnn.published: a finished run as a fresh clone of the repository
     holds it). Missing both, the usual place, for the error to name."""
     kept = run_dir / "checkpoints" / f"{which}.pt"
-    published = run_dir / f"{which}.pt"
+    published = run_dir / BEST
     return published if which == "best" and not kept.exists() and published.is_file() else kept
 
 

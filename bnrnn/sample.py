@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from bnrnn.checkpoint import load_checkpoint
+from bnrnn.checkpoint import load_checkpoint, load_weights
 from bnrnn.config import load_config, read_run_config
 from bnrnn.data.ptb import EOL, Vocabulary, shown
 from bnrnn.device import resolve_device
-from bnrnn.errors import BnrnnError, CheckpointError, ConfigError, DataError
+from bnrnn.errors import BnrnnError, ConfigError, DataError
 from bnrnn.runfolder import checkpoint_file
 from bnrnn.tasks import task_class
 from bnrnn.tasks.ptb import VOCAB_FILE, language_model
@@ -60,10 +60,7 @@ def load_language_model(run_dir: Path, checkpoint: str, device_name: str | None)
     if trained_on != len(vocab):
         raise DataError(f"{vocab_file} holds {len(vocab)} symbols, but {path} was trained on {trained_on}: it is not "
                         f"this run's vocabulary")
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path} does not fit the model in {run_dir / 'config.yaml'}") from exc
+    load_weights(model, weights, path, run_dir / "config.yaml")
     # One step per call: the reference's few ops beat a fast path's per-call set-up here.
     model.rnn.backend = "reference"
     return model.to(device).eval(), vocab, device
