@@ -82,8 +82,12 @@ def train(cfg: DictConfig | dict, out_dir: str | Path, launch: Launch | None = N
         log.warning("the previous segment of this run (pid %s on %s, from step %s) ended without a record: it was "
                     "killed; it had logged up to step %s, and goes on from its checkpoint at step %d",
                     killed["pid"], killed["host"], killed["from_step"], killed["last_logged_step"], run.state.step)
+    # The config-group options are the start's alone: a resume's command composes Hydra's
+    # defaults (model=bnlstm, ...), which say nothing of the run it continues (its config.yaml
+    # does, and "changes" says what the resume altered).
+    choices = {} if plan.resume else {"choices": launch.choices}
     record_event(out_dir, "resume" if plan.resume else "start", run.state.step, command=command_line(),
-                 changes=plan.changes, choices=launch.choices, code=code_version(), machine=machine(run.device),
+                 changes=plan.changes, **choices, code=code_version(), machine=machine(run.device),
                  **({"restarted": plan.restart} if plan.restart else {}), **({"after_kill": killed} if killed else {}))
     if plan.config.trainer.max_time is not None:
         run.deadline = launch.began + parse_duration(plan.config.trainer.max_time)

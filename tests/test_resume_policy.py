@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from bnrnn.checkpoint import load_checkpoint
 from bnrnn.errors import ConfigError
-from bnrnn.runfolder import read_history
+from bnrnn.runfolder import read_history, saved_choices
 from bnrnn.runlock import LOCK_FILE, RunBusyError, RunLock
 from bnrnn.train import Launch, train
 from conftest import SMALL_MNIST, compose
@@ -47,6 +47,20 @@ def test_the_readme_resume_command_continues_with_the_runs_own_settings(fake_mni
     history = read_history(run)
     assert [r["event"] for r in history] == ["start", "finished", "resume", "finished"]
     assert history[2]["step"] == 4 and history[2]["changes"] == {"trainer.max_steps": [4, 6]}
+
+
+def test_only_the_start_records_the_config_group_options(fake_mnist, tmp_path):
+    """A resume's command composes Hydra's defaults (model=bnlstm): its record must not claim
+    them for a run made with model=lstm, and the run's options stay the start's."""
+    run = tmp_path / "run"
+    first_run(fake_mnist, run)
+    args = ["trainer.resume=true", "trainer.max_steps=5"]
+    defaults = {"task": "seqmnist", "model": "lstm", "trainer": "adam", "device": "auto", "experiment": None}
+    train(compose(args), run, Launch(overrides=args, choices=defaults))
+    history = read_history(run)
+    assert [r["event"] for r in history] == ["start", "finished", "resume", "finished"]
+    assert history[0]["choices"]["model"] == "bnlstm" and "choices" not in history[2]
+    assert saved_choices(run)["trainer"] == "rmsprop"
 
 
 def test_a_new_learning_rate_takes_effect_and_is_recorded(fake_mnist, tmp_path):
