@@ -31,6 +31,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = REPO / "runs" / "paper"
+# Lost attempts sit beside the campaign, not in it: `bnrnn report runs/paper` draws the runs
+# that go on, and `tensorboard --logdir runs` still shows these.
+LOST = REPO / "runs" / "paper-lost"
 WORKTREES = REPO.parent / "campaign"
 DATA = Path(os.environ.get("BNRNN_SHARED_DATA", REPO.parent / "shared" / "data"))
 
@@ -231,11 +234,10 @@ def resume(args: argparse.Namespace) -> int:
 
 
 def campaign_runs() -> list[Path]:
-    """The run folders under runs/paper/, without lost/ (the records of attempts whose
-    checkpoints a lost machine took; nothing there can go on)."""
+    """The run folders under runs/paper/."""
     if not RUNS.exists():
         return []
-    return sorted(p for p in RUNS.iterdir() if p.is_dir() and p.name != "lost")
+    return sorted(p for p in RUNS.iterdir() if p.is_dir())
 
 
 def attempt_stamp(run: Path) -> str:
@@ -251,7 +253,7 @@ def attempt_stamp(run: Path) -> str:
 def restart(args: argparse.Namespace) -> int:
     """Start again from step 0 a run whose checkpoint is gone (a lost machine, and no carry.pt
     in git to rebuild it from). The lost attempt's records move, whole, to
-    runs/paper/lost/<name>-<its start time>/, where TensorBoard still shows them."""
+    runs/paper-lost/<name>-<its start time>/, where TensorBoard still shows them."""
     for name in args.names:
         run = RUNS / name
         if name not in CAMPAIGN or not run.exists():
@@ -267,7 +269,7 @@ def restart(args: argparse.Namespace) -> int:
     for name in args.names:
         run = RUNS / name
         stamp = attempt_stamp(run)
-        lost = RUNS / "lost" / f"{name}-{stamp}"
+        lost = LOST / f"{name}-{stamp}"
         lost.parent.mkdir(parents=True, exist_ok=True)
         run.rename(lost)
         print(f"{name}: the lost attempt (step {describe(lost)['step']}) moved to {lost.relative_to(REPO)}")
