@@ -39,14 +39,14 @@ DATA = Path(os.environ.get("BNRNN_SHARED_DATA", REPO.parent / "shared" / "data")
 
 # The campaign: the paper presets, seed 1, unchanged from start to end.
 CAMPAIGN = {
-    "seqmnist-bnlstm": ["experiment=paper_seqmnist", "model=bnlstm"],
-    "seqmnist-lstm": ["experiment=paper_seqmnist", "model=lstm"],
+    "seqmnist-bnlstm": ["experiment=paper_seqmnist", "model=bnlstm", "trainer=rmsprop"],
+    "seqmnist-lstm": ["experiment=paper_seqmnist", "model=lstm", "trainer=rmsprop"],
     # The arm for the preset's gradient explosion (runs/paper/README.md): the authors' RMSProp
     # (decay 0.5, no momentum) in place of the paper text's (momentum 0.9, decay 0.99).
     "seqmnist-bnlstm-rmsprop_authors": ["experiment=paper_seqmnist", "model=bnlstm", "trainer=rmsprop_authors"],
     "seqmnist-lstm-rmsprop_authors": ["experiment=paper_seqmnist", "model=lstm", "trainer=rmsprop_authors"],
-    "pmnist-bnlstm": ["experiment=paper_pmnist", "model=bnlstm"],
-    "pmnist-lstm": ["experiment=paper_pmnist", "model=lstm"],
+    "pmnist-bnlstm": ["experiment=paper_pmnist", "model=bnlstm", "trainer=rmsprop"],
+    "pmnist-lstm": ["experiment=paper_pmnist", "model=lstm", "trainer=rmsprop"],
     # pMNIST's campaign arms (runs/paper/README.md): the optimiser the seqMNIST headline uses.
     "pmnist-bnlstm-rmsprop_authors": ["experiment=paper_pmnist", "model=bnlstm", "trainer=rmsprop_authors"],
     "pmnist-lstm-rmsprop_authors": ["experiment=paper_pmnist", "model=lstm", "trainer=rmsprop_authors"],

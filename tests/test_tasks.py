@@ -97,6 +97,10 @@ def test_the_paper_presets_compose_to_the_papers_settings():
     assert (seq.trainer.clip_norm, seq.trainer.max_epochs, seq.model.stats_momentum, seq.model.gamma_init) == (1.0, 200, 0.01,
                                                                                                         0.1)
     assert seq.trainer.reestimate_batch_size == 5000 and seq.trainer.select_on == "batch"
+    # the authors' scripts' RMSProp (the text's momentum 0.9 exploded at full length)
+    assert (seq.trainer.momentum, seq.trainer.rmsprop_alpha, seq.trainer.rmsprop_eps) == (0.0, 0.5, 1e-5)
+    text = load_config(compose(["experiment=paper_seqmnist", "trainer=rmsprop", "data.root=/x"]))
+    assert (text.trainer.momentum, text.trainer.rmsprop_alpha, text.trainer.lr) == (0.9, 0.99, 1e-3)
     ptb = load_config(compose(["experiment=paper_ptb", "model=bnlstm", "data.root=/x"]))
     assert (ptb.model.hidden_size, ptb.task.batch_size, ptb.task.seq_len, ptb.trainer.optimizer, ptb.trainer.lr) == (
         1000, 64, 100, "adam", 2e-3)
@@ -104,6 +108,7 @@ def test_the_paper_presets_compose_to_the_papers_settings():
                                                                                                         0.1)
     pm = load_config(compose(["experiment=paper_pmnist", "model=lstm", "data.root=/x"]))
     assert pm.task.permute and pm.task.name == "pmnist" and not pm.model.normalize.x
+    assert (pm.trainer.momentum, pm.trainer.rmsprop_alpha) == (0.0, 0.5)
 
 
 def test_the_sentences_preset_composes_to_its_documented_settings():
