@@ -41,8 +41,8 @@ DATA = Path(os.environ.get("BNRNN_SHARED_DATA", REPO.parent / "shared" / "data")
 CAMPAIGN = {
     "seqmnist-bnlstm": ["experiment=paper_seqmnist", "model=bnlstm", "trainer=rmsprop"],
     "seqmnist-lstm": ["experiment=paper_seqmnist", "model=lstm", "trainer=rmsprop"],
-    # The arm for the preset's gradient explosion (runs/paper/README.md): the authors' RMSProp
-    # (decay 0.5, no momentum) in place of the paper text's (momentum 0.9, decay 0.99).
+    # The arm for the gradient explosion of the preset as it was then, trainer=rmsprop
+    # (runs/paper/README.md): the authors' RMSProp (decay 0.5, no momentum), now the preset's own.
     "seqmnist-bnlstm-rmsprop_authors": ["experiment=paper_seqmnist", "model=bnlstm", "trainer=rmsprop_authors"],
     "seqmnist-lstm-rmsprop_authors": ["experiment=paper_seqmnist", "model=lstm", "trainer=rmsprop_authors"],
     "pmnist-bnlstm": ["experiment=paper_pmnist", "model=bnlstm", "trainer=rmsprop"],
